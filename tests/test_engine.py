@@ -1,0 +1,109 @@
+"""The engine against transformers itself (oracle), and its sampling, limits, counters and cancellation."""
+
+import threading
+
+import pytest
+import torch
+
+from labserver import Finish, PromptTooLong, SamplingParams, TokenEvent
+from labserver.engine import decode_one_token, prefill
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_hf_generate(default_engine, prompt):
+    engine = default_engine
+    ids = engine.encode(prompt)
+    out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0))
+    with torch.inference_mode():
+        ref = engine.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    n = len(out.token_ids)
+    assert out.token_ids == ref[:n]
+    # HF keeps the EOS token in its output; the engine stops before emitting it.
+    assert ref[n:] in ([], [engine.tokenizer.eos_token_id]) or n == 24
+    assert out.finish.finish_reason == ("stop" if n < 24 else "length")
+    assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.model
+def test_stream_events_in_order_with_timings(default_engine):
+    items = list(default_engine.generate_stream("Count from one to twenty.", SamplingParams(max_tokens=12, temperature=0)))
+    events, finish = items[:-1], items[-1]
+    assert all(isinstance(e, TokenEvent) for e in events) and isinstance(finish, Finish)
+    assert [e.index for e in events] == list(range(len(events)))
+    assert events[0].prefill_time_ms is not None and all(e.prefill_time_ms is None for e in events[1:])
+    assert all(e.step_ms > 0 for e in events)
+    assert finish.usage["completion_tokens"] == len(events)
+    assert finish.usage["prompt_tokens"] == len(default_engine.encode("Count from one to twenty."))
+    assert "prefill_time_ms" in events[0].to_dict() and "prefill_time_ms" not in events[1].to_dict()
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_engine):
+    """Reusing the cache must give the logits a full forward over the whole sequence gives."""
+    from transformers import DynamicCache
+
+    model, ids = tiny_engine.model, [1, 17, 300, 4000, 42]
+    cache = DynamicCache(config=model.config)
+    prefill(model, torch.tensor([ids[:-1]]), cache)
+    step = decode_one_token(model, ids[-1], cache)
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_engine):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    a, b = tiny_engine.generate("hello", p), tiny_engine.generate("hello", p)
+    c = tiny_engine.generate("hello", SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=8))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_p_tiny_keeps_only_the_argmax(tiny_engine):
+    greedy = tiny_engine.generate("hello", SamplingParams(max_tokens=8, temperature=0))
+    nucleus = tiny_engine.generate("hello", SamplingParams(max_tokens=8, temperature=1.5, top_p=1e-6, seed=3))
+    assert nucleus.token_ids[: len(greedy.token_ids)] == greedy.token_ids
+
+
+def test_length_limit_and_counters(tiny_engine):
+    before = tiny_engine.tokens_generated
+    out = tiny_engine.generate("hello", SamplingParams(max_tokens=5, temperature=0))
+    assert len(out.events) <= 5 and tiny_engine.running == 0
+    assert tiny_engine.tokens_generated - before == len(out.events) + (out.finish.finish_reason == "stop")
+
+
+def test_prompt_too_long_is_raised_before_generating(tiny_engine):
+    with pytest.raises(PromptTooLong, match="limit"):
+        tiny_engine.generate_stream("word " * 1000, SamplingParams())
+    assert tiny_engine.running == 0
+
+
+def test_cancel_stops_between_steps(tiny_engine):
+    cancel = threading.Event()
+    gen = tiny_engine.generate_stream("hello", SamplingParams(max_tokens=50, temperature=1.0, seed=1), cancel)
+    first = next(gen)
+    assert tiny_engine.running == 1 and first.index == 0
+    cancel.set()
+    rest = list(gen)
+    assert [type(x) for x in rest] == [Finish] and rest[0].finish_reason == "cancelled"
+    assert tiny_engine.running == 0
+
+
+def test_closing_the_generator_releases_it(tiny_engine):
+    gen = tiny_engine.generate_stream("hello", SamplingParams(max_tokens=50, temperature=1.0, seed=1))
+    next(gen)
+    gen.close()
+    assert tiny_engine.running == 0
+
+
+def test_steps_keep_inference_mode_on_another_thread(tiny_engine):
+    """Resuming the generator on a new thread (as run_in_executor does) must not switch autograd on."""
+    gen = tiny_engine.generate_stream("hello", SamplingParams(max_tokens=6, temperature=1.0, seed=1))
+    with torch.inference_mode():
+        next(gen)
+    errors = []
+    t = threading.Thread(target=lambda: errors.extend(x for x in gen if isinstance(x, Exception)))
+    t.start(), t.join(30)
+    assert not errors and tiny_engine.running == 0
