@@ -128,12 +128,20 @@ class Engine:
             raise PromptTooLong(f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}")
         chat = self.config.chat_template if chat is None else chat
         if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if not isinstance(ids, list) else ids
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return self._checked(self.tokenizer(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids for a chat (``[{"role": ..., "content": ...}]``) through the model's chat template."""
+        chars = sum(len(str(m.get("content", ""))) for m in messages)
+        if chars > self.config.max_prompt_chars:
+            raise PromptTooLong(f"messages have {chars} characters; the limit is {self.config.max_prompt_chars}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return self._checked(ids if isinstance(ids, list) else ids["input_ids"])
+
+    def _checked(self, ids) -> list[int]:
         limit = min(self.config.max_prompt_tokens, self.context_len - 1)
         if len(ids) > limit:
             raise PromptTooLong(f"prompt is {len(ids)} tokens; the limit is {limit}")
