@@ -1,0 +1,87 @@
+"""Command line: ``python -m labserver serve | flask | demo | bench``.
+
+``serve`` runs the streaming FastAPI server in the foreground, ``flask`` the blocking baseline; both bind
+127.0.0.1 unless ``--host`` says otherwise. ``demo`` and ``bench`` are the scripts behind ``make demo``
+and ``make bench``. This module only parses arguments; each command lives in its own module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id, a folder or a .gguf "
+                                   "(env LABSERVER_MODEL)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (env LABSERVER_DTYPE)")
+    p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
+
+
+def _server_args(p: argparse.ArgumentParser, port: int) -> None:
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+
+
+def _load_engine(args):
+    from .config import EngineConfig
+    from .engine import Engine
+    from .model import ModelNotFound
+
+    try:
+        return Engine.from_config(EngineConfig.from_env(model=args.model, dtype=args.dtype, threads=args.threads))
+    except (ModelNotFound, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    from .fastapi_app import create_app
+
+    app = create_app(_load_engine(args), backend=args.backend)
+    print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  docs: /docs", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def flask(args) -> None:
+    from .flask_app import create_flask_app
+    from .serving import FlaskServer, ServerStartError
+
+    server = FlaskServer(create_flask_app(_load_engine(args)), host=args.host, port=args.port)
+    try:
+        server.start()
+    except ServerStartError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"labserver baseline (Flask, blocking, one request at a time) on {server.url}", flush=True)
+    try:
+        while server.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m labserver", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="the streaming FastAPI server (SSE)")
+    _server_args(p, 5000)
+    p.add_argument("--backend", default="thread", choices=["thread", "executor", "blocking"],
+                   help="where inference runs: the engine thread (default) or the lab's variants")
+    _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
+    sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
+    sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("demo", "bench"):
+        from importlib import import_module
+
+        return import_module(f"labserver.{args.command}").main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    {"serve": serve, "flask": flask}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The wire format shared by both web apps: the request model, the response model and SSE framing.
+
+One request model serves FastAPI and Flask, so both reject the same bodies with the same 422 body.
+Types are strict: ``"max_tokens": "10"`` is an error, not a silent conversion. The limits that depend
+on the loaded engine (``max_tokens_limit``, ``max_prompt_chars``) are checked by ``check_limits`` against
+the ``EngineConfig``, because a Pydantic model's bounds are fixed when the class is defined.
+
+This module leaves out the OpenAI-compatible ``/v1`` schema and SSE ``event:``/``id:``/``retry:``
+fields: every frame here is one ``data:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from labserver.config import EngineConfig, SamplingParams
+
+DONE_FRAME = b"data: [DONE]\n\n"
+SEED_MAX = 2**63 - 1  # torch.manual_seed rejects larger values
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /generate``.
+
+    >>> GenerateRequest(prompt="Hi", temperature=0).to_sampling_params()
+    SamplingParams(max_tokens=128, temperature=0.0, top_p=1.0, seed=None)
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, description="The user's message (wrapped in the chat template).")
+    max_tokens: int = Field(128, ge=1, description="Tokens to generate at most (server limit applies).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy (argmax).")
+    stream: bool = Field(False, description="true: one SSE event per token; false: one JSON body.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; null = 1.0.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Fixes sampling for reproducible output.")
+
+    def to_sampling_params(self) -> SamplingParams:
+        top_p = 1.0 if self.top_p is None else self.top_p
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=top_p, seed=self.seed
+        )
+
+
+def check_limits(request: GenerateRequest, config: EngineConfig) -> None:
+    """Raise ``pydantic.ValidationError`` when ``request`` exceeds this engine's limits.
+
+    The error has the same shape as any other validation error, so both apps answer it with a 422.
+    """
+    errors: list[InitErrorDetails] = []
+    if request.max_tokens > config.max_tokens_limit:
+        message = "max_tokens must be <= {limit} (this server's max_tokens_limit), got {value}"
+        context = {"limit": config.max_tokens_limit, "value": request.max_tokens}
+        errors.append(_limit_error("max_tokens", message, context, request.max_tokens))
+    if len(request.prompt) > config.max_prompt_chars:
+        message = "prompt must have <= {limit} characters (this server's max_prompt_chars), got {value}"
+        context = {"limit": config.max_prompt_chars, "value": len(request.prompt)}
+        # Echoing a huge prompt back in the error body helps nobody: show its start only.
+        shown = request.prompt if len(request.prompt) <= 80 else request.prompt[:80] + "..."
+        errors.append(_limit_error("prompt", message, context, shown))
+    if errors:
+        raise ValidationError.from_exception_data(GenerateRequest.__name__, errors)
+
+
+def _limit_error(field: str, message: str, context: dict, value) -> InitErrorDetails:
+    return {"type": PydanticCustomError("limit_exceeded", message, context), "loc": (field,), "input": value}
+
+
+def parse_request(body: bytes | str, config: EngineConfig) -> GenerateRequest:
+    """Parse and check a raw JSON body (the Flask path; FastAPI parses the body itself).
+
+    Raises ``pydantic.ValidationError`` for bad JSON, wrong types, bad ranges and exceeded limits.
+    """
+    request = GenerateRequest.model_validate_json(body)
+    check_limits(request, config)
+    return request
+
+
+def validation_detail(error: ValidationError) -> list[dict]:
+    """The ``detail`` list of FastAPI's 422 body (locations start with "body"), JSON-safe."""
+    errors = json.loads(error.json(include_url=False))
+    for item in errors:
+        item["loc"] = ["body", *item["loc"]]
+    return errors
+
+
+class TokenOut(BaseModel):
+    """One generated token, as in each SSE token event (documentation of the JSON body)."""
+
+    token: str = Field(description="Text this token adds to the output ('' while a character is incomplete).")
+    token_id: int
+    index: int = Field(description="0-based position in the output.")
+    step_ms: float = Field(description="Server compute time of the step that produced this token.")
+    prefill_time_ms: float | None = Field(None, description="Only on index 0: prompt forward + first token.")
+
+
+class GenerateResponse(BaseModel):
+    """Non-streaming body of ``POST /generate``: ``Completion.to_dict()``."""
+
+    text: str
+    tokens: list[TokenOut]
+    finish_reason: str = Field(description='"stop", "length" or "cancelled".')
+    usage: dict[str, int] = Field(description="prompt_tokens, completion_tokens, total_tokens.")
+    timings: dict[str, float] = Field(description="prefill_time_ms, decode_time_ms, mean_step_ms, ...")
+
+
+def sse_frame(payload: dict) -> bytes:
+    """One SSE event carrying ``payload`` as JSON.
+
+    >>> sse_frame({"token": " hi", "index": 0})
+    b'data: {"token": " hi", "index": 0}\\n\\n'
+    """
+    return format_sse_event(data_str=json.dumps(payload))
+
+
+def error_payload(exc: BaseException) -> dict:
+    """``{"error": {"message", "type"}}``: the SSE error event and the 500 body."""
+    return {"error": {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}}
+
+
+def error_frame(exc: BaseException) -> bytes:
+    return sse_frame(error_payload(exc))

@@ -1,0 +1,84 @@
+"""The Flask baseline answers like the FastAPI app (same JSON), does not stream, and survives failures."""
+
+import httpx
+import pytest
+
+from labserver import FakeEngine, SamplingParams
+from labserver.fastapi_app import create_app
+from labserver.flask_app import create_flask_app
+from labserver.serving import FlaskServer, UvicornServer
+
+pytestmark = pytest.mark.timeout(60)
+
+APPS = {"fastapi": lambda engine: UvicornServer(create_app(engine)),
+        "flask": lambda engine: FlaskServer(create_flask_app(engine))}
+
+
+def post(url: str, body: dict, timeout: float = 10) -> httpx.Response:
+    return httpx.post(url + "/generate", json=body, timeout=timeout)
+
+
+def without_clock(body: dict) -> dict:
+    """The body with wall-clock timings replaced by their key set (all else is deterministic here)."""
+    return {**body, "timings": sorted(body["timings"])}
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_body_is_the_engines_completion(app, fake_engine):
+    expected = fake_engine.generate("a b c", SamplingParams(max_tokens=3)).to_dict()
+    with APPS[app](fake_engine) as server:
+        response = post(server.url, {"prompt": "a b c", "max_tokens": 3})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    assert without_clock(response.json()) == without_clock(expected)
+    assert list(response.json()) == list(expected)  # same key order too
+
+
+def test_both_apps_give_the_same_body(fake_engine):
+    bodies = {}
+    for name, make in APPS.items():
+        with make(fake_engine) as server:
+            bodies[name] = post(server.url, {"prompt": "x y", "max_tokens": 5}).json()
+    assert without_clock(bodies["fastapi"]) == without_clock(bodies["flask"])
+
+
+@pytest.mark.timeout(300)
+def test_both_apps_give_the_same_greedy_text_on_a_random_model(tiny_engine):
+    bodies = {}
+    for name, make in APPS.items():
+        with make(tiny_engine) as server:
+            response = post(server.url, {"prompt": "Hello", "max_tokens": 20, "temperature": 0}, timeout=120)
+            bodies[name] = response.json()
+    assert bodies["fastapi"]["text"] == bodies["flask"]["text"]
+    assert [t["token_id"] for t in bodies["fastapi"]["tokens"]] == [t["token_id"] for t in bodies["flask"]["tokens"]]
+
+
+def test_stream_true_is_a_400_that_says_why(fake_engine):
+    with FlaskServer(create_flask_app(fake_engine)) as server:
+        response = post(server.url, {"prompt": "hi", "stream": True})
+    assert response.status_code == 400
+    assert "does not stream" in response.json()["detail"]
+    assert fake_engine.tokens_generated == 0
+
+
+def test_failure_is_500_with_an_error_body_and_the_server_lives():
+    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=3)
+    with FlaskServer(create_flask_app(engine)) as server:
+        failed = post(server.url, {"prompt": "hi", "max_tokens": 10})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": {"message": "injected fault", "type": "RuntimeError"}}
+        ok = post(server.url, {"prompt": "hi", "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["text"] == " one two three"
+
+
+def test_unknown_route_and_method_are_json_errors(fake_engine):
+    with FlaskServer(create_flask_app(fake_engine)) as server:
+        missing = httpx.get(server.url + "/nowhere")
+        wrong_method = httpx.get(server.url + "/generate")
+    assert missing.status_code == 404 and missing.json()["detail"]
+    assert wrong_method.status_code == 405 and wrong_method.json()["detail"]
+
+
+def test_never_in_debug_mode(fake_engine):
+    app = create_flask_app(fake_engine)
+    assert app.debug is False
