@@ -41,6 +41,9 @@ class FakeEngine:
             raise PromptTooLong(f"prompt is {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
         return ids or [0]
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        return self.encode(" ".join(str(m.get("content", "")) for m in messages))
+
     def generate_stream(self, prompt, params: SamplingParams, cancel: threading.Event | None = None):
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         return self._stream(len(ids), params, cancel or threading.Event())
