@@ -10,6 +10,7 @@ from .model import ModelNotFound, load_model_and_tokenizer
 from .variants import BlockingBackend, ExecutorBackend, make_backend
 from .worker import EngineWorker
 from .fastapi_app import create_app
+from .limits import ServerLimits
 from .flask_app import create_flask_app
 from .serving import FlaskServer, ServerStartError, UvicornServer, start_fastapi, start_flask, stop_all
 
@@ -17,5 +18,5 @@ __all__ = [
     "EngineConfig", "SamplingParams", "Engine", "TokenEvent", "Finish", "Completion", "PromptTooLong",
     "collect", "FakeEngine", "ModelNotFound", "load_model_and_tokenizer", "EngineWorker",
     "ExecutorBackend", "BlockingBackend", "make_backend", "create_app", "create_flask_app", "UvicornServer",
-    "FlaskServer", "ServerStartError", "start_fastapi", "start_flask", "stop_all",
+    "FlaskServer", "ServerStartError", "start_fastapi", "start_flask", "stop_all", "ServerLimits",
 ]

@@ -40,9 +40,15 @@ def serve(args) -> None:
     import uvicorn
 
     from .fastapi_app import create_app
+    from .limits import ServerLimits
 
-    app = create_app(_load_engine(args), backend=args.backend)
-    print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  docs: /docs", flush=True)
+    try:
+        limits = ServerLimits(max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    app = create_app(_load_engine(args), backend=args.backend, limits=limits)
+    print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
+          f"OpenAI API: /v1  metrics: /metrics", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -63,16 +69,27 @@ def flask(args) -> None:
         server.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    from .limits import ServerLimits
+
     parser = argparse.ArgumentParser(prog="python -m labserver", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="the streaming FastAPI server (SSE)")
     _server_args(p, 5000)
     p.add_argument("--backend", default="thread", choices=["thread", "executor", "blocking"],
                    help="where inference runs: the engine thread (default) or the lab's variants")
+    p.add_argument("--max-concurrent", type=int, default=ServerLimits.max_concurrent,
+                   help="generations at once; one more gets a 429 (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                   help="largest request body; larger gets a 413 (default %(default)s)")
     _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
     sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
     sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ("demo", "bench"):
         from importlib import import_module

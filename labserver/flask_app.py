@@ -27,6 +27,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # larger bodies get 413 before any JSON parsin
 def create_flask_app(engine) -> Flask:
     """The Flask app serving ``engine`` directly: ``POST /generate`` (no streaming) and ``GET /health``."""
     app = Flask("labserver")
+    app.debug = False  # Flask reads FLASK_DEBUG at creation; the debugger must never reach a shared server
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # keep the engine's key order, as FastAPI does
 

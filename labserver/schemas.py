@@ -5,8 +5,8 @@ Types are strict: ``"max_tokens": "10"`` is an error, not a silent conversion. T
 on the loaded engine (``max_tokens_limit``, ``max_prompt_chars``) are checked by ``check_limits`` against
 the ``EngineConfig``, because a Pydantic model's bounds are fixed when the class is defined.
 
-This module leaves out the OpenAI-compatible ``/v1`` schema and SSE ``event:``/``id:``/``retry:``
-fields: every frame here is one ``data:`` line.
+This module leaves out the OpenAI-compatible ``/v1`` schema (``openai_schemas``) and SSE
+``event:``/``id:``/``retry:`` fields: every frame here is one ``data:`` line.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from labserver.config import EngineConfig, SamplingParams
 
 DONE_FRAME = b"data: [DONE]\n\n"
+# One SSE event as OpenAPI documents a text/event-stream response (each event; before OpenAPI 3.2's
+# itemSchema): its `data` is one JSON object, or the final "[DONE]".
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string", "description": "a JSON object, or [DONE]"},
+                                   "event": {"type": "string"}}}
 SEED_MAX = 2**63 - 1  # torch.manual_seed rejects larger values
 
 

@@ -32,7 +32,9 @@ class ServerStartError(RuntimeError):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without
+    # it Nagle's algorithm meets delayed ACKs and holds small writes (an SSE token, a /health reply) ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # Lets a restarted server take its port back at once (old connections linger in TIME_WAIT); a port
     # that another server is *listening* on still fails with EADDRINUSE.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -204,12 +206,12 @@ def start_server(name: str, server: BackgroundServer) -> BackgroundServer:
 
 
 def start_fastapi(engine, port: int = 0, backend: str = "thread", name: str = "fastapi",
-                  host: str = "127.0.0.1") -> UvicornServer:
+                  host: str = "127.0.0.1", limits=None) -> UvicornServer:
     """Serve ``engine`` with the FastAPI app in the background; re-running replaces the old one."""
     from .fastapi_app import create_app
 
     stop(name)  # first, so a fixed port is free again before we bind it
-    return start_server(name, UvicornServer(create_app(engine, backend), host, port))
+    return start_server(name, UvicornServer(create_app(engine, backend, limits=limits), host, port))
 
 
 def start_flask(engine, port: int = 0, name: str = "flask", host: str = "127.0.0.1") -> FlaskServer:

@@ -1,0 +1,148 @@
+"""What the server accepts before any work starts: body size, content type and concurrent generations.
+
+A shared classroom server meets every kind of client: a script in a loop, a paste of a whole book, a
+browser tab left streaming. Each limit here turns such a client into a fast, clear 4xx instead of a
+pile-up that slows everyone:
+
+- ``max_body_bytes``: a larger body is a 413, checked while the body is read and before any JSON
+  parsing, from ``Content-Length`` or, for a chunked body, from the bytes received so far (FastAPI's
+  ``max_body_size`` does the counting; ``fastapi_app`` words the message).
+- A ``POST`` body must be sent as ``application/json``; anything else is a 415. (A browser cannot send
+  JSON to another origin without a CORS preflight, which this server never grants.)
+- ``max_concurrent``: generations in progress at once (streaming or not, over every route). One more
+  is refused at once with a 429 and ``Retry-After`` instead of queueing: every admitted stream shares
+  the one engine thread, so each extra stream slows all the others.
+
+Left out: per-client quotas, authentication, queueing with a wait limit, and limits on time spent.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits of one app: ``create_app(engine, limits=ServerLimits(max_concurrent=4))``.
+
+    >>> ServerLimits().max_concurrent, ServerLimits().max_body_bytes
+    (16, 1048576)
+    """
+
+    # 16 interleaved streams at ~35 ms a step give each one token every ~0.6 s: still readable live.
+    max_concurrent: int = 16
+    # A prompt is at most 32,000 characters (EngineConfig.max_prompt_chars); JSON escaping can grow
+    # that several times (e.g. "\u00e9"), and 1 MiB still leaves ample room.
+    max_body_bytes: int = 1024 * 1024
+    retry_after_s: int = 1
+
+    def __post_init__(self):
+        for name in ("max_concurrent", "max_body_bytes", "retry_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class Slot:
+    """One admitted generation; ``release`` may be called any number of times (the first one counts)."""
+
+    def __init__(self, admission: "Admission"):
+        self._admission = admission
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission._release()
+
+
+class Admission:
+    """Counts generations in progress and refuses the one beyond ``limit`` (no queue)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.active = 0
+
+    def try_admit(self) -> Slot | None:
+        with self._lock:
+            if self.active >= self.limit:
+                return None
+            self.active += 1
+        return Slot(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+def too_many_requests(limits: ServerLimits) -> HTTPException:
+    message = (f"the server is busy: {limits.max_concurrent} generations are already running "
+               f"(its max_concurrent limit). Retry in {limits.retry_after_s} s.")
+    return HTTPException(429, detail=message, headers={"Retry-After": str(limits.retry_after_s)})
+
+
+def too_large_message(limits: ServerLimits) -> str:
+    return f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes"
+
+
+def require_json(request: Request) -> None:
+    """A route dependency: 415 unless the body is declared as JSON.
+
+    It runs before the body is validated, so the client learns what is wrong rather than that its
+    bytes are "not a valid dictionary".
+    """
+    content_type = request.headers.get("content-type", "")
+    has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+    if not content_type and not has_body:
+        return  # no body at all: validation says which fields are missing
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        shown = content_type or "none"
+        raise HTTPException(415, detail=f"send the body as JSON with 'Content-Type: application/json' "
+                                        f"(got Content-Type: {shown})")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body beyond ``max_bytes`` becomes ``HTTPException(413)`` on reading.
+
+    ``Content-Length`` is checked at the first read, before any byte is parsed; a chunked body (no
+    ``Content-Length``) is counted as it arrives and refused as soon as it passes the limit. Raising
+    from ``receive`` lets FastAPI's exception handlers word the answer for each route.
+    """
+
+    def __init__(self, app, max_bytes: int, message: str):
+        self.app, self.max_bytes, self.message = app, max_bytes, message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        received, done = 0, False
+
+        async def limited_receive():
+            nonlocal received, done
+            if not done and declared is not None and declared > self.max_bytes:
+                raise HTTPException(413, detail=self.message)
+            message = await receive()
+            if message["type"] == "http.request" and not done:
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if received > self.max_bytes:
+                    raise HTTPException(413, detail=self.message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
