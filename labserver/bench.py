@@ -1,0 +1,204 @@
+"""`make bench`: how much the web layer costs, measured on one engine, in one process, in one run.
+
+    python -m labserver.bench [--out out/bench.json] [--max-tokens 64] [--runs 3]
+
+Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs compare:
+  (a) the engine alone on one thread: median decode step_ms;
+  (b) FastAPI streaming, backend "thread": server step_ms, client ITL, TTFT vs prefill_time_ms;
+  (c) the same with backend "executor" (the seed's run_in_executor pattern);
+  (d) the Flask baseline, blocking: TTFT is the whole response;
+  (e) /health probed while `concurrency` generations run on each server.
+Ratios of medians (DESIGN.md): P0 = server step / engine step alone, P1 = client ITL / server step,
+P2 = client TTFT / server prefill, P3 = Flask TTFT / FastAPI TTFT; P4 = /health p99 under load.
+
+Left out: throughput sweeps and request-rate schedules (`vllm bench serve` does those), other models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .client import (DEFAULT_PROMPT, HealthProbe, blocking_generate, run_concurrent, stream_generate,
+                     summarize)
+from .config import EngineConfig, SamplingParams
+from .engine import Finish
+from .fastapi_app import create_app
+from .flask_app import create_flask_app
+from .serving import FlaskServer, UvicornServer
+
+# figure -> (comparison, target)
+GOALS = {
+    "P0": ("<=", 1.05),
+    "P1": ("<=", 1.02),
+    "P2": ("<=", 1.05),
+    "P3": (">=", 20.0),
+    "P4_fastapi_p99_ms": ("<=", 10.0),
+}
+
+
+def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
+    """Warm-up plus `runs` generations, all on one fresh long-lived thread, as the engine thread does."""
+    def work():
+        import torch
+        torch.set_num_threads(engine.config.threads)  # per calling thread, as in worker.py
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        engine.generate(prompt, params)  # warm-up
+        steps, prefills, n_tokens = [], [], []
+        for _ in range(runs):
+            events = list(engine.generate_stream(prompt, params))
+            tokens = [e for e in events if not isinstance(e, Finish)]
+            steps += [e.step_ms for e in tokens[1:]]
+            prefills += [e.prefill_time_ms for e in tokens[:1]]
+            n_tokens.append(len(tokens))
+        return {"p50_step_ms": statistics.median(steps), "mean_step_ms": statistics.fmean(steps),
+                "p50_prefill_ms": statistics.median(prefills), "n_tokens": n_tokens}
+    with ThreadPoolExecutor(1, thread_name_prefix="bench-engine-alone") as pool:
+        return pool.submit(work).result()
+
+
+def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int) -> list:
+    generate(url, prompt, max_tokens, 0.0)  # warm-up: first connection, first step on the serving thread
+    traces = [generate(url, prompt, max_tokens, 0.0) for _ in range(runs)]
+    failed = [t.error for t in traces if not t.ok]
+    if failed:
+        raise RuntimeError(f"requests to {url} failed: {failed[0]}")
+    return traces
+
+
+def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream: bool) -> tuple[dict, dict]:
+    """Probe /health while `concurrency` requests run at once (on Flask they queue one behind another)."""
+    with HealthProbe(url, interval_ms=20) as probe:
+        traces = run_concurrent(url, concurrency, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                stream=stream)
+    return probe.summary(), summarize(traces)
+
+
+def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0) -> dict:
+    with UvicornServer(create_app(engine, backend=backend)) as server:
+        out = {"stream": summarize(_sequential(stream_generate, server.url, prompt, max_tokens, runs))}
+        if concurrency:
+            out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, True)
+    return out
+
+
+def measure_flask(engine, prompt: str, max_tokens: int, runs: int, concurrency: int) -> dict:
+    with FlaskServer(create_flask_app(engine)) as server:
+        out = {"blocking": summarize(_sequential(blocking_generate, server.url, prompt, max_tokens, runs))}
+        out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, False)
+    return out
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4, prompt: str = DEFAULT_PROMPT,
+              out: str | Path | None = None, log=print) -> dict:
+    """Measure (a)-(e) on `engine`; return (and write to `out`, if given) the figures and goals."""
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    if load_before > 0.5:  # other processes on these cores skew every figure below
+        log(f"note: 1-minute load average is {load_before:.1f} before starting; figures may be noisy")
+    log("(a) engine alone ...")
+    alone = engine_alone(engine, prompt, max_tokens, runs)
+    log("(b) FastAPI, backend 'thread' ...")
+    thread = measure_fastapi(engine, "thread", prompt, max_tokens, runs, concurrency)
+    log("(c) FastAPI, backend 'executor' ...")
+    executor = measure_fastapi(engine, "executor", prompt, max_tokens, runs)
+    log("(d, e) Flask baseline ...")
+    flask = measure_flask(engine, prompt, max_tokens, runs, concurrency)
+
+    fast = thread["stream"]
+    result = {
+        "P0": _ratio(fast["p50_step_ms"], alone["p50_step_ms"]),
+        "P0_executor": _ratio(executor["stream"]["p50_step_ms"], alone["p50_step_ms"]),
+        "P1": _ratio(fast["p50_itl_ms"], fast["p50_step_ms"]),
+        "P2": _ratio(fast["p50_ttft_ms"], fast["p50_prefill_ms"]),
+        "P3": _ratio(flask["blocking"]["p50_ttft_ms"], fast["p50_ttft_ms"]),
+        "P4_fastapi_p99_ms": thread["health"]["p99_ms"],
+        "P4_flask_p99_ms": flask["health"]["p99_ms"],
+    }
+    result["goals"] = {
+        name: {"value": result[name], "goal": f"{op} {target:g}", "pass": _meets(result[name], op, target)}
+        for name, (op, target) in GOALS.items()}
+    result["all_pass"] = all(g["pass"] for g in result["goals"].values())
+    result["raw"] = {"engine_alone": alone, "fastapi_thread": thread, "fastapi_executor": executor, "flask": flask}
+    result["setup"] = {"model": engine.config.model, "threads": engine.config.threads, "max_tokens": max_tokens,
+                       "runs": runs, "concurrency": concurrency, "prompt": prompt, "temperature": 0.0,
+                       "machine": platform.machine(), "python": platform.python_version(),
+                       "loadavg_1m_before": round(load_before, 2),
+                       "loadavg_1m_after": round(os.getloadavg()[0], 2),
+                       "duration_s": round(time.perf_counter() - start, 1)}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _meets(value, op: str, target: float) -> bool:
+    return value is not None and (value <= target if op == "<=" else value >= target)
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[_cell(v) for v in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    # First column left-aligned (names), the others right-aligned (numbers).
+    lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "pass" if value else "FAIL"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def report(result: dict) -> str:
+    raw = result["raw"]
+    fast, flask = raw["fastapi_thread"]["stream"], raw["flask"]["blocking"]
+    figures = format_table(["figure (p50, ms)", "value"], [
+        ["engine alone: decode step", raw["engine_alone"]["p50_step_ms"]],
+        ["FastAPI thread: server step", fast["p50_step_ms"]],
+        ["FastAPI executor: server step", raw["fastapi_executor"]["stream"]["p50_step_ms"]],
+        ["FastAPI thread: client ITL", fast["p50_itl_ms"]],
+        ["FastAPI thread: server prefill", fast["p50_prefill_ms"]],
+        ["FastAPI thread: client TTFT", fast["p50_ttft_ms"]],
+        ["Flask: client TTFT (whole response)", flask["p50_ttft_ms"]],
+        ["/health p99 under load: FastAPI", result["P4_fastapi_p99_ms"]],
+        ["/health p99 under load: Flask", result["P4_flask_p99_ms"]],
+    ])
+    goals = format_table(["goal", "value", "target", "result"], [
+        [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
+    ] + [["P0_executor", result["P0_executor"], "(compare)", None]])
+    return f"{figures}\n\n{goals}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m labserver.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/bench.json")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3, help="measured requests per step, after one warm-up")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    args = parser.parse_args(argv)
+    from .engine import Engine
+
+    engine = Engine.from_config(EngineConfig.from_env())
+    result = run_bench(engine, args.max_tokens, args.runs, args.concurrency, args.prompt, out=args.out)
+    print(report(result))
+    print(f"\nwrote {args.out} in {result['setup']['duration_s']} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`make demo`: one prompt, one engine, two servers: the blocking Flask baseline, then FastAPI streaming.
+
+    python -m labserver.demo [--prompt "..."] [--max-tokens 64] [--out out/demo.png]
+
+Both servers run in background threads of this process and share the loaded model. The Flask answer
+appears all at once after a wait; the FastAPI answer appears token by token. /health is probed during
+each generation, then a table compares TTFT, total time, tokens/s and /health latency, and
+`out/demo.png` shows the same in pictures.
+
+Left out: sampling (greedy, so both servers print the same text), concurrency (see `bench`), and any
+server configuration beyond the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+
+from .bench import format_table
+from .client import DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, stream_generate
+from .config import EngineConfig
+from .fastapi_app import create_app
+from .flask_app import create_flask_app
+from .plotting import plot_demo
+from .serving import FlaskServer, UvicornServer
+
+
+def _row(name: str, trace: Trace, probe: HealthProbe) -> list:
+    health = probe.summary()
+    return [name, trace.ttft_ms, trace.e2e_ms, trace.tokens_per_s, health["p50_ms"], health["max_ms"]]
+
+
+def run_demo(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, out: str | None = "out/demo.png",
+             file=None) -> dict:
+    """Run the comparison on `engine`, printing to `file` (stdout); return traces, probes and table."""
+    file = file or sys.stdout
+
+    def say(*parts, end="\n"):
+        print(*parts, end=end, file=file, flush=True)
+
+    with ExitStack() as servers:
+        flask = servers.enter_context(FlaskServer(create_flask_app(engine)))
+        fastapi = servers.enter_context(UvicornServer(create_app(engine)))
+        for url, send in ((flask.url, blocking_generate), (fastapi.url, stream_generate)):
+            send(url, prompt, 2, 0.0)  # warm-up: first connection and first steps on each serving thread
+        say(f"Prompt: {prompt!r}  ({max_tokens} tokens at most, greedy)\n")
+
+        say(f"[Flask, blocking]  {flask.url}/generate\nwaiting...", end=" ")
+        with HealthProbe(flask.url) as flask_probe:
+            blocking = blocking_generate(flask.url, prompt, max_tokens, 0.0)
+        say(f"({blocking.ttft_ms / 1000:.1f} s)\n{blocking.text.strip()}\n")
+
+        say(f"[FastAPI, streaming]  {fastapi.url}/generate")
+        with HealthProbe(fastapi.url) as fastapi_probe:
+            streamed = stream_generate(fastapi.url, prompt, max_tokens, 0.0,
+                                       on_token=lambda text: say(text, end=""))
+        say("\n")
+
+    for trace in (blocking, streamed):
+        if not trace.ok:
+            raise RuntimeError(f"a request failed: {trace.error}")
+    table = format_table(
+        ["server", "TTFT ms", "total ms", "tokens/s", "/health p50 ms", "/health max ms"],
+        [_row("Flask (blocking)", blocking, flask_probe), _row("FastAPI (streaming)", streamed, fastapi_probe)])
+    say(table)
+    probes = {"FastAPI": fastapi_probe, "Flask": flask_probe}
+    if out is not None:
+        plot_demo(streamed, blocking, out, probes)
+        say(f"\nwrote {out}")
+    return {"stream": streamed, "blocking": blocking, "probes": probes, "table": table}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m labserver.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="out/demo.png")
+    args = parser.parse_args(argv)
+    from .engine import Engine
+
+    print("Loading the model (the first run converts it once; later runs take about a second) ...", flush=True)
+    engine = Engine.from_config(EngineConfig.from_env())
+    return run_demo(engine, args.prompt, args.max_tokens, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""`make bench` and `make demo` as functions on small runs, so the scripts cannot rot: on the fake
+engine (fast, every code path including both servers) and on the tiny random model (real torch)."""
+import io
+import json
+
+import pytest
+
+from labserver import FakeEngine
+from labserver.bench import GOALS, format_table, report, run_bench
+from labserver.demo import run_demo
+
+KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")
+
+
+def check_result(result: dict, path) -> None:
+    assert all(result[k] is not None for k in KEYS)
+    assert set(result["goals"]) == set(GOALS)
+    assert all(isinstance(g["pass"], bool) for g in result["goals"].values())
+    assert json.loads(path.read_text())["P3"] == result["P3"]
+    assert "P4_fastapi_p99_ms" in report(result)
+
+
+def test_bench_on_the_fake_engine(tmp_path):
+    engine = FakeEngine(prefill_ms=20, step_ms=5)
+    result = run_bench(engine, max_tokens=6, runs=1, concurrency=2, out=tmp_path / "bench.json",
+                       log=lambda *a: None)
+    check_result(result, tmp_path / "bench.json")
+    assert result["raw"]["engine_alone"]["p50_step_ms"] == 5.0
+    assert result["P0"] == pytest.approx(1.0, abs=0.1)  # the fake's step_ms is its sleep, wherever it runs
+    assert result["P3"] > 1.5  # blocking waits for 6 tokens, streaming for 1
+    assert result["raw"]["flask"]["health"]["max_ms"] > 20  # /health queued behind a generation
+    assert engine.running == 0
+
+
+@pytest.mark.model
+def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
+    result = run_bench(tiny_engine, max_tokens=4, runs=1, concurrency=2, out=tmp_path / "bench.json",
+                       log=lambda *a: None)
+    check_result(result, tmp_path / "bench.json")
+
+
+def test_demo_on_the_fake_engine(tmp_path):
+    out = io.StringIO()
+    result = run_demo(FakeEngine(prefill_ms=20, step_ms=5), prompt="hi", max_tokens=6,
+                      out=str(tmp_path / "demo.png"), file=out)
+    text = out.getvalue()
+    assert "waiting..." in text and "FastAPI (streaming)" in text and "Flask (blocking)" in text
+    assert result["stream"].text == result["blocking"].text == " one two three four five six"
+    assert text.count("one two three four five six") == 2  # the whole answer, then the live one
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_format_table():
+    table = format_table(["name", "ms"], [["a", 1.234], ["long name", 1234.5], ["none", None], ["ok", True]])
+    assert table.splitlines() == [
+        "name         ms",
+        "---------  ----",
+        "a          1.23",
+        "long name  1234",  # round-half-even: 1234.5 -> 1234
+        "none          -",
+        "ok         pass",
+    ]
