@@ -11,6 +11,10 @@ Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs co
 Ratios of medians (DESIGN.md): P0 = server step / engine step alone, P1 = client ITL / server step,
 P2 = client TTFT / server prefill, P3 = Flask TTFT / FastAPI TTFT; P4 = /health p99 under load.
 
+With `--url URL` it measures a server that is already running instead (ours, or any OpenAI-compatible
+one with `--openai` / `--openai-chat`: vLLM, SGLang, llama.cpp): sequential streams, then `concurrency`
+streams at once while /health is probed, client-side figures only; written to out/bench_url.json.
+
 Left out: throughput sweeps and request-rate schedules (`vllm bench serve` does those), other models.
 """
 from __future__ import annotations
@@ -24,8 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .client import (DEFAULT_PROMPT, HealthProbe, blocking_generate, run_concurrent, stream_generate,
-                     summarize)
+from .client import (DEFAULT_PROMPT, LABSERVER, HealthProbe, blocking_generate, openai_protocol, run_concurrent,
+                     stream_generate, summarize)
 from .config import EngineConfig, SamplingParams
 from .engine import Finish
 from .fastapi_app import create_app
@@ -71,12 +75,26 @@ def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int) -> 
     return traces
 
 
-def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream: bool) -> tuple[dict, dict]:
+def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream: bool,
+                protocol=LABSERVER) -> tuple[dict, dict]:
     """Probe /health while `concurrency` requests run at once (on Flask they queue one behind another)."""
     with HealthProbe(url, interval_ms=20) as probe:
         traces = run_concurrent(url, concurrency, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                stream=stream)
+                                stream=stream, protocol=protocol)
     return probe.summary(), summarize(traces)
+
+
+def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, runs: int = 3,
+                concurrency: int = 4) -> dict:
+    """Client-side figures for a running server: TTFT/ITL/TPOT/E2E alone and under load, /health."""
+    def one(u, p, n, t):
+        return stream_generate(u, p, n, t, protocol=protocol)
+
+    alone = summarize(_sequential(one, url, prompt, max_tokens, runs))
+    health, loaded = _under_load(url, prompt, max_tokens, concurrency, True, protocol)
+    return {"url": url, "protocol": type(protocol).__name__, "model": getattr(protocol, "model", None),
+            "stream": alone, "concurrent": loaded, "health": health,
+            "setup": {"max_tokens": max_tokens, "runs": runs, "concurrency": concurrency, "prompt": prompt}}
 
 
 def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0) -> dict:
@@ -190,13 +208,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=3, help="measured requests per step, after one warm-up")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--url", help="measure this running server instead of starting our own")
+    parser.add_argument("--openai", action="store_true", help="with --url: speak /v1/completions")
+    parser.add_argument("--openai-chat", action="store_true", help="with --url: speak /v1/chat/completions")
     args = parser.parse_args(argv)
+    if args.url:
+        return _main_url(args)
     from .engine import Engine
 
     engine = Engine.from_config(EngineConfig.from_env())
     result = run_bench(engine, args.max_tokens, args.runs, args.concurrency, args.prompt, out=args.out)
     print(report(result))
     print(f"\nwrote {args.out} in {result['setup']['duration_s']} s")
+    return result
+
+
+def _main_url(args) -> dict:
+    chat = args.openai_chat
+    protocol = openai_protocol(args.url, chat=chat) if (args.openai or chat) else LABSERVER
+    result = measure_url(args.url, protocol, args.prompt, args.max_tokens, args.runs, args.concurrency)
+    out = Path(args.out if args.out != "out/bench.json" else "out/bench_url.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    s, c, h = result["stream"], result["concurrent"], result["health"]
+    print(format_table(["figure", "alone", f"x{args.concurrency}"], [
+        [f"p50 {m} ms", s[f"p50_{m}_ms"], c[f"p50_{m}_ms"]] for m in ("ttft", "itl", "tpot", "e2e")
+    ] + [["/health p99 ms", None, h["p99_ms"]]]))
+    print(f"\nwrote {out}")
     return result
 
 

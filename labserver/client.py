@@ -8,10 +8,13 @@ named as `vllm bench serve` names them: TTFT, ITL, TPOT, E2E.
     >>> t.ttft_ms, t.itl_ms, t.tpot_ms, t.e2e_ms
     (100.0, [30.0, 40.0], 35.0, 170.0)
 
-Left out: retries, authentication, request-rate shaping (`run_concurrent` starts every request at
-once) and any wire format but labserver's own POST /generate. `Protocol` is the seam where another one
-(OpenAI-style /v1/completions chunks) plugs in: it builds the request body and turns one parsed event
-into tokens; everything that times and records stays as it is.
+Two wire formats: labserver's own POST /generate (`LABSERVER`, with the server's per-token `step_ms`)
+and the OpenAI-compatible /v1/completions or /v1/chat/completions that vLLM, SGLang and llama.cpp
+serve (`OpenAIProtocol`; no server timings, so only the client-side metrics). A `Protocol` builds the
+request body and turns one parsed event into tokens; everything that times and records is shared.
+
+Left out: retries, authentication and request-rate shaping (`run_concurrent` starts every request at
+once).
 """
 from __future__ import annotations
 
@@ -84,6 +87,54 @@ class LabserverProtocol:
 
 
 LABSERVER = LabserverProtocol()
+
+
+class OpenAIProtocol:
+    """OpenAI's streaming completions: one chunk per token (vLLM, SGLang, llama.cpp and our /v1).
+
+    `chat=True` sends the prompt as one user message to /v1/chat/completions. The usage chunk
+    (`stream_options.include_usage`) fills `Trace.usage`. A chunk that carries no text (the chat role
+    chunk, the final one) is not a token: TTFT counts from the first chunk with text.
+    """
+    done = "[DONE]"
+
+    def __init__(self, model: str, chat: bool = False, api_key: str | None = None):
+        self.model, self.chat = model, chat
+        self.path = "/v1/chat/completions" if chat else "/v1/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream,
+                **({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return {**body, **extra}
+
+    def _text(self, choice: dict) -> str | None:
+        if self.chat:
+            return (choice.get("delta") or choice.get("message") or {}).get("content")
+        return choice.get("text")
+
+    def parse_event(self, data: dict) -> Parsed:
+        if "error" in data:
+            return Parsed(error=data["error"])
+        parsed = Parsed(finish={"usage": data["usage"]} if data.get("usage") else {})
+        for choice in data.get("choices") or []:
+            if text := self._text(choice):
+                parsed.tokens.append(TokenChunk(text))
+            if choice.get("finish_reason"):
+                parsed.finish["finish_reason"] = choice["finish_reason"]
+        return parsed
+
+    def parse_body(self, body: dict) -> Parsed:
+        return self.parse_event(body)
+
+
+def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
+    """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    models = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout).raise_for_status().json()
+    return OpenAIProtocol(models["data"][0]["id"], chat=chat, api_key=api_key)
 
 
 @dataclass
@@ -204,6 +255,10 @@ def _http_error(response: httpx.Response) -> dict:
     return error
 
 
+def _headers(protocol: Protocol) -> dict:
+    return getattr(protocol, "headers", {})
+
+
 def _endpoint(url: str, protocol: Protocol) -> str:
     url = url.rstrip("/")
     return url if url.endswith(protocol.path) else url + protocol.path
@@ -237,7 +292,7 @@ def stream_generate(url: str, prompt: str, max_tokens: int = 128, temperature: f
     rec = _Recorder(Trace(prompt=prompt), protocol, on_token, stop_after)
     with _sync_client(client, timeout) as http:
         rec.trace.sent_s = time.perf_counter()
-        with connect_sse(http, "POST", _endpoint(url, protocol), json=body) as source:
+        with connect_sse(http, "POST", _endpoint(url, protocol), json=body, headers=_headers(protocol)) as source:
             if source.response.status_code == 200:
                 for sse in source.iter_sse():
                     if not rec.feed(sse):
@@ -256,7 +311,8 @@ async def astream_generate(url: str, prompt: str, max_tokens: int = 128, tempera
     rec = _Recorder(Trace(prompt=prompt), protocol, on_token, stop_after)
     async with _async_client(client, timeout) as http:
         rec.trace.sent_s = time.perf_counter()
-        async with aconnect_sse(http, "POST", _endpoint(url, protocol), json=body) as source:
+        async with aconnect_sse(http, "POST", _endpoint(url, protocol), json=body,
+                                headers=_headers(protocol)) as source:
             if source.response.status_code == 200:
                 events = source.aiter_sse()
                 async for sse in events:
@@ -289,7 +345,8 @@ def blocking_generate(url: str, prompt: str, max_tokens: int = 128, temperature:
     trace = Trace(prompt=prompt, stream=False)
     with _sync_client(client, timeout) as http:
         trace.sent_s = time.perf_counter()
-        return _blocking_trace(trace, http.post(_endpoint(url, protocol), json=body), protocol)
+        return _blocking_trace(trace, http.post(_endpoint(url, protocol), json=body, headers=_headers(protocol)),
+                               protocol)
 
 
 async def ablocking_generate(url: str, prompt: str, max_tokens: int = 128, temperature: float = 0.7, *,
@@ -299,7 +356,8 @@ async def ablocking_generate(url: str, prompt: str, max_tokens: int = 128, tempe
     trace = Trace(prompt=prompt, stream=False)
     async with _async_client(client, timeout) as http:
         trace.sent_s = time.perf_counter()
-        return _blocking_trace(trace, await http.post(_endpoint(url, protocol), json=body), protocol)
+        response = await http.post(_endpoint(url, protocol), json=body, headers=_headers(protocol))
+        return _blocking_trace(trace, response, protocol)
 
 
 async def arun_concurrent(url: str, prompts: int | Sequence[str], *, prompt: str = DEFAULT_PROMPT,
