@@ -38,5 +38,12 @@ flask: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
 
+# Rebuild the notebooks from notebooks/src/ and execute them in place, so the committed notebooks show
+# real outputs and plots. PYTHONPATH: the kernel starts in notebooks/ and must import this checkout.
+notebooks: $(STAMP)
+	$(PY) notebooks/build.py
+	PYTHONPATH=$(CURDIR) $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=600 notebooks/0*.ipynb
+
 clean:
 	rm -rf $(VENV) out .pytest_cache
