@@ -1,0 +1,58 @@
+"""Reference solutions for notebook 2, streaming with Server-Sent Events.
+
+    python notebooks/solutions/02_streaming_sse.py    # runs every checker against the default model
+"""
+import json
+import time
+
+import httpx
+
+
+def parse_sse_line(line):
+    if not line.startswith("data:"):
+        return None  # the blank separator line, comments (":"), other fields
+    data = line[len("data:"):]
+    data = data[1:] if data.startswith(" ") else data  # SSE strips one leading space
+    if not data.startswith("{"):
+        return None  # [DONE]
+    return json.loads(data)
+
+
+def itl_and_tpot(arrival_ms):
+    itl = [b - a for a, b in zip(arrival_ms, arrival_ms[1:])]
+    tpot = (arrival_ms[-1] - arrival_ms[0]) / (len(arrival_ms) - 1)
+    return itl, tpot
+
+
+def my_stream(url, prompt, max_tokens):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    tokens = []
+    with httpx.Client(timeout=120) as client:
+        start = time.perf_counter()
+        with client.stream("POST", url + "/generate", json=body) as response:
+            for line in response.iter_lines():
+                event = parse_sse_line(line)
+                if event is not None and "token" in event:
+                    tokens.append(((time.perf_counter() - start) * 1000, event["token"]))
+    return tokens
+
+
+def run_checks(engine) -> bool:
+    from labserver import checks, lab
+    from labserver.client import stream_generate
+    from labserver.serving import start_fastapi, stop
+
+    fastapi = start_fastapi(engine, name="solutions-02")
+    try:
+        trace = stream_generate(fastapi.url, lab.PROMPT, 16, temperature=0)
+        return all([checks.check_parse_sse_line(parse_sse_line, fastapi.url),
+                    checks.check_itl_tpot(itl_and_tpot, trace),
+                    checks.check_my_stream(my_stream, fastapi.url)])
+    finally:
+        stop("solutions-02")
+
+
+if __name__ == "__main__":
+    from labserver import Engine, EngineConfig
+
+    raise SystemExit(0 if run_checks(Engine.from_config(EngineConfig())) else 1)
