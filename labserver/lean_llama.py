@@ -1,0 +1,216 @@
+"""A lean llama forward in plain PyTorch: the weights of a transformers model, none of its machinery.
+
+A decode step of SmolLM2-135M spends more time in Python and small ops than in reading weights. This
+module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
+a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
+per route: dense float32 or bfloat16, or weight-only int8 / int4 with bfloat16 activations.
+
+``decode`` advances B sequences by one token in one forward call, each at its own position in its own
+cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0.
+
+Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
+attention or MLP biases, sliding windows, dynamic rope scaling, prefill that continues a filled slot,
+paged or growing caches (the cache is ``max_batch * max_len`` positions, allocated up front), and training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUANTS = (None, "int8", "int4")
+
+
+def supports(model) -> bool:
+    """True for the llama family this module implements; anything else stays on transformers."""
+    c = model.config
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    return (c.model_type == "llama" and c.hidden_act == "silu" and not c.attention_bias
+            and not getattr(c, "mlp_bias", False) and rope.get("rope_type", "default") != "dynamic")
+
+
+class Dense:
+    """``x @ W.T``, with ``W.T`` stored contiguous: MKL's single-row matmul reads it faster (measured)."""
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        self.wt = w.detach().to(dtype).t().contiguous()  # [in, out]
+
+    def __call__(self, x):
+        return x @ self.wt
+
+
+class Int8:
+    """Weight-only int8: one scale per output row, ``W ~ q * scale``; activations stay bfloat16."""
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        w = w.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
+        self.q = torch.round(w / scale[:, None]).to(torch.int8)  # [out, in]
+        self.scale = scale.to(dtype)
+
+    def __call__(self, x):
+        return torch._weight_int8pack_mm(x, self.q, self.scale)
+
+
+class Int4:
+    """Weight-only int4 in groups of 32 inputs, ``W ~ q * scale + min`` with q in 0..15.
+
+    That is the GGUF Q4_1 layout the default model ships in, so its weights round-trip almost exactly.
+    """
+
+    GROUP = 32
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        out_f, in_f = w.shape
+        g = w.detach().float().view(out_f, in_f // self.GROUP, self.GROUP)  # [out, in/32, 32]
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 2)
+        # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.  [in/32, out, 2]
+        self.scale_zero = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
+
+    def __call__(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
+
+
+class KVCache:
+    """Keys and values for ``max_batch`` sequences (slots) of up to ``max_len`` tokens, every layer.
+
+    Zero-filled so the positions a shorter sequence masks out in a batch hold finite numbers
+    (a masked score times a NaN value would still be NaN). Size: 2 * L * max_batch * Hkv * max_len * Dh.
+    """
+
+    def __init__(self, layers, max_batch, kv_heads, max_len, head_dim, dtype):
+        shape = (layers, max_batch, kv_heads, max_len, head_dim)  # [L, S, Hkv, T, Dh]
+        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * max_batch  # tokens held by each slot
+        self.free = list(range(max_batch))
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise RuntimeError(f"all {len(self.lengths)} cache slots are in use")
+        slot = self.free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+class LeanLlama:
+    """Llama inference: ``prefill(ids, slot) -> logits [V]``, ``decode(tokens, slots) -> logits [B, V]``."""
+
+
+    def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048):
+        if not supports(model):
+            raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
+        if quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+        if quant and dtype != torch.bfloat16:
+            raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
+        c, m = model.config, model.model
+        self.dtype, self.eps = dtype, c.rms_norm_eps
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
+        Linear = {None: Dense, "int8": Int8, "int4": Int4}[quant]
+        self.layers = []
+        for layer in m.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                ln1=layer.input_layernorm.weight.detach().float(),
+                qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dtype),
+                o=Linear(a.o_proj.weight, dtype),
+                ln2=layer.post_attention_layernorm.weight.detach().float(),
+                gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype),
+                down=Linear(mlp.down_proj.weight, dtype)))
+        self.embed = m.embed_tokens.weight.detach().float()  # [V, D]
+        self.norm = m.norm.weight.detach().float()
+        # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
+        self.lm_head = (Int8 if quant else Dense)(model.lm_head.weight, dtype)
+        # Rotary tables from the model's own rotary module, so its rope scaling (e.g. llama3) carries over.
+        positions = torch.arange(max_len)[None]
+        cos, sin = m.rotary_emb(self.embed[:1].float(), positions)  # [1, T, Dh]
+        half = self.head_dim // 2
+        self.cos = cos[0].float()
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).float()  # signs of rotate_half
+        self.cache = KVCache(len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
+
+    @classmethod
+    def from_hf(cls, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048) -> "LeanLlama":
+        return cls(model, dtype, quant, max_batch, max_len)
+
+    def _forward(self, x, positions, attend):
+        """Run every block on ``x [N, D]``; ``attend`` stores k, v and returns attention ``[N, H*Dh]``."""
+        n, d = x.shape
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, Dh]
+        for i, p in enumerate(self.layers):
+            h = F.rms_norm(x, (d,), p["ln1"], self.eps).to(self.dtype)
+            qkv = p["qkv"](h).float()  # [N, (H + 2*Hkv) * Dh]
+            qk = qkv[:, :self.n_qk].view(n, -1, self.head_dim)  # [N, H + Hkv, Dh]
+            # Rotary on q and k at once: x*cos + rotate_half(x)*sin, with rotate_half as a roll.
+            qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
+            v = qkv[:, self.n_qk:].view(n, self.kv_heads, self.head_dim)  # [N, Hkv, Dh]
+            x = x + p["o"](attend(i, qk[:, :self.heads], qk[:, self.heads:], v).to(self.dtype))
+            h = F.rms_norm(x, (d,), p["ln2"], self.eps).to(self.dtype)
+            gate, up = p["gate_up"](h).chunk(2, dim=-1)  # [N, I] each
+            x = x + p["down"](F.silu(gate) * up)
+        return x
+
+    def _logits(self, x):
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps).to(self.dtype)).float()  # [N, V]
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
+        """Fill cache ``slot`` with the prompt ``ids`` (from position 0); return the last logits ``[V]``."""
+        s, kc, vc = len(ids), self.cache.k, self.cache.v
+        if s > self.cache.max_len:
+            raise ValueError(f"prompt of {s} tokens exceeds the cache's {self.cache.max_len}")
+
+        def attend(i, q, k, v):  # q [S, H, Dh]; k, v [S, Hkv, Dh]
+            kc[i, slot, :, :s], vc[i, slot, :, :s] = k.transpose(0, 1), v.transpose(0, 1)
+            out = F.scaled_dot_product_attention(  # [1, H, S, Dh]
+                q.transpose(0, 1)[None], kc[i, slot:slot + 1, :, :s], vc[i, slot:slot + 1, :, :s],
+                is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1).reshape(s, -1)
+
+        x = self._forward(self.embed[torch.tensor(ids)], torch.arange(s), attend)
+        self.cache.lengths[slot] = s
+        return self._logits(x[-1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+        """Append ``tokens[b]`` to sequence ``slots[b]`` for each b; return next-token logits ``[B, V]``.
+
+        Sequences may sit at different positions. Consecutive slots are read as a view; any other
+        set is gathered (a copy), so a scheduler should keep running sequences in a block of slots.
+        """
+        b, lengths = len(slots), self.cache.lengths
+        pos = [lengths[s] for s in slots]
+        if max(pos) >= self.cache.max_len:
+            raise ValueError(f"a sequence reached the cache's {self.cache.max_len} tokens")
+        consecutive = slots == list(range(slots[0], slots[0] + b))
+        rows = slice(slots[0], slots[0] + b) if consecutive else torch.tensor(slots)
+        logits = self.decode_step(torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), rows, max(pos) + 1)
+        for s in slots:
+            lengths[s] += 1
+        return logits
+
+    def decode_step(self, tokens, pos, slots, rows, t):
+        """The tensor part of ``decode``: tokens, pos, slots ``[B]``; keys up to position ``t`` are read."""
+        b, kc, vc = tokens.shape[0], self.cache.k, self.cache.v
+        # Keys past a sequence's own length belong to nobody (or to a longer neighbour): mask them.
+        mask = None if b == 1 else (torch.arange(t) <= pos[:, None]).view(b, 1, 1, t)
+        group = self.heads // self.kv_heads
+
+        def attend(i, q, k, v):  # q [B, H, Dh]; k, v [B, Hkv, Dh]
+            kc[i, slots, :, pos], vc[i, slots, :, pos] = k, v
+            # The `group` query heads that share a kv head act as a query "sequence" of that length.
+            out = F.scaled_dot_product_attention(  # [B, Hkv, group, Dh]
+                q.reshape(b, self.kv_heads, group, self.head_dim), kc[i, rows, :, :t], vc[i, rows, :, :t],
+                attn_mask=mask)
+            return out.reshape(b, -1)
+
+        return self._logits(self._forward(self.embed[tokens], pos, attend))

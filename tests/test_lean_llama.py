@@ -1,0 +1,160 @@
+"""LeanLlama against transformers: the same logits and greedy tokens, alone and in a batch.
+
+Fast tests use a tiny random llama; tests marked ``model`` use SmolLM2-135M and ``model.generate``.
+Tolerances: float32 routes differ from transformers only by summation order (logits within 1e-4 on the
+tiny model, 2e-3 on SmolLM2 whose logits reach ~30); quantized routes are only checked to be close.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labserver.lean_llama import Int4, KVCache, LeanLlama, supports
+
+
+def tiny_llama(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+def hf_logits(model, ids):
+    """transformers' logits for every position of ``ids``: ``[S, V]``."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def lean_logits(lean, ids, n_prompt, slot=0):
+    """Prefill ``ids[:n_prompt]`` then decode the rest one by one: logits for positions n_prompt-1 .. end."""
+    steps = [lean.prefill(ids[:n_prompt], slot)]
+    steps += [lean.decode([t], [slot])[0] for t in ids[n_prompt:]]
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32}])
+def test_tiny_logits_match_transformers(rope):
+    model = tiny_llama(**({"rope_parameters": rope} if rope else {}))
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    lean = LeanLlama.from_hf(model, max_len=64)
+    torch.testing.assert_close(lean_logits(lean, ids, 25), hf_logits(model, ids)[24:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]])  # a block of slots (views) and a scattered set (gather)
+def test_batched_decode_equals_each_alone(tiny, slots):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    continuations = [[20, 21, 22, 23], [30, 31, 32, 33], [40, 41, 42, 43]]
+    alone = [lean_logits(LeanLlama.from_hf(tiny, max_len=32), p + c, len(p)) for p, c in zip(prompts, continuations)]
+    lean = LeanLlama.from_hf(tiny, max_batch=4, max_len=32)
+    batched = [[lean.prefill(p, s)] for p, s in zip(prompts, slots)]
+    for step in range(4):
+        logits = lean.decode([c[step] for c in continuations], slots)  # [3, V]
+        for b in range(3):
+            batched[b].append(logits[b])
+    for b in range(3):
+        torch.testing.assert_close(torch.stack(batched[b]), alone[b], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_bfloat16_and_quantized_routes_run_close(tiny, quant):
+    ids = list(range(10, 30))
+    ref = hf_logits(tiny, ids)[9:]
+    got = lean_logits(LeanLlama.from_hf(tiny, dtype=torch.bfloat16, quant=quant, max_len=32), ids, 10)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    # Random weights are far from any 4-bit grid, so this only catches a broken kernel or layout.
+    assert (got - ref).norm() / ref.norm() < {None: 0.02, "int8": 0.05, "int4": 0.3}[quant]
+
+
+def test_int4_is_exact_for_weights_on_a_4bit_grid():
+    # Each group of 32 inputs: w = q * scale + min with q in 0..15 (the GGUF Q4_1 layout).
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (64, 64)).float()
+    q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the full range, so min and scale are recovered
+    scale = torch.tensor([0.5, 0.25]).repeat(64, 1).repeat_interleave(32, 1)  # [64, 64], per group
+    w = q * scale - 2.0
+    x = torch.randn(3, 64).bfloat16()
+    expected = x.float() @ w.t()
+    torch.testing.assert_close(Int4(w, torch.bfloat16)(x).float(), expected, atol=0.1, rtol=0.01)
+
+
+def test_supports_only_plain_llama():
+    assert supports(tiny_llama())
+    assert not supports(tiny_llama(attention_bias=True))
+    with pytest.raises(ValueError, match="llama"):
+        LeanLlama.from_hf(tiny_llama(attention_bias=True))
+    with pytest.raises(ValueError, match="bfloat16"):
+        LeanLlama.from_hf(tiny_llama(), dtype=torch.float32, quant="int4")
+
+
+def test_cache_slots_and_limits(tiny):
+    cache = KVCache(layers=2, max_batch=2, kv_heads=2, max_len=8, head_dim=16, dtype=torch.float32)
+    a, b = cache.allocate(), cache.allocate()
+    assert {a, b} == {0, 1}
+    with pytest.raises(RuntimeError, match="slots"):
+        cache.allocate()
+    cache.release(a)
+    assert cache.allocate() == a
+    lean = LeanLlama.from_hf(tiny, max_len=8)
+    with pytest.raises(ValueError, match="exceeds"):
+        lean.prefill(list(range(9)))
+    lean.prefill(list(range(8)))
+    with pytest.raises(ValueError, match="reached"):
+        lean.decode([1], [0])
+
+
+# -- the real model ---------------------------------------------------------------------------------
+PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "List three colors."]
+
+
+@pytest.fixture(scope="module")
+def lean_default(default_engine):
+    return LeanLlama.from_hf(default_engine.model, max_batch=3, max_len=256)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_transformers_generate(default_engine, lean_default, prompt):
+    ids = default_engine.encode(prompt)
+    with torch.inference_mode():
+        expected = default_engine.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    expected = expected[0, len(ids):].tolist()
+    logits, got = lean_default.prefill(ids), []
+    for _ in expected:
+        got.append(int(logits.argmax()))
+        logits = lean_default.decode([got[-1]], [0])[0]
+    assert got == expected
+
+
+@pytest.mark.model
+def test_logits_close_to_transformers(default_engine, lean_default):
+    ids = default_engine.encode(PROMPTS[0]) + [504, 4553, 282, 260, 4918, 28]
+    n = len(ids) - 6
+    expected = hf_logits(default_engine.model, ids)[n - 1:]
+    torch.testing.assert_close(lean_logits(lean_default, ids, n), expected, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.model
+def test_batched_decode_equals_each_alone_on_the_default_model(default_engine, lean_default):
+    prompts = [default_engine.encode(p) for p in PROMPTS]  # three different lengths
+    alone = []
+    for p in prompts:
+        logits, toks = lean_default.prefill(p, 0), []
+        for _ in range(6):
+            toks.append(int(logits.argmax()))
+            logits = lean_default.decode([toks[-1]], [0])[0]
+        alone.append(toks)
+    logits = torch.stack([lean_default.prefill(p, s) for s, p in enumerate(prompts)])
+    batched = [[] for _ in prompts]
+    for _ in range(6):
+        toks = logits.argmax(-1).tolist()
+        for b, t in enumerate(toks):
+            batched[b].append(t)
+        logits = lean_default.decode(toks, [0, 1, 2])
+    assert batched == alone
