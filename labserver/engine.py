@@ -1,59 +1,36 @@
-"""The engine: one causal LM, one request at a time, as a generator of token events.
+"""The engine: a causal LM behind small named phases that yield token events.
 
-The phases are small named functions, as in gpt-fast: ``prefill`` runs the prompt through the model and
-fills the KV cache, ``decode_one_token`` feeds back one token and reuses that cache, ``sample_token``
-picks the next id. ``Engine.generate_stream`` strings them together and yields a ``TokenEvent`` per token
-(text from the incremental detokenizer, the measured ``step_ms``) and a final ``Finish``.
+The phases follow gpt-fast: ``prefill_step`` runs a prompt through the model and samples its first token,
+``decode_step`` feeds back the last token of one or more sequences in one forward, ``sample_token``
+picks each next id. ``Engine.generate_stream`` strings them together for one sequence and yields a
+``TokenEvent`` per token (text from the incremental detokenizer, the measured ``step_ms``) and a final
+``Finish``; ``scheduler.BatchScheduler`` calls the same phases for many sequences at once.
 
-Each phase enters ``torch.inference_mode`` itself instead of the generator holding it open: grad mode is
-thread-local, and a generator resumed on another thread (the seed's ``run_in_executor(next)`` pattern)
-would otherwise run its later steps with autograd on.
+The forward passes live in ``runners.py`` (the lean llama, or transformers for any other model); each
+enters ``torch.inference_mode`` itself, because grad mode is thread-local and a generator resumed on
+another thread (the seed's ``run_in_executor(next)`` pattern) would otherwise run later steps with
+autograd on.
 
-Left out on purpose: batching (one sequence per generator), stop strings, repetition penalties, and any
-threading: whoever calls ``next()`` runs the model on its own thread (see ``worker.py``).
+Left out on purpose: stop strings, repetition penalties, and any threading: whoever calls a phase runs
+the model on its own thread (see ``worker.py`` and ``scheduler.py``).
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .config import EngineConfig, SamplingParams
-from .detokenize import IncrementalDetokenizer
+from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
+from .sequence import Finish, Sequence, TokenEvent
 
 
 class PromptTooLong(ValueError):
     """The prompt does not fit the engine's limits or the model's context."""
-
-
-@dataclass
-class TokenEvent:
-    token: str  # the text this token adds ("" while a multi-byte character is incomplete)
-    token_id: int
-    index: int  # 0-based position in the output
-    step_ms: float  # compute time of the step that produced it (the prefill, for index 0)
-    prefill_time_ms: float | None = None  # only on the first token
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.prefill_time_ms is None:
-            del d["prefill_time_ms"]
-        return d
-
-
-@dataclass
-class Finish:
-    finish_reason: str  # "stop" (EOS), "length" (max_tokens) or "cancelled"
-    usage: dict
-    timings: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -66,20 +43,6 @@ class Completion:
     def to_dict(self) -> dict:
         """The non-streaming JSON body: the same information as the stream, in one object."""
         return {"text": self.text, "tokens": [e.to_dict() for e in self.events], **self.finish.to_dict()}
-
-
-@torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """Run the whole prompt ``[1, S]`` once; return the last position's logits ``[V]``."""
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
-
-
-@torch.inference_mode()
-def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
-    """Feed one token ``[1, 1]`` against the cache; return its logits ``[V]``."""
-    out = model(input_ids=torch.tensor([[token_id]]), cache=cache, use_cache=True)
-    return out.logits[0, -1]
 
 
 @torch.inference_mode()
@@ -97,6 +60,31 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def off_thread(fn, *args):
+    """Run one-off torch work (loading, converting weights) on a short-lived thread, and return its result.
+
+    libgomp keeps the OpenMP workers of every thread that has run a parallel region for as long as that
+    thread lives. Once they outnumber the cores it stops spinning between regions, and every decode step
+    then pays for waking its workers: 1.7x slower steps on the engine thread, measured here, if the
+    long-lived main thread had built the model. A thread that exits takes its workers with it.
+    """
+    result: list = []
+
+    def work():
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as exc:  # re-raised on the caller's thread
+            result.append((False, exc))
+
+    thread = threading.Thread(target=work, name="labserver-load")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Engine:
     """A model, its tokenizer and the limits of ``config``; counts the generations in progress."""
 
@@ -108,13 +96,14 @@ class Engine:
         self._lock = threading.Lock()
         self.running = 0
         self.tokens_generated = 0
+        self.runner = off_thread(make_runner, model, config, self.context_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
         from .model import load_model_and_tokenizer
 
         config = config or EngineConfig.from_env()
-        return cls(*load_model_and_tokenizer(config), config)
+        return cls(*off_thread(load_model_and_tokenizer, config), config)
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -149,6 +138,52 @@ class Engine:
             raise ValueError("prompt encodes to no tokens")
         return list(ids)
 
+    # -- the phases ----------------------------------------------------------------------------------
+    def begin(self, prompt: str | list[int], params: SamplingParams,
+              cancel: threading.Event | None = None) -> Sequence:
+        """Encode ``prompt`` into a new sequence; a ``PromptTooLong`` is raised here, before any work."""
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
+        max_tokens = min(params.max_tokens, self.context_len - len(ids))
+        return Sequence(ids, params, cancel or threading.Event(), self.tokenizer, self.eos_ids, max_tokens)
+
+    def prefill_step(self, seq: Sequence) -> TokenEvent | None:
+        """Run the prompt, sample the first token; its ``step_ms`` is also the ``prefill_time_ms``.
+
+        From here until ``end(seq)`` the sequence counts as running and holds its cache.
+        """
+        with self._lock:
+            self.running += 1
+        seq.running = True
+        seq.start = time.perf_counter()
+        token_id = sample_token(self.runner.prefill(seq), seq.params, seq.generator)
+        return self._append(seq, token_id, seq.start, None)
+
+    def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenEvent | None]:
+        """One forward for every sequence in ``seqs``; each event's ``step_ms`` is that forward's time.
+
+        ``batched`` (the scheduler's calls) adds to each event how many sequences shared the step.
+        """
+        t0 = time.perf_counter()
+        logits = self.runner.decode(seqs)  # [B, V]
+        ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]
+        batch = len(seqs) if batched else None
+        return [self._append(s, i, t0, batch) for s, i in zip(seqs, ids)]
+
+    def end(self, seq: Sequence) -> Finish:
+        """Free the sequence's cache and stop counting it (once, whatever calls it); return its ``Finish``."""
+        if seq.running:
+            seq.running = False
+            self.runner.release(seq)
+            with self._lock:
+                self.running -= 1
+        return seq.finish()
+
+    def _append(self, seq: Sequence, token_id: int, t0: float, batch: int | None):
+        with self._lock:
+            self.tokens_generated += 1
+        return seq.append(token_id, (time.perf_counter() - t0) * 1000, batch)
+
+    # -- one sequence as a generator -----------------------------------------------------------------
     def generate_stream(
         self, prompt: str | list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[TokenEvent | Finish]:
@@ -157,64 +192,20 @@ class Engine:
         The prompt is encoded now, so a ``PromptTooLong`` is raised before any generator exists.
         ``cancel`` is checked between steps: once set, the generator finishes with "cancelled".
         """
-        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
-        return self._stream(ids, params, cancel or threading.Event())
+        return self._stream(self.begin(prompt, params, cancel))
 
-    def _stream(self, ids: list[int], params: SamplingParams, cancel: threading.Event):
-        with self._lock:
-            self.running += 1
+    def _stream(self, seq: Sequence):
         try:
-            yield from self._generate(ids, params, cancel)
-        finally:
-            with self._lock:
-                self.running -= 1
-
-    def _generate(self, ids: list[int], params: SamplingParams, cancel: threading.Event):
-        from transformers import DynamicCache
-
-        seed = params.seed if params.seed is not None else random.randrange(2**63)
-        generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        max_tokens = min(params.max_tokens, self.context_len - len(ids))
-        cache = DynamicCache(config=self.model.config)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        start = time.perf_counter()
-        logits = prefill(self.model, torch.tensor([ids]), cache)
-        step_ms: list[float] = []
-        finish_reason = "length"
-        for index in range(max_tokens):
-            if index > 0:
-                if cancel.is_set():
-                    finish_reason = "cancelled"
+            event = self.prefill_step(seq)
+            while True:
+                if event is not None:
+                    yield event
+                if seq.finished or seq.cancel.is_set():
                     break
-                t0 = time.perf_counter()
-                logits = decode_one_token(self.model, token_id, cache)
-            token_id = sample_token(logits, params, generator)
-            elapsed = (time.perf_counter() - (start if index == 0 else t0)) * 1000
-            step_ms.append(elapsed)
-            with self._lock:
-                self.tokens_generated += 1
-            if token_id in self.eos_ids:
-                finish_reason = "stop"
-                break
-            text = detok.step(token_id) + (detok.flush() if index == max_tokens - 1 else "")
-            yield TokenEvent(text, token_id, index, round(elapsed, 3),
-                             round(elapsed, 3) if index == 0 else None)
-        yield self._finish(finish_reason, len(ids), step_ms, start, emitted=len(detok.ids))
-
-    @staticmethod
-    def _finish(reason: str, prompt_tokens: int, step_ms: list[float], start: float, emitted: int) -> Finish:
-        total_ms = (time.perf_counter() - start) * 1000
-        decode_ms = sum(step_ms[1:])
-        timings = {
-            "prefill_time_ms": round(step_ms[0], 3) if step_ms else 0.0,
-            "decode_time_ms": round(decode_ms, 3),
-            "mean_step_ms": round(decode_ms / (len(step_ms) - 1), 3) if len(step_ms) > 1 else 0.0,
-            "total_ms": round(total_ms, 3),
-            "tokens_per_s": round(emitted / total_ms * 1000, 3) if total_ms > 0 else 0.0,
-        }
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": emitted,
-                 "total_tokens": prompt_tokens + emitted}
-        return Finish(reason, usage, timings)
+                event = self.decode_step([seq])[0]
+            yield self.end(seq)
+        finally:
+            self.end(seq)  # a closed or failed generator frees its cache slot now
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Run ``generate_stream`` to the end and collect it."""

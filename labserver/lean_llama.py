@@ -10,7 +10,7 @@ cache slot: the shape continuous batching needs. ``prefill`` fills one slot from
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
 attention or MLP biases, sliding windows, dynamic rope scaling, prefill that continues a filled slot,
-paged or growing caches (the cache is ``max_batch * max_len`` positions, allocated up front), and training.
+a paged cache (all slots share one position axis that grows as the longest sequence does), and training.
 """
 
 from __future__ import annotations
@@ -77,21 +77,37 @@ class Int4:
 class KVCache:
     """Keys and values for ``max_batch`` sequences (slots) of up to ``max_len`` tokens, every layer.
 
-    Zero-filled so the positions a shorter sequence masks out in a batch hold finite numbers
-    (a masked score times a NaN value would still be NaN). Size: 2 * L * max_batch * Hkv * max_len * Dh.
+    The position axis grows on demand (doubling, up to ``max_len``) so memory follows the longest
+    sequence in use, not the longest one allowed: a cache sized for 16 x 6144 tokens up front costs
+    gigabytes, and lazily mapped pages would fault in whole huge pages (measured: ~0.8 s for a slot's
+    first prefill). Zero-filled so the positions a shorter sequence masks out in a batch hold finite
+    numbers (a masked score times a NaN value would still be NaN).
     """
 
-    def __init__(self, layers, max_batch, kv_heads, max_len, head_dim, dtype):
-        shape = (layers, max_batch, kv_heads, max_len, head_dim)  # [L, S, Hkv, T, Dh]
-        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    def __init__(self, layers, max_batch, kv_heads, max_len, head_dim, dtype, initial_len=512):
+        self.shape = (layers, max_batch, kv_heads, min(initial_len, max_len), head_dim)  # [L, S, Hkv, T, Dh]
+        self.k, self.v = torch.zeros(self.shape, dtype=dtype), torch.zeros(self.shape, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * max_batch  # tokens held by each slot
         self.free = list(range(max_batch))
 
+    def reserve(self, length: int) -> None:
+        """Make room for positions ``0 .. length - 1`` in every slot (``length <= max_len``)."""
+        if length <= self.k.shape[3]:
+            return
+        new_len = min(self.max_len, max(length, 2 * self.k.shape[3]))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], new_len, old.shape[4])
+            new[:, :, :, :old.shape[3]] = old
+            setattr(self, name, new)
+
     def allocate(self) -> int:
         if not self.free:
             raise RuntimeError(f"all {len(self.lengths)} cache slots are in use")
-        slot = self.free.pop(0)
+        # The lowest free slot keeps running sequences in a block, which decode reads as a view.
+        slot = min(self.free)
+        self.free.remove(slot)
         self.lengths[slot] = 0
         return slot
 
@@ -138,6 +154,18 @@ class LeanLlama:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).float()  # signs of rotate_half
         self.cache = KVCache(len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
 
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads: every layer's matrices and norms, the output matrix, one embedding row."""
+        def nbytes(t):
+            return t.numel() * t.element_size()
+
+        def matrix(m):
+            return sum(nbytes(t) for t in vars(m).values() if isinstance(t, torch.Tensor))
+
+        layers = sum(matrix(p[k]) if k in ("qkv", "o", "gate_up", "down") else nbytes(p[k])
+                     for p in self.layers for k in p)
+        return layers + matrix(self.lm_head) + nbytes(self.norm) + nbytes(self.embed[0])
+
     @classmethod
     def from_hf(cls, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048) -> "LeanLlama":
         return cls(model, dtype, quant, max_batch, max_len)
@@ -165,9 +193,11 @@ class LeanLlama:
     @torch.inference_mode()
     def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
         """Fill cache ``slot`` with the prompt ``ids`` (from position 0); return the last logits ``[V]``."""
-        s, kc, vc = len(ids), self.cache.k, self.cache.v
+        s = len(ids)
         if s > self.cache.max_len:
             raise ValueError(f"prompt of {s} tokens exceeds the cache's {self.cache.max_len}")
+        self.cache.reserve(s)
+        kc, vc = self.cache.k, self.cache.v
 
         def attend(i, q, k, v):  # q [S, H, Dh]; k, v [S, Hkv, Dh]
             kc[i, slot, :, :s], vc[i, slot, :, :s] = k.transpose(0, 1), v.transpose(0, 1)
@@ -191,6 +221,7 @@ class LeanLlama:
         pos = [lengths[s] for s in slots]
         if max(pos) >= self.cache.max_len:
             raise ValueError(f"a sequence reached the cache's {self.cache.max_len} tokens")
+        self.cache.reserve(max(pos) + 1)
         consecutive = slots == list(range(slots[0], slots[0] + b))
         rows = slice(slots[0], slots[0] + b) if consecutive else torch.tensor(slots)
         logits = self.decode_step(torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), rows, max(pos) + 1)

@@ -17,6 +17,12 @@ def default_engine():
 
 
 @pytest.fixture(scope="session")
+def hf_engine(default_engine):
+    """The same model and weights through transformers' own forward (the runner for non-llama models)."""
+    return Engine(default_engine.model, default_engine.tokenizer, EngineConfig(threads=2, impl="transformers"))
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(default_engine):
     """A 2-layer random-weight llama with the real tokenizer: fast, for plumbing tests only."""
     import torch

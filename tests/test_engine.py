@@ -5,16 +5,18 @@ import threading
 import pytest
 import torch
 
-from labserver import Finish, PromptTooLong, SamplingParams, TokenEvent
+from labserver import Engine, EngineConfig, Finish, PromptTooLong, SamplingParams, TokenEvent
 from labserver.engine import decode_one_token, prefill
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("runner", ["lean", "transformers"])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_equals_hf_generate(default_engine, prompt):
-    engine = default_engine
+def test_greedy_equals_hf_generate(default_engine, hf_engine, prompt, runner):
+    engine = default_engine if runner == "lean" else hf_engine
+    assert engine.runner.name.startswith(runner)
     ids = engine.encode(prompt)
     out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0))
     with torch.inference_mode():
@@ -107,3 +109,25 @@ def test_steps_keep_inference_mode_on_another_thread(tiny_engine):
     t = threading.Thread(target=lambda: errors.extend(x for x in gen if isinstance(x, Exception)))
     t.start(), t.join(30)
     assert not errors and tiny_engine.running == 0
+
+
+def test_other_architectures_run_on_transformers(tiny_engine):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_engine.tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                       n_positions=256)).eval()
+    engine = Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", max_prompt_tokens=100))
+    assert engine.runner.name == "transformers"
+    out = engine.generate("hello", SamplingParams(max_tokens=5, temperature=0))
+    assert len(out.events) == 5 or out.finish.finish_reason == "stop"
+    for bad in (dict(impl="lean"), dict(quant="int8")):
+        with pytest.raises(ValueError, match="llama"):
+            Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", **bad))
+
+
+def test_config_rejects_quant_without_the_lean_runner():
+    with pytest.raises(ValueError, match="lean"):
+        EngineConfig(impl="transformers", quant="int4")
+    with pytest.raises(ValueError, match="quant"):
+        EngineConfig(quant="int2")

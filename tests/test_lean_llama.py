@@ -109,6 +109,15 @@ def test_cache_slots_and_limits(tiny):
         lean.decode([1], [0])
 
 
+def test_cache_grows_as_sequences_do(tiny):
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    lean = LeanLlama.from_hf(tiny, max_batch=2, max_len=64)
+    lean.cache = KVCache(2, 2, lean.kv_heads, 64, lean.head_dim, torch.float32, initial_len=8)
+    got = lean_logits(lean, ids, 5)  # 5 -> 40 positions: the cache doubles 8 -> 16 -> 32 -> 64
+    assert lean.cache.k.shape[3] == 64
+    torch.testing.assert_close(got, hf_logits(tiny, ids)[4:], atol=1e-4, rtol=1e-4)
+
+
 # -- the real model ---------------------------------------------------------------------------------
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "List three colors."]
 

@@ -273,17 +273,15 @@ def test_fault_mid_stream_then_the_next_request_works(path):
 @pytest.mark.model
 @pytest.mark.timeout(300)
 def test_fault_in_the_real_engine_mid_stream(default_engine, monkeypatch):
-    import labserver.engine as engine_module
+    real_decode, calls = default_engine.runner.decode, {"n": 0}
 
-    real_decode, calls = engine_module.decode_one_token, {"n": 0}
-
-    def failing_decode(*args, **kwargs):
+    def failing_decode(seqs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault in decode")
-        return real_decode(*args, **kwargs)
+        return real_decode(seqs)
 
-    monkeypatch.setattr(engine_module, "decode_one_token", failing_decode)
+    monkeypatch.setattr(default_engine.runner, "decode", failing_decode)
     with UvicornServer(create_app(default_engine)) as server:
         events = read_stream(server.url, "/generate", {"prompt": "Count to ten.", "max_tokens": 8, "stream": True,
                                                         "temperature": 0})
