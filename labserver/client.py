@@ -43,6 +43,7 @@ class TokenChunk:
     token_id: int | None = None
     step_ms: float | None = None
     prefill_time_ms: float | None = None
+    batch: int | None = None  # sequences that shared the step (labserver's batched scheduler)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class LabserverProtocol:
             return Parsed(error=data["error"])
         if "token" in data:
             chunk = TokenChunk(data["token"], data.get("token_id"), data.get("step_ms"),
-                               data.get("prefill_time_ms"))
+                               data.get("prefill_time_ms"), data.get("batch"))
             return Parsed(tokens=[chunk])
         return Parsed(finish={k: data[k] for k in ("finish_reason", "usage", "timings") if k in data})
 
@@ -146,6 +147,7 @@ class Trace:
     tokens: list[str] = field(default_factory=list)
     token_ids: list[int | None] = field(default_factory=list)
     step_ms: list[float | None] = field(default_factory=list)  # server compute per token; [0] is the prefill
+    batch: list[int | None] = field(default_factory=list)  # per token: sequences in its step, if the server says
     prefill_time_ms: float | None = None
     finish_reason: str | None = None
     usage: dict = field(default_factory=dict)
@@ -194,6 +196,7 @@ class Trace:
             self.tokens.append(chunk.text)
             self.token_ids.append(chunk.token_id)
             self.step_ms.append(chunk.step_ms)
+            self.batch.append(chunk.batch)
             if chunk.prefill_time_ms is not None:
                 self.prefill_time_ms = chunk.prefill_time_ms
         for key, value in parsed.finish.items():

@@ -2,8 +2,8 @@
 and the browser page at ``/``.
 
 The app never runs the model itself. A *backend* does (``variants.make_backend``): by default the engine
-thread of ``worker.EngineWorker``, so the event loop only moves bytes and ``/health`` answers while
-tokens are being generated. The lab's ``"blocking"`` backend breaks that rule on purpose.
+thread of ``scheduler.BatchScheduler`` (continuous batching), so the event loop only moves bytes and
+``/health`` answers while tokens are being generated. The lab's ``"blocking"`` backend breaks that rule on purpose.
 
 Stream protocol of ``/generate``, one ``data:`` line per event (see ``schemas``)::
 
@@ -56,8 +56,9 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
 OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error"}
 
 
-def create_app(engine, backend: str = "thread", limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` through ``backend`` ("thread", "executor" or "blocking").
+def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` through ``backend`` ("auto", "batched", "thread", "executor" or
+    "blocking"; see ``variants.make_backend``).
 
     The backend is made now (so a bad name fails here) and closed when the server shuts down; a
     restart of the same app makes a fresh one. ``limits`` defaults to ``ServerLimits()``.
@@ -94,7 +95,7 @@ def create_app(engine, backend: str = "thread", limits: ServerLimits | None = No
         """Answers without touching the engine: it stalls only if something blocks the event loop."""
         current = request.app.state.backend
         return {"status": "ok", "running": current.running if current else 0,
-                "backend": backend, "model": engine.config.model}
+                "backend": current.kind if current else backend, "model": engine.config.model}
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -205,7 +205,7 @@ def start_server(name: str, server: BackgroundServer) -> BackgroundServer:
     return server
 
 
-def start_fastapi(engine, port: int = 0, backend: str = "thread", name: str = "fastapi",
+def start_fastapi(engine, port: int = 0, backend: str = "auto", name: str = "fastapi",
                   host: str = "127.0.0.1", limits=None) -> UvicornServer:
     """Serve ``engine`` with the FastAPI app in the background; re-running replaces the old one."""
     from .fastapi_app import create_app

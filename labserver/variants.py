@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 
 from .config import SamplingParams
 from .engine import Completion, collect
+from .scheduler import BatchScheduler
 from .worker import DONE, EngineWorker
 
 
@@ -91,12 +92,17 @@ class BlockingBackend(_DirectBackend):
             gen.close()
 
 
-BACKENDS = {"thread": EngineWorker, "executor": ExecutorBackend, "blocking": BlockingBackend}
+BACKENDS = {"batched": BatchScheduler, "thread": EngineWorker, "executor": ExecutorBackend,
+            "blocking": BlockingBackend}
 
 
-def make_backend(engine, kind: str = "thread"):
-    """``"thread"`` (the server's design), ``"executor"`` (the seed's) or ``"blocking"`` (naive)."""
+def make_backend(engine, kind: str = "auto"):
+    """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or
+    interleaved), ``"executor"`` (the seed's) or ``"blocking"`` (naive). ``"auto"`` is ``"batched"`` for
+    an engine with batched phases (``Engine``), else ``"thread"`` (``FakeEngine``, the lab's wrappers)."""
+    if kind == "auto":
+        kind = "batched" if hasattr(engine, "decode_step") else "thread"
     try:
         return BACKENDS[kind](engine)
     except KeyError:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {kind!r}") from None
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {kind!r}") from None

@@ -11,7 +11,8 @@ streams interleave token by token) and hands each event back with ``loop.call_so
 the async generator (a client disconnect) sets the request's cancel flag; the engine checks it before the
 next step, so at most one more token is computed.
 
-Left out: batching several sequences into one forward pass, priorities and admission limits.
+Left out: batching several sequences into one forward pass (``scheduler.BatchScheduler`` keeps these
+doors and does that), priorities and admission limits (``limits.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Request:
     params: SamplingParams
     sink: Callable[[Any], None]  # called on the engine thread with each event, an exception, or DONE
     cancel: threading.Event = field(default_factory=threading.Event)
-    gen: Any = None
+    gen: Any = None  # EngineWorker: the engine's generator
+    seq: Any = None  # BatchScheduler: the engine's Sequence
 
 
 class EngineWorker:
@@ -66,7 +68,7 @@ class EngineWorker:
         while True:
             try:
                 # Block only when idle; otherwise just pick up whatever arrived since the last round.
-                item = self._inbox.get() if not self._active else self._inbox.get_nowait()
+                item = self._inbox.get() if not self._busy() else self._inbox.get_nowait()
             except queue.Empty:
                 item = None
             if item is _STOP:
@@ -74,8 +76,18 @@ class EngineWorker:
             if item is not None:
                 self._admit(item)
                 continue  # drain the inbox before the next round of steps
-            for req in list(self._active):
-                self._advance(req)
+            self._round()
+        self._shutdown()
+
+    def _busy(self) -> bool:
+        return bool(self._active)
+
+    def _round(self) -> None:
+        """One step of every active stream, in turn: concurrent streams interleave token by token."""
+        for req in list(self._active):
+            self._advance(req)
+
+    def _shutdown(self) -> None:
         for req in self._active:
             req.gen.close()
             req.sink(DONE)

@@ -66,7 +66,7 @@ def test_disconnect_cancels_fake_generation(backend):
 
 @pytest.mark.model
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["thread", "executor"])
+@pytest.mark.parametrize("backend", ["batched", "thread", "executor"])
 def test_disconnect_cancels_real_generation(default_engine, backend):
     # 200 tokens at ~30 ms would run ~6 s for nobody if the disconnect went unnoticed.
     check_disconnect_stops_generation(default_engine, backend, max_tokens=200)

@@ -126,5 +126,5 @@ def test_blocking_generate_from_another_thread(fast_engine):
 
 
 def test_unknown_backend_is_a_clear_error(fast_engine):
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be .auto. or one of"):
         make_backend(fast_engine, "gpu")

@@ -1,0 +1,149 @@
+"""The batched scheduler: the same tokens as one sequence alone, joins and leaves between steps, limits.
+
+Tests marked ``model`` batch SmolLM2-135M on the lean float32 runner; the others use the tiny random llama.
+"""
+
+import asyncio
+import threading
+
+import pytest
+
+from labserver import Engine, EngineConfig, Finish, SamplingParams, TokenEvent
+from labserver.scheduler import BatchScheduler
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Explain recursion in one sentence."]
+
+
+async def gather_streams(scheduler, prompts, params):
+    async def one(prompt):
+        return [item async for item in scheduler.stream(prompt, params)]
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def run(scheduler, prompts, params=GREEDY, timeout=300):
+    return asyncio.run(asyncio.wait_for(gather_streams(scheduler, prompts, params), timeout))
+
+
+@pytest.fixture
+def scheduler_of():
+    made = []
+
+    def make(engine):
+        made.append(BatchScheduler(engine))
+        return made[-1]
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_batched_greedy_equals_each_sequence_alone(default_engine, scheduler_of):
+    alone = [default_engine.generate(p, GREEDY) for p in PROMPTS]
+    streams = run(scheduler_of(default_engine), PROMPTS)
+    for ref, items in zip(alone, streams):
+        events, finish = items[:-1], items[-1]
+        assert [e.token_id for e in events] == ref.token_ids
+        assert "".join(e.token for e in events) == ref.text
+        assert isinstance(finish, Finish) and finish.finish_reason == ref.finish.finish_reason
+    # They really shared forwards: some decode step carried all four sequences.
+    assert max(e.batch or 0 for items in streams for e in items[:-1]) == len(PROMPTS)
+    assert default_engine.running == 0 and default_engine.runner.free_slots == default_engine.config.max_batch
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_step_events_say_what_the_step_did(default_engine, scheduler_of):
+    streams = run(scheduler_of(default_engine), PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
+    for items in streams:
+        first, decodes = items[0], items[1:-1]
+        assert first.prefill_time_ms is not None and first.batch is None  # a prefill runs alone
+        assert all(e.batch in (1, 2) and e.step_ms > 0 for e in decodes)
+        assert "batch" in decodes[0].to_dict() and "batch" not in first.to_dict()
+
+
+@pytest.mark.timeout(120)
+def test_a_late_request_joins_and_a_cancelled_one_leaves(tiny_engine, scheduler_of):
+    scheduler = scheduler_of(tiny_engine)
+    long = SamplingParams(max_tokens=300, temperature=0)
+
+    async def scenario():
+        seen = {"a": [], "b": []}
+
+        async def read(name, prompt, params, stop_after=None):
+            gen = scheduler.stream(prompt, params)
+            async for item in gen:
+                seen[name].append(item)
+                if stop_after and len(seen[name]) == stop_after:
+                    await gen.aclose()  # what a client disconnect does
+                    break
+
+        a = asyncio.create_task(read("a", "one two three", long))
+        while len(seen["a"]) < 5:
+            await asyncio.sleep(0.001)
+        await read("b", "four five", long, stop_after=10)
+        await a
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 60))
+    a_batches = [e.batch for e in seen["a"] if isinstance(e, TokenEvent) and e.batch]
+    assert a_batches[0] == 1 and 2 in a_batches  # alone first, then b joined its steps
+    assert a_batches[-1] == 1  # b left at once when it was cancelled; a ran on alone
+    assert isinstance(seen["a"][-1], Finish) and seen["a"][-1].usage["completion_tokens"] == 300
+    assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch
+
+
+@pytest.mark.timeout(120)
+def test_requests_wait_for_a_free_slot(tiny_engine, scheduler_of):
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, EngineConfig(model="tiny-random", max_batch=2))
+    streams = run(scheduler_of(engine), ["a", "b c", "d e f", "g", "h i"], SamplingParams(max_tokens=6, temperature=0))
+    assert all(isinstance(s[-1], Finish) for s in streams)
+    assert max(e.batch or 0 for s in streams for e in s[:-1]) == 2  # never more than the slots
+    assert [len(s) - 1 for s in streams] == [s[-1].usage["completion_tokens"] for s in streams]
+    assert engine.runner.free_slots == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engine, scheduler_of, monkeypatch):
+    scheduler = scheduler_of(tiny_engine)
+    calls = {"n": 0}
+    real_decode = tiny_engine.runner.decode
+
+    def flaky(seqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real_decode(seqs)
+
+    monkeypatch.setattr(tiny_engine.runner, "decode", flaky)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        scheduler.generate("hello", SamplingParams(max_tokens=10, temperature=0))
+    assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch
+    done = scheduler.generate("hello again", SamplingParams(max_tokens=4, temperature=0))
+    assert len(done.token_ids) == 4 and scheduler.alive
+
+
+def test_engines_without_batched_phases_are_refused():
+    from labserver import FakeEngine
+
+    with pytest.raises(TypeError, match="thread"):
+        BatchScheduler(FakeEngine())
+
+
+def test_scheduler_runs_on_its_own_thread(tiny_engine, scheduler_of):
+    scheduler = scheduler_of(tiny_engine)
+    seen = set()
+    real = tiny_engine.runner.decode
+
+    def spy(seqs):
+        seen.add(threading.current_thread().name)
+        return real(seqs)
+
+    tiny_engine.runner.decode = spy
+    try:
+        scheduler.generate("hi", SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        del tiny_engine.runner.decode
+    assert seen == {"labserver-scheduler"}
