@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lab serve flask notebooks clean
+.PHONY: setup demo test bench bench-peer lab serve flask notebooks clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,21 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m labserver bench
 
+# llama.cpp on the same GGUF, in its own environment: llama-cpp-python is compiled from source (~10 min
+# on 2 cores). The native build (AVX-512/AMX autodetected) crashed on this class of CPU; AVX2 is safe.
+PEER       := .venv-peer
+PEER_STAMP := $(PEER)/.installed
+PEER_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF
+
+$(PEER_STAMP):
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(PEER_CMAKE)" $(PEER)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $(PEER_STAMP)
+
+bench-peer: $(STAMP) $(PEER_STAMP)
+	$(PY) -m labserver.bench_peer --peer-python $(PEER)/bin/python
+
 serve: $(STAMP)
 	$(PY) -m labserver serve --port 5000
 
@@ -46,4 +61,4 @@ notebooks: $(STAMP)
 		--ExecutePreprocessor.timeout=600 notebooks/0*.ipynb
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(PEER) out .pytest_cache

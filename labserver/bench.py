@@ -4,12 +4,14 @@
 
 Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs compare:
   (a) the engine alone on one thread: median decode step_ms;
-  (b) FastAPI streaming, backend "thread": server step_ms, client ITL, TTFT vs prefill_time_ms;
+  (b) FastAPI streaming, the server's default backend (the batched scheduler on the engine thread):
+      server step_ms, client ITL, TTFT vs prefill_time_ms;
   (c) the same with backend "executor" (the seed's run_in_executor pattern);
   (d) the Flask baseline, blocking: TTFT is the whole response;
   (e) /health probed while `concurrency` generations run on each server.
 Ratios of medians (DESIGN.md): P0 = server step / engine step alone, P1 = client ITL / server step,
 P2 = client TTFT / server prefill, P3 = Flask TTFT / FastAPI TTFT; P4 = /health p99 under load.
+Then the speed figures P5-P8 of ``bench_speed.py`` (skipped for engines without a model runner).
 
 With `--url URL` it measures a server that is already running instead (ours, or any OpenAI-compatible
 one with `--openai` / `--openai-chat`: vLLM, SGLang, llama.cpp): sequential streams, then `concurrency`
@@ -35,6 +37,7 @@ from .engine import Finish
 from .fastapi_app import create_app
 from .flask_app import create_flask_app
 from .serving import FlaskServer, UvicornServer
+from .bench_speed import run_speed
 
 # figure -> (comparison, target)
 GOALS = {
@@ -43,6 +46,14 @@ GOALS = {
     "P2": ("<=", 1.05),
     "P3": (">=", 20.0),
     "P4_fastapi_p99_ms": ("<=", 10.0),
+}
+SPEED_GOALS = {
+    "P5": ("<=", 1.3),
+    "P6_hf": ("<=", 0.5),
+    "P7": (">=", 4.0),
+    "P7_per_stream_spread": ("<=", 1.5),
+    "P7_health_p99_ms": ("<=", 20.0),
+    "P8_ready_s": ("<=", 3.0),
 }
 
 
@@ -69,7 +80,8 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
 def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int) -> list:
     generate(url, prompt, max_tokens, 0.0)  # warm-up: first connection, first step on the serving thread
     traces = [generate(url, prompt, max_tokens, 0.0) for _ in range(runs)]
-    failed = [t.error for t in traces if not t.ok]
+    failed = [t.error or "no tokens (the model stopped at once, or the server cut the stream)"
+              for t in traces if not t.ok or not t.n_tokens]
     if failed:
         raise RuntimeError(f"requests to {url} failed: {failed[0]}")
     return traces
@@ -98,8 +110,9 @@ def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_
 
 
 def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0) -> dict:
-    with UvicornServer(create_app(engine, backend=backend)) as server:
-        out = {"stream": summarize(_sequential(stream_generate, server.url, prompt, max_tokens, runs))}
+    app = create_app(engine, backend=backend)
+    with UvicornServer(app) as server:
+        out = {"backend": app.state.backend.kind, "stream": summarize(_sequential(stream_generate, server.url, prompt, max_tokens, runs))}
         if concurrency:
             out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, True)
     return out
@@ -117,15 +130,15 @@ def _ratio(a, b) -> float | None:
 
 
 def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4, prompt: str = DEFAULT_PROMPT,
-              out: str | Path | None = None, log=print) -> dict:
+              out: str | Path | None = None, log=print, speed: bool = True) -> dict:
     """Measure (a)-(e) on `engine`; return (and write to `out`, if given) the figures and goals."""
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     if load_before > 0.5:  # other processes on these cores skew every figure below
         log(f"note: 1-minute load average is {load_before:.1f} before starting; figures may be noisy")
     log("(a) engine alone ...")
     alone = engine_alone(engine, prompt, max_tokens, runs)
-    log("(b) FastAPI, backend 'thread' ...")
-    thread = measure_fastapi(engine, "thread", prompt, max_tokens, runs, concurrency)
+    log("(b) FastAPI, default backend ...")
+    thread = measure_fastapi(engine, "auto", prompt, max_tokens, runs, concurrency)
     log("(c) FastAPI, backend 'executor' ...")
     executor = measure_fastapi(engine, "executor", prompt, max_tokens, runs)
     log("(d, e) Flask baseline ...")
@@ -141,12 +154,17 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
         "P4_fastapi_p99_ms": thread["health"]["p99_ms"],
         "P4_flask_p99_ms": flask["health"]["p99_ms"],
     }
+    goals = dict(GOALS)
+    if speed and hasattr(engine, "runner"):
+        result.update(run_speed(engine, log))
+        goals.update(SPEED_GOALS)
     result["goals"] = {
         name: {"value": result[name], "goal": f"{op} {target:g}", "pass": _meets(result[name], op, target)}
-        for name, (op, target) in GOALS.items()}
+        for name, (op, target) in goals.items()}
     result["all_pass"] = all(g["pass"] for g in result["goals"].values())
-    result["raw"] = {"engine_alone": alone, "fastapi_thread": thread, "fastapi_executor": executor, "flask": flask}
-    result["setup"] = {"model": engine.config.model, "threads": engine.config.threads, "max_tokens": max_tokens,
+    result["raw"] = {"engine_alone": alone, "fastapi": thread, "fastapi_executor": executor, "flask": flask}
+    result["setup"] = {"model": engine.config.model, "runner": getattr(getattr(engine, "runner", None), "name", None),
+                       "backend": thread["backend"], "threads": engine.config.threads, "max_tokens": max_tokens,
                        "runs": runs, "concurrency": concurrency, "prompt": prompt, "temperature": 0.0,
                        "machine": platform.machine(), "python": platform.python_version(),
                        "loadavg_1m_before": round(load_before, 2),
@@ -183,22 +201,39 @@ def _cell(value) -> str:
 
 def report(result: dict) -> str:
     raw = result["raw"]
-    fast, flask = raw["fastapi_thread"]["stream"], raw["flask"]["blocking"]
-    figures = format_table(["figure (p50, ms)", "value"], [
+    fast, flask, kind = raw["fastapi"]["stream"], raw["flask"]["blocking"], raw["fastapi"]["backend"]
+    rows = [
         ["engine alone: decode step", raw["engine_alone"]["p50_step_ms"]],
-        ["FastAPI thread: server step", fast["p50_step_ms"]],
+        [f"FastAPI {kind}: server step", fast["p50_step_ms"]],
         ["FastAPI executor: server step", raw["fastapi_executor"]["stream"]["p50_step_ms"]],
-        ["FastAPI thread: client ITL", fast["p50_itl_ms"]],
-        ["FastAPI thread: server prefill", fast["p50_prefill_ms"]],
-        ["FastAPI thread: client TTFT", fast["p50_ttft_ms"]],
+        [f"FastAPI {kind}: client ITL", fast["p50_itl_ms"]],
+        [f"FastAPI {kind}: server prefill", fast["p50_prefill_ms"]],
+        [f"FastAPI {kind}: client TTFT", fast["p50_ttft_ms"]],
         ["Flask: client TTFT (whole response)", flask["p50_ttft_ms"]],
         ["/health p99 under load: FastAPI", result["P4_fastapi_p99_ms"]],
         ["/health p99 under load: Flask", result["P4_flask_p99_ms"]],
-    ])
-    goals = format_table(["goal", "value", "target", "result"], [
+    ]
+    sections = [format_table(["figure (p50, ms)", "value"], rows)]
+    if "raw_speed" in result:
+        speed = result["raw_speed"]
+        rows = [[f"{speed['runner']}: decode step ms", speed["engine_step_ms"]],
+                ["transformers generate(): decode step ms", speed["hf_generate_step_ms"]],
+                [f"memory floor ms ({speed['weight_mb']} MB at {speed['read_bandwidth_gbs']} GB/s)",
+                 speed["floor_ms"]]]
+        for name in ("batched", "thread"):
+            c = speed[f"concurrency_{name}"]
+            many = c["tokens_per_s_" + str(c["streams"])]
+            rows += [[f"{name}: tokens/s, 1 stream -> {c['streams']} streams", f"{c['tokens_per_s_1']:.1f} -> {many:.1f}"]]
+        rows += [[f"cold start {i + 1}: /health, first token (s)", f"{c['ready_s']}, {c['first_token_s']}"]
+                 for i, c in enumerate(speed["cold_starts"])]
+        sections.append(format_table(["speed", "value"], rows))
+        sections.append(format_table(["route", "step ms", "floor ms", "P5", "forced %", "free-run %"], [
+            [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("teacher_forced_pct"), r.get("free_run_equal_pct")]
+            for name, r in speed["routes"].items()]))
+    sections.append(format_table(["goal", "value", "target", "result"], [
         [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
-    ] + [["P0_executor", result["P0_executor"], "(compare)", None]])
-    return f"{figures}\n\n{goals}"
+    ] + [["P0_executor", result["P0_executor"], "(compare)", None]]))
+    return "\n\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,7 +35,7 @@ def test_bench_on_the_fake_engine(tmp_path):
 @pytest.mark.model
 def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
     result = run_bench(tiny_engine, max_tokens=4, runs=1, concurrency=2, out=tmp_path / "bench.json",
-                       log=lambda *a: None)
+                       log=lambda *a: None, speed=False)  # the speed figures: the tests below
     check_result(result, tmp_path / "bench.json")
 
 
@@ -60,3 +60,28 @@ def test_format_table():
         "none          -",
         "ok         pass",
     ]
+
+
+@pytest.mark.model
+def test_speed_figures_on_the_tiny_model(tiny_engine, monkeypatch):
+    from labserver import bench_speed
+
+    monkeypatch.setattr(bench_speed, "cold_start", lambda: {"ready_s": 1.0, "first_token_s": 1.5})  # run below
+    monkeypatch.setattr(bench_speed, "AGREEMENT_PROMPTS", ["hello", "two words"])
+    result = bench_speed.run_speed(tiny_engine, log=lambda *a: None)
+    speed = result["raw_speed"]
+    assert set(speed["routes"]) == {"lean-float32", "lean-bfloat16", "lean-int8", "lean-int4"}
+    assert all(r["P5"] > 0 and r["floor_ms"] > 0 for r in speed["routes"].values())
+    assert all(0 <= r["teacher_forced_pct"] <= 100 for n, r in speed["routes"].items() if n != "lean-float32")
+    assert speed["concurrency_batched"]["backend"] == "batched" and speed["concurrency_thread"]["backend"] == "thread"
+    assert result["P7"] == speed["concurrency_batched"]["gain"] > 0 and result["P6_hf"] > 0
+    assert tiny_engine.running == 0
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_cold_start_of_the_real_server():
+    from labserver.bench_speed import cold_start
+
+    start = cold_start()
+    assert 0 < start["ready_s"] <= start["first_token_s"]
