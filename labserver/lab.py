@@ -539,8 +539,8 @@ def sweep_table(loads: Sequence[Load]) -> str:
     return format_table(list(rows[0]), [list(r.values()) for r in rows])
 
 
-def plot_streams(load: Load) -> LabFigure:
-    """Each of the N streams: tokens received over time (ms from the first send)."""
+def plot_streams(load: Load, title: str | None = None) -> LabFigure:
+    """Each of the N streams: tokens received over time (s from the first send)."""
     start = min(t.sent_s for t in load.traces)
     fig = LabFigure(figsize=(7, 3.6), layout="constrained")
     ax = fig.add_subplot()
@@ -549,81 +549,53 @@ def plot_streams(load: Load) -> LabFigure:
         t_s = [offset] + [offset + t / 1000 for t in trace.arrival_ms]
         ax.step(t_s, range(len(t_s)), where="post", label=f"stream {i}")
     ax.set(xlabel="s after the first request was sent", ylabel="tokens received",
-           title=f"{load.n} streams at once share one engine thread")
+           title=title or f"{load.n} streams at once share one engine thread")
     ax.legend(fontsize=7, ncols=2, loc="upper left")
     return fig
 
 
-def plot_sweep(loads: Sequence[Load], batched_ms: Mapping[int, float] | None = None) -> LabFigure:
-    """TTFT per stream, ITL, aggregate tokens/s and /health latency, each against N."""
-    ns = [load.n for load in loads]
+SWEEP_COLORS = ("tab:blue", "tab:green", "tab:orange", "tab:purple")
+
+
+def plot_sweep(sweeps: Mapping[str, Sequence[Load]] | Sequence[Load]) -> LabFigure:
+    """TTFT per stream, ITL, aggregate tokens/s and /health latency against N, one colour per server."""
+    if not isinstance(sweeps, Mapping):
+        sweeps = {"server": sweeps}
     fig = LabFigure(figsize=(11, 6.4), layout="constrained")
     (ttft, itl), (tput, health) = fig.subplots(2, 2)
-    for load in loads:
-        ttft.plot([load.n] * load.n, [t.ttft_ms for t in load.traces], "o", color="tab:blue", alpha=0.5)
-    ttft.plot(ns, [median(t.ttft_ms for t in load.traces) for load in loads], "-", color="tab:blue")
+    for (label, loads), color in zip(sweeps.items(), SWEEP_COLORS):
+        ns = [load.n for load in loads]
+        for load in loads:
+            ttft.plot([load.n] * load.n, [t.ttft_ms for t in load.traces], "o", color=color, alpha=0.4)
+        ttft.plot(ns, [median(t.ttft_ms for t in load.traces) for load in loads], "-", color=color, label=label)
+        itl.plot(ns, [percentiles([g for t in load.traces for g in t.itl_ms])[50] for load in loads], "o-",
+                 color=color, label=f"{label}: client ITL p50")
+        itl.plot(ns, [median(s for t in load.traces for s in t.decode_step_ms) for load in loads], "^:",
+                 color=color, label=f"{label}: server step_ms p50")
+        tput.plot(ns, [load.tokens_per_s for load in loads], "o-", color=color, label=label)
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+            health.plot(ns, [load.probe.summary()[key] for load in loads], style, color=color,
+                        label=f"{label}: {key[:3]}")
     ttft.set(title="TTFT of each stream (dots) and the median", ylabel="ms", ylim=(0, None))
-    for q, style in ((50, "o-"), (90, "s--")):
-        itl.plot(ns, [percentiles([g for t in load.traces for g in t.itl_ms])[q] for load in loads], style,
-                 color="tab:blue", label=f"client ITL p{q}")
-    itl.plot(ns, [median(s for t in load.traces for s in t.decode_step_ms) for load in loads], "^-",
-             color="tab:gray", label="server step_ms p50")
     itl.set(title="Gap between a stream's tokens", ylabel="ms", ylim=(0, None))
-    itl.legend(fontsize=8)
-    tput.plot(ns, [load.tokens_per_s for load in loads], "o-", color="tab:blue",
-              label="measured: one sequence per step")
-    if batched_ms:
-        bs = [b for b in sorted(batched_ms) if b <= max(ns)]
-        tput.plot(bs, [1000 * b / batched_ms[b] for b in bs], "o--", color="tab:green",
-                  label="batched step (measured forward, no server)")
     tput.set(title="Tokens per second, all streams together", ylabel="tokens/s", ylim=(0, None))
-    tput.legend(fontsize=8)
-    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
-        health.plot(ns, [load.probe.summary()[key] for load in loads], style, color="tab:blue",
-                    label=f"/health {key[:3]}")
     health.set(title="/health latency under load", ylabel="ms", ylim=(0, None))
-    health.legend(fontsize=8)
     for ax in (ttft, itl, tput, health):
         ax.set_xlabel("N concurrent streams")
-        ax.set_xticks(ns)
+        ax.set_xticks(sorted({load.n for loads in sweeps.values() for load in loads}))
+        ax.legend(fontsize=7)
     return fig
 
 
-def batched_step_ms(engine, batch_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 6,
-                    prompt: str = PROMPT) -> dict[int, float]:
-    """Median time of one decode step that advances B sequences at once (one forward, input ``[B, 1]``).
+def step_ms_by_batch(loads: Sequence[Load]) -> dict[int, float]:
+    """Median server ``step_ms`` of the decode steps that carried B sequences, for each B seen.
 
-    What batching would buy: the engine here runs one sequence per forward. Same prompt in every row, so
-    no padding is needed. Runs in a fresh process that loads the same model and runs torch on one thread
-    only, as the server's engine thread does: in this process other threads may already have run torch,
-    which makes every step slower (notebook 3), and would make the comparison unfair.
+    Read from the events of the batched scheduler, which say how many sequences shared each step.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_batched_step_ms, engine.config, tuple(batch_sizes), steps, prompt).result()
-
-
-def _batched_step_ms(config, batch_sizes: Sequence[int], steps: int, prompt: str) -> dict[int, float]:
-    import torch
-    from transformers import DynamicCache
-
-    from .engine import Engine
-
-    engine = Engine.from_config(config)
-    ids = engine.encode(prompt)
-    out = {}
-    with torch.inference_mode():
-        for b in batch_sizes:
-            cache = DynamicCache(config=engine.model.config)
-            logits = engine.model(input_ids=torch.tensor([ids] * b), cache=cache, use_cache=True,
-                                  logits_to_keep=1).logits
-            times = []
-            for _ in range(steps + 1):  # the first step is a warm-up
-                t0 = time.perf_counter()
-                next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-                logits = engine.model(input_ids=next_ids, cache=cache, use_cache=True).logits
-                times.append((time.perf_counter() - t0) * 1000)
-            out[b] = round(statistics.median(times[1:]), 2)
-    return out
+    steps: dict[int, list[float]] = {}
+    for load in loads:
+        for trace in load.traces:
+            for batch, step in zip(trace.batch[1:], trace.step_ms[1:]):
+                if batch and step is not None:
+                    steps.setdefault(batch, []).append(step)
+    return {b: round(statistics.median(v), 2) for b, v in sorted(steps.items())}

@@ -185,8 +185,9 @@ def test_sweep_with_a_fake_engine(fastapi):
     # Round robin on one engine thread: with 3 streams each one waits for ~3 steps of 10 ms.
     assert loads[1].row()["ITL p50 ms"] > 2 * loads[0].row()["ITL p50 ms"]
     assert "tokens/s (all)" in lab.sweep_table(loads)
-    assert isinstance(lab.plot_sweep(loads, {1: 10.0, 2: 12.0}), Figure)
-    assert isinstance(lab.plot_streams(loads[1]), Figure)
+    assert isinstance(lab.plot_sweep({"a": loads, "b": loads[:1]}), Figure)
+    assert isinstance(lab.plot_sweep(loads), Figure) and isinstance(lab.plot_streams(loads[1]), Figure)
+    assert lab.step_ms_by_batch(loads) == {}  # the fake engine's thread backend does not batch
 
 
 # -- with torch ----------------------------------------------------------------------------------------
@@ -200,11 +201,25 @@ def test_inference_mode_is_lost_when_a_step_changes_threads(tiny_engine):
     assert all(row["inference_mode"] and row["thread"] == "pool-0_0" for row in same.steps)
 
 
+def test_step_ms_by_batch_reads_what_each_step_carried():
+    a = Trace(sent_s=0.0, arrival_ms=[1.0, 2.0, 3.0, 4.0], step_ms=[50.0, 10.0, 20.0, 22.0], batch=[None, 1, 2, 2])
+    b = Trace(sent_s=0.0, arrival_ms=[1.0, 2.0], step_ms=[50.0, 24.0], batch=[None, 2])
+    load = lab.Load(2, [a, b], HealthProbe("http://unused"))
+    assert lab.step_ms_by_batch([load]) == {1: 10.0, 2: 22.0}
+
+
 @pytest.mark.model
 @pytest.mark.timeout(300)
-def test_batched_step_ms_in_a_fresh_process(default_engine):
-    out = lab.batched_step_ms(default_engine, (1, 2), steps=2)
-    assert sorted(out) == [1, 2] and all(ms > 0 for ms in out.values())
+def test_sweep_on_the_batched_server(default_engine):
+    server = serving.start_fastapi(default_engine, backend="batched", name="test-batched-sweep")
+    try:
+        loads = lab.sweep(server.url, ns=(1, 3), max_tokens=12)
+    finally:
+        serving.stop("test-batched-sweep")
+    steps = lab.step_ms_by_batch(loads)
+    assert 3 in steps and all(ms > 0 for ms in steps.values())
+    # One step for all three: a stream's gap is one (bigger) step, not three steps in turn.
+    assert loads[1].row()["ITL p50 ms"] < 2 * loads[0].row()["ITL p50 ms"]
 
 
 # -- checkers: reference solutions pass, wrong answers and stubs do not -------------------------------

@@ -23,15 +23,18 @@ def run_checks(engine) -> bool:
     from labserver import checks, lab
     from labserver.serving import start_fastapi, stop
 
-    fastapi = start_fastapi(engine, name="solutions-05")
     try:
-        loads = lab.sweep(fastapi.url, ns=(1, 2), max_tokens=8)
-        batched = lab.batched_step_ms(engine, (1, 2), steps=3)
+        thread = start_fastapi(engine, backend="thread", name="solutions-05-thread")
+        loads = lab.sweep(thread.url, ns=(1, 2), max_tokens=8)
+        stop("solutions-05-thread")
+        batched = start_fastapi(engine, backend="batched", name="solutions-05-batched")
+        steps = lab.step_ms_by_batch(lab.sweep(batched.url, ns=(1, 2), max_tokens=8))
         return all([checks.check_aggregate_tokens_per_s(aggregate_tokens_per_s, loads),
                     checks.check_itl_prediction(predict_itl_ms, loads),
-                    checks.check_batched_tokens_per_s(batched_tokens_per_s, batched)])
+                    checks.check_batched_tokens_per_s(batched_tokens_per_s, steps)])
     finally:
-        stop("solutions-05")
+        stop("solutions-05-thread")
+        stop("solutions-05-batched")
 
 
 if __name__ == "__main__":

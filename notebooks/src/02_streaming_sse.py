@@ -55,7 +55,8 @@ lines = lab.raw_sse(fastapi.url, PROMPT, max_tokens=6)
 # - `content-type: text/event-stream`: the client keeps reading one response, event after event.
 # - Each event is a `data:` line followed by a blank line. Here each `data` is one JSON object per
 #   token: `token` (the text it adds), `token_id`, `index` and `step_ms` (the server's compute time for
-#   it). The first one also carries `prefill_time_ms`.
+#   it). The first one also carries `prefill_time_ms`; the others say in `batch` how many sequences
+#   shared their step (this server batches concurrent streams: notebook 5).
 # - After the last token, a summary event (`finish_reason`, `usage`, `timings`), then `data: [DONE]`.
 # - The arrival times grow by about one decode step per token: the tokens really leave one at a time.
 #

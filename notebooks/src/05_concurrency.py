@@ -1,23 +1,30 @@
 # %% [markdown]
 # # 5. Concurrency: many streams, one engine
 #
-# So far one user at a time. This notebook sends N streams at once (N = 1, 2, 4, 8) to the streaming
-# server and measures what each user gets, what the server gets done in total, and whether it still
-# answers `/health`. Then it measures what the next step, batching, would change.
+# So far one user at a time. This notebook sends N streams at once (N = 1, 2, 4, 8) to two servers that
+# differ only in how the engine thread shares itself: taking turns, one sequence per step, or
+# *continuous batching*, all running sequences in one step. It measures what each user gets, what the
+# server gets done in total, and whether it still answers `/health`.
 #
 # **What you will learn**
 #
-# 1. How one engine thread shares itself between N streams: one step each, in turn, so every stream's
-#    gap between tokens (ITL) grows about N times.
-# 2. Why the total tokens per second does not grow with N here, and what TTFT does.
-# 3. That the event loop stays free under load: `/health` answers in milliseconds at N = 8.
-# 4. What batching and a separate engine process (vLLM V1's `EngineCoreProc`) would change, with a
-#    measurement of batched forward passes.
+# 1. How an engine thread that takes turns shares itself between N streams: every stream's gap between
+#    tokens (ITL) grows about N times, and the total tokens per second does not grow at all.
+# 2. Why a step that carries 8 sequences costs far less than 8 steps: a decode step reads all the
+#    weights, whatever the batch.
+# 3. What continuous batching does to ITL, TTFT and throughput, measured on the same model.
+# 4. That the event loop stays free under load (`/health` in milliseconds at N = 8), and what a separate
+#    engine process (vLLM V1's `EngineCoreProc`) would change next.
 #
 # **Run time:** about 1-2 minutes on 2 CPU cores.
 
 # %% [markdown]
 # ## Setup
+#
+# Two FastAPI servers on one engine, one after the other: backend `"thread"` interleaves streams step by
+# step (`worker.EngineWorker`), backend `"batched"` is the server's default (`scheduler.BatchScheduler`).
+# Each has its own engine thread, so the first is stopped before the second starts: two live threads that
+# both run torch would make each other's steps slower (OpenMP worker teams, notebook 3).
 #
 # `run_concurrent` (used inside `lab.sweep`) sends N requests at once from an `httpx.AsyncClient`. It
 # needs no `nest_asyncio`: the kernel's event loop is already running on this thread, so it runs its own
@@ -25,23 +32,25 @@
 
 # %%
 from labserver import Engine, EngineConfig, checks, lab
-from labserver.serving import start_fastapi, stop_all
+from labserver.serving import start_fastapi, stop, stop_all
 
 engine = Engine.from_config(EngineConfig())
 PROMPT, MAX_TOKENS, NS = lab.PROMPT, 24, (1, 2, 4, 8)
-fastapi = start_fastapi(engine)
-print(fastapi, "at most", fastapi.app.state.limits.max_concurrent, "generations at once")
+print("engine:", engine.runner.name, "with", engine.config.max_batch, "cache slots")
 
 # %% [markdown]
 # **Setup ends here.** Every cell below runs an experiment.
 #
-# ## 1. N streams at once
+# ## 1. N streams taking turns
 #
-# For each N: N greedy streams of 24 tokens sent together, while `/health` is probed every 20 ms.
+# For each N: N greedy streams of 24 tokens sent together to the `"thread"` server, while `/health` is
+# probed every 20 ms.
 
 # %%
-loads = lab.sweep(fastapi.url, NS, MAX_TOKENS, PROMPT)
-lab.plot_streams(loads[NS.index(4)])
+thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
+turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT)
+stop("fastapi-thread")  # its engine thread ends with it
+lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine thread")
 
 # %% [markdown]
 # Four staircases climbing together: the engine thread advances every active generation by one step in
@@ -49,46 +58,61 @@ lab.plot_streams(loads[NS.index(4)])
 # request's first turn is its prefill, so the prefills of requests that arrive together run one after
 # another.
 #
-# ## 2. TTFT, ITL, throughput and `/health` against N
+# ## 2. The same N streams, batched
+#
+# The batched scheduler keeps a batch of running sequences. Each round it prefills at most one newcomer,
+# then runs **one** decode step for every running sequence: the lean llama forward takes input `[B, 1]`,
+# each sequence in its own slot of a preallocated KV cache, attention masked to each one's length.
+# Sequences join and leave between steps (finished, cancelled or new), so nobody waits for a batch to
+# fill or drain: *continuous* batching, as in vLLM, SGLang and nano-vllm.
 
 # %%
-print(lab.sweep_table(loads))
-
-# %%
-batched = lab.batched_step_ms(engine, NS)  # used in the throughput panel; see section 3
-lab.plot_sweep(loads, batched)
+batched = start_fastapi(engine, backend="batched", name="fastapi-batched")
+together = lab.sweep(batched.url, NS, MAX_TOKENS, PROMPT)
+lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 
 # %% [markdown]
-# - **ITL** grows about N times: between two tokens of one stream, the engine runs one step for each of
-#   the N streams. The server's `step_ms` stays about the same: each step is still one sequence.
-# - **TTFT** grows with N: the last request in a round waits for the prefills (and steps) of the
-#   requests ahead of it.
-# - **Tokens per second, all streams together**, stays flat (blue): the engine does one token per step
-#   whatever N is, so N users split the same ~20-30 tokens/s. More users, same total, everyone slower.
+# Now the staircases climb at nearly the speed of one stream. Every event of the batched server says
+# what its step did (`"batch": 4` next to `step_ms`), so the per-token times stay honest: this is the
+# time of one forward for four sequences.
+#
+# ## 3. TTFT, ITL, throughput and `/health` against N
+
+# %%
+print("taking turns"); print(lab.sweep_table(turns))
+print("\nbatched"); print(lab.sweep_table(together))
+
+# %%
+lab.plot_sweep({"taking turns": turns, "batched": together})
+
+# %% [markdown]
+# - **ITL**, taking turns, grows about N times: between two tokens of one stream the engine runs one step
+#   for each of the N streams. Batched, it grows only as fast as the batched step does.
+# - **Tokens per second, all streams together**, stays flat when taking turns (N users split the same
+#   ~30 tokens/s) and climbs with N when batched.
+# - **TTFT** grows with N on both: requests that arrive together are prefilled one after another.
+#   (Batching the prefills too, or splitting long ones into chunks, is the next refinement.)
 # - **`/health`** stays in milliseconds at every N: the event loop only moves bytes. (Its few ms and the
 #   odd spike come from the shared GIL: the engine's Python code, the server and this notebook's client
 #   and probe run in one process here.)
 #
-# ## 3. The next step: batching
+# ## 4. Why a batched step is cheap
 #
-# A decode step of this model is limited by reading its weights (~540 MB in fp32) from memory, not by
-# arithmetic. A step that advances B sequences at once (input `[B, 1]` instead of `[1, 1]`) reads the
-# weights once for all of them. `lab.batched_step_ms` measured exactly that, with plain forward passes
-# (no server), in the cell above:
+# The server's events tell how long the steps with B sequences took:
 
 # %%
-lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / batched[1], "tokens/s": 1000 * b / ms}
-                 for b, ms in batched.items()])
+steps = lab.step_ms_by_batch(together)
+lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1], "tokens/s": 1000 * b / ms}
+                 for b, ms in steps.items()])
 
 # %% [markdown]
-# A step of 8 sequences costs much less than 8 steps of one (compare the "step vs B=1" column with B),
-# so the total tokens per second grows with B: that is the green line in the throughput panel. That is
-# what every production server does: *continuous batching*. The scheduler keeps a batch of running
-# sequences, adds new requests to it between steps and removes finished (or cancelled) ones, and runs
-# one forward pass for the whole batch. It needs a KV cache per sequence (vLLM pages it in blocks:
-# PagedAttention) and attention over sequences of different lengths.
+# A step of 8 sequences costs much less than 8 steps of one (compare the "step vs B=1" column with B).
+# A decode step of this model reads all its weights (~540 MB in float32) and does little arithmetic per
+# byte; with B sequences the weights are read once for all of them, and only attention, which reads each
+# sequence's own KV cache, grows with B. Production servers add a paged KV cache (vLLM's
+# PagedAttention) so that memory is allocated in blocks as sequences grow, not reserved up front.
 #
-# ## 4. A separate engine process
+# ## 5. A separate engine process
 #
 # Here the web layer and the engine share one process, and with it one GIL: the engine thread's Python
 # code (the model's modules, sampling, detokenizing) competes with the event loop for it. That is the
@@ -98,17 +122,17 @@ lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / batched[1], "
 # engine never waits for the web layer's GIL, and the web layer never waits for the engine, at the price
 # of serializing every request and token across a process boundary.
 #
-# That is where this lab ends: a streaming server with the engine on its own thread is the right shape;
+# That is where this lab ends: a streaming server with the engine on its own thread is the right shape,
 # batching is what makes it fast, and a process boundary is what keeps it fast under load.
 #
 # ## Summary
 #
-# - N streams on one unbatched engine thread take turns: ITL ≈ N × step, TTFT grows with N.
-# - The total tokens per second stays the same; each user gets 1/N of it.
-# - The event loop stays free: `/health` answers in milliseconds at every N.
-# - Batching turns "one sequence per step" into "B sequences per step" for little more than the cost of
-#   one, which is where throughput comes from. A separate engine process removes the GIL from between
-#   the web layer and the model.
+# - N streams on an engine thread that takes turns: ITL ≈ N × step, TTFT grows with N, and the total
+#   tokens per second stays the same; each user gets 1/N of it.
+# - Continuous batching runs one step for all running sequences; the step costs little more than one
+#   sequence's, so total throughput grows with N and each stream keeps most of its speed.
+# - The event loop stays free either way: `/health` answers in milliseconds at every N.
+# - A separate engine process removes the GIL from between the web layer and the model.
 #
 # ## Exercises
 #
@@ -124,12 +148,12 @@ def aggregate_tokens_per_s(traces):
     raise NotImplementedError  # your code here
 
 
-checks.check_aggregate_tokens_per_s(aggregate_tokens_per_s, loads)
+checks.check_aggregate_tokens_per_s(aggregate_tokens_per_s, turns + together)
 
 # %% [markdown]
 # **2.** Write `predict_itl_ms(step_ms, n)`: the gap between two tokens of one stream when `n` streams
-# share the engine thread round robin and each step takes `step_ms`. The checker prints your prediction
-# next to the measured ITL for every N.
+# take turns on the engine thread (round robin) and each step takes `step_ms`. The checker prints your
+# prediction next to the ITL measured in section 1 for every N.
 
 # %%
 def predict_itl_ms(step_ms, n):
@@ -137,12 +161,12 @@ def predict_itl_ms(step_ms, n):
     raise NotImplementedError  # your code here
 
 
-checks.check_itl_prediction(predict_itl_ms, loads)
+checks.check_itl_prediction(predict_itl_ms, turns)
 
 # %% [markdown]
 # **3.** Write `batched_tokens_per_s(batch, step_ms)`: the total tokens per second of an engine that
 # advances `batch` sequences in each step of `step_ms`. The checker applies it to the batched steps
-# measured in section 3: compare with the flat throughput of section 2.
+# measured in section 4: compare with the flat throughput of the servers taking turns.
 
 # %%
 def batched_tokens_per_s(batch, step_ms):
@@ -150,7 +174,7 @@ def batched_tokens_per_s(batch, step_ms):
     raise NotImplementedError  # your code here
 
 
-checks.check_batched_tokens_per_s(batched_tokens_per_s, batched)
+checks.check_batched_tokens_per_s(batched_tokens_per_s, steps)
 
 # %% [markdown]
 # ## Clean up
