@@ -30,8 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .client import (DEFAULT_PROMPT, LABSERVER, HealthProbe, blocking_generate, openai_protocol, run_concurrent,
-                     stream_generate, summarize)
+import httpx
+
+from .client import (DEFAULT_PROMPT, DEFAULT_TIMEOUT, LABSERVER, HealthProbe, blocking_generate, openai_protocol,
+                     run_concurrent, stream_generate, summarize)
 from .config import EngineConfig, SamplingParams
 from .engine import Finish
 from .fastapi_app import create_app
@@ -78,8 +80,11 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
 
 
 def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int) -> list:
-    generate(url, prompt, max_tokens, 0.0)  # warm-up: first connection, first step on the serving thread
-    traces = [generate(url, prompt, max_tokens, 0.0) for _ in range(runs)]
+    # One keep-alive connection for all requests, as `vllm bench serve` keeps one session: TTFT then
+    # measures the server, not a TCP handshake and a new client per request.
+    with httpx.Client(timeout=DEFAULT_TIMEOUT) as http:
+        generate(url, prompt, max_tokens, 0.0, client=http)  # warm-up: the connection, the first step
+        traces = [generate(url, prompt, max_tokens, 0.0, client=http) for _ in range(runs)]
     failed = [t.error or "no tokens (the model stopped at once, or the server cut the stream)"
               for t in traces if not t.ok or not t.n_tokens]
     if failed:
@@ -99,8 +104,8 @@ def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream
 def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, runs: int = 3,
                 concurrency: int = 4) -> dict:
     """Client-side figures for a running server: TTFT/ITL/TPOT/E2E alone and under load, /health."""
-    def one(u, p, n, t):
-        return stream_generate(u, p, n, t, protocol=protocol)
+    def one(u, p, n, t, client=None):
+        return stream_generate(u, p, n, t, protocol=protocol, client=client)
 
     alone = summarize(_sequential(one, url, prompt, max_tokens, runs))
     health, loaded = _under_load(url, prompt, max_tokens, concurrency, True, protocol)

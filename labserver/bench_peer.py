@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +38,18 @@ MAX_TOKENS = 64
 
 def start_llama_cpp(python: str, gguf: Path, port: int, threads: int, timeout_s: float = 120.0):
     """llama-cpp-python's OpenAI-compatible server in a child process; returns it once /v1/models answers."""
+    # Its log goes to a file: llama.cpp writes a lot while loading, and a full pipe would stall it.
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
                              # Its default lets each new request cut off the one in progress.
                              "--interrupt_requests", "False"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama.cpp's server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"llama.cpp's server exited with {proc.returncode}: {log.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc, time.perf_counter() - t0
