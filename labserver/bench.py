@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 
+from .bench_speed import run_speed
 from .client import (DEFAULT_PROMPT, DEFAULT_TIMEOUT, LABSERVER, HealthProbe, blocking_generate, openai_protocol,
                      run_concurrent, stream_generate, summarize)
 from .config import EngineConfig, SamplingParams
@@ -39,7 +40,6 @@ from .engine import Finish
 from .fastapi_app import create_app
 from .flask_app import create_flask_app
 from .serving import FlaskServer, UvicornServer
-from .bench_speed import run_speed
 
 # figure -> (comparison, target)
 GOALS = {

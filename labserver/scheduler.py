@@ -37,15 +37,8 @@ class BatchScheduler(EngineWorker):
     def _busy(self) -> bool:
         return bool(self._waiting or self._running)
 
-    def _admit(self, req: Request) -> None:
-        if req.cancel.is_set():
-            req.sink(DONE)
-            return
-        try:
-            req.seq = self.engine.begin(req.prompt, req.params, req.cancel)
-        except Exception as exc:  # e.g. PromptTooLong: the caller re-raises it
-            req.sink(exc)
-            return
+    def _start(self, req: Request) -> None:
+        req.seq = self.engine.begin(req.prompt, req.params, req.cancel)  # encodes: may raise PromptTooLong
         self._waiting.append(req)
 
     def _round(self) -> None:

@@ -97,10 +97,12 @@ class EngineWorker:
             req.sink(DONE)
             return
         try:
-            req.gen = self.engine.generate_stream(req.prompt, req.params, req.cancel)
+            self._start(req)
         except Exception as exc:  # e.g. PromptTooLong: the caller re-raises it
             req.sink(exc)
-            return
+
+    def _start(self, req: Request) -> None:
+        req.gen = self.engine.generate_stream(req.prompt, req.params, req.cancel)
         self._active.append(req)
 
     def _advance(self, req: Request) -> None:

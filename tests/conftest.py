@@ -40,3 +40,19 @@ def tiny_engine(default_engine):
 @pytest.fixture
 def fake_engine():
     return FakeEngine(prefill_ms=30, step_ms=10)
+
+
+@pytest.fixture
+def fail_decode(monkeypatch):
+    """``fail_decode(runner, at, message)``: the runner's ``at``-th decode call raises RuntimeError(message)."""
+    def install(runner, at: int, message: str) -> None:
+        real, calls = runner.decode, {"n": 0}
+
+        def decode(seqs):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise RuntimeError(message)
+            return real(seqs)
+
+        monkeypatch.setattr(runner, "decode", decode)
+    return install

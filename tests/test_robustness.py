@@ -272,16 +272,8 @@ def test_fault_mid_stream_then_the_next_request_works(path):
 
 @pytest.mark.model
 @pytest.mark.timeout(300)
-def test_fault_in_the_real_engine_mid_stream(default_engine, monkeypatch):
-    real_decode, calls = default_engine.runner.decode, {"n": 0}
-
-    def failing_decode(seqs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault in decode")
-        return real_decode(seqs)
-
-    monkeypatch.setattr(default_engine.runner, "decode", failing_decode)
+def test_fault_in_the_real_engine_mid_stream(default_engine, fail_decode):
+    fail_decode(default_engine.runner, 3, "injected fault in decode")
     with UvicornServer(create_app(default_engine)) as server:
         events = read_stream(server.url, "/generate", {"prompt": "Count to ten.", "max_tokens": 8, "stream": True,
                                                         "temperature": 0})

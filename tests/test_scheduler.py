@@ -106,18 +106,9 @@ def test_requests_wait_for_a_free_slot(tiny_engine, scheduler_of):
 
 
 @pytest.mark.timeout(120)
-def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engine, scheduler_of, monkeypatch):
+def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engine, scheduler_of, fail_decode):
     scheduler = scheduler_of(tiny_engine)
-    calls = {"n": 0}
-    real_decode = tiny_engine.runner.decode
-
-    def flaky(seqs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real_decode(seqs)
-
-    monkeypatch.setattr(tiny_engine.runner, "decode", flaky)
+    fail_decode(tiny_engine.runner, 3, "injected fault")
     with pytest.raises(RuntimeError, match="injected fault"):
         scheduler.generate("hello", SamplingParams(max_tokens=10, temperature=0))
     assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch

@@ -110,6 +110,9 @@ print(f"engine thread, again: step p50 {again.step_p50_ms:.1f} ms  "
 # The seed's executor breaks it with its pool threads, even with a pool of one; the Flask baseline and
 # the naive variant break it as soon as they share a process with another user of the model, as in this
 # notebook. The server's engine thread keeps it, as long as nothing else in the process runs the model.
+# A thread that ends takes its team with it, which is why `Engine.from_config` loads and converts the
+# weights on a short-lived thread: done on this notebook's own (long-lived) thread, that work alone
+# would leave a second team behind and slow every step of the engine thread that follows.
 #
 # ## 3. A closer look at the event loop: a heartbeat
 #
