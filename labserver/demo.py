@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import ExitStack
 
 from .bench import format_table
 from .client import DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, stream_generate
@@ -38,18 +37,18 @@ def run_demo(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, out: st
     def say(*parts, end="\n"):
         print(*parts, end=end, file=file, flush=True)
 
-    with ExitStack() as servers:
-        flask = servers.enter_context(FlaskServer(create_flask_app(engine)))
-        fastapi = servers.enter_context(UvicornServer(create_app(engine)))
-        for url, send in ((flask.url, blocking_generate), (fastapi.url, stream_generate)):
-            send(url, prompt, 2, 0.0)  # warm-up: first connection and first steps on each serving thread
-        say(f"Prompt: {prompt!r}  ({max_tokens} tokens at most, greedy)\n")
-
+    say(f"Prompt: {prompt!r}  ({max_tokens} tokens at most, greedy)\n")
+    # One server at a time: each runs the model on a thread of its own, and two live threads that both
+    # run torch slow each other down (OpenMP worker teams; notebook 3). A stopped server's thread ends.
+    with FlaskServer(create_flask_app(engine)) as flask:
+        blocking_generate(flask.url, prompt, 2, 0.0)  # warm-up: first connection and first steps
         say(f"[Flask, blocking]  {flask.url}/generate\nwaiting...", end=" ")
         with HealthProbe(flask.url) as flask_probe:
             blocking = blocking_generate(flask.url, prompt, max_tokens, 0.0)
         say(f"({blocking.ttft_ms / 1000:.1f} s)\n{blocking.text.strip()}\n")
 
+    with UvicornServer(create_app(engine)) as fastapi:
+        stream_generate(fastapi.url, prompt, 2, 0.0)  # warm-up
         say(f"[FastAPI, streaming]  {fastapi.url}/generate")
         with HealthProbe(fastapi.url) as fastapi_probe:
             streamed = stream_generate(fastapi.url, prompt, max_tokens, 0.0,
