@@ -106,6 +106,20 @@ def test_requests_wait_for_a_free_slot(tiny_engine, scheduler_of):
 
 
 @pytest.mark.timeout(120)
+def test_the_thread_backend_also_waits_for_a_free_slot(tiny_engine):
+    from labserver.worker import EngineWorker
+
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, EngineConfig(model="tiny-random", max_batch=2))
+    worker = EngineWorker(engine)
+    try:
+        streams = run(worker, ["a", "b c", "d e f", "g"], SamplingParams(max_tokens=6, temperature=0))
+    finally:
+        worker.close()
+    assert all(isinstance(s[-1], Finish) for s in streams)  # no "all 2 cache slots are in use" error
+    assert engine.running == 0 and engine.runner.free_slots == 2
+
+
+@pytest.mark.timeout(120)
 def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engine, scheduler_of, fail_decode):
     scheduler = scheduler_of(tiny_engine)
     fail_decode(tiny_engine.runner, 3, "injected fault")
