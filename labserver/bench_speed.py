@@ -18,7 +18,6 @@ Left out: prompts longer than a chat turn, batch sizes other than 1 and 8, other
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import statistics
 import subprocess
@@ -44,10 +43,10 @@ AGREEMENT_PROMPTS = [
 ROUTES = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4")]
 
 
-def on_one_thread(fn, *args):
-    """Run ``fn`` on a fresh long-lived thread with the engine's torch threads, as the engine thread does."""
+def on_one_thread(threads: int, fn, *args):
+    """Run ``fn`` on a fresh thread with ``threads`` torch threads, as the engine thread does."""
     def work():
-        torch.set_num_threads(int(os.environ.get("LABSERVER_THREADS", "2")))
+        torch.set_num_threads(threads)
         return fn(*args)
     with ThreadPoolExecutor(1, thread_name_prefix="bench-speed") as pool:
         return pool.submit(work).result()
@@ -77,7 +76,7 @@ def decode_step_ms(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64) -
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         engine.generate(prompt, params)
         return statistics.median(e.step_ms for e in engine.generate(prompt, params).events[1:])
-    return on_one_thread(work)
+    return on_one_thread(engine.config.threads, work)
 
 
 def hf_generate_step_ms(engine, prompt: str = DEFAULT_PROMPT, n: int = 64) -> float:
@@ -93,7 +92,7 @@ def hf_generate_step_ms(engine, prompt: str = DEFAULT_PROMPT, n: int = 64) -> fl
     def work():
         timed(4)  # warm-up
         return min((timed(n + 1) - timed(1)) * 1000 / n for _ in range(2))
-    return on_one_thread(work)
+    return on_one_thread(engine.config.threads, work)
 
 
 def agreement(reference: Engine, route: Engine, prompts=AGREEMENT_PROMPTS, n: int = 32) -> dict:
@@ -115,7 +114,7 @@ def agreement(reference: Engine, route: Engine, prompts=AGREEMENT_PROMPTS, n: in
                     logits = route.runner.decode([seq])[0]
             route.runner.release(seq)
         return {"teacher_forced_pct": round(100 * forced / total, 1), "free_run_equal_pct": round(100 * equal / len(prompts), 1)}
-    return on_one_thread(work)
+    return on_one_thread(route.config.threads, work)
 
 
 def routes(engine: Engine, bandwidth_gbs: float, log=print) -> dict:
@@ -207,7 +206,7 @@ def cold_start(timeout_s: float = 120.0) -> dict:
 
 def run_speed(engine, log=print) -> dict:
     log("(f) memory bandwidth, lean routes, transformers generate() ...")
-    bandwidth = on_one_thread(read_bandwidth_gbs)
+    bandwidth = on_one_thread(engine.config.threads, read_bandwidth_gbs)
     step = decode_step_ms(engine)
     floor = weight_bytes(engine) / bandwidth / 1e6
     hf_step = hf_generate_step_ms(engine)

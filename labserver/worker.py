@@ -37,7 +37,8 @@ class Request:
     sink: Callable[[Any], None]  # called on the engine thread with each event, an exception, or DONE
     cancel: threading.Event = field(default_factory=threading.Event)
     gen: Any = None  # EngineWorker: the engine's generator
-    seq: Any = None  # BatchScheduler: the engine's Sequence; EngineWorker: True once started
+    seq: Any = None  # BatchScheduler: the engine's Sequence
+    started: bool = False  # EngineWorker: its generator has run its prefill (and holds a cache slot)
 
 
 class EngineWorker:
@@ -108,10 +109,10 @@ class EngineWorker:
     def _advance(self, req: Request) -> None:
         if req.cancel.is_set():
             return self._retire(req, DONE)
-        if req.seq is None:  # not started: its prefill takes a cache slot, so it waits while none is free
+        if not req.started:  # its prefill takes a cache slot, so it waits while none is free
             if getattr(getattr(self.engine, "runner", None), "free_slots", 1) < 1:
                 return
-            req.seq = True
+            req.started = True
         try:
             item = next(req.gen, DONE)
         except Exception as exc:
