@@ -125,7 +125,7 @@ def routes(engine: Engine, bandwidth_gbs: float, log=print) -> dict:
     reference = None
     for dtype, quant in ROUTES:
         config = dataclasses.replace(engine.config, dtype=dtype, quant=quant, max_batch=1)
-        route = Engine(engine.model, engine.tokenizer, config)
+        route = Engine(engine.source, engine.tokenizer, config)
         name = route.runner.name
         log(f"    route {name} ...")
         floor = weight_bytes(route) / bandwidth_gbs / 1e6

@@ -86,10 +86,15 @@ def off_thread(fn, *args):
 
 
 class Engine:
-    """A model, its tokenizer and the limits of ``config``; counts the generations in progress."""
+    """A model, its tokenizer and the limits of ``config``; counts the generations in progress.
+
+    ``model`` is a transformers model or a ``checkpoint.Checkpoint`` (what ``from_config`` loads when the
+    lean runner serves the model); ``engine.model`` is the transformers model either way, loaded from the
+    checkpoint on first use.
+    """
 
     def __init__(self, model, tokenizer, config: EngineConfig):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.source, self.tokenizer, self.config = model, tokenizer, config
         torch.set_num_threads(config.threads)
         self.eos_ids = self._eos_ids()
         self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -100,14 +105,20 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
-        from .model import load_model_and_tokenizer
+        from .model import load_for_serving
 
         config = config or EngineConfig.from_env()
-        return cls(*off_thread(load_model_and_tokenizer, config), config)
+        return cls(*off_thread(load_for_serving, config), config)
+
+    @property
+    def model(self):
+        """The transformers model (for reference loops and oracles); from a checkpoint, loaded now."""
+        hf_model = getattr(self.source, "hf_model", None)
+        return off_thread(hf_model) if hf_model else self.source
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        gen_eos = getattr(getattr(self.source, "generation_config", None), "eos_token_id", None)
         ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         return {int(i) for i in ids if i is not None}
 

@@ -15,18 +15,51 @@ a paged cache (all slots share one position axis that grows as the longest seque
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 QUANTS = (None, "int8", "int4")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(config) -> dict:
+    """Rotary settings from either config style: transformers 5's ``rope_parameters`` or older
+    ``rope_theta`` + ``rope_scaling`` (whose type may be spelled ``type``)."""
+    p = {**(getattr(config, "rope_scaling", None) or {}), **(getattr(config, "rope_parameters", None) or {})}
+    p.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    p["rope_type"] = p.get("rope_type", p.get("type", "default"))
+    return p
 
 
 def supports(model) -> bool:
     """True for the llama family this module implements; anything else stays on transformers."""
     c = model.config
-    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    return (c.model_type == "llama" and c.hidden_act == "silu" and not c.attention_bias
-            and not getattr(c, "mlp_bias", False) and rope.get("rope_type", "default") != "dynamic")
+    return (getattr(c, "model_type", None) == "llama" and getattr(c, "hidden_act", "silu") == "silu"
+            and not getattr(c, "attention_bias", False) and not getattr(c, "mlp_bias", False)
+            and rope_parameters(c)["rope_type"] in ROPE_TYPES
+            and getattr(c, "partial_rotary_factor", 1.0) == 1.0)
+
+
+def rope_tables(config, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [max_len, head_dim]`` computed as transformers computes them (the oracle test checks)."""
+    p = rope_parameters(config)
+    inv_freq = 1.0 / (p["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if p["rope_type"] == "linear":
+        inv_freq = inv_freq / p["factor"]
+    elif p["rope_type"] == "llama3":  # long wavelengths slowed by `factor`, short kept, a blend between
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    freqs = torch.arange(max_len).float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
 
 
 class Dense:
@@ -116,8 +149,11 @@ class KVCache:
 
 
 class LeanLlama:
-    """Llama inference: ``prefill(ids, slot) -> logits [V]``, ``decode(tokens, slots) -> logits [B, V]``."""
+    """Llama inference: ``prefill(ids, slot) -> logits [V]``, ``decode(tokens, slots) -> logits [B, V]``.
 
+    ``model`` is anything with a transformers-style ``config`` and ``state_dict()``: a transformers model
+    or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts.
+    """
 
     def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048):
         if not supports(model):
@@ -126,33 +162,36 @@ class LeanLlama:
             raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
         if quant and dtype != torch.bfloat16:
             raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
-        c, m = model.config, model.model
+        c, w = model.config, model.state_dict()
         self.dtype, self.eps = dtype, c.rms_norm_eps
-        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.heads, self.kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
         Linear = {None: Dense, "int8": Int8, "int4": Int4}[quant]
         self.layers = []
-        for layer in m.layers:
-            a, mlp = layer.self_attn, layer.mlp
+        for i in range(c.num_hidden_layers):
+            def get(name, p=f"model.layers.{i}."):
+                return w[p + name + ".weight"]
+
+            def proj(*names, module="self_attn"):
+                return torch.cat([get(f"{module}.{n}_proj") for n in names])
+
             self.layers.append(dict(
-                ln1=layer.input_layernorm.weight.detach().float(),
-                qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dtype),
-                o=Linear(a.o_proj.weight, dtype),
-                ln2=layer.post_attention_layernorm.weight.detach().float(),
-                gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype),
-                down=Linear(mlp.down_proj.weight, dtype)))
-        self.embed = m.embed_tokens.weight.detach().float()  # [V, D]
-        self.norm = m.norm.weight.detach().float()
+                ln1=get("input_layernorm").float(),
+                qkv=Linear(proj("q", "k", "v"), dtype),
+                o=Linear(proj("o"), dtype),
+                ln2=get("post_attention_layernorm").float(),
+                gate_up=Linear(proj("gate", "up", module="mlp"), dtype),
+                down=Linear(proj("down", module="mlp"), dtype)))
+        self.embed = w["model.embed_tokens.weight"].float()  # [V, D]
+        self.norm = w["model.norm.weight"].float()
         # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
-        self.lm_head = (Int8 if quant else Dense)(model.lm_head.weight, dtype)
-        # Rotary tables from the model's own rotary module, so its rope scaling (e.g. llama3) carries over.
-        positions = torch.arange(max_len)[None]
-        cos, sin = m.rotary_emb(self.embed[:1].float(), positions)  # [1, T, Dh]
+        self.lm_head = (Int8 if quant else Dense)(w["lm_head.weight"], dtype)
         half = self.head_dim // 2
-        self.cos = cos[0].float()
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).float()  # signs of rotate_half
-        self.cache = KVCache(len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
+        cos, sin = rope_tables(c, self.head_dim, max_len)
+        self.cos = cos
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
+        self.cache = KVCache(c.num_hidden_layers, max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads: every layer's matrices and norms, the output matrix, one embedding row."""
@@ -165,10 +204,6 @@ class LeanLlama:
         layers = sum(matrix(p[k]) if k in ("qkv", "o", "gate_up", "down") else nbytes(p[k])
                      for p in self.layers for k in p)
         return layers + matrix(self.lm_head) + nbytes(self.norm) + nbytes(self.embed[0])
-
-    @classmethod
-    def from_hf(cls, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048) -> "LeanLlama":
-        return cls(model, dtype, quant, max_batch, max_len)
 
     def _forward(self, x, positions, attend):
         """Run every block on ``x [N, D]``; ``attend`` stores k, v and returns attention ``[N, H*Dh]``."""

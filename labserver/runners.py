@@ -93,6 +93,6 @@ def make_runner(model, config: EngineConfig, context_len: int):
         if config.impl == "lean" or config.quant != "none":
             raise ValueError(f"impl='lean' and quant={config.quant!r} need a llama-family model and the lean "
                              f"runner; this is {model.config.model_type!r} with impl={config.impl!r}")
-        return TransformersRunner(model)
+        return TransformersRunner(model.hf_model() if hasattr(model, "hf_model") else model)
     # Slots hold the longest request the limits allow; untouched cache pages cost no memory.
     return LeanRunner(model, config, min(context_len, config.max_prompt_tokens + config.max_tokens_limit))

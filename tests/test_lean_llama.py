@@ -43,7 +43,7 @@ def lean_logits(lean, ids, n_prompt, slot=0):
 def test_tiny_logits_match_transformers(rope):
     model = tiny_llama(**({"rope_parameters": rope} if rope else {}))
     ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    lean = LeanLlama.from_hf(model, max_len=64)
+    lean = LeanLlama(model, max_len=64)
     torch.testing.assert_close(lean_logits(lean, ids, 25), hf_logits(model, ids)[24:], atol=1e-4, rtol=1e-4)
 
 
@@ -51,8 +51,8 @@ def test_tiny_logits_match_transformers(rope):
 def test_batched_decode_equals_each_alone(tiny, slots):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
     continuations = [[20, 21, 22, 23], [30, 31, 32, 33], [40, 41, 42, 43]]
-    alone = [lean_logits(LeanLlama.from_hf(tiny, max_len=32), p + c, len(p)) for p, c in zip(prompts, continuations)]
-    lean = LeanLlama.from_hf(tiny, max_batch=4, max_len=32)
+    alone = [lean_logits(LeanLlama(tiny, max_len=32), p + c, len(p)) for p, c in zip(prompts, continuations)]
+    lean = LeanLlama(tiny, max_batch=4, max_len=32)
     batched = [[lean.prefill(p, s)] for p, s in zip(prompts, slots)]
     for step in range(4):
         logits = lean.decode([c[step] for c in continuations], slots)  # [3, V]
@@ -66,7 +66,7 @@ def test_batched_decode_equals_each_alone(tiny, slots):
 def test_bfloat16_and_quantized_routes_run_close(tiny, quant):
     ids = list(range(10, 30))
     ref = hf_logits(tiny, ids)[9:]
-    got = lean_logits(LeanLlama.from_hf(tiny, dtype=torch.bfloat16, quant=quant, max_len=32), ids, 10)
+    got = lean_logits(LeanLlama(tiny, dtype=torch.bfloat16, quant=quant, max_len=32), ids, 10)
     assert got.shape == ref.shape and torch.isfinite(got).all()
     # Random weights are far from any 4-bit grid, so this only catches a broken kernel or layout.
     assert (got - ref).norm() / ref.norm() < {None: 0.02, "int8": 0.05, "int4": 0.3}[quant]
@@ -88,9 +88,9 @@ def test_supports_only_plain_llama():
     assert supports(tiny_llama())
     assert not supports(tiny_llama(attention_bias=True))
     with pytest.raises(ValueError, match="llama"):
-        LeanLlama.from_hf(tiny_llama(attention_bias=True))
+        LeanLlama(tiny_llama(attention_bias=True))
     with pytest.raises(ValueError, match="bfloat16"):
-        LeanLlama.from_hf(tiny_llama(), dtype=torch.float32, quant="int4")
+        LeanLlama(tiny_llama(), dtype=torch.float32, quant="int4")
 
 
 def test_cache_slots_and_limits(tiny):
@@ -101,7 +101,7 @@ def test_cache_slots_and_limits(tiny):
         cache.allocate()
     cache.release(a)
     assert cache.allocate() == a
-    lean = LeanLlama.from_hf(tiny, max_len=8)
+    lean = LeanLlama(tiny, max_len=8)
     with pytest.raises(ValueError, match="exceeds"):
         lean.prefill(list(range(9)))
     lean.prefill(list(range(8)))
@@ -111,7 +111,7 @@ def test_cache_slots_and_limits(tiny):
 
 def test_cache_grows_as_sequences_do(tiny):
     ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-    lean = LeanLlama.from_hf(tiny, max_batch=2, max_len=64)
+    lean = LeanLlama(tiny, max_batch=2, max_len=64)
     lean.cache = KVCache(2, 2, lean.kv_heads, 64, lean.head_dim, torch.float32, initial_len=8)
     got = lean_logits(lean, ids, 5)  # 5 -> 40 positions: the cache doubles 8 -> 16 -> 32 -> 64
     assert lean.cache.k.shape[3] == 64
@@ -124,7 +124,7 @@ PROMPTS = ["Write a haiku about the sea.", "What is the capital of France?", "Li
 
 @pytest.fixture(scope="module")
 def lean_default(default_engine):
-    return LeanLlama.from_hf(default_engine.model, max_batch=3, max_len=256)
+    return LeanLlama(default_engine.model, max_batch=3, max_len=256)
 
 
 @pytest.mark.model
