@@ -92,7 +92,7 @@ def run_peer(peer_python: str, prompt: str = DEFAULT_PROMPT, runs: int = 3, thre
         proc.wait(10)
     peer["ready_s"] = round(ready_s, 2)
     ours = {}
-    for name, quant in (("default", "none"), ("int4", "int4")):
+    for name, quant in (("default", "auto"), ("float32", "none"), ("int4", "int4")):
         log(f"labserver, {name} route ...")
         ours[name] = measure_labserver(EngineConfig.from_env(quant=quant, threads=threads), prompt, runs)
     itl = peer["stream"]["p50_itl_ms"]

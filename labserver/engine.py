@@ -95,6 +95,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, config: EngineConfig):
         self.source, self.tokenizer, self.config = model, tokenizer, config
+        self._model = None
         torch.set_num_threads(config.threads)
         self.eos_ids = self._eos_ids()
         self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -113,8 +114,10 @@ class Engine:
     @property
     def model(self):
         """The transformers model (for reference loops and oracles); from a checkpoint, loaded now."""
-        hf_model = getattr(self.source, "hf_model", None)
-        return off_thread(hf_model) if hf_model else self.source
+        if self._model is None:
+            hf_model = getattr(self.source, "hf_model", None)
+            self._model = off_thread(hf_model) if hf_model else self.source
+        return self._model
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

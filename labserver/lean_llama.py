@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-QUANTS = (None, "int8", "int4")
+QUANTS = (None, "fp16", "int8", "int4")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -62,17 +62,51 @@ def rope_tables(config, head_dim: int, max_len: int) -> tuple[torch.Tensor, torc
     return emb.cos(), emb.sin()
 
 
-class Dense:
+class Linear:
+    """A weight matrix in one storage format: ``self(x)`` is ``x @ W.T``, ``add(r, x)`` is ``r + x @ W.T``."""
+
+    nbytes = 0  # what one matmul reads
+
+    def __call__(self, x):
+        raise NotImplementedError
+
+    def add(self, r, x):
+        return r.add_(self(x).to(r.dtype))
+
+
+class Dense(Linear):
     """``x @ W.T``, with ``W.T`` stored contiguous: MKL's single-row matmul reads it faster (measured)."""
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
         self.wt = w.detach().to(dtype).t().contiguous()  # [in, out]
+        self.nbytes = self.wt.numel() * self.wt.element_size()
 
     def __call__(self, x):
         return x @ self.wt
 
+    def add(self, r, x):
+        # One addmm instead of a matmul and an add (float32 only: the residual stream stays float32).
+        return torch.addmm(r, x, self.wt) if x.dtype == r.dtype else r.add_((x @ self.wt).to(r.dtype))
 
-class Int8:
+
+class Fp16(Linear):
+    """Weight-only float16 through fbgemm: half the bytes of float32, float32 activations in and out.
+
+    The default model's weights come from 4-bit blocks with float16 scales, so they lose almost nothing
+    in float16 (``make bench`` shows the greedy agreement with float32). 8-row steps gain the most:
+    float32 matmuls with a few rows are compute-bound on this class of CPU, fbgemm's float16 ones are not.
+    """
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        w = w.detach().float().contiguous()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w)
+        self.nbytes = w.numel() * 2
+
+    def __call__(self, x):
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+class Int8(Linear):
     """Weight-only int8: one scale per output row, ``W ~ q * scale``; activations stay bfloat16."""
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
@@ -80,12 +114,13 @@ class Int8:
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
         self.q = torch.round(w / scale[:, None]).to(torch.int8)  # [out, in]
         self.scale = scale.to(dtype)
+        self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
 
     def __call__(self, x):
         return torch._weight_int8pack_mm(x, self.q, self.scale)
 
 
-class Int4:
+class Int4(Linear):
     """Weight-only int4 in groups of 32 inputs, ``W ~ q * scale + min`` with q in 0..15.
 
     That is the GGUF Q4_1 layout the default model ships in, so its weights round-trip almost exactly.
@@ -102,6 +137,7 @@ class Int4:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 2)
         # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.  [in/32, out, 2]
         self.scale_zero = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
+        self.nbytes = out_f * in_f // 2 + self.scale_zero.numel() * self.scale_zero.element_size()
 
     def __call__(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
@@ -160,14 +196,16 @@ class LeanLlama:
             raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
         if quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
-        if quant and dtype != torch.bfloat16:
+        if quant in ("int8", "int4") and dtype != torch.bfloat16:
             raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
+        if quant == "fp16" and dtype != torch.float32:
+            raise ValueError("fp16 weights take float32 activations")
         c, w = model.config, model.state_dict()
         self.dtype, self.eps = dtype, c.rms_norm_eps
         self.heads, self.kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
-        Linear = {None: Dense, "int8": Int8, "int4": Int4}[quant]
+        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4}[quant]
         self.layers = []
         for i in range(c.num_hidden_layers):
             def get(name, p=f"model.layers.{i}."):
@@ -178,15 +216,15 @@ class LeanLlama:
 
             self.layers.append(dict(
                 ln1=get("input_layernorm").float(),
-                qkv=Linear(proj("q", "k", "v"), dtype),
-                o=Linear(proj("o"), dtype),
+                qkv=Format(proj("q", "k", "v"), dtype),
+                o=Format(proj("o"), dtype),
                 ln2=get("post_attention_layernorm").float(),
-                gate_up=Linear(proj("gate", "up", module="mlp"), dtype),
-                down=Linear(proj("down", module="mlp"), dtype)))
+                gate_up=Format(proj("gate", "up", module="mlp"), dtype),
+                down=Format(proj("down", module="mlp"), dtype)))
         self.embed = w["model.embed_tokens.weight"].float()  # [V, D]
         self.norm = w["model.norm.weight"].float()
         # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
-        self.lm_head = (Int8 if quant else Dense)(w["lm_head.weight"], dtype)
+        self.lm_head = {None: Dense, "fp16": Fp16}.get(quant, Int8)(w["lm_head.weight"], dtype)
         half = self.head_dim // 2
         cos, sin = rope_tables(c, self.head_dim, max_len)
         self.cos = cos
@@ -198,12 +236,8 @@ class LeanLlama:
         def nbytes(t):
             return t.numel() * t.element_size()
 
-        def matrix(m):
-            return sum(nbytes(t) for t in vars(m).values() if isinstance(t, torch.Tensor))
-
-        layers = sum(matrix(p[k]) if k in ("qkv", "o", "gate_up", "down") else nbytes(p[k])
-                     for p in self.layers for k in p)
-        return layers + matrix(self.lm_head) + nbytes(self.norm) + nbytes(self.embed[0])
+        layers = sum(v.nbytes if isinstance(v, Linear) else nbytes(v) for p in self.layers for v in p.values())
+        return layers + self.lm_head.nbytes + nbytes(self.norm) + nbytes(self.embed[0])
 
     def _forward(self, x, positions, attend):
         """Run every block on ``x [N, D]``; ``attend`` stores k, v and returns attention ``[N, H*Dh]``."""
@@ -216,10 +250,10 @@ class LeanLlama:
             # Rotary on q and k at once: x*cos + rotate_half(x)*sin, with rotate_half as a roll.
             qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
             v = qkv[:, self.n_qk:].view(n, self.kv_heads, self.head_dim)  # [N, Hkv, Dh]
-            x = x + p["o"](attend(i, qk[:, :self.heads], qk[:, self.heads:], v).to(self.dtype))
+            x = p["o"].add(x, attend(i, qk[:, :self.heads], qk[:, self.heads:], v).to(self.dtype))
             h = F.rms_norm(x, (d,), p["ln2"], self.eps).to(self.dtype)
             gate, up = p["gate_up"](h).chunk(2, dim=-1)  # [N, I] each
-            x = x + p["down"](F.silu(gate) * up)
+            x = p["down"].add(x, F.silu(gate).mul_(up))
         return x
 
     def _logits(self, x):
@@ -268,11 +302,19 @@ class LeanLlama:
         """The tensor part of ``decode``: tokens, pos, slots ``[B]``; keys up to position ``t`` are read."""
         b, kc, vc = tokens.shape[0], self.cache.k, self.cache.v
         # Keys past a sequence's own length belong to nobody (or to a longer neighbour): mask them.
-        mask = None if b == 1 else (torch.arange(t) <= pos[:, None]).view(b, 1, 1, t)
+        mask = None if b == 1 else torch.zeros(b, 1, 1, t).masked_fill_(
+            torch.arange(t) > pos.view(b, 1, 1, 1), float("-inf"))
         group = self.heads // self.kv_heads
+        # Where each new key lands in the cache seen as rows of head_dim, for every layer at once:
+        # one index_copy_ per layer instead of an advanced-indexing assignment (measured faster).
+        layers, n_slots, kv_heads, length, _ = kc.shape
+        rows_of = ((slots[:, None] * kv_heads + torch.arange(kv_heads)) * length + pos[:, None]).view(-1)
+        rows_of = rows_of + torch.arange(layers)[:, None] * (n_slots * kv_heads * length)  # [L, B * Hkv]
+        k_rows, v_rows = kc.view(-1, self.head_dim), vc.view(-1, self.head_dim)
 
         def attend(i, q, k, v):  # q [B, H, Dh]; k, v [B, Hkv, Dh]
-            kc[i, slots, :, pos], vc[i, slots, :, pos] = k, v
+            k_rows.index_copy_(0, rows_of[i], k.reshape(-1, self.head_dim))
+            v_rows.index_copy_(0, rows_of[i], v.reshape(-1, self.head_dim))
             # The `group` query heads that share a kv head act as a query "sequence" of that length.
             out = F.scaled_dot_product_attention(  # [B, Hkv, group, Dh]
                 q.reshape(b, self.kv_heads, group, self.head_dim), kc[i, rows, :, :t], vc[i, rows, :, :t],

@@ -59,11 +59,13 @@ class LeanRunner:
     def __init__(self, model, config: EngineConfig, max_len: int):
         from .lean_llama import LeanLlama
 
-        quant = None if config.quant == "none" else config.quant
-        # The int8/int4 kernels want bfloat16 activations; the dense route keeps the loaded dtype.
-        dtype = torch.bfloat16 if quant else getattr(torch, config.dtype)
+        fmt = config.weight_format(lean=True)
+        quant = None if fmt == "none" else fmt
+        # The int8/int4 kernels want bfloat16 activations, fp16 weights float32 ones; dense keeps the dtype.
+        dtype = {"int8": torch.bfloat16, "int4": torch.bfloat16, "fp16": torch.float32}.get(quant) \
+            or getattr(torch, config.dtype)
         self.lean = LeanLlama(model, dtype=dtype, quant=quant, max_batch=config.max_batch, max_len=max_len)
-        self.name = f"lean-{config.quant if quant else config.dtype}"
+        self.name = f"lean-{quant or config.dtype}"
 
     @property
     def free_slots(self) -> int:
@@ -90,7 +92,7 @@ def make_runner(model, config: EngineConfig, context_len: int):
     from .lean_llama import supports
 
     if config.impl == "transformers" or not supports(model):
-        if config.impl == "lean" or config.quant != "none":
+        if config.impl == "lean" or config.weight_format(lean=False) != "none":
             raise ValueError(f"impl='lean' and quant={config.quant!r} need a llama-family model and the lean "
                              f"runner; this is {model.config.model_type!r} with impl={config.impl!r}")
         return TransformersRunner(model.hf_model() if hasattr(model, "hf_model") else model)

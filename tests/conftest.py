@@ -17,6 +17,12 @@ def default_engine():
 
 
 @pytest.fixture(scope="session")
+def exact_engine(default_engine):
+    """The lean runner in float32 weights: equal to transformers token for token (the oracle tests)."""
+    return Engine(default_engine.source, default_engine.tokenizer, EngineConfig(threads=2, quant="none"))
+
+
+@pytest.fixture(scope="session")
 def hf_engine(default_engine):
     """The same model and weights through transformers' own forward (the runner for non-llama models)."""
     return Engine(default_engine.model, default_engine.tokenizer, EngineConfig(threads=2, impl="transformers"))

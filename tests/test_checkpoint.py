@@ -80,7 +80,7 @@ def test_old_style_rope_config_is_read(tmp_path):
 def test_default_model_is_served_from_the_checkpoint(default_engine):
     source, tokenizer = load_for_serving(EngineConfig())
     assert isinstance(source, Checkpoint) and isinstance(tokenizer, Tokenizer)
-    assert type(default_engine.source) is Checkpoint and default_engine.runner.name == "lean-float32"
+    assert type(default_engine.source) is Checkpoint and default_engine.runner.name == "lean-fp16"
     source, tokenizer = load_for_serving(EngineConfig(impl="transformers"))
     assert type(source).__name__ == "LlamaForCausalLM"
 
@@ -91,6 +91,7 @@ def test_a_cold_engine_never_imports_transformers(default_engine):
     and gives the tokens of the engine built through transformers."""
     params = SamplingParams(max_tokens=16, temperature=0.0)
     hf_built = Engine(default_engine.model, default_engine.tokenizer, EngineConfig(threads=2))
+    assert hf_built.runner.name == default_engine.runner.name
     expected = hf_built.generate("Name a colour.", params).token_ids
     code = ("import sys, json\nfrom labserver import Engine, EngineConfig, SamplingParams\n"
             "e = Engine.from_config(EngineConfig(threads=2))\n"

@@ -14,9 +14,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
 @pytest.mark.model
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_equals_hf_generate(default_engine, hf_engine, prompt, runner):
-    engine = default_engine if runner == "lean" else hf_engine
-    assert engine.runner.name.startswith(runner)
+def test_greedy_equals_hf_generate(exact_engine, hf_engine, prompt, runner):
+    engine = exact_engine if runner == "lean" else hf_engine
+    assert engine.runner.name == {"lean": "lean-float32", "transformers": "transformers"}[runner]
     ids = engine.encode(prompt)
     out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0))
     with torch.inference_mode():
@@ -27,6 +27,15 @@ def test_greedy_equals_hf_generate(default_engine, hf_engine, prompt, runner):
     assert ref[n:] in ([], [engine.tokenizer.eos_token_id]) or n == 24
     assert out.finish.finish_reason == ("stop" if n < 24 else "length")
     assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_fp16_weights_give_the_float32_tokens(default_engine, exact_engine, prompt):
+    """The served default stores weights in float16; greedy decoding must not notice."""
+    assert default_engine.runner.name == "lean-fp16"
+    params = SamplingParams(max_tokens=32, temperature=0)
+    assert default_engine.generate(prompt, params).token_ids == exact_engine.generate(prompt, params).token_ids
 
 
 @pytest.mark.model
@@ -121,7 +130,8 @@ def test_other_architectures_run_on_transformers(tiny_engine):
     assert engine.runner.name == "transformers"
     out = engine.generate("hello", SamplingParams(max_tokens=5, temperature=0))
     assert len(out.events) == 5 or out.finish.finish_reason == "stop"
-    for bad in (dict(impl="lean"), dict(quant="int8")):
+    assert Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", quant="auto")).runner.name == "transformers"
+    for bad in (dict(impl="lean"), dict(quant="int8"), dict(quant="fp16")):
         with pytest.raises(ValueError, match="llama"):
             Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", **bad))
 

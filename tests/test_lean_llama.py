@@ -62,6 +62,15 @@ def test_batched_decode_equals_each_alone(tiny, slots):
         torch.testing.assert_close(torch.stack(batched[b]), alone[b], atol=1e-5, rtol=1e-5)
 
 
+def test_fp16_weights_run_close_to_float32(tiny):
+    ids = list(range(1, 20))
+    ref = hf_logits(tiny, ids)[9:]
+    got = lean_logits(LeanLlama(tiny, quant="fp16", max_len=32), ids, 10)
+    assert (got - ref).norm() / ref.norm() < 2e-3
+    with pytest.raises(ValueError, match="float32"):
+        LeanLlama(tiny, dtype=torch.bfloat16, quant="fp16")
+
+
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_bfloat16_and_quantized_routes_run_close(tiny, quant):
     ids = list(range(10, 30))
@@ -167,3 +176,14 @@ def test_batched_decode_equals_each_alone_on_the_default_model(default_engine, l
             batched[b].append(t)
         logits = lean_default.decode(toks, [0, 1, 2])
     assert batched == alone
+
+
+def test_weight_bytes_counts_what_a_step_reads(tiny):
+    """Every matrix and norm once, plus one embedding row: in float32, then with float16 matrices."""
+    named = dict(tiny.named_parameters())
+    params = sum(p.numel() for n, p in named.items() if "embed" not in n)
+    norms = sum(p.numel() for n, p in named.items() if "norm" in n)
+    row = tiny.config.hidden_size
+    assert "lm_head.weight" in named
+    assert LeanLlama(tiny, max_len=8).weight_bytes() == 4 * (params + row)
+    assert LeanLlama(tiny, quant="fp16", max_len=8).weight_bytes() == 2 * (params - norms) + 4 * (norms + row)
