@@ -3,13 +3,15 @@
 A decode step of SmolLM2-135M spends more time in Python and small ops than in reading weights. This
 module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
 a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
-per route: dense float32 or bfloat16, or weight-only int8 / int4 with bfloat16 activations.
+per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations, or
+weight-only int8 / int4 with bfloat16 activations. It builds from any object with a transformers-style
+``config`` and ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
 cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0.
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
-attention or MLP biases, sliding windows, dynamic rope scaling, prefill that continues a filled slot,
+attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that continues a filled slot,
 a paged cache (all slots share one position axis that grows as the longest sequence does), and training.
 """
 

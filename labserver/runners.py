@@ -6,9 +6,10 @@ Two runners share one small interface (``prefill(seq) -> logits [V]``, ``decode(
 - ``TransformersRunner`` calls the transformers model with a ``DynamicCache`` per sequence. It runs any
   causal LM; a "batch" is a loop of single-sequence steps (different lengths do not share a forward).
 - ``LeanRunner`` drives ``lean_llama.LeanLlama``: a preallocated slot cache and one forward for the whole
-  batch, in float32 (equal to transformers), bfloat16, or weight-only int8 / int4.
+  batch, in float32 (equal to transformers), bfloat16, or weight-only float16 / int8 / int4.
 
-``make_runner`` picks one from ``EngineConfig.impl`` ("auto" = lean for the llama family it supports).
+``make_runner`` picks one from ``EngineConfig.impl`` ("auto" = lean for the llama family it supports),
+and the lean runner's weight format from ``EngineConfig.weight_format``.
 Left out: sampling (``engine.sample_token``), stopping rules (``sequence.py``) and any threading.
 """
 

@@ -107,8 +107,8 @@ lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1], "to
 
 # %% [markdown]
 # A step of 8 sequences costs much less than 8 steps of one (compare the "step vs B=1" column with B).
-# A decode step of this model reads all its weights (~540 MB in float32) and does little arithmetic per
-# byte; with B sequences the weights are read once for all of them, and only attention, which reads each
+# A decode step of this model reads all its weights (~270 MB: the server stores them in float16) and does
+# little arithmetic per byte; with B sequences the weights are read once for all of them, and only attention, which reads each
 # sequence's own KV cache, grows with B. Production servers add a paged KV cache (vLLM's
 # PagedAttention) so that memory is allocated in blocks as sequences grow, not reserved up front.
 #
