@@ -15,7 +15,7 @@ from pathlib import Path
 DEFAULT_MODEL = "default"
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "lean", "transformers")
-QUANTS = ("auto", "none", "fp16", "int8", "int4")
+QUANTS = ("auto", "none", "fp16", "int8", "int4", "q4_1")
 
 
 def default_cache_dir() -> str:
@@ -37,8 +37,10 @@ class EngineConfig:
     impl: str = "auto"
     # The weight format of the lean runner. "none" keeps ``dtype`` (float32: equal to transformers token for
     # token); fp16 (float32 activations), int8 and int4 (bfloat16 activations) are faster and not bit-equal.
-    # "auto": fp16 for float32 models on the lean runner (greedy tokens equal float32's on the bench's prompt
-    # set, 8-sequence steps 1.5x faster), "none" everywhere else.
+    # q4_1: GGUF's 4-bit blocks (8-bit for the output matrix) with float32 activations, through C kernels,
+    # for the matrices the blocks reproduce exactly, float16 for the others (blockquant.py).
+    # "auto": q4_1 for float32 models on the lean runner (the default model's weights are those blocks, so
+    # it computes the float32 model at a fifth of the bytes), fp16 if no C compiler is found; else "none".
     quant: str = "auto"
     threads: int = 2
     max_batch: int = 16  # sequences decoded together by the batched scheduler (cache slots)
@@ -52,7 +54,7 @@ class EngineConfig:
         """``quant`` with "auto" resolved, for a model the lean runner does (``lean``) or does not serve."""
         if self.quant != "auto":
             return self.quant
-        return "fp16" if lean and self.dtype == "float32" else "none"
+        return "q4_1" if lean and self.dtype == "float32" else "none"
 
     def __post_init__(self):
         if not self.model:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-QUANTS = (None, "fp16", "int8", "int4")
+QUANTS = (None, "fp16", "int8", "int4", "q4_1")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -146,6 +146,15 @@ class Int4(Linear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
 
 
+def blocks(kind: str):
+    """A format that stores a matrix in GGUF blocks when that loses nothing, in float16 when it would."""
+    from . import blockquant
+
+    def make(w: torch.Tensor, dtype: torch.dtype) -> Linear:
+        return blockquant.lossless(w, kind) or Fp16(w, dtype)
+    return make
+
+
 class KVCache:
     """Keys and values for ``max_batch`` sequences (slots) of up to ``max_len`` tokens, every layer.
 
@@ -201,14 +210,14 @@ class LeanLlama:
             raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
         if quant in ("int8", "int4") and dtype != torch.bfloat16:
             raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
-        if quant == "fp16" and dtype != torch.float32:
-            raise ValueError("fp16 weights take float32 activations")
+        if quant in ("fp16", "q4_1") and dtype != torch.float32:
+            raise ValueError(f"{quant} weights take float32 activations")
         c, w = model.config, model.state_dict()
         self.dtype, self.eps = dtype, c.rms_norm_eps
         self.heads, self.kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
-        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4}[quant]
+        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4, "q4_1": blocks("q4_1")}[quant]
 
         def layer(i):
             def get(name, p=f"model.layers.{i}."):
@@ -226,7 +235,7 @@ class LeanLlama:
                 down=Format(proj("down", module="mlp"), dtype))
 
         # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
-        head = {None: Dense, "fp16": Fp16}.get(quant, Int8)
+        head = {None: Dense, "fp16": Fp16, "q4_1": blocks("q8_0")}.get(quant, Int8)
         # Packing (fbgemm's float16 layout, the int4 layout) runs on one core per matrix: spread the
         # matrices over short-lived threads, one per torch thread (2.0 s instead of 3.2 s here for float16).
         with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="lean-build") as pool:
@@ -240,6 +249,16 @@ class LeanLlama:
         self.cos = cos
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
         self.cache = KVCache(c.num_hidden_layers, max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
+        self.fused = None  # the whole decode step as one C call, when every matrix is in GGUF blocks
+        if quant == "q4_1":
+            from .kernels import FusedDecode
+
+            self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
+
+    def formats(self) -> list[str]:
+        """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""
+        return sorted({type(m).__name__.lower() for p in self.layers for m in p.values() if isinstance(m, Linear)}
+                      | {type(self.lm_head).__name__.lower()})
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads: every layer's matrices and norms, the output matrix, one embedding row."""
@@ -310,6 +329,8 @@ class LeanLlama:
 
     def decode_step(self, tokens, pos, slots, rows, t):
         """The tensor part of ``decode``: tokens, pos, slots ``[B]``; keys up to position ``t`` are read."""
+        if self.fused is not None:
+            return self.fused(tokens, pos, slots, t)
         b, kc, vc = tokens.shape[0], self.cache.k, self.cache.v
         # Keys past a sequence's own length belong to nobody (or to a longer neighbour): mask them.
         mask = None if b == 1 else torch.zeros(b, 1, 1, t).masked_fill_(

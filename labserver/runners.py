@@ -61,12 +61,17 @@ class LeanRunner:
         from .lean_llama import LeanLlama
 
         fmt = config.weight_format(lean=True)
+        if fmt == "q4_1" and config.quant == "auto":
+            from .kernels import available
+
+            fmt = "q4_1" if available()[0] else "fp16"  # no C compiler here: the next fastest format
         quant = None if fmt == "none" else fmt
-        # The int8/int4 kernels want bfloat16 activations, fp16 weights float32 ones; dense keeps the dtype.
-        dtype = {"int8": torch.bfloat16, "int4": torch.bfloat16, "fp16": torch.float32}.get(quant) \
-            or getattr(torch, config.dtype)
+        # The int8/int4 kernels want bfloat16 activations, the others float32 ones; dense keeps the dtype.
+        dtype = {"int8": torch.bfloat16, "int4": torch.bfloat16}.get(quant) \
+            or (torch.float32 if quant else getattr(torch, config.dtype))
         self.lean = LeanLlama(model, dtype=dtype, quant=quant, max_batch=config.max_batch, max_len=max_len)
-        self.name = f"lean-{quant or config.dtype}"
+        # Named after the formats the matrices ended in: q4_1 keeps a matrix it cannot reproduce in fp16.
+        self.name = f"lean-{'+'.join(self.lean.formats()) if quant == 'q4_1' else quant or config.dtype}"
 
     @property
     def free_slots(self) -> int:

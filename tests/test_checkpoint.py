@@ -80,7 +80,7 @@ def test_old_style_rope_config_is_read(tmp_path):
 def test_default_model_is_served_from_the_checkpoint(default_engine):
     source, tokenizer = load_for_serving(EngineConfig())
     assert isinstance(source, Checkpoint) and isinstance(tokenizer, Tokenizer)
-    assert type(default_engine.source) is Checkpoint and default_engine.runner.name == "lean-fp16"
+    assert type(default_engine.source) is Checkpoint and default_engine.runner.name == "lean-q4_1+q8_0"
     source, tokenizer = load_for_serving(EngineConfig(impl="transformers"))
     assert type(source).__name__ == "LlamaForCausalLM"
 

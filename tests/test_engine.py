@@ -31,9 +31,9 @@ def test_greedy_equals_hf_generate(exact_engine, hf_engine, prompt, runner):
 
 @pytest.mark.model
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_default_fp16_weights_give_the_float32_tokens(default_engine, exact_engine, prompt):
-    """The served default stores weights in float16; greedy decoding must not notice."""
-    assert default_engine.runner.name == "lean-fp16"
+def test_default_block_weights_give_the_float32_tokens(default_engine, exact_engine, prompt):
+    """The served default keeps the GGUF's 4-bit blocks and runs them in C; greedy decoding must not notice."""
+    assert default_engine.runner.name == "lean-q4_1+q8_0"
     params = SamplingParams(max_tokens=32, temperature=0)
     assert default_engine.generate(prompt, params).token_ids == exact_engine.generate(prompt, params).token_ids
 

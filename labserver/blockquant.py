@@ -1,0 +1,107 @@
+"""Block-quantized weights (GGUF's Q4_1 and Q8_0) with C kernels that keep activations in float32.
+
+The default model ships as a GGUF whose layer matrices are Q4_1 and whose embedding (tied to the output
+matrix) is Q8_0. Its float32 weights are those blocks dequantized, so quantizing them again gives the very
+same blocks: the float32 model at a fifth of the bytes (98 MB instead of 538), and, with float32
+activations, the same logits up to the order of a sum. torch has no kernel for that pairing (its int4
+kernel wants bfloat16 activations), so ``kernels.c`` has one (see ``kernels.py``).
+
+``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``lean_llama`` keeps
+any matrix that does not (or all of them, when no compiler is found) in float16.
+
+Left out: quantizing activations (llama.cpp does, and loses exactness), block types other than these two,
+and a kernel for machines without a C compiler (``kernels.available()`` says why).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import available, library
+from .lean_llama import Linear
+
+QK = 32  # weights per block
+RTOL = 4e-7  # a few float32 roundings of a row's largest weight: within it, the blocks are the weights
+
+
+def quantize_q4_1(w: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+    """``w [N, K]`` -> (nibbles ``[N, K/2]`` uint8, scales, minima ``[N, K/32]``), weights missed."""
+    n, k = w.shape
+    w = w.detach().float().contiguous()
+    q, d, m = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // QK), torch.empty(n, k // QK)
+    missed = _lib().q4_1_quantize(w.data_ptr(), n, k, q.data_ptr(), d.data_ptr(), m.data_ptr(), RTOL)
+    return (q, d, m), missed
+
+
+def quantize_q8_0(w: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+    """``w [N, K]`` -> (``[N, K]`` int8, scales ``[N, K/32]``; symmetric, absmax / 127), weights missed."""
+    n, k = w.shape
+    w = w.detach().float().contiguous()
+    q, d = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // QK)
+    return (q, d), _lib().q8_0_quantize(w.data_ptr(), n, k, q.data_ptr(), d.data_ptr(), RTOL)
+
+
+def _lib():
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"block-quantized kernels unavailable: {available()[1]}")
+    return lib
+
+
+def dequantize_q4_1(packed, d, m) -> torch.Tensor:
+    n = packed.shape[0]
+    blocks = packed.reshape(n, -1, QK // 2)
+    q = torch.cat([blocks & 15, blocks >> 4], -1).float()  # [N, K/32, 32]
+    return (q * d[..., None] + m[..., None]).reshape(n, -1)
+
+
+def dequantize_q8_0(q, d) -> torch.Tensor:
+    n = q.shape[0]
+    return (q.reshape(n, -1, QK).float() * d[..., None]).reshape(n, -1)
+
+
+class _Blocks(Linear):
+    """A matrix in blocks, multiplied by the C kernel; ``nbytes`` counts the blocks and their scales."""
+
+    def __init__(self, parts: tuple[torch.Tensor, ...], out_features: int):
+        self.parts, self.out_features = parts, out_features
+        self.nbytes = sum(t.numel() * t.element_size() for t in parts)
+        self._lib = _lib()
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, add: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x):
+        x = x.float().contiguous()
+        return self._run(x, torch.empty(x.shape[0], self.out_features), 0)
+
+    def add(self, r, x):
+        return self._run(x.float().contiguous(), r, 1)  # r: the float32, contiguous residual stream
+
+
+class Q4_1(_Blocks):
+    def _run(self, x, y, add):
+        q, d, m = self.parts
+        self._lib.q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), d.data_ptr(), m.data_ptr(),
+                              self.out_features, y.data_ptr(), add)
+        return y
+
+
+class Q8_0(_Blocks):
+    def _run(self, x, y, add):
+        q, d = self.parts
+        self._lib.q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), d.data_ptr(),
+                              self.out_features, y.data_ptr(), add)
+        return y
+
+
+KINDS = {"q4_1": (quantize_q4_1, Q4_1), "q8_0": (quantize_q8_0, Q8_0)}
+
+
+def lossless(w: torch.Tensor, kind: str) -> _Blocks | None:
+    """``w`` in ``kind`` ("q4_1" or "q8_0") blocks if they reproduce it, else None (it is not on that grid)."""
+    if w.shape[1] % QK:
+        return None
+    quantize, Format = KINDS[kind]
+    parts, missed = quantize(w)
+    return Format(parts, w.shape[0]) if missed == 0 else None

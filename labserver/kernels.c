@@ -1,0 +1,319 @@
+/* C kernels for the lean llama: matrix products with GGUF-block weights, and a whole decode step.
+
+   1. Matrix products with block-quantized weights, the GGUF layouts Q4_1 and Q8_0, float32 activations.
+
+   y[M, N] = x[M, K] . W[N, K]^T   (or y += ..., with `add`), W stored in blocks of 32 along K:
+     Q4_1: w = q * d + m, q in 0..15, two per byte: byte j of a block holds q[j] (low) and q[j + 16] (high);
+     Q8_0: w = q * d,     q in -127..127, one per byte.
+   A block is dequantized into float32 registers and multiplied with up to TILE rows of x, so a decode
+   step of 8 sequences reads each weight once. Rows of W are split over the OpenMP threads of the caller
+   (the same libgomp team torch uses, so `torch.set_num_threads` on the calling thread applies).
+
+   2. `llama_decode`: one decode step of B sequences through every layer, the same arithmetic as
+      `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
+      model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
+      ~450 small torch calls, each taking and giving back the GIL; here it is one call.
+
+   Left out: quantized activations (llama.cpp's route: faster, not exact), other block types, K not a
+   multiple of 32 (the Python side keeps such matrices in another format), prefill (torch runs it, with
+   the products above). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define QK 32
+#define TILE 8
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void store(float *y, float s, int add) { *y = add ? *y + s : s; }
+INLINE float clamp(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+#ifdef __AVX512F__
+/* One output row n against `tb` rows of x; `tb` is a literal at every call site, so the loop over rows
+   is unrolled and the accumulators stay in registers. */
+INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
+                      float *y, int add, const int tb) {
+    __m512 acc[TILE];
+    for (int b = 0; b < tb; b++) acc[b] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi32(15);
+    for (long g = 0; g < K / QK; g++) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2)));
+        __m512 dv = _mm512_set1_ps(d[g]), mv = _mm512_set1_ps(m[g]);
+        /* q * d + m rounded twice, as the float32 weights were made: no fused multiply-add here. */
+        __m512 w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low)), dv), mv);
+        __m512 w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), dv), mv);
+        const float *xg = x + g * QK;
+        for (int b = 0; b < tb; b++) {
+            acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg + b * K), acc[b]);
+            acc[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + b * K + 16), acc[b]);
+        }
+    }
+    for (int b = 0; b < tb; b++) store(y + b * N, _mm512_reduce_add_ps(acc[b]), add);
+}
+
+/* One output row against one row of x (a decode step of one sequence), with fewer operations than a tile:
+   sum_j (q_j d + m) x_j = d sum_j q_j x_j + m sum_j x_j, with sum_j x_j per block (`sx`) computed once per
+   call. Two accumulators for even and odd blocks keep the chain of additions off the critical path. */
+INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q, const float *d, const float *m) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi32(15);
+    const long G = K / QK;
+    long g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2)));
+        __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2 + QK / 2)));
+        __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), _mm512_loadu_ps(x + g * QK));
+        __m512 p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, low)), _mm512_loadu_ps(x + g * QK + QK));
+        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_loadu_ps(x + g * QK + 16), p0);
+        p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), _mm512_loadu_ps(x + g * QK + QK + 16), p1);
+        acc0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(d[g]), acc0);
+        acc1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(d[g + 1]), acc1);
+    }
+    if (g < G) {
+        __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2)));
+        __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), _mm512_loadu_ps(x + g * QK));
+        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_loadu_ps(x + g * QK + 16), p0);
+        acc0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(d[g]), acc0);
+    }
+    for (long i = 0; i < G; i += 16) {  /* the minima against the block sums, 16 blocks at a time */
+        const __mmask16 k = G - i >= 16 ? 0xFFFF : (__mmask16)((1u << (G - i)) - 1);
+        mx = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, m + i), _mm512_maskz_loadu_ps(k, sx + i), mx);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), mx));
+}
+
+INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
+                      float *y, int add, const int tb) {
+    __m512 acc[TILE];
+    for (int b = 0; b < tb; b++) acc[b] = _mm512_setzero_ps();
+    for (long g = 0; g < K / QK; g++) {
+        __m512 dv = _mm512_set1_ps(d[g]);
+        __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK)))), dv);
+        __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK + 16)))), dv);
+        const float *xg = x + g * QK;
+        for (int b = 0; b < tb; b++) {
+            acc[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg + b * K), acc[b]);
+            acc[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + b * K + 16), acc[b]);
+        }
+    }
+    for (int b = 0; b < tb; b++) store(y + b * N, _mm512_reduce_add_ps(acc[b]), add);
+}
+#else
+/* Portable fallback: the same arithmetic one weight at a time (the compiler vectorizes what it can). */
+INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
+                      float *y, int add, const int tb);
+INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q, const float *d, const float *m) {
+    float s;
+    (void)sx;
+    q4_1_tile(x, K, 1, q, d, m, &s, 0, 1);
+    return s;
+}
+
+INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
+                      float *y, int add, const int tb) {
+    for (int b = 0; b < tb; b++) {
+        float s = 0.0f;
+        for (long g = 0; g < K / QK; g++)
+            for (int j = 0; j < QK / 2; j++) {
+                uint8_t byte = q[g * QK / 2 + j];
+                s += ((byte & 15) * d[g] + m[g]) * x[b * K + g * QK + j];
+                s += ((byte >> 4) * d[g] + m[g]) * x[b * K + g * QK + j + QK / 2];
+            }
+        store(y + b * N, s, add);
+    }
+}
+
+INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
+                      float *y, int add, const int tb) {
+    for (int b = 0; b < tb; b++) {
+        float s = 0.0f;
+        for (long k = 0; k < K; k++) s += q[k] * d[k / QK] * x[b * K + k];
+        store(y + b * N, s, add);
+    }
+}
+#endif
+
+/* Dispatch a tile of `tb` rows to a specialisation with a constant row count. */
+#define EACH_TILE(call)                                                                     \
+    switch (tb) {                                                                           \
+        case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;             \
+        case 4: call(4); break; case 5: call(5); break; case 6: call(6); break;             \
+        case 7: call(7); break; default: call(8); break;                                    \
+    }
+
+void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *d, const float *m,
+                 long N, float *y, int add) {
+    const long G = K / QK;
+    if (M == 1) {
+        float sx[G];
+        for (long g = 0; g < G; g++) {
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < QK; j++) s += x[g * QK + j];
+            sx[g] = s;
+        }
+#pragma omp parallel for schedule(static)
+        for (long n = 0; n < N; n++) store(y + n, q4_1_row(x, sx, K, q + n * K / 2, d + n * G, m + n * G), add);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long b0 = 0; b0 < M; b0 += TILE) {
+            const int tb = M - b0 < TILE ? (int)(M - b0) : TILE;
+#define Q4(T) q4_1_tile(x + b0 * K, K, N, q + n * K / 2, d + n * G, m + n * G, y + b0 * N + n, add, T)
+            EACH_TILE(Q4)
+        }
+}
+
+void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+    const long G = K / QK;
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++)
+        for (long b0 = 0; b0 < M; b0 += TILE) {
+            const int tb = M - b0 < TILE ? (int)(M - b0) : TILE;
+#define Q8(T) q8_0_tile(x + b0 * K, K, N, q + n * K, d + n * G, y + b0 * N + n, add, T)
+            EACH_TILE(Q8)
+        }
+}
+
+/* Quantize w [N, K] into the blocks above (rounding half to even, as torch.round does); return how many
+   weights the blocks miss by more than `rtol` times their row's largest magnitude (0: the blocks are w). */
+long q4_1_quantize(const float *w, long N, long K, uint8_t *q, float *d, float *m, float rtol) {
+    long missed = 0;
+#pragma omp parallel for schedule(static) reduction(+ : missed)
+    for (long n = 0; n < N; n++) {
+        const float *row = w + n * K;
+        float big = 0.0f;
+        for (long k = 0; k < K; k++) big = fabsf(row[k]) > big ? fabsf(row[k]) : big;
+        for (long g = 0; g < K / QK; g++) {
+            const float *x = row + g * QK;
+            float lo = x[0], hi = x[0];
+            for (int j = 1; j < QK; j++) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
+            const float dg = (hi - lo) / 15.0f, inv = dg > 0.0f ? dg : 1e-30f;
+            uint8_t *qg = q + n * K / 2 + g * QK / 2;
+            for (int j = 0; j < QK / 2; j++) {
+                float a = clamp(nearbyintf((x[j] - lo) / inv), 0.0f, 15.0f);
+                float b = clamp(nearbyintf((x[j + QK / 2] - lo) / inv), 0.0f, 15.0f);
+                qg[j] = (uint8_t)a | (uint8_t)((uint8_t)b << 4);
+                missed += fabsf(a * dg + lo - x[j]) > rtol * big;
+                missed += fabsf(b * dg + lo - x[j + QK / 2]) > rtol * big;
+            }
+            d[n * (K / QK) + g] = dg, m[n * (K / QK) + g] = lo;
+        }
+    }
+    return missed;
+}
+
+long q8_0_quantize(const float *w, long N, long K, int8_t *q, float *d, float rtol) {
+    long missed = 0;
+#pragma omp parallel for schedule(static) reduction(+ : missed)
+    for (long n = 0; n < N; n++) {
+        const float *row = w + n * K;
+        float big = 0.0f;
+        for (long k = 0; k < K; k++) big = fabsf(row[k]) > big ? fabsf(row[k]) : big;
+        for (long g = 0; g < K / QK; g++) {
+            const float *x = row + g * QK;
+            float top = 0.0f;
+            for (int j = 0; j < QK; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+            const float dg = top / 127.0f, inv = dg > 0.0f ? dg : 1e-30f;
+            for (int j = 0; j < QK; j++) {
+                float a = clamp(nearbyintf(x[j] / inv), -127.0f, 127.0f);
+                q[n * K + g * QK + j] = (int8_t)a;
+                missed += fabsf(a * dg - x[j]) > rtol * big;
+            }
+            d[n * (K / QK) + g] = dg;
+        }
+    }
+    return missed;
+}
+
+/* ---- 2. one decode step ------------------------------------------------------------------------------ */
+
+enum { LN1, QKV_Q, QKV_D, QKV_M, O_Q, O_D, O_M, LN2, GU_Q, GU_D, GU_M, DOWN_Q, DOWN_D, DOWN_M, PER_LAYER };
+
+static void rms_norm(const float *x, const float *w, float *out, long B, long D, float eps) {
+    for (long b = 0; b < B; b++) {
+        const float *xb = x + b * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) ss += xb[i] * xb[i];
+        const float r = 1.0f / sqrtf(ss / D + eps);
+        for (long i = 0; i < D; i++) out[b * D + i] = xb[i] * r * w[i];
+    }
+}
+
+/* x * cos + rotate_half(x) * sin on `n` heads in place; `sin` has rotate_half's signs folded in. */
+static void rotary(float *x, long n, long Dh, const float *cos, const float *sin) {
+    const long half = Dh / 2;
+    for (long h = 0; h < n; h++, x += Dh) {
+        float tmp[Dh];
+        for (long j = 0; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[(j + half) % Dh] * sin[j];
+        for (long j = 0; j < Dh; j++) x[j] = tmp[j];
+    }
+}
+
+/* w: PER_LAYER pointers per layer, then the final norm, the output matrix's Q8_0 blocks and scales.
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T.
+   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
+   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten. */
+void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
+                  const float *cos, const float *sin, float *kc, float *vc, float *logits) {
+    const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
+    const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
+    float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
+    float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
+    float *act = malloc(sizeof(float) * B * I);
+    const float scale = 1.0f / sqrtf((float)Dh);
+    for (long l = 0; l < L; l++) {
+        const void **p = w + l * PER_LAYER;
+        float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
+        rms_norm(x, p[LN1], h, B, D, eps);
+        q4_1_matmul(h, B, D, p[QKV_Q], p[QKV_D], p[QKV_M], Nqkv, qkv, 0);
+        for (long b = 0; b < B; b++) {
+            float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
+            rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
+            for (long g = 0; g < Hkv; g++) {
+                const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
+                for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
+            }
+        }
+#pragma omp parallel for collapse(2) schedule(static)
+        for (long b = 0; b < B; b++)
+            for (long hd = 0; hd < H; hd++) {
+                const long n = pos[b] + 1, base = (slots[b] * Hkv + hd / group) * T * Dh;
+                const float *q = qkv + b * Nqkv + hd * Dh;
+                float scores[n], *out = att + (b * H + hd) * Dh, top = -INFINITY, sum = 0.0f;
+                for (long t = 0; t < n; t++) {
+                    const float *kt = kl + base + t * Dh;
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (long j = 0; j < Dh; j++) s += q[j] * kt[j];
+                    scores[t] = s * scale;
+                    top = scores[t] > top ? scores[t] : top;
+                }
+                for (long t = 0; t < n; t++) sum += (scores[t] = expf(scores[t] - top));
+                for (long j = 0; j < Dh; j++) out[j] = 0.0f;
+                for (long t = 0; t < n; t++) {
+                    const float *vt = vl + base + t * Dh, pt = scores[t] / sum;
+                    for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
+                }
+            }
+        q4_1_matmul(att, B, H * Dh, p[O_Q], p[O_D], p[O_M], D, x, 1);
+        rms_norm(x, p[LN2], h, B, D, eps);
+        q4_1_matmul(h, B, D, p[GU_Q], p[GU_D], p[GU_M], 2 * I, gu, 0);
+        for (long b = 0; b < B; b++) {
+            const float *g = gu + b * 2 * I, *u = g + I;
+            float *a = act + b * I;
+#pragma omp simd
+            for (long i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        q4_1_matmul(act, B, I, p[DOWN_Q], p[DOWN_D], p[DOWN_M], D, x, 1);
+    }
+    const void **tail = w + L * PER_LAYER;
+    rms_norm(x, tail[0], h, B, D, eps);
+    q8_0_matmul(h, B, D, tail[1], tail[2], V, logits, 0);
+    free(h), free(qkv), free(att), free(gu), free(act);
+}

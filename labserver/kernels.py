@@ -1,0 +1,126 @@
+"""The C kernels of ``kernels.c``: compiled once, loaded with ``ctypes``, and the fused decode step.
+
+``kernels.c`` is built with the machine's C compiler (``cc``, or ``$CC``) the first time it is needed,
+for this CPU (``-march=native``), into ``<cache_dir>/kernels/``; later processes load the cached library
+in milliseconds. It links OpenMP: loaded after torch, it shares torch's libgomp and its thread team, so
+``torch.set_num_threads`` on the calling thread also sets how many threads the kernels use. ``ctypes``
+releases the GIL for the length of each call, so a whole decode step runs without it.
+
+``FusedDecode`` is ``LeanLlama.decode_step`` as one such call, for models whose matrices are all in
+``blockquant`` blocks. Left out: a build without a compiler (``available()`` says why, and the lean model
+keeps its torch path), and Windows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import default_cache_dir
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -fno-math-errno lets expf vectorize (glibc's libmvec); no -ffast-math: the sums keep their rounding.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
+
+
+def _cpu_flags() -> str:
+    try:  # -march=native ties the library to this CPU model
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def build(cache_dir: str | None = None) -> Path:
+    """Compile ``kernels.c`` unless the cache holds it already; return the library's path."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = Path(cache_dir or default_cache_dir()) / "kernels" / f"kernels-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent or interrupted build never leaves half a library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *FLAGS], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+        out.replace(target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        return None, str(exc)
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, ptr, ptr, n, ptr, ctypes.c_int]
+    lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
+    lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    for fn in (lib.q4_1_matmul, lib.q8_0_matmul, lib.llama_decode):
+        fn.restype = None
+    lib.q4_1_quantize.argtypes = [ptr, n, n, ptr, ptr, ptr, ctypes.c_float]
+    lib.q8_0_quantize.argtypes = [ptr, n, n, ptr, ptr, ctypes.c_float]
+    lib.q4_1_quantize.restype = lib.q8_0_quantize.restype = ctypes.c_long
+    return lib, ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built here (``available`` says why)."""
+    return _load()[0]
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` when the kernels work here, else ``(False, why)``."""
+    lib, why = _load()
+    return lib is not None, why
+
+
+class FusedDecode:
+    """``LeanLlama.decode_step`` in one C call; ``usable(lean)`` says whether ``lean`` qualifies."""
+
+    LAYER = ("ln1", "qkv", "o", "ln2", "gate_up", "down")  # kernels.c's order, blocks expanded
+
+    @staticmethod
+    def usable(lean) -> bool:
+        from .blockquant import Q4_1, Q8_0
+
+        return (library() is not None and isinstance(lean.lm_head, Q8_0)
+                and all(isinstance(p[name], Q4_1) for p in lean.layers for name in ("qkv", "o", "gate_up", "down")))
+
+    def __init__(self, lean):
+        self.lean, self.lib = lean, library()
+        tensors = []
+        for p in lean.layers:
+            for name in self.LAYER:
+                tensors += p[name].parts if hasattr(p[name], "parts") else [p[name]]
+        tensors += [lean.norm, *lean.lm_head.parts]
+        self._keep = [t.contiguous() for t in tensors]  # the C side holds raw pointers into these
+        self.pointers = (ctypes.c_void_p * len(self._keep))(*[t.data_ptr() for t in self._keep])
+        self.vocab = lean.lm_head.out_features
+        self.inter = lean.layers[0]["down"].parts[0].shape[1] * 2
+
+    def __call__(self, tokens, pos, slots, t):
+        lean, (layers, n_slots, kv_heads, length, head_dim) = self.lean, self.lean.cache.k.shape
+        b = tokens.shape[0]
+        x = lean.embed[tokens].contiguous()  # [B, D], becomes the residual stream
+        pos, slots = pos.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
+        dims = torch.tensor([layers, x.shape[1], lean.heads, kv_heads, head_dim, self.inter, self.vocab,
+                             b, n_slots, length], dtype=torch.long)
+        logits = torch.empty(b, self.vocab)
+        self.lib.llama_decode(self.pointers, dims.data_ptr(), lean.eps, x.data_ptr(), pos.data_ptr(),
+                              slots.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),
+                              lean.cache.k.data_ptr(), lean.cache.v.data_ptr(), logits.data_ptr())
+        return logits

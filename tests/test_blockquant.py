@@ -1,0 +1,139 @@
+"""The C kernels and GGUF blocks: exact products, lossless-only quantization, the fused decode step.
+
+A matrix is put on the Q4_1 (or Q8_0) grid first (quantize, dequantize), as the default model's weights
+are; products then equal float32 ones up to summation order. Tests marked ``model`` check the served
+default against the float32 lean route on SmolLM2-135M.
+"""
+
+
+import pytest
+import torch
+
+from labserver import blockquant, kernels
+from labserver.config import EngineConfig, SamplingParams
+from labserver.engine import Engine
+from labserver.lean_llama import Fp16, LeanLlama
+from tests.test_lean_llama import lean_logits, tiny_llama
+
+
+def on_grid(w, kind="q4_1"):
+    """``w`` moved onto the block grid: what a GGUF file's dequantized weights look like."""
+    n = w.shape[0]
+    if kind == "q4_1":
+        (q, d, m), _ = blockquant.quantize_q4_1(w)
+        q = q.view(n, -1, 16)
+        nibbles = torch.cat([q & 15, q >> 4], -1).float()  # [N, K/32, 32]
+        return (nibbles * d[..., None] + m[..., None]).reshape(n, -1)
+    (q, d), _ = blockquant.quantize_q8_0(w)
+    return (q.view(n, -1, 32).float() * d[..., None]).reshape(n, -1)
+
+
+def test_the_kernels_build_here():
+    assert kernels.available() == (True, "")
+    assert kernels.build() == kernels.build()  # cached: the second call compiles nothing
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_block_products_equal_float32_ones(kind, rows):
+    g = torch.Generator().manual_seed(rows)
+    w = on_grid(torch.randn(96, 64, generator=g) * 0.05, kind)
+    matrix = blockquant.lossless(w, kind)
+    assert type(matrix).__name__ == kind.upper()
+    x, r = torch.randn(rows, 64, generator=g), torch.randn(rows, 96, generator=g)
+    torch.testing.assert_close(matrix(x), x @ w.T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(matrix.add(r.clone(), x), r + x @ w.T, rtol=0, atol=1e-5)
+
+
+def test_only_weights_on_the_grid_become_blocks():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    assert blockquant.lossless(w, "q4_1") is None and blockquant.lossless(w, "q8_0") is None
+    assert blockquant.lossless(on_grid(w), "q4_1") is not None
+    assert blockquant.lossless(on_grid(w)[:, :48], "q4_1") is None  # 48 inputs: not whole blocks
+    assert blockquant.lossless(on_grid(w, "q8_0"), "q8_0").nbytes == 8 * 64 + 8 * 2 * 4
+
+
+def grid_llama(**overrides):
+    """A tiny llama whose matrices sit on the Q4_1 grid and whose output matrix on the Q8_0 one."""
+    model = tiny_llama(**overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.copy_(on_grid(p))
+        model.lm_head.weight.copy_(on_grid(model.lm_head.weight, "q8_0"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return grid_llama(tie_word_embeddings=False)
+
+
+def test_block_llama_equals_float32_and_decodes_in_one_call(grid):
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    blocks = LeanLlama(grid, quant="q4_1", max_len=32)
+    assert blocks.formats() == ["q4_1", "q8_0"] and blocks.fused is not None
+    ref = lean_logits(LeanLlama(grid, max_len=32), ids, 6)
+    torch.testing.assert_close(lean_logits(blocks, ids, 6), ref, rtol=0, atol=1e-4)
+
+
+def test_fused_step_equals_the_torch_step_in_a_batch(grid):
+    """Three sequences at different lengths, in slots 2, 0, 3: the fused step matches the torch one."""
+    lean = LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32)
+    g = torch.Generator().manual_seed(2)
+    for slot, n in ((0, 3), (2, 9), (3, 5)):
+        lean.prefill(torch.randint(0, 256, (n,), generator=g).tolist(), slot)
+    k, v, lengths = lean.cache.k.clone(), lean.cache.v.clone(), list(lean.cache.lengths)
+    fused = lean.decode([7, 8, 9], [2, 0, 3])
+    fused_cache = lean.cache.k.clone()
+    lean.cache.k, lean.cache.v, lean.cache.lengths, lean.fused = k, v, lengths, None
+    torch.testing.assert_close(fused, lean.decode([7, 8, 9], [2, 0, 3]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(fused_cache, lean.cache.k, rtol=0, atol=1e-5)
+
+
+def test_matrices_off_the_grid_stay_in_float16():
+    lean = LeanLlama(tiny_llama(), quant="q4_1", max_len=8)  # random weights: no block reproduces them
+    assert lean.formats() == ["fp16"] and lean.fused is None
+    assert all(isinstance(p["qkv"], Fp16) for p in lean.layers)
+
+
+def test_auto_falls_back_to_float16_without_a_compiler(default_engine, monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: (False, "no C compiler (cc or gcc) on PATH"))
+    config = EngineConfig(threads=2, max_batch=1)
+    assert Engine(default_engine.source, default_engine.tokenizer, config).runner.name == "lean-fp16"
+
+
+@pytest.mark.model
+def test_default_model_is_all_blocks_and_its_logits_are_float32s(default_engine, exact_engine):
+    lean = default_engine.runner.lean
+    assert lean.fused is not None and lean.weight_bytes() < exact_engine.runner.lean.weight_bytes() / 4.5
+    params = SamplingParams(max_tokens=1, temperature=0)
+    a, b = default_engine.begin("Why is the sky blue?", params), exact_engine.begin("Why is the sky blue?", params)
+    try:
+        got, ref = default_engine.runner.prefill(a), exact_engine.runner.prefill(b)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)  # logits reach ~30: summation order only
+        a.last_token = b.last_token = int(ref.argmax())
+        torch.testing.assert_close(default_engine.runner.decode([a]), exact_engine.runner.decode([b]), rtol=0, atol=2e-3)
+    finally:
+        default_engine.runner.release(a), exact_engine.runner.release(b)
+
+
+@pytest.mark.model
+def test_batched_block_decoding_equals_each_sequence_alone(default_engine):
+    prompts = ["Write a haiku about the sea.", "List three uses of a paperclip.", "Why is the sky blue?"]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    alone = [default_engine.generate(p, params).token_ids for p in prompts]
+    seqs = [default_engine.begin(p, params) for p in prompts]
+    runner, out = default_engine.runner, [[] for _ in prompts]
+    try:
+        for i, s in enumerate(seqs):
+            s.last_token = int(runner.prefill(s).argmax())
+            out[i].append(s.last_token)
+        for _ in range(11):
+            for i, (s, logits) in enumerate(zip(seqs, runner.decode(seqs))):
+                s.last_token = int(logits.argmax())
+                out[i].append(s.last_token)
+    finally:
+        for s in seqs:
+            runner.release(s)
+    assert [o[:len(a)] for o, a in zip(out, alone)] == alone
