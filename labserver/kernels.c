@@ -85,6 +85,26 @@ INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q,
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), mx));
 }
 
+INLINE __m512 q8_0_block(const int8_t *q, const float *x) {
+    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                             _mm512_loadu_ps(x));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))),
+                           _mm512_loadu_ps(x + 16), p);
+}
+
+/* One output row against one row of x: sum_j q_j d x_j = d sum_j q_j x_j, two blocks at a time. */
+INLINE float q8_0_row(const float *x, long K, const int8_t *q, const float *d) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const long G = K / QK;
+    long g = 0;
+    for (; g + 1 < G; g += 2) {
+        acc0 = _mm512_fmadd_ps(q8_0_block(q + g * QK, x + g * QK), _mm512_set1_ps(d[g]), acc0);
+        acc1 = _mm512_fmadd_ps(q8_0_block(q + g * QK + QK, x + g * QK + QK), _mm512_set1_ps(d[g + 1]), acc1);
+    }
+    if (g < G) acc0 = _mm512_fmadd_ps(q8_0_block(q + g * QK, x + g * QK), _mm512_set1_ps(d[g]), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
                       float *y, int add, const int tb) {
     __m512 acc[TILE];
@@ -109,6 +129,13 @@ INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q,
     float s;
     (void)sx;
     q4_1_tile(x, K, 1, q, d, m, &s, 0, 1);
+    return s;
+}
+INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
+                      float *y, int add, const int tb);
+INLINE float q8_0_row(const float *x, long K, const int8_t *q, const float *d) {
+    float s;
+    q8_0_tile(x, K, 1, q, d, &s, 0, 1);
     return s;
 }
 
@@ -170,6 +197,11 @@ void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *
 
 void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
     const long G = K / QK;
+    if (M == 1) {
+#pragma omp parallel for schedule(static)
+        for (long n = 0; n < N; n++) store(y + n, q8_0_row(x, K, q + n * K, d + n * G), add);
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++)
         for (long b0 = 0; b0 < M; b0 += TILE) {
@@ -250,8 +282,69 @@ static void rotary(float *x, long n, long Dh, const float *cos, const float *sin
     const long half = Dh / 2;
     for (long h = 0; h < n; h++, x += Dh) {
         float tmp[Dh];
-        for (long j = 0; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[(j + half) % Dh] * sin[j];
+        for (long j = 0; j < half; j++) tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
+        for (long j = half; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[j - half] * sin[j];
         for (long j = 0; j < Dh; j++) x[j] = tmp[j];
+    }
+}
+
+#ifdef __AVX512F__
+/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf). */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.0f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
+static void silu_mul(const float *g, const float *u, float *a, long n) {
+    long i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static float dot(const float *a, const float *b, long n) {
+    long i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
+static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
+    float scores[n], top = -INFINITY, sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        scores[t] = dot(q, k + t * Dh, Dh) * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    for (long t = 0; t < n; t++) sum += (scores[t] = expf(scores[t] - top));
+    for (long j = 0; j < Dh; j++) out[j] = 0.0f;
+    for (long t = 0; t < n; t++) {
+        const float pt = scores[t] / sum, *vt = v + t * Dh;
+        for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
     }
 }
 
@@ -283,33 +376,13 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
 #pragma omp parallel for collapse(2) schedule(static)
         for (long b = 0; b < B; b++)
             for (long hd = 0; hd < H; hd++) {
-                const long n = pos[b] + 1, base = (slots[b] * Hkv + hd / group) * T * Dh;
-                const float *q = qkv + b * Nqkv + hd * Dh;
-                float scores[n], *out = att + (b * H + hd) * Dh, top = -INFINITY, sum = 0.0f;
-                for (long t = 0; t < n; t++) {
-                    const float *kt = kl + base + t * Dh;
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (long j = 0; j < Dh; j++) s += q[j] * kt[j];
-                    scores[t] = s * scale;
-                    top = scores[t] > top ? scores[t] : top;
-                }
-                for (long t = 0; t < n; t++) sum += (scores[t] = expf(scores[t] - top));
-                for (long j = 0; j < Dh; j++) out[j] = 0.0f;
-                for (long t = 0; t < n; t++) {
-                    const float *vt = vl + base + t * Dh, pt = scores[t] / sum;
-                    for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
-                }
+                const long base = (slots[b] * Hkv + hd / group) * T * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + (b * H + hd) * Dh);
             }
         q4_1_matmul(att, B, H * Dh, p[O_Q], p[O_D], p[O_M], D, x, 1);
         rms_norm(x, p[LN2], h, B, D, eps);
         q4_1_matmul(h, B, D, p[GU_Q], p[GU_D], p[GU_M], 2 * I, gu, 0);
-        for (long b = 0; b < B; b++) {
-            const float *g = gu + b * 2 * I, *u = g + I;
-            float *a = act + b * I;
-#pragma omp simd
-            for (long i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        }
+        for (long b = 0; b < B; b++) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, act + b * I, I);
         q4_1_matmul(act, B, I, p[DOWN_Q], p[DOWN_D], p[DOWN_M], D, x, 1);
     }
     const void **tail = w + L * PER_LAYER;
