@@ -224,7 +224,8 @@ class LeanLlama:
                 return w[p + name + ".weight"]
 
             def proj(*names, module="self_attn"):
-                return torch.cat([get(f"{module}.{n}_proj") for n in names])
+                parts = [get(f"{module}.{n}_proj") for n in names]
+                return torch.cat(parts) if len(parts) > 1 else parts[0]  # one: a view of the source, no copy
 
             return dict(
                 ln1=get("input_layernorm").float(),

@@ -107,15 +107,18 @@ lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1], "to
 
 # %% [markdown]
 # A step of 8 sequences costs much less than 8 steps of one (compare the "step vs B=1" column with B).
-# A decode step of this model reads all its weights (~270 MB: the server stores them in float16) and does
-# little arithmetic per byte; with B sequences the weights are read once for all of them, and only attention, which reads each
-# sequence's own KV cache, grows with B. Production servers add a paged KV cache (vLLM's
+# A decode step of this model reads all its weights (~110 MB: the server keeps the GGUF file's 4-bit
+# blocks) and does little arithmetic per byte; with B sequences the weights are read once for all of
+# them, and only attention, which reads each sequence's own KV cache, grows with B. The arithmetic does
+# grow with B, though: the multiply-adds run in float32, and on a 2-core CPU 8 rows of them cost about
+# as much again as reading the weights, so a step of 8 costs ~2.5 steps of one rather than ~1. Production servers add a paged KV cache (vLLM's
 # PagedAttention) so that memory is allocated in blocks as sequences grow, not reserved up front.
 #
 # ## 5. A separate engine process
 #
 # Here the web layer and the engine share one process, and with it one GIL: the engine thread's Python
-# code (the model's modules, sampling, detokenizing) competes with the event loop for it. That is the
+# code (sampling, detokenizing, the scheduler; the default model's forward runs in C and lets go of the
+# GIL) competes with the event loop for it, and on 2 cores for the CPU as well. That is the
 # noise in `/health` and part of the client-side overhead. vLLM V1 splits them: the API server process
 # (HTTP, tokenizing, detokenizing, streaming) talks over ZeroMQ sockets to an `EngineCoreProc`, a
 # separate process whose busy loop only schedules, runs the model and sends back new token ids. The
