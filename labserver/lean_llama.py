@@ -146,13 +146,9 @@ class Int4(Linear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
 
 
-def blocks(kind: str):
-    """A format that stores a matrix in GGUF blocks when that loses nothing, in float16 when it would."""
-    from . import blockquant
-
-    def make(w: torch.Tensor, dtype: torch.dtype) -> Linear:
-        return blockquant.lossless(w, kind) or Fp16(w, dtype)
-    return make
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Projections that share an input, stacked into one matrix (one matmul for q, k and v)."""
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class KVCache:
@@ -203,7 +199,7 @@ class LeanLlama:
     or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts.
     """
 
-    def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048):
+    def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048, blocks_file=None):
         if not supports(model):
             raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
         if quant not in QUANTS:
@@ -217,32 +213,45 @@ class LeanLlama:
         self.heads, self.kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
-        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4, "q4_1": blocks("q4_1")}[quant]
+        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4}.get(quant)
+        # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
+        Head = {None: Dense, "fp16": Fp16}.get(quant, Int8)
+        if quant == "q4_1":
+            from . import blockquant
+
+            store = blockquant.BlockStore(blocks_file)  # blocks quantized by an earlier start, if any
+
+            def fmt(name, parts, kind="q4_1"):
+                return store.get(name, parts, kind) or Fp16(_joined(parts), dtype)
+        else:
+            def fmt(name, parts):
+                return (Head if name == "lm_head" else Format)(_joined(parts), dtype)
 
         def layer(i):
             def get(name, p=f"model.layers.{i}."):
                 return w[p + name + ".weight"]
 
             def proj(*names, module="self_attn"):
-                parts = [get(f"{module}.{n}_proj") for n in names]
-                return torch.cat(parts) if len(parts) > 1 else parts[0]  # one: a view of the source, no copy
+                return [get(f"{module}.{n}_proj") for n in names]
 
             return dict(
                 ln1=get("input_layernorm").float(),
-                qkv=Format(proj("q", "k", "v"), dtype),
-                o=Format(proj("o"), dtype),
+                qkv=fmt(f"layers.{i}.qkv", proj("q", "k", "v")),
+                o=fmt(f"layers.{i}.o", proj("o")),
                 ln2=get("post_attention_layernorm").float(),
-                gate_up=Format(proj("gate", "up", module="mlp"), dtype),
-                down=Format(proj("down", module="mlp"), dtype))
+                gate_up=fmt(f"layers.{i}.gate_up", proj("gate", "up", module="mlp")),
+                down=fmt(f"layers.{i}.down", proj("down", module="mlp")))
 
-        # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
-        head = {None: Dense, "fp16": Fp16, "q4_1": blocks("q8_0")}.get(quant, Int8)
         # Packing (fbgemm's float16 layout, the int4 layout) runs on one core per matrix: spread the
         # matrices over short-lived threads, one per torch thread (2.0 s instead of 3.2 s here for float16).
         with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="lean-build") as pool:
-            lm_head = pool.submit(head, w["lm_head.weight"], dtype)
+            head_args = ("lm_head", [w["lm_head.weight"]]) + (("q8_0",) if quant == "q4_1" else ())
+            lm_head = pool.submit(fmt, *head_args)
             self.layers = list(pool.map(layer, range(c.num_hidden_layers)))
             self.lm_head = lm_head.result()
+        if quant == "q4_1":
+            store.save({f"layers.{i}.{k}": m for i, p in enumerate(self.layers) for k, m in p.items()}
+                       | {"lm_head": self.lm_head})
         self.embed = w["model.embed_tokens.weight"].float()  # [V, D]
         self.norm = w["model.norm.weight"].float()
         half = self.head_dim // 2

@@ -137,3 +137,22 @@ def test_batched_block_decoding_equals_each_sequence_alone(default_engine):
         for s in seqs:
             runner.release(s)
     assert [o[:len(a)] for o, a in zip(out, alone)] == alone
+
+
+def test_blocks_are_kept_for_the_next_start(grid, tmp_path):
+    path = tmp_path / "blocks.safetensors"
+    ids = [5, 17, 99, 3, 42, 7]
+    first = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)
+    assert path.is_file()
+    store = blockquant.BlockStore(path)
+    assert store.loaded and set(store.tensors) >= {"layers.0.qkv.0", "layers.1.down.2", "lm_head.1"}
+    again = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)  # maps the file, quantizes nothing
+    assert again.layers[0]["qkv"].parts[0].data_ptr() != first.layers[0]["qkv"].parts[0].data_ptr()
+    torch.testing.assert_close(lean_logits(again, ids, 3), lean_logits(first, ids, 3), rtol=0, atol=0)
+
+
+def test_an_unreadable_block_file_is_quantized_again(grid, tmp_path):
+    path = tmp_path / "blocks.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    lean = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)
+    assert lean.fused is not None and lean.formats() == ["q4_1", "q8_0"]
