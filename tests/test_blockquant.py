@@ -34,7 +34,7 @@ def test_the_kernels_build_here():
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 20])  # 20: many rows go to the float32 matrix
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 20])
 def test_block_products_equal_float32_ones(kind, rows):
     g = torch.Generator().manual_seed(rows)
     w = on_grid(torch.randn(96, 64, generator=g) * 0.05, kind)
@@ -146,7 +146,7 @@ def test_blocks_are_kept_for_the_next_start(grid, tmp_path):
     assert path.is_file()
     store = blockquant.BlockStore(path)
     assert store.loaded and set(store.tensors) >= {"layers.0.qkv.0", "layers.1.down.2", "lm_head.1"}
-    again = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)  # maps the file, quantizes nothing
+    again = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)  # reads the file, quantizes nothing
     assert again.layers[0]["qkv"].parts[0].data_ptr() != first.layers[0]["qkv"].parts[0].data_ptr()
     torch.testing.assert_close(lean_logits(again, ids, 3), lean_logits(first, ids, 3), rtol=0, atol=0)
 
