@@ -18,6 +18,9 @@
    multiple of 32 (the Python side keeps such matrices in another format), prefill (torch runs it, with
    the products above). */
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef __AVX512F__
@@ -177,8 +180,9 @@ INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const flo
         case 7: call(7); break; default: call(8); break;                                    \
     }
 
-void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *d, const float *m,
-                 long N, float *y, int add) {
+/* Rows n0..n1 of y, the share of one thread. */
+static void q4_1_rows(const float *x, long M, long K, const uint8_t *q, const float *d, const float *m,
+                      long N, float *y, int add, long n0, long n1) {
     const long G = K / QK;
     if (M == 1) {
         float sx[G];
@@ -188,12 +192,10 @@ void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *
             for (int j = 0; j < QK; j++) s += x[g * QK + j];
             sx[g] = s;
         }
-#pragma omp parallel for schedule(static)
-        for (long n = 0; n < N; n++) store(y + n, q4_1_row(x, sx, K, q + n * K / 2, d + n * G, m + n * G), add);
+        for (long n = n0; n < n1; n++) store(y + n, q4_1_row(x, sx, K, q + n * K / 2, d + n * G, m + n * G), add);
         return;
     }
-#pragma omp parallel for schedule(static)
-    for (long n = 0; n < N; n++)
+    for (long n = n0; n < n1; n++)
         for (long b0 = 0; b0 < M; b0 += TILE) {
             const int tb = M - b0 < TILE ? (int)(M - b0) : TILE;
 #define Q4(T) q4_1_tile(x + b0 * K, K, N, q + n * K / 2, d + n * G, m + n * G, y + b0 * N + n, add, T)
@@ -201,20 +203,44 @@ void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *
         }
 }
 
-void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add,
+                      long n0, long n1) {
     const long G = K / QK;
     if (M == 1) {
-#pragma omp parallel for schedule(static)
-        for (long n = 0; n < N; n++) store(y + n, q8_0_row(x, K, q + n * K, d + n * G), add);
+        for (long n = n0; n < n1; n++) store(y + n, q8_0_row(x, K, q + n * K, d + n * G), add);
         return;
     }
-#pragma omp parallel for schedule(static)
-    for (long n = 0; n < N; n++)
+    for (long n = n0; n < n1; n++)
         for (long b0 = 0; b0 < M; b0 += TILE) {
             const int tb = M - b0 < TILE ? (int)(M - b0) : TILE;
 #define Q8(T) q8_0_tile(x + b0 * K, K, N, q + n * K, d + n * G, y + b0 * N + n, add, T)
             EACH_TILE(Q8)
         }
+}
+
+/* This thread's share [*n0, *n1) of n items, in contiguous ranges. */
+static void share(long n, long *n0, long *n1) {
+    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *n0 = n * t / nt, *n1 = n * (t + 1) / nt;
+}
+
+void q4_1_matmul(const float *x, long M, long K, const uint8_t *q, const float *d, const float *m,
+                 long N, float *y, int add) {
+#pragma omp parallel
+    {
+        long n0, n1;
+        share(N, &n0, &n1);
+        q4_1_rows(x, M, K, q, d, m, N, y, add, n0, n1);
+    }
+}
+
+void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+#pragma omp parallel
+    {
+        long n0, n1;
+        share(N, &n0, &n1);
+        q8_0_rows(x, M, K, q, d, N, y, add, n0, n1);
+    }
 }
 
 /* Quantize w [N, K] into the blocks above (rounding half to even, as torch.round does); return how many
@@ -358,6 +384,34 @@ static void attend(const float *q, const float *k, const float *v, long n, long 
    dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T.
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
    sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten. */
+/* A barrier for the threads of one parallel region that spins (then yields) instead of sleeping: the
+   step's ~150 synchronisations then cost ~1 us each, even when libgomp has gone to futex-sleeping
+   workers (it does once the process has more OpenMP threads than cores; notebook 3 shows the cost). */
+typedef struct {
+    atomic_int count, phase;
+} barrier_t;
+
+static void barrier(barrier_t *b, int nt) {
+    const int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->count, 1) == nt - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->phase, phase + 1);
+        return;
+    }
+    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
+        if (spins > 2000) sched_yield();  /* the other thread lost its core: give it ours */
+#ifdef __AVX512F__
+        _mm_pause();
+#endif
+    }
+}
+
+/* w: PER_LAYER pointers per layer, then the final norm, the output matrix's Q8_0 blocks and scales.
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T.
+   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
+   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
+   One parallel region for the whole step: thread 0 does the small serial parts, every matrix product
+   and the attention heads are split between the threads, and spin barriers separate the phases. */
 void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
                   const float *cos, const float *sin, float *kc, float *vc, float *logits) {
     const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
@@ -366,33 +420,56 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
     float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
     float *act = malloc(sizeof(float) * B * I);
     const float scale = 1.0f / sqrtf((float)Dh);
-    for (long l = 0; l < L; l++) {
-        const void **p = w + l * PER_LAYER;
-        float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
-        rms_norm(x, p[LN1], h, B, D, eps);
-        q4_1_matmul(h, B, D, p[QKV_Q], p[QKV_D], p[QKV_M], Nqkv, qkv, 0);
-        for (long b = 0; b < B; b++) {
-            float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
-            rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
-            for (long g = 0; g < Hkv; g++) {
-                const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
-                for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
+    barrier_t bar = {0, 0};
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long n0, n1;
+        for (long l = 0; l < L; l++) {
+            const void **p = w + l * PER_LAYER;
+            float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
+            if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
+            barrier(&bar, nt);
+            share(Nqkv, &n0, &n1);
+            q4_1_rows(h, B, D, p[QKV_Q], p[QKV_D], p[QKV_M], Nqkv, qkv, 0, n0, n1);
+            barrier(&bar, nt);
+            if (t == 0)
+                for (long b = 0; b < B; b++) {
+                    float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
+                    rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
+                    for (long g = 0; g < Hkv; g++) {
+                        const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
+                        for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
+                    }
+                }
+            barrier(&bar, nt);
+            share(B * H, &n0, &n1);
+            for (long i = n0; i < n1; i++) {
+                const long b = i / H, hd = i % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + i * Dh);
             }
+            barrier(&bar, nt);
+            share(D, &n0, &n1);
+            q4_1_rows(att, B, H * Dh, p[O_Q], p[O_D], p[O_M], D, x, 1, n0, n1);
+            barrier(&bar, nt);
+            if (t == 0) rms_norm(x, p[LN2], h, B, D, eps);
+            barrier(&bar, nt);
+            share(2 * I, &n0, &n1);
+            q4_1_rows(h, B, D, p[GU_Q], p[GU_D], p[GU_M], 2 * I, gu, 0, n0, n1);
+            barrier(&bar, nt);
+            share(I, &n0, &n1);
+            for (long b = 0; b < B; b++)
+                silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
+            barrier(&bar, nt);
+            share(D, &n0, &n1);
+            q4_1_rows(act, B, I, p[DOWN_Q], p[DOWN_D], p[DOWN_M], D, x, 1, n0, n1);
+            barrier(&bar, nt);
         }
-#pragma omp parallel for collapse(2) schedule(static)
-        for (long b = 0; b < B; b++)
-            for (long hd = 0; hd < H; hd++) {
-                const long base = (slots[b] * Hkv + hd / group) * T * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + (b * H + hd) * Dh);
-            }
-        q4_1_matmul(att, B, H * Dh, p[O_Q], p[O_D], p[O_M], D, x, 1);
-        rms_norm(x, p[LN2], h, B, D, eps);
-        q4_1_matmul(h, B, D, p[GU_Q], p[GU_D], p[GU_M], 2 * I, gu, 0);
-        for (long b = 0; b < B; b++) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, act + b * I, I);
-        q4_1_matmul(act, B, I, p[DOWN_Q], p[DOWN_D], p[DOWN_M], D, x, 1);
+        const void **tail = w + L * PER_LAYER;
+        if (t == 0) rms_norm(x, tail[0], h, B, D, eps);
+        barrier(&bar, nt);
+        share(V, &n0, &n1);
+        q8_0_rows(h, B, D, tail[1], tail[2], V, logits, 0, n0, n1);
     }
-    const void **tail = w + L * PER_LAYER;
-    rms_norm(x, tail[0], h, B, D, eps);
-    q8_0_matmul(h, B, D, tail[1], tail[2], V, logits, 0);
     free(h), free(qkv), free(att), free(gu), free(act);
 }

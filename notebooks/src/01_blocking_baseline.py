@@ -88,7 +88,7 @@ print(f"engine alone (this thread):   step p50 {lab.median(e.step_ms for e in co
 print(f"behind Flask (its own thread): step p50 {lab.median(trace.decode_step_ms):.1f} ms")
 
 # %% [markdown]
-# On a quiet machine the steps behind Flask are slower (~33 ms alone, ~50 ms behind Flask on 2 cores):
+# On a quiet machine the steps behind Flask are slower (~7 ms alone, ~19 ms behind Flask on 2 cores):
 # a second thread of this process now runs the model, and that alone makes every step slower, in both
 # threads. If other programs keep the cores busy, you may see the opposite, with the first numbers far
 # slower. Notebook 3 measures both; here it only changes how long the wait is.
@@ -145,8 +145,8 @@ for i, t in enumerate(sorted(traces, key=lambda t: t.ttft_ms)):
 #
 # ## Summary
 #
-# - The engine produces tokens one by one: a prefill (here ~100 ms), then a decode step of a few tens of
-#   ms per token.
+# - The engine produces tokens one by one: a prefill (here ~100 ms), then a decode step of several ms
+#   per token (~7-10 ms here).
 # - A blocking server sends nothing until the last token: **TTFT = E2E ≈ prefill + (n - 1) × step**, and
 #   all ITLs are 0. The user stares at nothing for the whole generation.
 # - While it generates, a one-request-at-a-time server answers nothing: `/health` and a second user wait

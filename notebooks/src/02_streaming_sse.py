@@ -126,9 +126,9 @@ lab.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0
 # %% [markdown]
 # The total time (E2E) and the tokens per second are about the same: both servers run the same engine
 # for the same number of steps. Only the TTFT changes: from the whole generation,
-# `prefill + (n - 1) * step`, to about one prefill. The factor grows with the length of the answer: ten
-# times or more for these 32 tokens, hundreds of times for an answer of a few hundred tokens. That is the
-# whole case for streaming.
+# `prefill + (n - 1) * step`, to about one prefill. The factor, about `1 + (n - 1) * step / prefill`, grows
+# with the length of the answer: several times for these 32 tokens (~8 ms steps against a ~100 ms
+# prefill), tens of times for an answer of a few hundred tokens. That is the whole case for streaming.
 #
 # ## Summary
 #

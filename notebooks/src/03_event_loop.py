@@ -91,11 +91,12 @@ print(f"engine thread, again: step p50 {again.step_p50_ms:.1f} ms  "
       f"({again.torch_threads_before} threads had run the model before it)")
 
 # %% [markdown]
-# Same thread, same code: on a quiet 2-core machine its steps take ~33 ms the first time and ~50 ms
+# Same thread, same code: on a quiet 2-core machine its steps take ~8 ms the first time and ~20 ms
 # now (on a busy one the noise can hide part of it). On the CPU, PyTorch parallelizes each operation with
-# OpenMP, and OpenMP keeps one team of worker threads *per calling thread*. One team of 2 threads fits the
-# 2 cores, and its workers wait for the next operation by spinning, so the hundreds of small operations
-# of a decode step start at once. Once a second thread has run the model there are more OpenMP threads
+# OpenMP (so do the C kernels of the default model's decode step, in the same runtime), and OpenMP keeps
+# one team of worker threads *per calling thread*. One team of 2 threads fits the 2 cores, and its
+# workers wait for the next operation by spinning, so the ~150 parallel operations of a decode step
+# start at once. Once a second thread has run the model there are more OpenMP threads
 # than cores, and libgomp (the OpenMP runtime in PyTorch's CPU wheels) then spins only briefly before
 # putting its workers to sleep (see `GOMP_SPINCOUNT` in its manual). From then on every operation pays
 # to wake them up, in every thread, for the rest of the process's life.
@@ -135,8 +136,9 @@ print(f"engine in a thread:    {len(in_thread):3d} beats, longest gap {max(in_th
 # %% [markdown]
 # Called on the loop, the generation stops the heartbeat for its whole duration: no other coroutine
 # (no other request, no `/health`) runs meanwhile. In a thread the heartbeat keeps going. Its gaps are
-# not all 5 ms: both threads share the interpreter's lock (the GIL), and the model's Python code holds it
-# between torch operations. That costs milliseconds, not whole generations.
+# not all 5 ms: both threads share the interpreter's lock (the GIL), and the engine's Python code
+# (sampling, detokenizing; the default model's forward itself runs in C and lets go of it) holds it now
+# and then. That costs milliseconds, not whole generations.
 #
 # ## 4. Trap 1: the seed's loop never ends
 #
