@@ -88,10 +88,11 @@ print(f"engine alone (this thread):   step p50 {lab.median(e.step_ms for e in co
 print(f"behind Flask (its own thread): step p50 {lab.median(trace.decode_step_ms):.1f} ms")
 
 # %% [markdown]
-# On a quiet machine the steps behind Flask are slower (~7 ms alone, ~19 ms behind Flask on 2 cores):
-# a second thread of this process now runs the model, and that alone makes every step slower, in both
-# threads. If other programs keep the cores busy, you may see the opposite, with the first numbers far
-# slower. Notebook 3 measures both; here it only changes how long the wait is.
+# The steps behind Flask take about as long as alone (a few ms either way is noise), though a second
+# thread of this process now runs the model. With PyTorch's own path (`EngineConfig(quant="none")`)
+# that alone would make every step slower, in both threads; this model's default route runs each
+# decode step as one call into a C kernel built to be spared it. Notebook 3 measures the effect and
+# why; here it would only change how long the wait is.
 #
 # The client records a `Trace`: when each token arrived, in ms after the request was sent, and what the
 # server says it spent on it (`step_ms`, from the JSON body). The names follow `vllm bench serve`:

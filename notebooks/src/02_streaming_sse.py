@@ -100,7 +100,7 @@ print(f"client TTFT / server prefill     = {s['p50_ttft_ms'] / s['p50_prefill_ms
 
 # %% [markdown]
 # Both ratios are close to 1: framing a token as SSE and sending it takes a fraction of a millisecond
-# next to a decode step of tens of milliseconds. (The client, the server and the engine share one
+# next to a decode step of several milliseconds (the faster the engine, the more that fraction shows). (The client, the server and the engine share one
 # Python process here, so a busy moment for one shows up in the others' timings too.)
 #
 # ## 4. Streaming vs blocking on the same prompt
@@ -127,7 +127,7 @@ lab.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0
 # The total time (E2E) and the tokens per second are about the same: both servers run the same engine
 # for the same number of steps. Only the TTFT changes: from the whole generation,
 # `prefill + (n - 1) * step`, to about one prefill. The factor, about `1 + (n - 1) * step / prefill`, grows
-# with the length of the answer: several times for these 32 tokens (~8 ms steps against a ~100 ms
+# with the length of the answer: a few times for these 32 tokens (~8 ms steps against a ~100 ms
 # prefill), tens of times for an answer of a few hundred tokens. That is the whole case for streaming.
 #
 # ## Summary

@@ -23,12 +23,17 @@
 #
 # Four servers on one engine. `ThreadRecorder` wraps the engine and notes which thread ran each step of
 # each generation; everything else passes straight through to the engine.
+#
+# This notebook runs the model's float32 weights through PyTorch (`quant="none"`), the path any model
+# takes: a decode step is a few hundred PyTorch operations. (The server's default for this model runs
+# the whole step as one call into a C kernel; section 2 says why that one is spared the effect measured
+# there.)
 
 # %%
 from labserver import Engine, EngineConfig, SamplingParams, checks, lab
 from labserver.serving import start_fastapi, start_flask, stop_all
 
-engine = Engine.from_config(EngineConfig())
+engine = Engine.from_config(EngineConfig(quant="none"))
 recorder = lab.ThreadRecorder(engine)
 PROMPT, MAX_TOKENS = lab.PROMPT, 32
 servers = {"flask": start_flask(recorder)}
@@ -91,15 +96,18 @@ print(f"engine thread, again: step p50 {again.step_p50_ms:.1f} ms  "
       f"({again.torch_threads_before} threads had run the model before it)")
 
 # %% [markdown]
-# Same thread, same code: on a quiet 2-core machine its steps take ~8 ms the first time and ~20 ms
+# Same thread, same code: on a quiet 2-core machine its steps take ~33 ms the first time and ~50 ms
 # now (on a busy one the noise can hide part of it). On the CPU, PyTorch parallelizes each operation with
-# OpenMP (so do the C kernels of the default model's decode step, in the same runtime), and OpenMP keeps
-# one team of worker threads *per calling thread*. One team of 2 threads fits the 2 cores, and its
-# workers wait for the next operation by spinning, so the ~150 parallel operations of a decode step
-# start at once. Once a second thread has run the model there are more OpenMP threads
+# OpenMP, and OpenMP keeps one team of worker threads *per calling thread*. One team of 2 threads fits
+# the 2 cores, and its workers wait for the next operation by spinning, so the hundreds of small
+# operations of a decode step start at once. Once a second thread has run the model there are more OpenMP threads
 # than cores, and libgomp (the OpenMP runtime in PyTorch's CPU wheels) then spins only briefly before
 # putting its workers to sleep (see `GOMP_SPINCOUNT` in its manual). From then on every operation pays
 # to wake them up, in every thread, for the rest of the process's life.
+#
+# The default route's C kernel (`labserver/kernels.c`) is built around this: its whole decode step is
+# *one* OpenMP parallel region, whose threads meet at barriers that spin instead of sleeping, so it wakes
+# the team once per step instead of once per operation.
 #
 # If other programs were busy on the same cores while this ran, your numbers may show the opposite:
 # the first measurement many times *slower*. Spinning is fast only while the team has the cores to

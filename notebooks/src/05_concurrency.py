@@ -110,8 +110,8 @@ lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1], "to
 # A decode step of this model reads all its weights (~110 MB: the server keeps the GGUF file's 4-bit
 # blocks) and does little arithmetic per byte; with B sequences the weights are read once for all of
 # them, and only attention, which reads each sequence's own KV cache, grows with B. The arithmetic does
-# grow with B, though: the multiply-adds run in float32, and on a 2-core CPU 8 rows of them cost about
-# as much again as reading the weights, so a step of 8 costs ~2.5 steps of one rather than ~1. Production servers add a paged KV cache (vLLM's
+# grow with B, though: the multiply-adds run in float32, and on a 2-core CPU 8 rows of them cost
+# several times the reading of the weights, so a step of 8 costs ~3-4 steps of one: still half of 8. Production servers add a paged KV cache (vLLM's
 # PagedAttention) so that memory is allocated in blocks as sequences grow, not reserved up front.
 #
 # ## 5. A separate engine process
