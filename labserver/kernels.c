@@ -243,15 +243,19 @@ void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d
     }
 }
 
+static float absmax(const float *x, long n) {
+    float top = 0.0f;
+    for (long i = 0; i < n; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+    return top;
+}
+
 /* Quantize w [N, K] into the blocks above (rounding half to even, as torch.round does); return how many
    weights the blocks miss by more than `rtol` times their row's largest magnitude (0: the blocks are w). */
 long q4_1_quantize(const float *w, long N, long K, uint8_t *q, float *d, float *m, float rtol) {
     long missed = 0;
 #pragma omp parallel for schedule(static) reduction(+ : missed)
     for (long n = 0; n < N; n++) {
-        const float *row = w + n * K;
-        float big = 0.0f;
-        for (long k = 0; k < K; k++) big = fabsf(row[k]) > big ? fabsf(row[k]) : big;
+        const float *row = w + n * K, big = absmax(row, K);
         for (long g = 0; g < K / QK; g++) {
             const float *x = row + g * QK;
             float lo = x[0], hi = x[0];
@@ -275,14 +279,10 @@ long q8_0_quantize(const float *w, long N, long K, int8_t *q, float *d, float rt
     long missed = 0;
 #pragma omp parallel for schedule(static) reduction(+ : missed)
     for (long n = 0; n < N; n++) {
-        const float *row = w + n * K;
-        float big = 0.0f;
-        for (long k = 0; k < K; k++) big = fabsf(row[k]) > big ? fabsf(row[k]) : big;
+        const float *row = w + n * K, big = absmax(row, K);
         for (long g = 0; g < K / QK; g++) {
             const float *x = row + g * QK;
-            float top = 0.0f;
-            for (int j = 0; j < QK; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
-            const float dg = top / 127.0f, inv = dg > 0.0f ? dg : 1e-30f;
+            const float dg = absmax(x, QK) / 127.0f, inv = dg > 0.0f ? dg : 1e-30f;
             for (int j = 0; j < QK; j++) {
                 float a = clamp(nearbyintf(x[j] / inv), -127.0f, 127.0f);
                 q[n * K + g * QK + j] = (int8_t)a;
