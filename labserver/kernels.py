@@ -29,7 +29,7 @@ from .config import default_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -fno-math-errno lets expf vectorize (glibc's libmvec); no -ffast-math: the sums keep their rounding.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
 
 
 def _cpu_flags() -> str:
@@ -39,12 +39,18 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def build(cache_dir: str | None = None) -> Path:
-    """Compile ``kernels.c`` unless the cache holds it already; return the library's path."""
+def build(cache_dir: str | None = None, arch: str = "native") -> Path:
+    """Compile ``kernels.c`` for ``-march=arch`` unless the cache holds it already; return the library's path.
+
+    "native" uses what this CPU has (AVX-512 here); a generic one such as "x86-64" builds the portable C
+    paths, which the tests run against the native ones.
+    """
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    flags = [f"-march={arch}", *FLAGS]
+    cpu = _cpu_flags() if arch == "native" else ""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cpu.encode()).hexdigest()[:16]
     target = Path(cache_dir or default_cache_dir()) / "kernels" / f"kernels-{key}.so"
     if target.is_file():
         return target
@@ -52,19 +58,16 @@ def build(cache_dir: str | None = None) -> Path:
     # Build beside the target and rename: a concurrent or interrupted build never leaves half a library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *FLAGS], capture_output=True, text=True)
+        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
         out.replace(target)
     return target
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as exc:
-        return None, str(exc)
+def load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     ptr, n = ctypes.c_void_p, ctypes.c_long
     lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, ptr, ptr, n, ptr, ctypes.c_int]
     lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
@@ -74,7 +77,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.q4_1_quantize.argtypes = [ptr, n, n, ptr, ptr, ptr, ctypes.c_float]
     lib.q8_0_quantize.argtypes = [ptr, n, n, ptr, ptr, ctypes.c_float]
     lib.q4_1_quantize.restype = lib.q8_0_quantize.restype = ctypes.c_long
-    return lib, ""
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        return load(build()), ""
+    except (RuntimeError, OSError) as exc:
+        return None, str(exc)
 
 
 def library() -> ctypes.CDLL | None:

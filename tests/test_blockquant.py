@@ -156,3 +156,32 @@ def test_an_unreadable_block_file_is_quantized_again(grid, tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     lean = LeanLlama(grid, quant="q4_1", max_len=16, blocks_file=path)
     assert lean.fused is not None and lean.formats() == ["q4_1", "q8_0"]
+
+
+def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path):
+    """A CPU without AVX-512 runs the plain C loops: built for generic x86-64, they must give the same
+    products, quantization and decode step as the vector code."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the native build is the portable one here")
+    portable = kernels.load(kernels.build(str(tmp_path), arch="x86-64"))
+    blocks = LeanLlama(grid, quant="q4_1", max_batch=2, max_len=32)
+    native = blocks.layers[0]["gate_up"]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    expected = native(x)
+    native._lib = portable
+    torch.testing.assert_close(native(x), expected, rtol=0, atol=1e-5)
+    w = on_grid(torch.randn(96, 64, generator=torch.Generator().manual_seed(4)))
+    q, d, m = (torch.empty(96, 32, dtype=torch.uint8), torch.empty(96, 2), torch.empty(96, 2))
+    assert portable.q4_1_quantize(w.data_ptr(), 96, 64, q.data_ptr(), d.data_ptr(), m.data_ptr(), 4e-7) == 0
+    assert torch.equal(q, blockquant.quantize_q4_1(w)[0][0])
+    ids = [5, 17, 99, 3, 42, 7]
+    ref = lean_logits(blocks, ids, 3, slot=0)
+    blocks.fused.lib = portable
+    for p in blocks.layers:
+        for matrix in p.values():
+            if hasattr(matrix, "_lib"):
+                matrix._lib = portable
+    blocks.lm_head._lib = portable
+    torch.testing.assert_close(lean_logits(blocks, ids, 3, slot=1), ref, rtol=0, atol=1e-4)
