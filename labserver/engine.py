@@ -49,6 +49,10 @@ class Completion:
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; otherwise temperature, then nucleus (top-p) sampling."""
     if params.greedy:
+        # numpy's argmax on a CPU float32 row: 4 us here for 49152 logits, against 107 us for torch's,
+        # which splits a reduction this small across threads. Both return the first maximum.
+        if logits.dtype == torch.float32 and logits.device.type == "cpu":
+            return int(logits.numpy().argmax())
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

@@ -141,3 +141,14 @@ def test_config_rejects_quant_without_the_lean_runner():
         EngineConfig(impl="transformers", quant="int4")
     with pytest.raises(ValueError, match="quant"):
         EngineConfig(quant="int2")
+
+
+def test_greedy_picks_the_first_maximum_in_any_dtype():
+    from labserver.engine import sample_token
+
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    logits = torch.tensor([0.5, 3.0, -1.0, 3.0])
+    assert sample_token(logits, greedy, None) == 1  # a tie: the first, as torch.argmax
+    assert sample_token(logits.to(torch.bfloat16), greedy, None) == 1
+    rows = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    assert [sample_token(r, greedy, None) for r in rows] == rows.argmax(1).tolist()
