@@ -218,8 +218,9 @@ def test_sweep_on_the_batched_server(default_engine):
         serving.stop("test-batched-sweep")
     steps = lab.step_ms_by_batch(loads)
     assert 3 in steps and all(ms > 0 for ms in steps.values())
-    # One step for all three: a stream's gap is one (bigger) step, not three steps in turn.
-    assert loads[1].row()["ITL p50 ms"] < 2 * loads[0].row()["ITL p50 ms"]
+    # One step for all three: a stream's gap is one (bigger) step of three sequences, as the server reports
+    # it, not three steps in turn. (How much bigger depends on the CPU: compute-bound here, ~2-2.5x.)
+    assert loads[1].row()["ITL p50 ms"] < 1.5 * steps[3]
 
 
 # -- checkers: reference solutions pass, wrong answers and stubs do not -------------------------------
