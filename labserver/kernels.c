@@ -10,14 +10,14 @@
    (the same libgomp team torch uses, so `torch.set_num_threads` on the calling thread applies).
    `q4_1_quantize` / `q8_0_quantize` make the blocks and count the weights they would not reproduce.
 
-   2. `llama_decode`: one decode step of B sequences through every layer, the same arithmetic as
+   2. `llama_decode`: one decode step of B sequences through every layer (or one prompt's prefill), the same arithmetic as
       `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
 
    Left out: quantized activations (llama.cpp's route: faster, not exact), other block types, K not a
-   multiple of 32 (the Python side keeps such matrices in another format), prefill (torch runs it, with
-   the products above). */
+   multiple of 32 (the Python side keeps such matrices in another format), a prefill that continues a
+   filled slot. */
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
@@ -382,7 +382,10 @@ static void attend(const float *q, const float *k, const float *v, long n, long 
 }
 
 /* w: PER_LAYER pointers per layer, then the final norm, the output matrix's Q8_0 blocks and scales.
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T.
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, and 1 for
+   logits of the last row only (else every row's).
+   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
+   attends to the keys up to its own position (written for every row before any row attends).
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
    sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten. */
 /* A barrier for the threads of one parallel region that spins (then yields) instead of sleeping: the
@@ -408,7 +411,10 @@ static void barrier(barrier_t *b, int nt) {
 }
 
 /* w: PER_LAYER pointers per layer, then the final norm, the output matrix's Q8_0 blocks and scales.
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T.
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, and 1 for
+   logits of the last row only (else every row's).
+   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
+   attends to the keys up to its own position (written for every row before any row attends).
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
    sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
    One parallel region for the whole step: thread 0 does the small serial parts, every matrix product
@@ -467,10 +473,11 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
             barrier(&bar, nt);
         }
         const void **tail = w + L * PER_LAYER;
-        if (t == 0) rms_norm(x, tail[0], h, B, D, eps);
+        const long first = dims[10] ? B - 1 : 0;  /* a prefill wants the last position's logits only */
+        if (t == 0) rms_norm(x + first * D, tail[0], h, B - first, D, eps);
         barrier(&bar, nt);
         share(V, &n0, &n1);
-        q8_0_rows(h, B, D, tail[1], tail[2], V, logits, 0, n0, n1);
+        q8_0_rows(h, B - first, D, tail[1], tail[2], V, logits, 0, n0, n1);
     }
     free(h), free(qkv), free(att), free(gu), free(act);
 }

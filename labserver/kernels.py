@@ -6,8 +6,8 @@ in milliseconds. It links OpenMP: loaded after torch, it shares torch's libgomp 
 ``torch.set_num_threads`` on the calling thread also sets how many threads the kernels use. ``ctypes``
 releases the GIL for the length of each call, so a whole decode step runs without it.
 
-``FusedDecode`` is ``LeanLlama.decode_step`` as one such call, for models whose matrices are all in
-``blockquant`` blocks. Left out: a build without a compiler (``available()`` says why, and the lean model
+``FusedDecode`` is ``LeanLlama.decode_step`` (and its prefill) as one such call, for models whose
+matrices are all in ``blockquant`` blocks. Left out: a build without a compiler (``available()`` says why, and the lean model
 keeps its torch path), and Windows.
 """
 
@@ -123,14 +123,15 @@ class FusedDecode:
         self.vocab = lean.lm_head.out_features
         self.inter = lean.layers[0]["down"].parts[0].shape[1] * 2
 
-    def __call__(self, tokens, pos, slots, t):
+    def __call__(self, tokens, pos, slots, t, last_only: bool = False):
+        """Logits ``[B, V]`` (``[1, V]`` for the last row with ``last_only``: a prompt's prefill)."""
         lean, (layers, n_slots, kv_heads, length, head_dim) = self.lean, self.lean.cache.k.shape
         b = tokens.shape[0]
         x = lean.embed[tokens].contiguous()  # [B, D], becomes the residual stream
         pos, slots = pos.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
         dims = torch.tensor([layers, x.shape[1], lean.heads, kv_heads, head_dim, self.inter, self.vocab,
-                             b, n_slots, length], dtype=torch.long)
-        logits = torch.empty(b, self.vocab)
+                             b, n_slots, length, int(last_only)], dtype=torch.long)
+        logits = torch.empty(1 if last_only else b, self.vocab)
         self.lib.llama_decode(self.pointers, dims.data_ptr(), lean.eps, x.data_ptr(), pos.data_ptr(),
                               slots.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),
                               lean.cache.k.data_ptr(), lean.cache.v.data_ptr(), logits.data_ptr())

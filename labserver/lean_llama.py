@@ -266,6 +266,8 @@ class LeanLlama:
 
             self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
 
+    FUSED_PREFILL_MAX = 512  # tokens
+
     def formats(self) -> list[str]:
         """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""
         return sorted({type(m).__name__.lower() for p in self.layers for m in p.values() if isinstance(m, Linear)}
@@ -306,6 +308,12 @@ class LeanLlama:
         if s > self.cache.max_len:
             raise ValueError(f"prompt of {s} tokens exceeds the cache's {self.cache.max_len}")
         self.cache.reserve(s)
+        # The prompt's positions as a batch of rows in one slot, in one C call; its attention is a plain
+        # loop, so long prompts go to torch's fused attention instead.
+        if self.fused is not None and s <= self.FUSED_PREFILL_MAX:
+            logits = self.fused(torch.tensor(ids), torch.arange(s), torch.full((s,), slot), s, last_only=True)
+            self.cache.lengths[slot] = s
+            return logits[0]
         kc, vc = self.cache.k, self.cache.v
 
         def attend(i, q, k, v):  # q [S, H, Dh]; k, v [S, Hkv, Dh]
