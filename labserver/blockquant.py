@@ -3,8 +3,8 @@
 The default model ships as a GGUF whose layer matrices are Q4_1 and whose embedding (tied to the output
 matrix) is Q8_0. Its float32 weights are those blocks dequantized, so quantizing them again gives the very
 same blocks: the float32 model at a fifth of the bytes (112 MB with float32 scales, instead of 538), and,
-with float32 activations, the same logits up to the order of a sum. torch has no kernel for that pairing (its int4
-kernel wants bfloat16 activations), so ``kernels.c`` has one (see ``kernels.py``).
+with float32 activations, the same logits up to the order of a sum. torch has no kernel for that
+pairing (its int4 kernel wants bfloat16 activations), so ``kernels.c`` has one (see ``kernels.py``).
 
 ``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``lean_llama`` keeps
 any matrix that does not (or all of them, when no compiler is found) in float16.

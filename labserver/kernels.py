@@ -7,8 +7,8 @@ in milliseconds. It links OpenMP: loaded after torch, it shares torch's libgomp 
 releases the GIL for the length of each call, so a whole decode step runs without it.
 
 ``FusedDecode`` is ``LeanLlama.decode_step`` (and its prefill) as one such call, for models whose
-matrices are all in ``blockquant`` blocks. Left out: a build without a compiler (``available()`` says why, and the lean model
-keeps its torch path), and Windows.
+matrices are all in ``blockquant`` blocks. Left out: a build without a compiler (``available()`` says
+why, and the lean model keeps its torch path), and Windows.
 """
 
 from __future__ import annotations

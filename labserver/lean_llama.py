@@ -5,15 +5,16 @@ module keeps only what a llama needs: fused projections (one matmul for q, k and
 a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
 per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
 weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
-(``blockquant.py``), whose decode step then runs as one C call (``kernels.FusedDecode``). It builds from any object with a transformers-style
-``config`` and ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
+(``blockquant.py``), whose decode step then runs as one C call (``kernels.FusedDecode``). It builds
+from any object with a transformers-style ``config`` and ``state_dict()``: a transformers model, or a
+memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
 cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0.
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
-attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that continues a filled slot,
-a paged cache (all slots share one position axis that grows as the longest sequence does), and training.
+attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that
+continues a filled slot, a paged cache (all slots share one position axis that grows as the longest sequence does), and training.
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class LeanLlama:
     or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts.
     """
 
+    FUSED_PREFILL_MAX = 512  # tokens; longer prompts prefill through torch's attention
+
     def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048, blocks_file=None):
         if not supports(model):
             raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
@@ -222,7 +225,8 @@ class LeanLlama:
 
             store = blockquant.BlockStore(blocks_file)  # blocks quantized by an earlier start, if any
 
-            def fmt(name, parts, kind="q4_1"):
+            def fmt(name, parts):  # 8-bit blocks for the output matrix, as the GGUF has it
+                kind = "q8_0" if name == "lm_head" else "q4_1"
                 return store.get(name, parts, kind) or Fp16(_joined(parts), dtype)
         else:
             def fmt(name, parts):
@@ -246,8 +250,7 @@ class LeanLlama:
         # Packing (fbgemm's float16 layout, the int4 layout) runs on one core per matrix: spread the
         # matrices over short-lived threads, one per torch thread (2.0 s instead of 3.2 s here for float16).
         with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="lean-build") as pool:
-            head_args = ("lm_head", [w["lm_head.weight"]]) + (("q8_0",) if quant == "q4_1" else ())
-            lm_head = pool.submit(fmt, *head_args)
+            lm_head = pool.submit(fmt, "lm_head", [w["lm_head.weight"]])
             self.layers = list(pool.map(layer, range(c.num_hidden_layers)))
             self.lm_head = lm_head.result()
         if quant == "q4_1":
@@ -265,8 +268,6 @@ class LeanLlama:
             from .kernels import FusedDecode
 
             self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
-
-    FUSED_PREFILL_MAX = 512  # tokens
 
     def formats(self) -> list[str]:
         """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""
