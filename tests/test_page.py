@@ -61,7 +61,8 @@ def test_tokens_appear_live_and_stop_cancels(browser, default_engine):
         assert page.title() == "labserver"
         page.evaluate(RECORDER)
         page.fill("#prompt", "Write a long story about a dragon who learns to bake bread.")
-        page.fill("#max-tokens", "48")
+        # Long enough (~1.5 s of steps) that a browser starved of CPU for a moment still sees many reads.
+        page.fill("#max-tokens", "240")
         page.fill("#temperature", "0")
         page.click("#send")
         # Selectors, not wait_for_function: the page's Content-Security-Policy forbids eval.
@@ -75,12 +76,13 @@ def test_tokens_appear_live_and_stop_cancels(browser, default_engine):
         lengths = [n for _, n in updates if n > 0]
         n_tokens = int(page.inner_text("#tokens"))
         finish = page.inner_text("#finish")
-        assert n_tokens == 48 or finish == "stop"
-        # Tokens arrived one after another: many separate updates, growing, spread over the generation
-        # (a buffered answer would arrive as one update, or as a burst at the very end).
-        assert len(set(lengths)) >= 10 and lengths == sorted(lengths)
+        assert n_tokens == 240 or finish == "stop"
+        # Tokens arrived one after another: many separate updates, growing, spread over the decode
+        # (a buffered answer would arrive as one update, or as a burst at the very end). The spread is
+        # measured from the first token, not from Send: a cold prefill may take seconds on its own.
+        assert len(set(lengths)) >= 10 and lengths == sorted(lengths), (len(updates), sorted(set(lengths))[:20])
         first, last = min(t for t, n in updates if n > 0), max(t for t, _ in updates)
-        assert first < done_at and (last - first) >= 0.3 * (done_at - sent_at), (first, last, sent_at, done_at)
+        assert sent_at < first < done_at and (last - first) >= 0.5 * (done_at - first), (first, last, sent_at, done_at)
         assert float(page.inner_text("#ttft")) > 0 and float(page.inner_text("#mean-gap")) > 0
         assert page.inner_text("#output").strip()
         OUT.mkdir(exist_ok=True)
