@@ -79,17 +79,30 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
         return pool.submit(work).result()
 
 
-def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int) -> list:
+def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:
+    """Warm-up plus `runs` requests one after another; with `fresh`, each prompt opens with its own tag."""
     # One keep-alive connection for all requests, as `vllm bench serve` keeps one session: TTFT then
     # measures the server, not a TCP handshake and a new client per request.
     with httpx.Client(timeout=DEFAULT_TIMEOUT) as http:
         generate(url, prompt, max_tokens, 0.0, client=http)  # warm-up: the connection, the first step
-        traces = [generate(url, prompt, max_tokens, 0.0, client=http) for _ in range(runs)]
+        traces = [generate(url, fresh_prompt(prompt, i) if fresh else prompt, max_tokens, 0.0, client=http)
+                  for i in range(runs)]
     failed = [t.error or "no tokens (the model stopped at once, or the server cut the stream)"
               for t in traces if not t.ok or not t.n_tokens]
     if failed:
         raise RuntimeError(f"requests to {url} failed: {failed[0]}")
     return traces
+
+
+def fresh_prompt(prompt: str, i: int) -> str:
+    """`prompt` with a tag in front that no earlier request had.
+
+    Servers with a prefix cache (llama.cpp, vLLM, SGLang) keep the KV of earlier prompts: sent the same
+    prompt again, they run one token's forward instead of a prefill, and TTFT measures the cache. A new
+    first word makes them compute the prompt again (past a chat template's fixed opening, which they may
+    still reuse).
+    """
+    return f"Request {i + 1}. {prompt}"
 
 
 def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream: bool,
@@ -103,14 +116,19 @@ def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream
 
 def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, runs: int = 3,
                 concurrency: int = 4) -> dict:
-    """Client-side figures for a running server: TTFT/ITL/TPOT/E2E alone and under load, /health."""
+    """Client-side figures for a running server: TTFT/ITL/TPOT/E2E alone and under load, /health.
+
+    "stream" sends a fresh prompt each time (`fresh_prompt`), so its TTFT includes a prefill on any
+    server; "stream_repeated" sends the same prompt each time, which a prefix cache answers from memory.
+    """
     def one(u, p, n, t, client=None):
         return stream_generate(u, p, n, t, protocol=protocol, client=client)
 
-    alone = summarize(_sequential(one, url, prompt, max_tokens, runs))
+    alone = summarize(_sequential(one, url, prompt, max_tokens, runs, fresh=True))
+    repeated = summarize(_sequential(one, url, prompt, max_tokens, runs))
     health, loaded = _under_load(url, prompt, max_tokens, concurrency, True, protocol)
     return {"url": url, "protocol": type(protocol).__name__, "model": getattr(protocol, "model", None),
-            "stream": alone, "concurrent": loaded, "health": health,
+            "stream": alone, "stream_repeated": repeated, "concurrent": loaded, "health": health,
             "setup": {"max_tokens": max_tokens, "runs": runs, "concurrency": concurrency, "prompt": prompt}}
 
 
@@ -273,7 +291,8 @@ def _main_url(args) -> dict:
     s, c, h = result["stream"], result["concurrent"], result["health"]
     print(format_table(["figure", "alone", f"x{args.concurrency}"], [
         [f"p50 {m} ms", s[f"p50_{m}_ms"], c[f"p50_{m}_ms"]] for m in ("ttft", "itl", "tpot", "e2e")
-    ] + [["/health p99 ms", None, h["p99_ms"]]]))
+    ] + [["p50 ttft ms, the same prompt again", result["stream_repeated"]["p50_ttft_ms"], None],
+         ["/health p99 ms", None, h["p99_ms"]]]))
     print(f"\nwrote {out}")
     return result
 

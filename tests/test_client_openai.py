@@ -58,5 +58,26 @@ def test_bench_measures_a_running_server_by_url(fake_url, tmp_path, flags):
     result = main(["--url", fake_url, *flags, "--max-tokens", "4", "--runs", "1", "--concurrency", "2",
                    "--out", str(out)])
     assert out.exists() and result["stream"]["p50_ttft_ms"] >= 40
+    assert result["stream_repeated"]["completed"] == 1
     assert result["concurrent"]["p50_ttft_ms"] >= 40
     assert result["health"]["n"] >= 1
+
+
+def test_fresh_prompts_defeat_a_prefix_cache(fake_url):
+    """Each measured request of "stream" opens differently (a prefix cache cannot answer it from memory);
+    "stream_repeated" sends the very prompt each time."""
+    from labserver.bench import _sequential
+
+    sent = []
+
+    def record(url, prompt, max_tokens, temperature, client=None):
+        sent.append(prompt)
+        return stream_generate(url, prompt, max_tokens, temperature, client=client)
+
+    _sequential(record, fake_url, "Tell me a story.", 2, 3, fresh=True)
+    warmup, *measured = sent
+    assert warmup == "Tell me a story." and len(set(measured)) == 3
+    assert all(p.endswith("Tell me a story.") and not p.startswith("Tell") for p in measured)
+    sent.clear()
+    _sequential(record, fake_url, "Tell me a story.", 2, 3)
+    assert set(sent) == {"Tell me a story."}
