@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_safetensors
-from .kernels import available, library
+from .kernels import available, library, pointers
 from .lean_llama import Linear
 
 QK = 32  # weights per block
@@ -67,12 +67,14 @@ def dequantize_q8_0(q, d) -> torch.Tensor:
 
 
 class _Blocks(Linear):
-    """A matrix in blocks, multiplied by the C kernel; ``nbytes`` counts the blocks and their scales."""
+    """A matrix in blocks, multiplied by the C kernel; ``nbytes`` counts the blocks and their scales (what
+    a one-row product reads). ``kernel_parts``: the pointers the C side takes for this matrix."""
 
     def __init__(self, parts: tuple[torch.Tensor, ...], out_features: int):
         self.parts, self.out_features = parts, out_features
         self.nbytes = sum(t.numel() * t.element_size() for t in parts)
         self._lib = _lib()
+        self.kernel_parts = parts
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, add: int) -> torch.Tensor:
         raise NotImplementedError
@@ -86,10 +88,25 @@ class _Blocks(Linear):
 
 
 class Q4_1(_Blocks):
+    """Also kept as panels of 32 output rows (``kernels.c`` 1b: products of many rows, e.g. a prefill),
+    when the rows divide into them; the panels are the same blocks in another order."""
+
+    NP = 32
+
+    def __init__(self, parts, out_features):
+        super().__init__(parts, out_features)
+        q, d, m = parts
+        panels = (None, None, None)
+        if out_features % self.NP == 0:
+            panels = torch.empty_like(q), torch.empty_like(d), torch.empty_like(m)
+            self._lib.q4_1_repack(*(t.data_ptr() for t in parts), out_features, q.shape[1] * 2,
+                                  *(t.data_ptr() for t in panels))
+        self.kernel_parts = (*parts, *panels)
+        self._pointers = pointers(self.kernel_parts)
+
     def _run(self, x, y, add):
-        q, d, m = self.parts
-        self._lib.q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), d.data_ptr(), m.data_ptr(),
-                              self.out_features, y.data_ptr(), add)
+        self._lib.q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], self._pointers, self.out_features,
+                              y.data_ptr(), add)
         return y
 
 

@@ -69,10 +69,11 @@ def load(path: Path) -> ctypes.CDLL:
     """The library at ``path`` with its functions' signatures declared."""
     lib = ctypes.CDLL(str(path))
     ptr, n = ctypes.c_void_p, ctypes.c_long
-    lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, ptr, ptr, n, ptr, ctypes.c_int]
+    lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, n, ptr, ctypes.c_int]
+    lib.q4_1_repack.argtypes = [ptr, ptr, ptr, n, n, ptr, ptr, ptr]
     lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
     lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    for fn in (lib.q4_1_matmul, lib.q8_0_matmul, lib.llama_decode):
+    for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode):
         fn.restype = None
     lib.q4_1_quantize.argtypes = [ptr, n, n, ptr, ptr, ptr, ctypes.c_float]
     lib.q8_0_quantize.argtypes = [ptr, n, n, ptr, ptr, ctypes.c_float]
@@ -99,6 +100,11 @@ def available() -> tuple[bool, str]:
     return lib is not None, why
 
 
+def pointers(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (NULL for None), as the kernels take matrices."""
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
 class FusedDecode:
     """``LeanLlama.decode_step`` in one C call; ``usable(lean)`` says whether ``lean`` qualifies."""
 
@@ -116,10 +122,11 @@ class FusedDecode:
         tensors = []
         for p in lean.layers:
             for name in self.LAYER:
-                tensors += p[name].parts if hasattr(p[name], "parts") else [p[name]]
+                tensors += p[name].kernel_parts if hasattr(p[name], "kernel_parts") else [p[name]]
         tensors += [lean.norm, *lean.lm_head.parts]
-        self._keep = [t.contiguous() for t in tensors]  # the C side holds raw pointers into these
-        self.pointers = (ctypes.c_void_p * len(self._keep))(*[t.data_ptr() for t in self._keep])
+        # The C side holds raw pointers into these (None: a matrix without panels).
+        self._keep = [None if t is None else t.contiguous() for t in tensors]
+        self.pointers = pointers(self._keep)
         self.vocab = lean.lm_head.out_features
         self.inter = lean.layers[0]["down"].parts[0].shape[1] * 2
 
