@@ -9,6 +9,8 @@
    step of 8 sequences reads each weight once. Rows of W are split over the OpenMP threads of the caller
    (the same libgomp team torch uses, so `torch.set_num_threads` on the calling thread applies).
    `q4_1_quantize` / `q8_0_quantize` make the blocks and count the weights they would not reproduce.
+   1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
+   laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
 
    2. `llama_decode`: one decode step of B sequences through every layer (or one prompt's prefill), the same arithmetic as
       `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a

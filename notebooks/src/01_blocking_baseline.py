@@ -146,7 +146,7 @@ for i, t in enumerate(sorted(traces, key=lambda t: t.ttft_ms)):
 #
 # ## Summary
 #
-# - The engine produces tokens one by one: a prefill (here ~100 ms), then a decode step of several ms
+# - The engine produces tokens one by one: a prefill (here ~50 ms), then a decode step of several ms
 #   per token (~7-10 ms here).
 # - A blocking server sends nothing until the last token: **TTFT = E2E ≈ prefill + (n - 1) × step**, and
 #   all ITLs are 0. The user stares at nothing for the whole generation.
