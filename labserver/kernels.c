@@ -224,9 +224,11 @@ INLINE void panel_dequant(const uint8_t *pq, const float *pd, const float *pm, l
         const __m512 m0 = _mm512_loadu_ps(pm + g * NP), m1 = _mm512_loadu_ps(pm + g * NP + 16);
         for (long k = g * QK; k < (g + 1) * QK; k++) {
             __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pq + k * NP / 2)));
-            /* q d is exact (4 bits times a scale), so the fused form rounds once, as q d + m does */
-            _mm512_store_ps(buf + k * NP, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), d0, m0));
-            _mm512_store_ps(buf + k * NP + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d1, m1));
+            /* q * d + m rounded twice, as in q4_1_tile: the panel holds the float32 weights themselves */
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), d0);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d1);
+            _mm512_store_ps(buf + k * NP, _mm512_add_ps(w0, m0));
+            _mm512_store_ps(buf + k * NP + 16, _mm512_add_ps(w1, m1));
         }
     }
 }
