@@ -21,7 +21,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impl", choices=list(IMPLS), help="forward pass: 'auto' (lean llama when it applies), "
                                                        "'lean' or 'transformers' (env LABSERVER_IMPL)")
     p.add_argument("--quant", choices=list(QUANTS), help="weight format of the lean runner: q4_1 (GGUF blocks, "
-                                                         "the default where they are exact), fp16, int8, int4, "
+                                                         "the default where they are exact), w4a8 (those blocks "
+                                                         "times 8-bit activations: faster, not exact), fp16, int8, int4, "
                                                          "none (env LABSERVER_QUANT)")
     p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
 

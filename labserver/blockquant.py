@@ -9,7 +9,10 @@ pairing (its int4 kernel wants bfloat16 activations), so ``kernels.c`` has one (
 ``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``lean_llama`` keeps
 any matrix that does not (or all of them, when no compiler is found) in float16.
 
-Left out: quantizing activations (llama.cpp does, and loses exactness), block types other than these two,
+``w4a8=True`` lays a Q4_1 matrix out for ``w4a8.c`` instead: the same weights times activations rounded
+to 8 bits, llama.cpp's arithmetic, faster and not exact.
+
+Left out: block types other than these two,
 and a kernel for machines without a C compiler (``kernels.available()`` says why).
 """
 
@@ -88,25 +91,27 @@ class _Blocks(Linear):
 
 
 class Q4_1(_Blocks):
-    """Also kept as panels of 32 output rows (``kernels.c`` 1b: products of many rows, e.g. a prefill),
-    when the rows divide into them; the panels are the same blocks in another order."""
+    """Also kept as panels (the same blocks in another order) when the rows divide into them: of 32 output
+    rows for products of many rows with float32 activations (``kernels.c`` 1b: a prefill, a batch), or
+    with ``w4a8`` of 16 rows for ``w4a8.c``, which then does every product of this matrix. ``format``:
+    "w4a8" when it does, else "q4_1"."""
 
-    NP = 32
-
-    def __init__(self, parts, out_features):
+    def __init__(self, parts, out_features, w4a8: bool = False):
         super().__init__(parts, out_features)
         q, d, m = parts
+        rows = 16 if w4a8 else 32
+        self.format = "w4a8" if w4a8 and out_features % rows == 0 else "q4_1"
         panels = (None, None, None)
-        if out_features % self.NP == 0:
+        if out_features % rows == 0:
             panels = torch.empty_like(q), torch.empty_like(d), torch.empty_like(m)
-            self._lib.q4_1_repack(*(t.data_ptr() for t in parts), out_features, q.shape[1] * 2,
-                                  *(t.data_ptr() for t in panels))
+            repack = self._lib.w4a8_repack if w4a8 else self._lib.q4_1_repack
+            repack(*(t.data_ptr() for t in parts), out_features, q.shape[1] * 2, *(t.data_ptr() for t in panels))
         self.kernel_parts = (*parts, *panels)
         self._pointers = pointers(self.kernel_parts)
 
     def _run(self, x, y, add):
-        self._lib.q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], self._pointers, self.out_features,
-                              y.data_ptr(), add)
+        matmul = self._lib.w4a8_matmul if self.format == "w4a8" else self._lib.q4_1_matmul
+        matmul(x.data_ptr(), x.shape[0], x.shape[1], self._pointers, self.out_features, y.data_ptr(), add)
         return y
 
 
@@ -118,19 +123,22 @@ class Q8_0(_Blocks):
         return y
 
 
-KINDS = {"q4_1": (quantize_q4_1, Q4_1), "q8_0": (quantize_q8_0, Q8_0)}
+KINDS = {"q4_1": quantize_q4_1, "q8_0": quantize_q8_0}
 
 
-def lossless(w: torch.Tensor | list[torch.Tensor], kind: str) -> _Blocks | None:
+def _make(kind: str, blocks, rows: int, w4a8: bool) -> _Blocks:
+    return Q4_1(blocks, rows, w4a8) if kind == "q4_1" else Q8_0(blocks, rows)
+
+
+def lossless(w: torch.Tensor | list[torch.Tensor], kind: str, w4a8: bool = False) -> _Blocks | None:
     """``w`` (a matrix, or matrices stacked by rows) in ``kind`` ("q4_1" or "q8_0") blocks if they reproduce
-    it, else None (it is not on that grid)."""
+    it, else None (it is not on that grid). ``w4a8``: a Q4_1 matrix laid out for 8-bit activations."""
     parts = list(w) if isinstance(w, (list, tuple)) else [w]
     w = torch.cat(parts) if len(parts) > 1 else parts[0]
     if w.shape[1] % QK:
         return None
-    quantize, Format = KINDS[kind]
-    blocks, missed = quantize(w)
-    return Format(blocks, w.shape[0]) if missed == 0 else None
+    blocks, missed = KINDS[kind](w)
+    return _make(kind, blocks, w.shape[0], w4a8) if missed == 0 else None
 
 
 def store_path(cache_dir: str, model) -> Path | None:
@@ -156,15 +164,15 @@ class BlockStore:
                 self.tensors = {}
         self.loaded = bool(self.tensors)
 
-    def get(self, name: str, parts: list[torch.Tensor], kind: str) -> _Blocks | None:
+    def get(self, name: str, parts: list[torch.Tensor], kind: str, w4a8: bool = False) -> _Blocks | None:
         """The matrix ``name`` (rows: ``parts`` stacked) in blocks, from the file or quantized now."""
         n = 3 if kind == "q4_1" else 2
         stored = [self.tensors.get(f"{name}.{j}") for j in range(n)]
         if all(t is not None for t in stored):
             # Copied out of the file's map: pages of an idle server's mapped file can be reclaimed, and a
             # step would then wait for the disk; a copy in memory stays (111 MB, ~30 ms here).
-            return KINDS[kind][1](tuple(t.clone() for t in stored), sum(p.shape[0] for p in parts))
-        return lossless(parts, kind)
+            return _make(kind, tuple(t.clone() for t in stored), sum(p.shape[0] for p in parts), w4a8)
+        return lossless(parts, kind, w4a8)
 
     def save(self, matrices: dict) -> None:
         """Write the blocks of ``matrices`` unless they came from the file; a failed write costs nothing."""

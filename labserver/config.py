@@ -15,7 +15,7 @@ from pathlib import Path
 DEFAULT_MODEL = "default"
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "lean", "transformers")
-QUANTS = ("auto", "none", "fp16", "int8", "int4", "q4_1")
+QUANTS = ("auto", "none", "fp16", "int8", "int4", "q4_1", "w4a8")
 
 
 def default_cache_dir() -> str:
@@ -38,7 +38,8 @@ class EngineConfig:
     # The weight format of the lean runner. "none" keeps ``dtype`` (float32: equal to transformers token for
     # token); fp16 (float32 activations), int8 and int4 (bfloat16 activations) are faster and not bit-equal.
     # q4_1: GGUF's 4-bit blocks (8-bit for the output matrix) with float32 activations, through C kernels,
-    # for the matrices the blocks reproduce exactly, float16 for the others (blockquant.py).
+    # for the matrices the blocks reproduce exactly, float16 for the others (blockquant.py). w4a8: the same
+    # blocks times activations rounded to 8 bits in integer products (w4a8.c): faster, not exact.
     # "auto": q4_1 for float32 models on the lean runner (the default model's weights are those blocks, so
     # it computes the float32 model at a fifth of the bytes), fp16 if no C compiler is found; else "none".
     quant: str = "auto"

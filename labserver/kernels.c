@@ -17,7 +17,10 @@
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
 
-   Left out: quantized activations (llama.cpp's route: faster, not exact), other block types, K not a
+   3. (w4a8.c) The W4A8 route: the same weights times activations quantized to 8 bits, llama.cpp's
+      arithmetic, in integer dot products; `llama_decode` runs either route.
+
+   Left out: other block types, K not a
    multiple of 32 (the Python side keeps such matrices in another format), a prefill that continues a
    filled slot. */
 #include <math.h>
@@ -26,15 +29,15 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "kernels.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-#define QK 32
 #define TILE 8
 /* Bytes ahead of the weights being read to ask the cache for: measured ~30% off a one-sequence step. */
 #define AHEAD 4096
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE void store(float *y, float s, int add) { *y = add ? *y + s : s; }
 INLINE float clamp(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
@@ -281,8 +284,7 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
         case 7: call(7); break; default: call(8); break;                                    \
     }
 
-/* This thread's share [*n0, *n1) of n items, in contiguous ranges. */
-static void share(long n, long *n0, long *n1) {
+void share(long n, long *n0, long *n1) {
     const long t = omp_get_thread_num(), nt = omp_get_num_threads();
     *n0 = n * t / nt, *n1 = n * (t + 1) / nt;
 }
@@ -324,9 +326,6 @@ static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const flo
             EACH_TILE(Q8)
         }
 }
-
-/* A Q4_1 matrix as the kernels take it: q, d, m, then its panels pq, pd, pm (NULL when it has none). */
-enum { MQ, MD, MM, MPQ, MPD, MPM, MATRIX };
 
 /* This thread's share of y = x . W^T (y += with `add`), called by every thread of a team. */
 static void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
@@ -515,10 +514,24 @@ static void barrier(barrier_t *b, int nt) {
     }
 }
 
+/* One of a layer's products, called by every thread: float32 activations (q4_1_share), or with `a8` (the
+   W4A8 route) the rows quantized first, each thread its share of blocks, and the integer product. */
+static void product(const float *x, long B, long K, const void *const *w, long N, float *y, int add,
+                    const act8_t *a8, barrier_t *bar, int nt) {
+    if (a8 == NULL) {
+        q4_1_share(x, B, K, w, N, y, add);
+        return;
+    }
+    act8_share(x, B, K, *a8);
+    barrier(bar, nt);
+    w4a8_share(*a8, B, K, w, N, y, add);
+}
+
 /* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
    output matrix's Q8_0 blocks and scales.
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, and 1 for
-   logits of the last row only (else every row's).
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, 1 for
+   logits of the last row only (else every row's), and 1 for the W4A8 route (the matrices' panels are
+   then w4a8.c's, and the layers' activations go through 8 bits; the output matrix keeps float32 ones).
    A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
    attends to the keys up to its own position (written for every row before any row attends).
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
@@ -532,6 +545,8 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
     float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
     float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
     float *act = malloc(sizeof(float) * B * I);
+    const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
+    act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
     const float scale = 1.0f / sqrtf((float)Dh);
     barrier_t bar = {0, 0};
 #pragma omp parallel
@@ -543,7 +558,7 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
             float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
             if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
             barrier(&bar, nt);
-            q4_1_share(h, B, D, p + QKV, Nqkv, qkv, 0);
+            product(h, B, D, p + QKV, Nqkv, qkv, 0, a8, &bar, nt);
             barrier(&bar, nt);
             if (t == 0)
                 for (long b = 0; b < B; b++) {
@@ -561,17 +576,17 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
                 attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + i * Dh);
             }
             barrier(&bar, nt);
-            q4_1_share(att, B, H * Dh, p + O, D, x, 1);
+            product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
             barrier(&bar, nt);
             if (t == 0) rms_norm(x, p[LN2], h, B, D, eps);
             barrier(&bar, nt);
-            q4_1_share(h, B, D, p + GU, 2 * I, gu, 0);
+            product(h, B, D, p + GU, 2 * I, gu, 0, a8, &bar, nt);
             barrier(&bar, nt);
             share(I, &n0, &n1);
             for (long b = 0; b < B; b++)
                 silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
             barrier(&bar, nt);
-            q4_1_share(act, B, I, p + DOWN, D, x, 1);
+            product(act, B, I, p + DOWN, D, x, 1, a8, &bar, nt);
             barrier(&bar, nt);
         }
         const void **tail = w + L * PER_LAYER;
@@ -582,4 +597,5 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
         q8_0_rows(h, B - first, D, tail[1], tail[2], V, logits, 0, n0, n1);
     }
     free(h), free(qkv), free(att), free(gu), free(act);
+    if (a8) act8_free(blocks);
 }

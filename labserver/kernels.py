@@ -27,7 +27,8 @@ import torch
 
 from .config import default_cache_dir
 
-SOURCE = Path(__file__).with_name("kernels.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "kernels.c", HERE / "w4a8.c"]  # and the header they share, kernels.h
 # -fno-math-errno lets expf vectorize (glibc's libmvec); no -ffast-math: the sums keep their rounding.
 FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
 
@@ -50,7 +51,8 @@ def build(cache_dir: str | None = None, arch: str = "native") -> Path:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     flags = [f"-march={arch}", *FLAGS]
     cpu = _cpu_flags() if arch == "native" else ""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cpu.encode()).hexdigest()[:16]
+    text = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
+    key = hashlib.sha256(text + " ".join(flags).encode() + cpu.encode()).hexdigest()[:16]
     target = Path(cache_dir or default_cache_dir()) / "kernels" / f"kernels-{key}.so"
     if target.is_file():
         return target
@@ -58,9 +60,9 @@ def build(cache_dir: str | None = None, arch: str = "native") -> Path:
     # Build beside the target and rename: a concurrent or interrupted build never leaves half a library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, str(SOURCE), "-o", str(out), *flags], capture_output=True, text=True)
+        done = subprocess.run([compiler, *map(str, SOURCES), "-o", str(out), *flags], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+            raise RuntimeError(f"compiling the kernels failed:\n{done.stderr.strip()}")
         out.replace(target)
     return target
 
@@ -73,7 +75,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.q4_1_repack.argtypes = [ptr, ptr, ptr, n, n, ptr, ptr, ptr]
     lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
     lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode):
+    lib.w4a8_matmul.argtypes = lib.q4_1_matmul.argtypes
+    lib.w4a8_repack.argtypes = lib.q4_1_repack.argtypes
+    for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode, lib.w4a8_matmul, lib.w4a8_repack):
         fn.restype = None
     lib.q4_1_quantize.argtypes = [ptr, n, n, ptr, ptr, ptr, ctypes.c_float]
     lib.q8_0_quantize.argtypes = [ptr, n, n, ptr, ptr, ctypes.c_float]
@@ -114,8 +118,10 @@ class FusedDecode:
     def usable(lean) -> bool:
         from .blockquant import Q4_1, Q8_0
 
+        matrices = [p[name] for p in lean.layers for name in ("qkv", "o", "gate_up", "down")]
         return (library() is not None and isinstance(lean.lm_head, Q8_0)
-                and all(isinstance(p[name], Q4_1) for p in lean.layers for name in ("qkv", "o", "gate_up", "down")))
+                and all(isinstance(m, Q4_1) for m in matrices)
+                and len({m.format for m in matrices}) == 1)  # one route for every layer
 
     def __init__(self, lean):
         self.lean, self.lib = lean, library()
@@ -128,6 +134,7 @@ class FusedDecode:
         self._keep = [None if t is None else t.contiguous() for t in tensors]
         self.pointers = pointers(self._keep)
         self.vocab = lean.lm_head.out_features
+        self.w4a8 = lean.layers[0]["qkv"].format == "w4a8"
         self.inter = lean.layers[0]["down"].parts[0].shape[1] * 2
 
     def __call__(self, tokens, pos, slots, t, last_only: bool = False):
@@ -137,7 +144,7 @@ class FusedDecode:
         x = lean.embed[tokens].contiguous()  # [B, D], becomes the residual stream
         pos, slots = pos.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
         dims = torch.tensor([layers, x.shape[1], lean.heads, kv_heads, head_dim, self.inter, self.vocab,
-                             b, n_slots, length, int(last_only)], dtype=torch.long)
+                             b, n_slots, length, int(last_only), int(self.w4a8)], dtype=torch.long)
         logits = torch.empty(1 if last_only else b, self.vocab)
         self.lib.llama_decode(self.pointers, dims.data_ptr(), lean.eps, x.data_ptr(), pos.data_ptr(),
                               slots.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),

@@ -5,7 +5,8 @@ module keeps only what a llama needs: fused projections (one matmul for q, k and
 a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
 per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
 weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
-(``blockquant.py``), whose decode step then runs as one C call (``kernels.FusedDecode``). It builds
+(``blockquant.py``; or those blocks times 8-bit activations, ``w4a8``), whose decode step then runs as
+one C call (``kernels.FusedDecode``). It builds
 from any object with a transformers-style ``config`` and ``state_dict()``: a transformers model, or a
 memory-mapped ``checkpoint.Checkpoint``.
 
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-QUANTS = (None, "fp16", "int8", "int4", "q4_1")
+QUANTS = (None, "fp16", "int8", "int4", "q4_1", "w4a8")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -210,7 +211,7 @@ class LeanLlama:
             raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
         if quant in ("int8", "int4") and dtype != torch.bfloat16:
             raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
-        if quant in ("fp16", "q4_1") and dtype != torch.float32:
+        if quant in ("fp16", "q4_1", "w4a8") and dtype != torch.float32:
             raise ValueError(f"{quant} weights take float32 activations")
         c, w = model.config, model.state_dict()
         self.dtype, self.eps = dtype, c.rms_norm_eps
@@ -220,14 +221,15 @@ class LeanLlama:
         Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4}.get(quant)
         # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
         Head = {None: Dense, "fp16": Fp16}.get(quant, Int8)
-        if quant == "q4_1":
+        blocks = quant in ("q4_1", "w4a8")
+        if blocks:
             from . import blockquant
 
             store = blockquant.BlockStore(blocks_file)  # blocks quantized by an earlier start, if any
 
             def fmt(name, parts):  # 8-bit blocks for the output matrix, as the GGUF has it
                 kind = "q8_0" if name == "lm_head" else "q4_1"
-                return store.get(name, parts, kind) or Fp16(_joined(parts), dtype)
+                return store.get(name, parts, kind, w4a8=quant == "w4a8") or Fp16(_joined(parts), dtype)
         else:
             def fmt(name, parts):
                 return (Head if name == "lm_head" else Format)(_joined(parts), dtype)
@@ -253,7 +255,7 @@ class LeanLlama:
             lm_head = pool.submit(fmt, "lm_head", [w["lm_head.weight"]])
             self.layers = list(pool.map(layer, range(c.num_hidden_layers)))
             self.lm_head = lm_head.result()
-        if quant == "q4_1":
+        if blocks:
             store.save({f"layers.{i}.{k}": m for i, p in enumerate(self.layers) for k, m in p.items()}
                        | {"lm_head": self.lm_head})
         self.embed = w["model.embed_tokens.weight"].float()  # [V, D]
@@ -264,15 +266,17 @@ class LeanLlama:
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
         self.cache = KVCache(c.num_hidden_layers, max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
         self.fused = None  # the whole decode step as one C call, when every matrix is in GGUF blocks
-        if quant == "q4_1":
+        if blocks:
             from .kernels import FusedDecode
 
             self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
 
     def formats(self) -> list[str]:
         """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""
-        return sorted({type(m).__name__.lower() for p in self.layers for m in p.values() if isinstance(m, Linear)}
-                      | {type(self.lm_head).__name__.lower()})
+        def name(m):
+            return getattr(m, "format", type(m).__name__.lower())
+
+        return sorted({name(m) for p in self.layers for m in p.values() if isinstance(m, Linear)} | {name(self.lm_head)})
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads: every layer's matrices and norms, the output matrix, one embedding row."""

@@ -70,14 +70,14 @@ class LeanRunner:
         dtype = {"int8": torch.bfloat16, "int4": torch.bfloat16}.get(quant) \
             or (torch.float32 if quant else getattr(torch, config.dtype))
         blocks_file = None
-        if quant == "q4_1":
+        if quant in ("q4_1", "w4a8"):
             from .blockquant import store_path
 
             blocks_file = store_path(config.cache_dir, model)
         self.lean = LeanLlama(model, dtype=dtype, quant=quant, max_batch=config.max_batch, max_len=max_len,
                               blocks_file=blocks_file)
         # Named after the formats the matrices ended in: q4_1 keeps a matrix it cannot reproduce in fp16.
-        self.name = f"lean-{'+'.join(self.lean.formats()) if quant == 'q4_1' else quant or config.dtype}"
+        self.name = f"lean-{'+'.join(self.lean.formats()) if quant in ('q4_1', 'w4a8') else quant or config.dtype}"
 
     @property
     def free_slots(self) -> int:

@@ -1,0 +1,115 @@
+"""The W4A8 route: Q4_1 weights times activations rounded to 8 bits per block, in integer products.
+
+Its products must equal an independent reference of that arithmetic (torch, integer sums), stay within
+the rounding bound of the exact product, run the same in the fused step and the torch path, and on the
+default model agree with float32 on most greedy steps (``make bench`` prints the exact share).
+"""
+
+import platform
+
+import pytest
+import torch
+
+from labserver import blockquant, kernels
+from labserver.bench_speed import AGREEMENT_PROMPTS, agreement
+from labserver.config import EngineConfig
+from labserver.engine import Engine
+from labserver.lean_llama import LeanLlama
+from tests.test_blockquant import grid_llama, on_grid
+from tests.test_lean_llama import lean_logits
+
+
+def round_activations(x):
+    """x [M, K] in blocks of 32: (q as int64, d = max |x| / 127, block sums), as llama.cpp's Q8_1 has them."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1) / 127
+    q = torch.round(blocks * torch.where(d > 0, 1 / d, torch.zeros_like(d))[..., None]).long()
+    return q, d, blocks.sum(-1)
+
+
+def w4a8_reference(x, parts):
+    """sum_g d_w d_x (q_w . q_x) + m_w sum(x), in float64 from exact integer sums."""
+    packed, dw, mw = parts
+    nibbles = packed.reshape(packed.shape[0], -1, 16)
+    qw = torch.cat([nibbles & 15, nibbles >> 4], -1).long()  # [N, G, 32]
+    qx, dx, sx = round_activations(x)
+    dots = torch.einsum("mgk,ngk->mng", qx, qw).double()
+    return (dots * (dw.double()[None] * dx.double()[:, None]) + mw.double()[None] * sx.double()[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])  # 13: a register tile of 8 rows and one of 5
+def test_products_equal_the_integer_reference_and_stay_within_the_rounding_bound(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = on_grid(torch.randn(96, 64, generator=g) * 0.05)
+    matrix = blockquant.lossless(w, "q4_1", w4a8=True)
+    assert matrix.format == "w4a8"
+    x, r = torch.randn(rows, 64, generator=g), torch.randn(rows, 96, generator=g)
+    got = matrix(x)
+    torch.testing.assert_close(got.double(), w4a8_reference(x, matrix.parts), rtol=0, atol=1e-5)
+    torch.testing.assert_close(matrix.add(r.clone(), x), r + got, rtol=0, atol=1e-6)
+    # Rounding moves each activation by at most half its block's step: the product by at most sum |w| d / 2.
+    _, dx, _ = round_activations(x)
+    bound = torch.einsum("mg,ngk->mn", dx / 2, w.abs().reshape(96, -1, 32))
+    exact = x @ w.T
+    assert ((got - exact).abs() <= bound + 1e-5).all()
+    assert (got - exact).abs().max() > 1e-6  # and it is not the exact product
+
+
+def test_rows_not_in_whole_panels_keep_float32_activations():
+    w = on_grid(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)) * 0.05)
+    matrix = blockquant.lossless(w, "q4_1", w4a8=True)
+    assert matrix.format == "q4_1"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(matrix(x), x @ w.T, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return grid_llama(tie_word_embeddings=False)
+
+
+def test_the_fused_step_equals_the_torch_path(grid):
+    """Prefill and a batch of three sequences in slots 2, 0, 3: the C step (norms, attention, 8-bit
+    products) against torch's norms and attention around the same products."""
+    g = torch.Generator().manual_seed(2)
+    prompts = {slot: torch.randint(0, 256, (n,), generator=g).tolist() for slot, n in ((0, 3), (2, 9), (3, 5))}
+
+    def run(lean):
+        return torch.cat([lean.prefill(ids, slot)[None] for slot, ids in prompts.items()]
+                         + [lean.decode([7, 8, 9], [2, 0, 3])])
+
+    lean = LeanLlama(grid, quant="w4a8", max_batch=4, max_len=32)
+    assert lean.formats() == ["q8_0", "w4a8"] and lean.fused is not None
+    fused = run(lean)
+    lean.cache.lengths, lean.fused = [0] * 4, None
+    unfused, exact = run(lean), run(LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32))
+    # Norms summed in another order can tip an activation over a rounding boundary (one step of its
+    # block's d), so the two differ a little; far less than either differs from the exact products.
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-2)  # logits here reach ~0.6
+    assert (fused - unfused).abs().mean() < (fused - exact).abs().mean() / 2
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the native build is the portable one")
+def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path):
+    portable = kernels.load(kernels.build(str(tmp_path), arch="x86-64"))
+    lean = LeanLlama(grid, quant="w4a8", max_batch=2, max_len=32)
+    matrix = lean.layers[0]["gate_up"]
+    x = torch.randn(11, 64, generator=torch.Generator().manual_seed(3))
+    expected = matrix(x)
+    matrix._lib = portable
+    torch.testing.assert_close(matrix(x), expected, rtol=0, atol=1e-6)  # the same integer arithmetic
+    ids = [5, 17, 99, 3, 42, 7]
+    ref = lean_logits(lean, ids, 3, slot=0)
+    lean.fused.lib = portable
+    # The portable norms and attention sum in another order: a rounding can tip, as in the torch path.
+    torch.testing.assert_close(lean_logits(lean, ids, 3, slot=1), ref, rtol=0, atol=1e-2)
+
+
+@pytest.mark.model
+def test_default_model_agrees_with_float32_on_most_greedy_steps(default_engine, exact_engine):
+    config = EngineConfig(threads=2, quant="w4a8", max_batch=2)
+    route = Engine(default_engine.source, default_engine.tokenizer, config)
+    assert route.runner.name == "lean-q8_0+w4a8" and route.runner.lean.fused is not None
+    figures = agreement(exact_engine, route, AGREEMENT_PROMPTS[:4], n=16)
+    # Teacher-forced: the float32 token is its argmax at 93% of steps here; a wrong product would be near 0.
+    assert figures["teacher_forced_pct"] >= 85
