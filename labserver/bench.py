@@ -243,19 +243,22 @@ def report(result: dict) -> str:
                 ["transformers generate(): decode step ms", speed["hf_generate_step_ms"]],
                 [f"memory floor ms ({speed['weight_mb']} MB at {speed['read_bandwidth_gbs']} GB/s)",
                  speed["floor_ms"]]]
-        for name in ("batched", "thread"):
-            c = speed[f"concurrency_{name}"]
+        for name in ("batched", "thread", "w4a8"):
+            c = speed.get(f"concurrency_{name}")
+            if c is None:
+                continue
             many = c["tokens_per_s_" + str(c["streams"])]
             rows += [[f"{name}: tokens/s, 1 stream -> {c['streams']} streams", f"{c['tokens_per_s_1']:.1f} -> {many:.1f}"]]
         rows += [[f"cold start {i + 1}: /health, first token (s)", f"{c['ready_s']}, {c['first_token_s']}"]
                  for i, c in enumerate(speed["cold_starts"])]
         sections.append(format_table(["speed", "value"], rows))
-        sections.append(format_table(["route", "step ms", "floor ms", "P5", "forced %", "free-run %"], [
-            [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("teacher_forced_pct"), r.get("free_run_equal_pct")]
-            for name, r in speed["routes"].items()]))
+        sections.append(format_table(
+            ["route", "step ms", "floor ms", "P5", "prefill ms", "8-seq step ms", "forced %", "free-run %"], [
+                [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("prefill_ms"), r.get("batch8_step_ms"),
+                 r.get("teacher_forced_pct"), r.get("free_run_equal_pct")] for name, r in speed["routes"].items()]))
     sections.append(format_table(["goal", "value", "target", "result"], [
         [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
-    ] + [["P0_executor", result["P0_executor"], "(compare)", None]]))
+    ] + [[name, result[name], "(compare)", None] for name in ("P0_executor", "P7_w4a8") if name in result]))
     return "\n\n".join(sections)
 
 

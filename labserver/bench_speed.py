@@ -4,10 +4,12 @@
              (floor = bytes a step reads / read bandwidth measured here, in this run; both best-of-N);
     P6_hf  = engine decode step / decode step of transformers' own ``generate()``, same prompt, greedy;
     P7     = aggregate tokens/s of 8 concurrent streams / tokens/s of one stream (batched scheduler; the
-             interleaving 'thread' backend alongside), with the spread of per-stream rates and /health p99;
+             interleaving 'thread' backend and the w4a8 route alongside), with the spread of per-stream
+             rates and /health p99;
     P8     = seconds from ``python -m labserver serve`` to a /health answer, model already cached
              (and to the first token of a request sent at that moment).
-``routes`` repeats the step and P5 for every weight format of the lean runner with its quality: greedy
+``routes`` repeats the step and P5 for every weight format of the lean runner, with the prompt's prefill
+and a step of 8 sequences (where arithmetic, not bytes, sets the time), and its quality: greedy
 agreement with the float32 route over a prompt set (teacher-forced: the share of steps whose argmax is the
 float32 token when both see the float32 prefix; free-run: the share of prompts whose 32 tokens are equal).
 
@@ -84,6 +86,33 @@ def decode_step_ms(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, r
     return on_one_thread(engine.config.threads, work)
 
 
+def prefill_and_batch_ms(engine, prompt: str = DEFAULT_PROMPT, batch: int = 8, steps: int = 16) -> tuple[float, float]:
+    """The prompt's prefill, and a decode step of ``batch`` sequences at once (best of 3 / median of
+    ``steps``): where a route's arithmetic, rather than its bytes, sets the time."""
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
+
+    def work():
+        runner, seqs, prefills = engine.runner, [], []
+        try:
+            for _ in range(batch):
+                seqs.append(engine.begin(prompt, params))
+                t0 = time.perf_counter()
+                seqs[-1].last_token = int(runner.prefill(seqs[-1]).argmax())
+                prefills.append((time.perf_counter() - t0) * 1000)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logits = runner.decode(seqs)
+                times.append((time.perf_counter() - t0) * 1000)  # the forward alone
+                for s, token in zip(seqs, logits.argmax(-1).tolist()):
+                    s.last_token = token
+        finally:
+            for s in seqs:
+                runner.release(s)
+        return min(prefills[-3:]), statistics.median(times)
+    return on_one_thread(engine.config.threads, work)
+
+
 def hf_generate_step_ms(engine, prompt: str = DEFAULT_PROMPT, n: int = 64) -> float:
     """transformers' ``generate()`` per decode step: (time for n+1 new tokens - time for 1) / n."""
     ids = torch.tensor([engine.encode(prompt)])
@@ -129,7 +158,7 @@ def routes(engine: Engine, bandwidth_gbs: float, log=print) -> dict:
         return out
     reference = None
     for dtype, quant in ROUTES:
-        config = dataclasses.replace(engine.config, dtype=dtype, quant=quant, max_batch=1)
+        config = dataclasses.replace(engine.config, dtype=dtype, quant=quant, max_batch=8)
         route = Engine(engine.source, engine.tokenizer, config)
         name = route.runner.name
         if name in out:  # q4_1 on a model whose weights no block reproduces is the fp16 route again
@@ -137,8 +166,10 @@ def routes(engine: Engine, bandwidth_gbs: float, log=print) -> dict:
         log(f"    route {name} ...")
         floor = weight_bytes(route) / bandwidth_gbs / 1e6
         step = decode_step_ms(route)
+        prefill, batch8 = prefill_and_batch_ms(route)
         figures = {"step_ms": round(step, 2), "weight_mb": round(weight_bytes(route) / 1e6, 1),
-                   "floor_ms": round(floor, 2), "P5": round(step / floor, 3)}
+                   "floor_ms": round(floor, 2), "P5": round(step / floor, 3),
+                   "prefill_ms": round(prefill, 1), "batch8_step_ms": round(batch8, 2)}
         if reference is None:
             reference = route
         else:
@@ -221,15 +252,22 @@ def run_speed(engine, log=print) -> dict:
     log("(g) 8 concurrent streams: batched scheduler, then the interleaving thread backend ...")
     batched = concurrency_gain(engine, "batched" if hasattr(engine, "decode_step") else "thread")
     interleaved = concurrency_gain(engine, "thread")
+    fast = None
+    if engine.runner.name.startswith("lean-q4_1"):  # the same blocks with 8-bit activations, for comparison
+        log("    ... and the batched scheduler on the w4a8 route")
+        fast = concurrency_gain(Engine(engine.source, engine.tokenizer,
+                                       dataclasses.replace(engine.config, quant="w4a8")), "batched")
     log("(h) cold start of `python -m labserver serve` (twice: the first also warms the disk cache) ...")
     starts = [cold_start(), cold_start()]
     return {
         "P5": round(step / floor, 3), "P6_hf": round(step / hf_step, 3), "P7": batched["gain"],
         "P7_per_stream_spread": batched["per_stream_rate_spread"], "P7_health_p99_ms": batched["health"]["p99_ms"],
+        **({"P7_w4a8": fast["gain"]} if fast else {}),
         "P8_ready_s": starts[-1]["ready_s"], "P8_first_token_s": starts[-1]["first_token_s"],
         "raw_speed": {"runner": engine.runner.name, "read_bandwidth_gbs": round(bandwidth, 2),
                       "weight_mb": round(weight_bytes(engine) / 1e6, 1), "floor_ms": round(floor, 2),
                       "engine_step_ms": round(step, 2), "hf_generate_step_ms": round(hf_step, 2),
                       "routes": all_routes, "concurrency_batched": batched, "concurrency_thread": interleaved,
+                      **({"concurrency_w4a8": fast} if fast else {}),
                       "cold_starts": starts},
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -31,11 +31,15 @@ class TokenEvent:
     batch: int | None = None  # sequences that shared the decode step (batched scheduler only)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field, ~0.1 ms a token on the event loop.
+        d = {name: getattr(self, name) for name in TOKEN_FIELDS}
         for key in ("prefill_time_ms", "batch"):
             if d[key] is None:
                 del d[key]
         return d
+
+
+TOKEN_FIELDS = tuple(f.name for f in fields(TokenEvent))
 
 
 @dataclass

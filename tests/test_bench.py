@@ -72,7 +72,8 @@ def test_speed_figures_on_the_tiny_model(tiny_engine, monkeypatch):
     speed = result["raw_speed"]
     # Random weights sit on no block grid: the q4_1 route keeps them in float16, the fp16 route measured once.
     assert set(speed["routes"]) == {"lean-float32", "lean-fp16", "lean-bfloat16", "lean-int8", "lean-int4"}
-    assert all(r["P5"] > 0 and r["floor_ms"] > 0 for r in speed["routes"].values())
+    assert all(r["P5"] > 0 and r["floor_ms"] > 0 and r["prefill_ms"] > 0 and r["batch8_step_ms"] > 0
+               for r in speed["routes"].values())
     assert all(0 <= r["teacher_forced_pct"] <= 100 for n, r in speed["routes"].items() if n != "lean-float32")
     assert speed["concurrency_batched"]["backend"] == "batched" and speed["concurrency_thread"]["backend"] == "thread"
     assert result["P7"] == speed["concurrency_batched"]["gain"] > 0 and result["P6_hf"] > 0
