@@ -6,8 +6,9 @@
      Q4_1: w = q * d + m, q in 0..15, two per byte: byte j of a block holds q[j] (low) and q[j + 16] (high);
      Q8_0: w = q * d,     q in -127..127, one per byte.
    A block is dequantized into float32 registers and multiplied with up to TILE rows of x, so a decode
-   step of 8 sequences reads each weight once. Rows of W are split over the OpenMP threads of the caller
-   (the same libgomp team torch uses, so `torch.set_num_threads` on the calling thread applies).
+   step of 8 sequences reads each weight once. Rows of W are taken in chunks by the OpenMP threads of the
+   caller as they come free (kernels.h; the same libgomp team torch uses, so `torch.set_num_threads` on
+   the calling thread applies).
    `q4_1_quantize` / `q8_0_quantize` make the blocks and count the weights they would not reproduce.
    1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
    laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
@@ -284,23 +285,65 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
         case 7: call(7); break; default: call(8); break;                                    \
     }
 
-void share(long n, long *n0, long *n1) {
-    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
-    *n0 = n * t / nt, *n1 = n * (t + 1) / nt;
+/* ---- the threads' work: phases cut into chunks (kernels.h) ---------------------------------------- */
+static __thread long *team_counters, team_phase, team_count;
+
+/* Counters for `phases` phases of a team of up to omp_get_max_threads() threads (the width, in [0]). */
+long *team_counters_alloc(long phases) {
+    const long width = omp_get_max_threads();
+    long *counters = calloc((phases * width + 1) * PAD, sizeof(long));
+    if (counters != NULL) counters[0] = width;
+    return counters;
 }
 
-/* Rows n0..n1 of y, the share of one thread. */
-static void q4_1_rows(const float *x, long M, long K, const uint8_t *q, const float *d, const float *m,
-                      long N, float *y, int add, long n0, long n1) {
+void team_begin(long *counters, long phases) {
+    team_counters = counters, team_phase = 0, team_count = counters ? phases : 0;
+}
+
+work_t phase(long n, long chunk) {
+    work_t w = {n, chunk < 1 ? 1 : chunk, NULL, 0};
+    if (team_phase < team_count && omp_get_num_threads() <= team_counters[0])
+        w.next = team_counters + (team_phase++ * team_counters[0] + 1) * PAD;
+    return w;
+}
+
+/* Thread t owns the t-th contiguous part of the items and takes its chunks in order (the weights stream
+   through it as with a static split); a thread whose part is done takes chunks from the next parts. */
+int take(work_t *w, long *i0, long *i1) {
+    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (w->next == NULL) {  /* out of counters: this thread's part, once */
+        *i0 = w->n * t / nt, *i1 = w->n * (t + 1) / nt;
+        return !w->once++ && *i1 > *i0;
+    }
+    for (long o = 0; o < nt; o++) {
+        const long u = (t + o) % nt, end = w->n * (u + 1) / nt;
+        /* relaxed: the barriers after each phase order the data */
+        *i0 = w->n * u / nt + __atomic_fetch_add(w->next + u * PAD, 1, __ATOMIC_RELAXED) * w->chunk;
+        if (*i0 < end) {
+            *i1 = *i0 + w->chunk < end ? *i0 + w->chunk : end;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Rows per chunk of a product by rows: ~64 KB of weights, so taking one costs ~1% of reading it. */
+static long row_chunk(long row_bytes) { return (65536 + row_bytes - 1) / row_bytes; }
+
+static void block_sums(const float *x, long G, float *sx) {
+    for (long g = 0; g < G; g++) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < QK; j++) s += x[g * QK + j];
+        sx[g] = s;
+    }
+}
+
+/* Rows n0..n1 of y; with one row of x, `sx` holds its block sums. */
+static void q4_1_rows(const float *x, const float *sx, long M, long K, const uint8_t *q, const float *d,
+                      const float *m, long N, float *y, int add, long n0, long n1) {
     const long G = K / QK;
     if (M == 1) {
-        float sx[G];
-        for (long g = 0; g < G; g++) {
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int j = 0; j < QK; j++) s += x[g * QK + j];
-            sx[g] = s;
-        }
         for (long n = n0; n < n1; n++) store(y + n, q4_1_row(x, sx, K, q + n * K / 2, d + n * G, m + n * G), add);
         return;
     }
@@ -327,32 +370,46 @@ static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const flo
         }
 }
 
-/* This thread's share of y = x . W^T (y += with `add`), called by every thread of a team. */
+/* y = x . W^T (y += with `add`), one phase of work for every thread of a team. */
 static void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
     long n0, n1;
 #ifdef __AVX512F__
     if (M > PANEL_MIN && w[MPQ] != NULL) {
-        share(N / NP, &n0, &n1);
-        q4_1_panels(x, M, K, w[MPQ], w[MPD], w[MPM], N, y, add, n0, n1);
+        for (work_t k = phase(N / NP, 1); take(&k, &n0, &n1);)
+            q4_1_panels(x, M, K, w[MPQ], w[MPD], w[MPM], N, y, add, n0, n1);
         return;
     }
 #endif
-    share(N, &n0, &n1);
-    q4_1_rows(x, M, K, w[MQ], w[MD], w[MM], N, y, add, n0, n1);
+    const long G = K / QK;
+    float sx[G];
+    if (M == 1) block_sums(x, G, sx);
+    for (work_t k = phase(N, row_chunk(K / 2 + 8 * G)); take(&k, &n0, &n1);)
+        q4_1_rows(x, sx, M, K, w[MQ], w[MD], w[MM], N, y, add, n0, n1);
+}
+
+static void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+    long n0, n1;
+    for (work_t k = phase(N, row_chunk(K + 4 * K / QK)); take(&k, &n0, &n1);) q8_0_rows(x, M, K, q, d, N, y, add, n0, n1);
 }
 
 void q4_1_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+    long *counters = team_counters_alloc(1);
 #pragma omp parallel
-    q4_1_share(x, M, K, w, N, y, add);
+    {
+        team_begin(counters, 1);
+        q4_1_share(x, M, K, w, N, y, add);
+    }
+    free(counters);
 }
 
 void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+    long *counters = team_counters_alloc(1);
 #pragma omp parallel
     {
-        long n0, n1;
-        share(N, &n0, &n1);
-        q8_0_rows(x, M, K, q, d, N, y, add, n0, n1);
+        team_begin(counters, 1);
+        q8_0_share(x, M, K, q, d, N, y, add);
     }
+    free(counters);
 }
 
 static float absmax(const float *x, long n) {
@@ -547,12 +604,15 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
     float *act = malloc(sizeof(float) * B * I);
     const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
     act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
+    const long phases = L * 12 + 4;  /* a layer opens at most 10 (kernels.h), the output matrix one */
+    long *counters = team_counters_alloc(phases);
     const float scale = 1.0f / sqrtf((float)Dh);
     barrier_t bar = {0, 0};
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long n0, n1;
+        team_begin(counters, phases);
         for (long l = 0; l < L; l++) {
             const void **p = w + l * PER_LAYER;
             float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
@@ -570,10 +630,9 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
                     }
                 }
             barrier(&bar, nt);
-            share(B * H, &n0, &n1);
-            for (long i = n0; i < n1; i++) {
-                const long b = i / H, hd = i % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + i * Dh);
+            for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
+                const long b = n0 / H, hd = n0 % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + n0 * Dh);
             }
             barrier(&bar, nt);
             product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
@@ -582,9 +641,9 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
             barrier(&bar, nt);
             product(h, B, D, p + GU, 2 * I, gu, 0, a8, &bar, nt);
             barrier(&bar, nt);
-            share(I, &n0, &n1);
-            for (long b = 0; b < B; b++)
-                silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
+            for (work_t k = phase(I, 256); take(&k, &n0, &n1);)
+                for (long b = 0; b < B; b++)
+                    silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
             barrier(&bar, nt);
             product(act, B, I, p + DOWN, D, x, 1, a8, &bar, nt);
             barrier(&bar, nt);
@@ -593,9 +652,8 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
         const long first = dims[10] ? B - 1 : 0;  /* a prefill wants the last position's logits only */
         if (t == 0) rms_norm(x + first * D, tail[0], h, B - first, D, eps);
         barrier(&bar, nt);
-        share(V, &n0, &n1);
-        q8_0_rows(h, B - first, D, tail[1], tail[2], V, logits, 0, n0, n1);
+        q8_0_share(h, B - first, D, tail[1], tail[2], V, logits, 0);
     }
-    free(h), free(qkv), free(att), free(gu), free(act);
+    free(h), free(qkv), free(att), free(gu), free(act), free(counters);
     if (a8) act8_free(blocks);
 }

@@ -12,8 +12,22 @@
    (pq, pd, pm; NULL when it has none): float32 panels for the exact route, W4A8 panels for that one. */
 enum { MQ, MD, MM, MPQ, MPD, MPM, MATRIX };
 
-/* This thread's share [*n0, *n1) of n items, in contiguous ranges (inside an OpenMP parallel region). */
-void share(long n, long *n0, long *n1);
+/* Work split between the threads of a parallel region as they come free. Each phase of a step (a product,
+   the attention heads, ...) is cut into chunks that a thread takes with one atomic add, so a thread the
+   OS preempts (on 2 cores, for the web server's event loop) leaves its work to the other instead of
+   holding up the whole step at the next barrier. Every thread of a region calls `team_begin` with the
+   same counters (`team_counters_alloc(phases)`, freed by the caller), then opens the same phases in the
+   same order:
+       work_t w = phase(n, chunk);  for (long i0, i1; take(&w, &i0, &i1);) { items i0 .. i1 - 1 }  */
+#define PAD 8  /* longs per counter: one cache line each, so the threads' counters do not share one */
+typedef struct {
+    long n, chunk, *next, once;
+} work_t;
+
+long *team_counters_alloc(long phases);
+void team_begin(long *counters, long phases);
+work_t phase(long n, long chunk);
+int take(work_t *w, long *i0, long *i1);
 
 /* Activations of M rows quantized to 8 bits per block of 32: q [M, K], scales d and float sums s [M, K/32]. */
 typedef struct {

@@ -81,11 +81,11 @@ static float block_sum(const float *x) {
 #endif
 }
 
-/* This thread's share of the blocks of x [M, K]. */
+/* The blocks of x [M, K], one phase for every thread of a team. */
 void act8_share(const float *x, long M, long K, act8_t a) {
     long b0, b1;
-    share(M * (K / QK), &b0, &b1);
-    for (long b = b0; b < b1; b++) round8(x + b * QK, a.q + b * QK, a.d + b), a.s[b] = block_sum(x + b * QK);
+    for (work_t k = phase(M * (K / QK), 16); take(&k, &b0, &b1);)
+        for (long b = b0; b < b1; b++) round8(x + b * QK, a.q + b * QK, a.d + b), a.s[b] = block_sum(x + b * QK);
 }
 
 #ifdef __AVX512VNNI__
@@ -146,15 +146,14 @@ INLINE void w4a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float 
 }
 #endif
 
-/* This thread's share of y = x . W^T (y += with `add`), x given as its blocks `a`: panels split
-   between the threads, every panel against all M rows. */
+/* y = x . W^T (y += with `add`), x given as its blocks `a`, one phase for every thread of a team: the
+   threads take panels as they come free, each panel against all M rows. */
 void w4a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y, int add) {
     const uint8_t *pq = w[MPQ];
     const float *pd = w[MPD], *pm = w[MPM];
     const long G = K / QK;
-    long p0, p1;
-    share(N / NC, &p0, &p1);
-    for (long p = p0; p < p1; p++)
+    long p, end;
+    for (work_t k = phase(N / NC, 1); take(&k, &p, &end);)  /* one panel at a time */
         for (long r0 = 0; r0 < M; r0 += MR8) {
             const int mr = M - r0 < MR8 ? (int)(M - r0) : MR8;
             const uint8_t *q = pq + p * G * 4 * 64;
@@ -171,11 +170,13 @@ void w4a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y
 /* y = x . W^T (or y +=) for a matrix with W4A8 panels: the activations are quantized here. */
 void w4a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
     act8_t a = act8_alloc(M, K);
+    long *counters = team_counters_alloc(2);
 #pragma omp parallel
     {
+        team_begin(counters, 2);
         act8_share(x, M, K, a);
 #pragma omp barrier
         w4a8_share(a, M, K, w, N, y, add);
     }
-    act8_free(a);
+    act8_free(a), free(counters);
 }
