@@ -11,10 +11,11 @@ twice: with a fresh prompt per request (a prefill on both servers) and with the 
 llama.cpp reuses the KV of its previous request and runs one token's forward (we keep no prefix cache).
 
     P6 = our client ITL p50 / llama.cpp's client ITL p50 (goal <= 1.0), for the default runner and for
-    the int4 route (``--quant int4``), with the greedy text of each for comparison.
+    the w4a8 and int4 routes, with the greedy text of each compared with llama.cpp's and with our float32
+    route's (llama.cpp rounds activations to 8 bits, as w4a8 does: its text can part from float32's).
 
 The figures go to ``out/bench_peer.json`` and, when ``out/bench.json`` exists, into it as ``P6`` and
-``P6_int4``. llama-cpp-python's server has no ``/health`` (its probe figures are 404s: ignore them) and
+``P6_w4a8`` and ``P6_int4``. llama-cpp-python's server has no ``/health`` (its probe figures are 404s: ignore them) and
 sends no usage chunk. Left out: llama.cpp's own C++ server (``llama-server``), other quantizations.
 """
 
@@ -94,14 +95,19 @@ def run_peer(peer_python: str, prompt: str = DEFAULT_PROMPT, runs: int = 3, thre
         proc.wait(10)
     peer["ready_s"] = round(ready_s, 2)
     ours = {}
-    for name, quant in (("default", "auto"), ("float32", "none"), ("int4", "int4")):
+    for name, quant in (("default", "auto"), ("float32", "none"), ("w4a8", "w4a8"), ("int4", "int4")):
         log(f"labserver, {name} route ...")
         ours[name] = measure_labserver(EngineConfig.from_env(quant=quant, threads=threads), prompt, runs)
     itl = peer["stream"]["p50_itl_ms"]
     return {"P6": round(ours["default"]["stream"]["p50_itl_ms"] / itl, 3),
+            "P6_w4a8": round(ours["w4a8"]["stream"]["p50_itl_ms"] / itl, 3),
             "P6_int4": round(ours["int4"]["stream"]["p50_itl_ms"] / itl, 3),
             "raw_peer": {"llama_cpp": peer, "labserver": ours, "gguf": str(gguf), "prompt": prompt,
                          "max_tokens": MAX_TOKENS, "threads": threads}}
+
+
+def _yes(same: bool) -> str:
+    return "yes" if same else "no"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,14 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
     bench = out.parent / "bench.json"
     if bench.exists():  # P6 joins the other figures of `make bench`
         merged = json.loads(bench.read_text())
-        merged.update({k: result[k] for k in ("P6", "P6_int4")})
+        merged.update({k: result[k] for k in ("P6", "P6_w4a8", "P6_int4")})
         bench.write_text(json.dumps(merged, indent=2) + "\n")
     peer, ours = result["raw_peer"]["llama_cpp"], result["raw_peer"]["labserver"]
     rows = [[name, r["stream"]["p50_ttft_ms"], r["stream_repeated"]["p50_ttft_ms"], r["stream"]["p50_itl_ms"],
-             None if r is peer else r["greedy_text"] == peer["greedy_text"]]
+             None if r is peer else _yes(r["greedy_text"] == peer["greedy_text"]),
+             _yes(r["greedy_text"] == ours["float32"]["greedy_text"])]
             for name, r in [("llama.cpp", peer)] + [(f"labserver {r['runner']}", r) for r in ours.values()]]
-    print(format_table(["server", "TTFT p50 ms", "same prompt again", "ITL p50 ms", "same text"], rows))
-    print(f"\nP6 = {result['P6']} (default runner), {result['P6_int4']} (int4); goal <= 1.0. Wrote {out}")
+    print(format_table(["server", "TTFT p50 ms", "same prompt again", "ITL p50 ms", "text = llama.cpp's",
+                        "text = float32's"], rows))
+    print(f"\nP6 = {result['P6']} (default runner), {result['P6_w4a8']} (w4a8), {result['P6_int4']} (int4); "
+          f"goal <= 1.0. Wrote {out}")
     return result
 
 

@@ -169,12 +169,21 @@ class Engine:
 
         From here until ``end(seq)`` the sequence counts as running and holds its cache.
         """
-        with self._lock:
-            self.running += 1
-        seq.running = True
-        seq.start = time.perf_counter()
-        token_id = sample_token(self.runner.prefill(seq), seq.params, seq.generator)
-        return self._append(seq, token_id, seq.start, None)
+        return self.prefill_steps([seq])[0]
+
+    def prefill_steps(self, seqs: list[Sequence]) -> list[TokenEvent | None]:
+        """``prefill_step`` for several prompts in one forward (the runner's ``prefill_many``); each event's
+        ``prefill_time_ms`` is that forward's time and, for more than one prompt, ``batch`` says how many
+        shared it."""
+        start = time.perf_counter()
+        for seq in seqs:
+            with self._lock:
+                self.running += 1
+            seq.running, seq.start = True, start
+        logits = self.runner.prefill(seqs[0])[None] if len(seqs) == 1 else self.runner.prefill_many(seqs)
+        ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]
+        elapsed, batch = (time.perf_counter() - start) * 1000, len(seqs) if len(seqs) > 1 else None
+        return [self._append(s, i, elapsed, batch) for s, i in zip(seqs, ids)]
 
     def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenEvent | None]:
         """One forward for every sequence in ``seqs``; each event's ``step_ms`` is that forward's time.
@@ -184,8 +193,8 @@ class Engine:
         t0 = time.perf_counter()
         logits = self.runner.decode(seqs)  # [B, V]
         ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]
-        batch = len(seqs) if batched else None
-        return [self._append(s, i, t0, batch) for s, i in zip(seqs, ids)]
+        elapsed, batch = (time.perf_counter() - t0) * 1000, len(seqs) if batched else None
+        return [self._append(s, i, elapsed, batch) for s, i in zip(seqs, ids)]
 
     def end(self, seq: Sequence) -> Finish:
         """Free the sequence's cache and stop counting it (once, whatever calls it); return its ``Finish``."""
@@ -196,10 +205,10 @@ class Engine:
                 self.running -= 1
         return seq.finish()
 
-    def _append(self, seq: Sequence, token_id: int, t0: float, batch: int | None):
+    def _append(self, seq: Sequence, token_id: int, elapsed_ms: float, batch: int | None):
         with self._lock:
             self.tokens_generated += 1
-        return seq.append(token_id, (time.perf_counter() - t0) * 1000, batch)
+        return seq.append(token_id, elapsed_ms, batch)
 
     # -- one sequence as a generator -----------------------------------------------------------------
     def generate_stream(

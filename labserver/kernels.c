@@ -586,17 +586,19 @@ static void product(const float *x, long B, long K, const void *const *w, long N
 
 /* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
    output matrix's Q8_0 blocks and scales.
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, 1 for
-   logits of the last row only (else every row's), and 1 for the W4A8 route (the matrices' panels are
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
+   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8 route (the matrices' panels are
    then w4a8.c's, and the layers' activations go through 8 bits; the output matrix keeps float32 ones).
    A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
-   attends to the keys up to its own position (written for every row before any row attends).
+   attends to the keys up to its own position (written for every row before any row attends). Several
+   prompts prefill together as one such run of rows each, in their own slots, with their last rows in
+   `out_rows`.
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
    sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
    One parallel region for the whole step: thread 0 does the small serial parts, every matrix product
    and the attention heads are split between the threads, and spin barriers separate the phases. */
 void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
-                  const float *cos, const float *sin, float *kc, float *vc, float *logits) {
+                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
     const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
     const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
     float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
@@ -649,10 +651,11 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
             barrier(&bar, nt);
         }
         const void **tail = w + L * PER_LAYER;
-        const long first = dims[10] ? B - 1 : 0;  /* a prefill wants the last position's logits only */
-        if (t == 0) rms_norm(x + first * D, tail[0], h, B - first, D, eps);
+        const long R = out_rows ? dims[10] : B;  /* a prefill wants each prompt's last position only */
+        if (t == 0)
+            for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
         barrier(&bar, nt);
-        q8_0_share(h, B - first, D, tail[1], tail[2], V, logits, 0);
+        q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
     }
     free(h), free(qkv), free(att), free(gu), free(act), free(counters);
     if (a8) act8_free(blocks);

@@ -74,7 +74,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, n, ptr, ctypes.c_int]
     lib.q4_1_repack.argtypes = [ptr, ptr, ptr, n, n, ptr, ptr, ptr]
     lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
-    lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.w4a8_matmul.argtypes = lib.q4_1_matmul.argtypes
     lib.w4a8_repack.argtypes = lib.q4_1_repack.argtypes
     for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode, lib.w4a8_matmul, lib.w4a8_repack):
@@ -137,16 +137,19 @@ class FusedDecode:
         self.w4a8 = lean.layers[0]["qkv"].format == "w4a8"
         self.inter = lean.layers[0]["down"].parts[0].shape[1] * 2
 
-    def __call__(self, tokens, pos, slots, t, last_only: bool = False):
-        """Logits ``[B, V]`` (``[1, V]`` for the last row with ``last_only``: a prompt's prefill)."""
+    def __call__(self, tokens, pos, slots, t, out_rows=None):
+        """Logits ``[B, V]``, or of the rows ``out_rows`` only (a prefill: each prompt's last row)."""
         lean, (layers, n_slots, kv_heads, length, head_dim) = self.lean, self.lean.cache.k.shape
         b = tokens.shape[0]
         x = lean.embed[tokens].contiguous()  # [B, D], becomes the residual stream
         pos, slots = pos.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
         dims = torch.tensor([layers, x.shape[1], lean.heads, kv_heads, head_dim, self.inter, self.vocab,
-                             b, n_slots, length, int(last_only), int(self.w4a8)], dtype=torch.long)
-        logits = torch.empty(1 if last_only else b, self.vocab)
+                             b, n_slots, length, 0 if out_rows is None else len(out_rows), int(self.w4a8)],
+                            dtype=torch.long)
+        rows = None if out_rows is None else torch.as_tensor(out_rows, dtype=torch.long).contiguous()
+        logits = torch.empty(b if rows is None else len(rows), self.vocab)
         self.lib.llama_decode(self.pointers, dims.data_ptr(), lean.eps, x.data_ptr(), pos.data_ptr(),
                               slots.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),
-                              lean.cache.k.data_ptr(), lean.cache.v.data_ptr(), logits.data_ptr())
+                              lean.cache.k.data_ptr(), lean.cache.v.data_ptr(),
+                              None if rows is None else rows.data_ptr(), logits.data_ptr())
         return logits

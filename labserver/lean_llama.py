@@ -11,7 +11,8 @@ from any object with a transformers-style ``config`` and ``state_dict()``: a tra
 memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
-cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0.
+cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0,
+``prefill_many`` several prompts' slots in one call.
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
 attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that
@@ -306,19 +307,35 @@ class LeanLlama:
     def _logits(self, x):
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps).to(self.dtype)).float()  # [N, V]
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
         """Fill cache ``slot`` with the prompt ``ids`` (from position 0); return the last logits ``[V]``."""
+        return self.prefill_many([ids], [slot])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Prefill each prompt into its slot; return each prompt's last logits ``[len(prompts), V]``.
+
+        With the fused step, prompts whose tokens add up to at most ``FUSED_PREFILL_MAX`` run as one C call:
+        their positions are rows of one product, which keeps the weights busier than one prompt's rows.
+        """
+        lengths = [len(ids) for ids in prompts]
+        if max(lengths) > self.cache.max_len:
+            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache's {self.cache.max_len}")
+        self.cache.reserve(max(lengths))
+        # A prompt's attention is a plain loop there, so long prompts go to torch's fused attention instead.
+        if self.fused is None or sum(lengths) > self.FUSED_PREFILL_MAX:
+            return torch.stack([self._prefill_one(ids, slot) for ids, slot in zip(prompts, slots)])
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        rows = torch.tensor(lengths).cumsum(0) - 1  # each prompt's last position
+        logits = self.fused(torch.tensor([t for ids in prompts for t in ids]), pos,
+                            torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), max(lengths), rows)
+        for slot, n in zip(slots, lengths):
+            self.cache.lengths[slot] = n
+        return logits
+
+    def _prefill_one(self, ids: list[int], slot: int) -> torch.Tensor:
+        """One prompt through torch's attention around the layers' products."""
         s = len(ids)
-        if s > self.cache.max_len:
-            raise ValueError(f"prompt of {s} tokens exceeds the cache's {self.cache.max_len}")
-        self.cache.reserve(s)
-        # The prompt's positions as a batch of rows in one slot, in one C call; its attention is a plain
-        # loop, so long prompts go to torch's fused attention instead.
-        if self.fused is not None and s <= self.FUSED_PREFILL_MAX:
-            logits = self.fused(torch.tensor(ids), torch.arange(s), torch.full((s,), slot), s, last_only=True)
-            self.cache.lengths[slot] = s
-            return logits[0]
         kc, vc = self.cache.k, self.cache.v
 
         def attend(i, q, k, v):  # q [S, H, Dh]; k, v [S, Hkv, Dh]

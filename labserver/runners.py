@@ -47,6 +47,9 @@ class TransformersRunner:
         seq.state = DynamicCache(config=self.model.config)
         return prefill(self.model, torch.tensor([seq.ids]), seq.state)
 
+    def prefill_many(self, seqs) -> torch.Tensor:
+        return torch.stack([self.prefill(s) for s in seqs])
+
     def decode(self, seqs) -> torch.Tensor:
         return torch.stack([decode_one_token(self.model, s.last_token, s.state) for s in seqs])
 
@@ -86,6 +89,11 @@ class LeanRunner:
     def prefill(self, seq) -> torch.Tensor:
         seq.state = self.lean.cache.allocate()
         return self.lean.prefill(seq.ids, seq.state)
+
+    def prefill_many(self, seqs) -> torch.Tensor:
+        for seq in seqs:
+            seq.state = self.lean.cache.allocate()
+        return self.lean.prefill_many([s.ids for s in seqs], [s.state for s in seqs])
 
     def decode(self, seqs) -> torch.Tensor:
         # In slot order, so a block of slots is read as a view; rows go back in the caller's order.

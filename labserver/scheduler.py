@@ -2,16 +2,19 @@
 
 ``BatchScheduler`` keeps the doors of ``worker.EngineWorker`` (``stream``, ``complete``, ``generate``,
 ``running``, ``close``: one thread owns the model, events go back through each request's own queue) and
-changes what a round does. A round prefills at most one waiting request (so a burst of arrivals does not
-stall the running streams for several prefills in a row), then runs one ``decode_step`` for all running
-sequences together. Requests join and leave between steps: a finished or cancelled sequence frees its
-cache slot before the next step, and a request waits while all ``max_batch`` slots are taken.
+changes what a round does. A round prefills the waiting requests that fit a budget of prompt tokens
+(``prefill_tokens``; the first always fits) in one forward, then runs one ``decode_step`` for all running
+sequences together. Prompts prefilled together keep the weights busier than one prompt does (8 prompts
+of 43 tokens here: ~290 ms together, ~350 ms one by one; 8 streams started at once then also decode in
+step from the first token, and their rates differ less), and the budget bounds how long the running
+streams wait for a prefill. Requests join and leave between steps: a finished or cancelled sequence
+frees its cache slot before the next step, and a request waits while all ``max_batch`` slots are taken.
 
 Each event's ``step_ms`` is the whole batched step and its ``batch`` says how many sequences shared it,
 so the lab's per-token plots stay an honest measurement. nano-vllm's ``scheduler.py`` is the model.
 
-Left out: batched prefill, chunked prefill of long prompts, preemption and priorities (first come,
-first served), and prefix caching.
+Left out: chunked prefill of long prompts (one longer than the budget prefills alone), prefill mixed
+into decode steps, preemption and priorities (first come, first served), and prefix caching.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ class BatchScheduler(EngineWorker):
 
     kind = "batched"
 
-    def __init__(self, engine, name: str = "labserver-scheduler"):
+    def __init__(self, engine, name: str = "labserver-scheduler", prefill_tokens: int = 256):
         if not hasattr(engine, "decode_step"):
             raise TypeError(f"{type(engine).__name__} has no decode_step: use the 'thread' backend")
         self._waiting: deque[Request] = deque()  # encoded, not yet prefilled
         self._running: list[Request] = []  # prefilled, decoding together
+        self.prefill_tokens = prefill_tokens
         super().__init__(engine, name)  # starts the thread: the queues must exist first
 
     def _busy(self) -> bool:
@@ -44,12 +48,23 @@ class BatchScheduler(EngineWorker):
     def _round(self) -> None:
         for req in [r for r in (*self._waiting, *self._running) if r.cancel.is_set()]:
             self._retire(req, DONE)
-        if self._waiting and self.engine.runner.free_slots > 0:
-            req = self._waiting.popleft()
-            self._step([req], lambda: [self.engine.prefill_step(req.seq)])
+        joining = self._joining()
+        if joining:
+            self._step(joining, lambda: self.engine.prefill_steps([r.seq for r in joining]))
         if self._running:
             batch = list(self._running)
             self._step(batch, lambda: self.engine.decode_step([r.seq for r in batch], batched=True))
+
+    def _joining(self) -> list[Request]:
+        """The waiting requests to prefill this round: in order, while a slot is free and their prompts fit
+        ``prefill_tokens`` (the first always fits)."""
+        joining, tokens = [], 0
+        while self._waiting and len(joining) < self.engine.runner.free_slots:
+            tokens += len(self._waiting[0].seq.ids)
+            if joining and tokens > self.prefill_tokens:
+                break
+            joining.append(self._waiting.popleft())
+        return joining
 
     def _step(self, reqs: list[Request], run) -> None:
         try:

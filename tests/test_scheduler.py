@@ -57,11 +57,44 @@ def test_batched_greedy_equals_each_sequence_alone(default_engine, scheduler_of)
 @pytest.mark.timeout(300)
 def test_step_events_say_what_the_step_did(default_engine, scheduler_of):
     streams = run(scheduler_of(default_engine), PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
+    firsts = [items[0] for items in streams]
     for items in streams:
         first, decodes = items[0], items[1:-1]
-        assert first.prefill_time_ms is not None and first.batch is None  # a prefill runs alone
+        # Prefilled alone (no batch), or together with the other prompt if it had arrived by then.
+        assert first.prefill_time_ms is not None and first.batch in (None, 2)
+        assert ("batch" in first.to_dict()) == (first.batch is not None)
         assert all(e.batch in (1, 2) and e.step_ms > 0 for e in decodes)
-        assert "batch" in decodes[0].to_dict() and "batch" not in first.to_dict()
+        assert "batch" in decodes[0].to_dict()
+    if firsts[0].batch == 2:  # one forward for both: the same time
+        assert firsts[0].prefill_time_ms == firsts[1].prefill_time_ms and firsts[1].batch == 2
+
+
+@pytest.mark.model
+def test_prompts_prefilled_together_equal_each_prefilled_alone(default_engine):
+    params = SamplingParams(max_tokens=4, temperature=0)
+    alone = [default_engine.generate(p, params).token_ids[0] for p in PROMPTS]
+    seqs = [default_engine.begin(p, params) for p in PROMPTS]
+    try:
+        events = default_engine.prefill_steps(seqs)
+    finally:
+        for s in seqs:
+            default_engine.end(s)
+    assert [e.token_id for e in events] == alone
+    assert {e.batch for e in events} == {len(PROMPTS)} and len({e.prefill_time_ms for e in events}) == 1
+    assert default_engine.running == 0
+
+
+def test_a_round_prefills_the_waiting_prompts_that_fit_the_budget(tiny_engine, scheduler_of):
+    from types import SimpleNamespace
+
+    scheduler = scheduler_of(tiny_engine)  # idle: its thread waits on the inbox and leaves _waiting alone
+    scheduler.prefill_tokens = 10
+    waiting = [SimpleNamespace(seq=SimpleNamespace(ids=[0] * n)) for n in (4, 5, 2, 30, 1)]
+    scheduler._waiting.extend(waiting)
+    assert scheduler._joining() == waiting[:2]  # 4 + 5 fit, + 2 would not
+    assert scheduler._joining() == waiting[2:3]  # 2 + 30 would not
+    assert scheduler._joining() == waiting[3:4]  # longer than the budget: alone
+    assert scheduler._joining() == waiting[4:] and not scheduler._waiting
 
 
 @pytest.mark.timeout(120)
