@@ -60,8 +60,9 @@ lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine threa
 #
 # ## 2. The same N streams, batched
 #
-# The batched scheduler keeps a batch of running sequences. Each round it prefills at most one newcomer,
-# then runs **one** decode step for every running sequence: the lean llama forward takes input `[B, 1]`,
+# The batched scheduler keeps a batch of running sequences. Each round it prefills the newcomers together
+# (as many as fit a budget of 256 prompt tokens, in one forward), then runs **one** decode step for every
+# running sequence: the lean llama forward takes input `[B, 1]`,
 # each sequence in its own slot of a preallocated KV cache, attention masked to each one's length.
 # Sequences join and leave between steps (finished, cancelled or new), so nobody waits for a batch to
 # fill or drain: *continuous* batching, as in vLLM, SGLang and nano-vllm.
@@ -89,9 +90,11 @@ lab.plot_sweep({"taking turns": turns, "batched": together})
 # - **ITL**, taking turns, grows about N times: between two tokens of one stream the engine runs one step
 #   for each of the N streams. Batched, it grows only as fast as the batched step does.
 # - **Tokens per second, all streams together**, stays flat when taking turns (N users split the same
-#   ~30 tokens/s) and climbs with N when batched.
-# - **TTFT** grows with N on both: requests that arrive together are prefilled one after another.
-#   (Batching the prefills too, or splitting long ones into chunks, is the next refinement.)
+#   ~100 tokens/s) and climbs with N when batched.
+# - **TTFT** grows with N on both. Taking turns, requests that arrive together are prefilled one after
+#   another; batched, in one forward, which costs less than their prefills one by one but more than one
+#   prefill, and all their first tokens come after it. (Splitting long prompts into chunks that ride
+#   along with the decode steps, as vLLM does, is the next refinement.)
 # - **`/health`** stays in milliseconds at every N: the event loop only moves bytes. (Its few ms and the
 #   odd spike come from the shared GIL: the engine's Python code, the server and this notebook's client
 #   and probe run in one process here.)
