@@ -26,7 +26,7 @@ from .worker import DONE, EngineWorker, Request
 
 
 class BatchScheduler(EngineWorker):
-    """Runs ``engine.prefill_step`` / ``engine.decode_step`` for many requests on the engine thread."""
+    """Runs ``engine.prefill_steps`` / ``engine.decode_step`` for many requests on the engine thread."""
 
     kind = "batched"
 
