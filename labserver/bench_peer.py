@@ -14,9 +14,9 @@ llama.cpp reuses the KV of its previous request and runs one token's forward (we
     the w4a8 and int4 routes, with the greedy text of each compared with llama.cpp's and with our float32
     route's (llama.cpp rounds activations to 8 bits, as w4a8 does: its text can part from float32's).
 
-The figures go to ``out/bench_peer.json`` and, when ``out/bench.json`` exists, into it as ``P6`` and
-``P6_w4a8`` and ``P6_int4``. llama-cpp-python's server has no ``/health`` (its probe figures are 404s: ignore them) and
-sends no usage chunk. Left out: llama.cpp's own C++ server (``llama-server``), other quantizations.
+The figures go to ``out/bench_peer.json`` and, when ``out/bench.json`` exists, into it as ``P6``,
+``P6_w4a8`` and ``P6_int4``. llama-cpp-python's server has no ``/health`` (its probe figures are 404s:
+ignore them) and sends no usage chunk. Left out: llama.cpp's own C++ server (``llama-server``), other quantizations.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ AGREEMENT_PROMPTS = [
     "Translate 'good morning' into Spanish and German.", "Write a Python function that reverses a string.",
     "Why is the sky blue?", "Give me a short motivational quote about learning.",
 ]
-ROUTES = [("float32", "none"), ("float32", "q4_1"), ("float32", "w4a8"), ("float32", "fp16"), ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4")]
+ROUTES = [("float32", "none"), ("float32", "q4_1"), ("float32", "w4a8"), ("float32", "fp16"),
+          ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4")]
 
 
 def on_one_thread(threads: int, fn, *args):

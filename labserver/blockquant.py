@@ -12,8 +12,8 @@ any matrix that does not (or all of them, when no compiler is found) in float16.
 ``w4a8=True`` lays a Q4_1 matrix out for ``w4a8.c`` instead: the same weights times activations rounded
 to 8 bits, llama.cpp's arithmetic, faster and not exact.
 
-Left out: block types other than these two,
-and a kernel for machines without a C compiler (``kernels.available()`` says why).
+Left out: block types other than these two, and a kernel for machines without a C compiler
+(``kernels.available()`` says why).
 """
 
 from __future__ import annotations

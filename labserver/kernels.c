@@ -13,17 +13,16 @@
    1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
    laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
 
-   2. `llama_decode`: one decode step of B sequences through every layer (or one prompt's prefill), the same arithmetic as
-      `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
+   2. `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
+      same arithmetic as `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
 
    3. (w4a8.c) The W4A8 route: the same weights times activations quantized to 8 bits, llama.cpp's
       arithmetic, in integer dot products; `llama_decode` runs either route.
 
-   Left out: other block types, K not a
-   multiple of 32 (the Python side keeps such matrices in another format), a prefill that continues a
-   filled slot. */
+   Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
+   format), a prefill that continues a filled slot. */
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
@@ -587,16 +586,18 @@ static void product(const float *x, long B, long K, const void *const *w, long N
 /* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
    output matrix's Q8_0 blocks and scales.
    dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
-   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8 route (the matrices' panels are
-   then w4a8.c's, and the layers' activations go through 8 bits; the output matrix keeps float32 ones).
+   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
+   route (the matrices' panels are then w4a8.c's and the layers' activations go through 8 bits; the
+   output matrix keeps float32 ones).
    A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
    attends to the keys up to its own position (written for every row before any row attends). Several
    prompts prefill together as one such run of rows each, in their own slots, with their last rows in
    `out_rows`.
    kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
    sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
-   One parallel region for the whole step: thread 0 does the small serial parts, every matrix product
-   and the attention heads are split between the threads, and spin barriers separate the phases. */
+   One parallel region for the whole step: thread 0 does the small serial parts, the threads take the
+   chunks of every product, of the attention heads and of the activation (kernels.h), and spin barriers
+   separate the phases. */
 void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
                   const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
     const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
@@ -606,7 +607,8 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
     float *act = malloc(sizeof(float) * B * I);
     const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
     act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
-    const long phases = L * 12 + 4;  /* a layer opens at most 10 (kernels.h), the output matrix one */
+    const long phases = L * 12 + 4;  /* a layer opens 10 phases (W4A8: 4 products, each after its
+                                        quantization, the heads, the activation); the output matrix 1 */
     long *counters = team_counters_alloc(phases);
     const float scale = 1.0f / sqrtf((float)Dh);
     barrier_t bar = {0, 0};

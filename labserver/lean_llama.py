@@ -6,9 +6,8 @@ a preallocated KV cache with one slot per sequence, rotary tables computed once,
 per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
 weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
 (``blockquant.py``; or those blocks times 8-bit activations, ``w4a8``), whose decode step then runs as
-one C call (``kernels.FusedDecode``). It builds
-from any object with a transformers-style ``config`` and ``state_dict()``: a transformers model, or a
-memory-mapped ``checkpoint.Checkpoint``.
+one C call (``kernels.FusedDecode``). It builds from any object with a transformers-style ``config`` and
+``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
 cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0,
@@ -16,7 +15,8 @@ cache slot: the shape continuous batching needs. ``prefill`` fills one slot from
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
 attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that
-continues a filled slot, a paged cache (all slots share one position axis that grows as the longest sequence does), and training.
+continues a filled slot, a paged cache (all slots share one position axis that grows as the longest
+sequence does), and training.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class LeanLlama:
     or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts.
     """
 
-    FUSED_PREFILL_MAX = 512  # tokens; longer prompts prefill through torch's attention
+    FUSED_PREFILL_MAX = 512  # prompt tokens per C call; beyond, each prompt goes through torch's attention
 
     def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048, blocks_file=None):
         if not supports(model):

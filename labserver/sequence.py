@@ -28,7 +28,7 @@ class TokenEvent:
     index: int  # 0-based position in the output
     step_ms: float  # wall time of the step that produced it (the prefill, for index 0)
     prefill_time_ms: float | None = None  # only on the first token
-    batch: int | None = None  # sequences that shared the decode step (batched scheduler only)
+    batch: int | None = None  # sequences that shared the step: a decode step, or a prefill of several prompts
 
     def to_dict(self) -> dict:
         # Not dataclasses.asdict: it deep-copies every field, ~0.1 ms a token on the event loop.
