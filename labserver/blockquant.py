@@ -9,8 +9,8 @@ pairing (its int4 kernel wants bfloat16 activations), so ``kernels.c`` has one (
 ``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``lean_llama`` keeps
 any matrix that does not (or all of them, when no compiler is found) in float16.
 
-``w4a8=True`` lays a Q4_1 matrix out for ``w4a8.c`` instead: the same weights times activations rounded
-to 8 bits, llama.cpp's arithmetic, faster and not exact.
+``w4a8=True`` lays a Q4_1 matrix (and the Q8_0 output matrix, as "w8a8") out for ``w4a8.c`` instead: the
+same weights times activations rounded to 8 bits, llama.cpp's arithmetic, faster and not exact.
 
 Left out: block types other than these two, and a kernel for machines without a C compiler
 (``kernels.available()`` says why).
@@ -116,7 +116,26 @@ class Q4_1(_Blocks):
 
 
 class Q8_0(_Blocks):
+    """With ``w4a8`` also kept as W8A8 panels of 16 rows (``w4a8.c``), which then do its products: 8-bit
+    activations, as for the Q4_1 matrices of that route. ``format``: "w8a8" when they do, else "q8_0"."""
+
+    def __init__(self, parts, out_features, w4a8: bool = False):
+        super().__init__(parts, out_features)
+        q, d = parts
+        self.format = "w8a8" if w4a8 and out_features % 16 == 0 else "q8_0"
+        panels = (None, None)
+        if self.format == "w8a8":
+            panels = torch.empty(q.shape, dtype=torch.uint8), torch.empty_like(d)
+            self._lib.w8a8_repack(q.data_ptr(), d.data_ptr(), out_features, q.shape[1],
+                                  *(t.data_ptr() for t in panels))
+        self.kernel_parts = (*parts, *panels)
+        self._panels = pointers(panels)
+
     def _run(self, x, y, add):
+        if self.format == "w8a8":
+            self._lib.w8a8_matmul(x.data_ptr(), x.shape[0], x.shape[1], self._panels, self.out_features,
+                                  y.data_ptr(), add)
+            return y
         q, d = self.parts
         self._lib.q8_0_matmul(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), d.data_ptr(),
                               self.out_features, y.data_ptr(), add)
@@ -127,7 +146,7 @@ KINDS = {"q4_1": quantize_q4_1, "q8_0": quantize_q8_0}
 
 
 def _make(kind: str, blocks, rows: int, w4a8: bool) -> _Blocks:
-    return Q4_1(blocks, rows, w4a8) if kind == "q4_1" else Q8_0(blocks, rows)
+    return (Q4_1 if kind == "q4_1" else Q8_0)(blocks, rows, w4a8)
 
 
 def lossless(w: torch.Tensor | list[torch.Tensor], kind: str, w4a8: bool = False) -> _Blocks | None:

@@ -39,7 +39,8 @@ class EngineConfig:
     # token); fp16 (float32 activations), int8 and int4 (bfloat16 activations) are faster and not bit-equal.
     # q4_1: GGUF's 4-bit blocks (8-bit for the output matrix) with float32 activations, through C kernels,
     # for the matrices the blocks reproduce exactly, float16 for the others (blockquant.py). w4a8: the same
-    # blocks times activations rounded to 8 bits in integer products (w4a8.c): faster, not exact.
+    # blocks (and the output matrix's) times activations rounded to 8 bits in integer products (w4a8.c):
+    # faster, not exact.
     # "auto": q4_1 for float32 models on the lean runner (the default model's weights are those blocks, so
     # it computes the float32 model at a fifth of the bytes), fp16 if no C compiler is found; else "none".
     quant: str = "auto"

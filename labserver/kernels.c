@@ -276,14 +276,6 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
 }
 #endif
 
-/* Dispatch a tile of `tb` rows to a specialisation with a constant row count. */
-#define EACH_TILE(call)                                                                     \
-    switch (tb) {                                                                           \
-        case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;             \
-        case 4: call(4); break; case 5: call(5); break; case 6: call(6); break;             \
-        case 7: call(7); break; default: call(8); break;                                    \
-    }
-
 /* ---- the threads' work: phases cut into chunks (kernels.h) ---------------------------------------- */
 static __thread long *team_counters, team_phase, team_count;
 
@@ -584,11 +576,11 @@ static void product(const float *x, long B, long K, const void *const *w, long N
 }
 
 /* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
-   output matrix's Q8_0 blocks and scales.
+   output matrix's Q8_0 blocks and scales, and its W8A8 panels and their scales (NULL: none).
    dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
    of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
-   route (the matrices' panels are then w4a8.c's and the layers' activations go through 8 bits; the
-   output matrix keeps float32 ones).
+   route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also the output
+   matrix's when it has W8A8 panels).
    A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
    attends to the keys up to its own position (written for every row before any row attends). Several
    prompts prefill together as one such run of rows each, in their own slots, with their last rows in
@@ -608,7 +600,7 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
     const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
     act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
     const long phases = L * 12 + 4;  /* a layer opens 10 phases (W4A8: 4 products, each after its
-                                        quantization, the heads, the activation); the output matrix 1 */
+                                        quantization, the heads, the activation); the output matrix 2 */
     long *counters = team_counters_alloc(phases);
     const float scale = 1.0f / sqrtf((float)Dh);
     barrier_t bar = {0, 0};
@@ -657,7 +649,12 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
         if (t == 0)
             for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
         barrier(&bar, nt);
-        q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
+        if (a8 != NULL && tail[3] != NULL) {
+            act8_share(h, R, D, *a8);
+            barrier(&bar, nt);
+            w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
+        } else
+            q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
     }
     free(h), free(qkv), free(att), free(gu), free(act), free(counters);
     if (a8) act8_free(blocks);

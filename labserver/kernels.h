@@ -8,6 +8,14 @@
 #define QK 32
 #define INLINE static inline __attribute__((always_inline))
 
+/* Dispatch a tile of `tb` rows to a specialisation with a constant row count. */
+#define EACH_TILE(call)                                                                     \
+    switch (tb) {                                                                           \
+        case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;             \
+        case 4: call(4); break; case 5: call(5); break; case 6: call(6); break;             \
+        case 7: call(7); break; default: call(8); break;                                    \
+    }
+
 /* A Q4_1 matrix as the kernels take it: q, d, m, then a second layout of the same blocks in panels
    (pq, pd, pm; NULL when it has none): float32 panels for the exact route, W4A8 panels for that one. */
 enum { MQ, MD, MM, MPQ, MPD, MPM, MATRIX };
@@ -29,15 +37,18 @@ void team_begin(long *counters, long phases);
 work_t phase(long n, long chunk);
 int take(work_t *w, long *i0, long *i1);
 
-/* Activations of M rows quantized to 8 bits per block of 32: q [M, K], scales d and float sums s [M, K/32]. */
+/* Activations of M rows quantized to 8 bits per block of 32: q [M, K]; per block [M, K/32] the scale d,
+   the float sum s of x and the integer sum qs of q. */
 typedef struct {
     int8_t *q;
     float *d, *s;
+    int32_t *qs;
 } act8_t;
 
 act8_t act8_alloc(long M, long K);
 void act8_free(act8_t a);
 void act8_share(const float *x, long M, long K, act8_t a);
 void w4a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y, int add);
+void w8a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y, int add);
 
 #endif

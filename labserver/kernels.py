@@ -77,7 +77,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.w4a8_matmul.argtypes = lib.q4_1_matmul.argtypes
     lib.w4a8_repack.argtypes = lib.q4_1_repack.argtypes
-    for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode, lib.w4a8_matmul, lib.w4a8_repack):
+    lib.w8a8_matmul.argtypes = lib.q4_1_matmul.argtypes
+    lib.w8a8_repack.argtypes = [ptr, ptr, n, n, ptr, ptr]
+    for fn in (lib.q4_1_matmul, lib.q4_1_repack, lib.q8_0_matmul, lib.llama_decode, lib.w4a8_matmul, lib.w4a8_repack,
+               lib.w8a8_matmul, lib.w8a8_repack):
         fn.restype = None
     lib.q4_1_quantize.argtypes = [ptr, n, n, ptr, ptr, ptr, ctypes.c_float]
     lib.q8_0_quantize.argtypes = [ptr, n, n, ptr, ptr, ctypes.c_float]
@@ -129,7 +132,7 @@ class FusedDecode:
         for p in lean.layers:
             for name in self.LAYER:
                 tensors += p[name].kernel_parts if hasattr(p[name], "kernel_parts") else [p[name]]
-        tensors += [lean.norm, *lean.lm_head.parts]
+        tensors += [lean.norm, *lean.lm_head.kernel_parts]
         # The C side holds raw pointers into these (None: a matrix without panels).
         self._keep = [None if t is None else t.contiguous() for t in tensors]
         self.pointers = pointers(self._keep)

@@ -14,7 +14,9 @@
    q[4i..4i+3] in the low nibbles and q[16+4i..16+4i+3] in the high ones: the 4 consecutive k that
    vpdpbusd sums into one lane. Then the block's 16 d and 16 m.
 
-   Left out: 8-bit activations for the output matrix (it stays Q8_0 times float32), other block types.
+   The output matrix, Q8_0, goes the same way (w8a8, at the end of this file).
+
+   Left out: other block types.
    Without AVX512-VNNI the same integer arithmetic runs as plain C, to the same results. */
 #include <math.h>
 #include <omp.h>
@@ -44,26 +46,30 @@ void w4a8_repack(const uint8_t *q, const float *d, const float *m, long N, long 
 }
 
 act8_t act8_alloc(long M, long K) {
-    act8_t a = {malloc(M * K), malloc(sizeof(float) * M * (K / QK)), malloc(sizeof(float) * M * (K / QK))};
+    const long G = M * (K / QK);
+    act8_t a = {malloc(M * K), malloc(sizeof(float) * G), malloc(sizeof(float) * G), malloc(sizeof(int32_t) * G)};
     return a;
 }
 
-void act8_free(act8_t a) { free(a.q), free(a.d), free(a.s); }
+void act8_free(act8_t a) { free(a.q), free(a.d), free(a.s), free(a.qs); }
 
-/* q = x / d rounded to nearest (ties to even), d = max |x| / 127, over one block of 32. */
-static void round8(const float *x, int8_t *q, float *d) {
+/* q = x / d rounded to nearest (ties to even), d = max |x| / 127, over one block of 32; qs = sum of q. */
+static void round8(const float *x, int8_t *q, float *d, int32_t *qs) {
 #ifdef __AVX512F__
     const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     const float dg = top / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
     const __m512 iv = _mm512_set1_ps(inv);
-    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, iv))));
-    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, iv))));
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, iv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, iv));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    *qs = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 #else
     float top = 0.0f;
     for (int j = 0; j < QK; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
     const float dg = top / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
-    for (int j = 0; j < QK; j++) q[j] = (int8_t)nearbyintf(x[j] * inv);
+    *qs = 0;
+    for (int j = 0; j < QK; j++) q[j] = (int8_t)nearbyintf(x[j] * inv), *qs += q[j];
 #endif
     *d = dg;
 }
@@ -85,7 +91,7 @@ static float block_sum(const float *x) {
 void act8_share(const float *x, long M, long K, act8_t a) {
     long b0, b1;
     for (work_t k = phase(M * (K / QK), 16); take(&k, &b0, &b1);)
-        for (long b = b0; b < b1; b++) round8(x + b * QK, a.q + b * QK, a.d + b), a.s[b] = block_sum(x + b * QK);
+        for (long b = b0; b < b1; b++) round8(x + b * QK, a.q + b * QK, a.d + b, a.qs + b), a.s[b] = block_sum(x + b * QK);
 }
 
 #ifdef __AVX512VNNI__
@@ -155,20 +161,17 @@ void w4a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y
     long p, end;
     for (work_t k = phase(N / NC, 1); take(&k, &p, &end);)  /* one panel at a time */
         for (long r0 = 0; r0 < M; r0 += MR8) {
-            const int mr = M - r0 < MR8 ? (int)(M - r0) : MR8;
-            const uint8_t *q = pq + p * G * 4 * 64;
-            const float *d = pd + p * G * NC, *m = pm + p * G * NC;
-            float *yp = y + p * NC;
-#define T8(R) w4a8_tile(a, K, r0, q, d, m, yp, N, add, R)
-            switch (mr) {
-                case 1: T8(1); break; case 2: T8(2); break; case 3: T8(3); break; case 4: T8(4); break;
-                case 5: T8(5); break; case 6: T8(6); break; case 7: T8(7); break; default: T8(8); break;
-            }
+            const int tb = M - r0 < MR8 ? (int)(M - r0) : MR8;
+#define T4(R) w4a8_tile(a, K, r0, pq + p * G * 4 * 64, pd + p * G * NC, pm + p * G * NC, y + p * NC, N, add, R)
+            EACH_TILE(T4)
         }
 }
 
-/* y = x . W^T (or y +=) for a matrix with W4A8 panels: the activations are quantized here. */
-void w4a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+typedef void share_t(act8_t a, long M, long K, const void *const *w, long N, float *y, int add);
+
+/* y = x . W^T (or y +=) by `share`, the activations quantized first. */
+static void act8_matmul(share_t share, const float *x, long M, long K, const void *const *w, long N, float *y,
+                        int add) {
     act8_t a = act8_alloc(M, K);
     long *counters = team_counters_alloc(2);
 #pragma omp parallel
@@ -176,7 +179,101 @@ void w4a8_matmul(const float *x, long M, long K, const void *const *w, long N, f
         team_begin(counters, 2);
         act8_share(x, M, K, a);
 #pragma omp barrier
-        w4a8_share(a, M, K, w, N, y, add);
+        share(a, M, K, w, N, y, add);
     }
     act8_free(a), free(counters);
+}
+
+/* For a matrix with W4A8 panels (w: its MATRIX pointers). */
+void w4a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+    act8_matmul(w4a8_share, x, M, K, w, N, y, add);
+}
+
+/* ---- the output matrix: Q8_0 weights times the same 8-bit activations ---------------------------------
+   llama.cpp's Q8_0 x Q8_0. vpdpbusd multiplies unsigned bytes by signed ones, so the panels hold q_w + 128
+   (1..255) and each block's sum is corrected by 128 * sum q_x:  sum (q_w + 128) q_x - 128 sum q_x.
+   Layout (`w8a8_repack`): panels of NC rows; per block 8 loads of 64 bytes (load i: k = 4i..4i+3 of the
+   16 rows), then the block's 16 d. */
+void w8a8_repack(const int8_t *q, const float *d, long N, long K, uint8_t *pq, float *pd) {
+    const long G = K / QK;
+#pragma omp parallel for schedule(static)
+    for (long p = 0; p < N / NC; p++)
+        for (long g = 0; g < G; g++) {
+            uint8_t *out = pq + (p * G + g) * 8 * 64;
+            for (int i = 0; i < 8; i++)
+                for (int c = 0; c < NC; c++)
+                    for (int j = 0; j < 4; j++) out[i * 64 + c * 4 + j] = (uint8_t)(q[(p * NC + c) * K + g * QK + 4 * i + j] + 128);
+            for (int c = 0; c < NC; c++) pd[(p * G + g) * NC + c] = d[(p * NC + c) * G + g];
+        }
+}
+
+#ifdef __AVX512VNNI__
+INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, float *y, long N, int add,
+                      const int mr) {
+    const long G = K / QK;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[MR8];
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m512i w[8];
+        for (int i = 0; i < 8; i++) w[i] = _mm512_loadu_si512(pq + (g * 8 + i) * 64);
+        const __m512 dw = _mm512_loadu_ps(pd + g * NC);
+        for (int r = 0; r < mr; r++) {
+            const int32_t *xq = (const int32_t *)(a.q + (r0 + r) * K + g * QK);
+            __m512i s0 = _mm512_dpbusd_epi32(zero, w[0], _mm512_set1_epi32(xq[0]));
+            __m512i s1 = _mm512_dpbusd_epi32(zero, w[1], _mm512_set1_epi32(xq[1]));
+            for (int i = 2; i < 8; i += 2) {
+                s0 = _mm512_dpbusd_epi32(s0, w[i], _mm512_set1_epi32(xq[i]));
+                s1 = _mm512_dpbusd_epi32(s1, w[i + 1], _mm512_set1_epi32(xq[i + 1]));
+            }
+            const long at = (r0 + r) * G + g;
+            const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * a.qs[at]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[at])), acc[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        float *yr = y + (r0 + r) * N;
+        _mm512_storeu_ps(yr, add ? _mm512_add_ps(acc[r], _mm512_loadu_ps(yr)) : acc[r]);
+    }
+}
+#else
+INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, float *y, long N, int add,
+                      const int mr) {
+    const long G = K / QK;
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < NC; c++) {
+            float acc = 0.0f;
+            for (long g = 0; g < G; g++) {
+                const uint8_t *b = pq + g * 8 * 64 + c * 4;
+                const int8_t *xq = a.q + (r0 + r) * K + g * QK;
+                int32_t sum = 0;
+                for (int i = 0; i < 8; i++)
+                    for (int j = 0; j < 4; j++) sum += b[i * 64 + j] * xq[4 * i + j];
+                const long at = (r0 + r) * G + g;
+                acc = fmaf((float)(sum - 128 * a.qs[at]), pd[g * NC + c] * a.d[at], acc);
+            }
+            float *yc = y + (r0 + r) * N + c;
+            *yc = add ? acc + *yc : acc;
+        }
+}
+#endif
+
+/* y = x . W^T (y += with `add`) for the W8A8 panels w = (pq, pd), x given as its blocks `a`; one phase
+   for every thread of a team. */
+void w8a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y, int add) {
+    const uint8_t *pq = w[0];
+    const float *pd = w[1];
+    const long G = K / QK;
+    long p0, p1;
+    for (work_t k = phase(N / NC, 4); take(&k, &p0, &p1);)
+        for (long p = p0; p < p1; p++)
+            for (long r0 = 0; r0 < M; r0 += MR8) {
+                const int tb = M - r0 < MR8 ? (int)(M - r0) : MR8;
+#define T8(R) w8a8_tile(a, K, r0, pq + p * G * 8 * 64, pd + p * G * NC, y + p * NC, N, add, R)
+                EACH_TILE(T8)
+            }
+}
+
+void w8a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+    act8_matmul(w8a8_share, x, M, K, w, N, y, add);
 }

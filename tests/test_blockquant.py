@@ -172,11 +172,11 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
     rows, product_atol, logits_atol = PORTABLE[quant]
     portable = kernels.load(kernels.build(str(tmp_path), arch="x86-64"))
     blocks = LeanLlama(grid, quant=quant, max_batch=2, max_len=32)
-    native = blocks.layers[0]["gate_up"]
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
-    expected = native(x)
-    native._lib = portable
-    torch.testing.assert_close(native(x), expected, rtol=0, atol=product_atol)
+    for native in (blocks.layers[0]["gate_up"], blocks.lm_head):  # w4a8: also the output matrix's w8a8
+        expected = native(x)
+        native._lib = portable
+        torch.testing.assert_close(native(x), expected, rtol=0, atol=product_atol)
     w = on_grid(torch.randn(96, 64, generator=torch.Generator().manual_seed(4)))
     q, d, m = (torch.empty(96, 32, dtype=torch.uint8), torch.empty(96, 2), torch.empty(96, 2))
     assert portable.q4_1_quantize(w.data_ptr(), 96, 64, q.data_ptr(), d.data_ptr(), m.data_ptr(), 4e-7) == 0
@@ -188,7 +188,6 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
         for matrix in p.values():
             if hasattr(matrix, "_lib"):
                 matrix._lib = portable
-    blocks.lm_head._lib = portable
     torch.testing.assert_close(lean_logits(blocks, ids, 3, slot=1), ref, rtol=0, atol=logits_atol)
 
 

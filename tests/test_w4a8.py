@@ -1,4 +1,5 @@
-"""The W4A8 route: Q4_1 weights times activations rounded to 8 bits per block, in integer products.
+"""The W4A8 route: Q4_1 weights (and the Q8_0 output matrix's) times activations rounded to 8 bits per
+block, in integer products.
 
 Its products must equal an independent reference of that arithmetic (torch, integer sums), stay within
 the rounding bound of the exact product, run the same in the fused step and the torch path (and the
@@ -53,6 +54,29 @@ def test_products_equal_the_integer_reference_and_stay_within_the_rounding_bound
     assert (got - exact).abs().max() > 1e-6  # and it is not the exact product
 
 
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_the_output_matrix_equals_its_integer_reference(rows):
+    """Q8_0 times 8-bit activations (w8a8): sum_g d_w d_x (q_w . q_x), the weights stored as q_w + 128."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=g) * 0.05
+    w[0, :32] = 0.0  # a block of zeros (d = 0) and one with q_w = -127 and 127
+    w[1, :32] = torch.linspace(-1, 1, 32)
+    (qw, dw), _ = blockquant.quantize_q8_0(w)
+    on_grid8 = blockquant.dequantize_q8_0(qw, dw)
+    matrix = blockquant.lossless(on_grid8, "q8_0", w4a8=True)
+    assert matrix.format == "w8a8" and int(matrix.parts[0].min()) == -127
+    x = torch.randn(rows, 64, generator=g)
+    x[0, 32:] = 0.0  # a block of zero activations
+    qx, dx, _ = round_activations(x)
+    dots = torch.einsum("mgk,ngk->mng", qx, matrix.parts[0].long().reshape(96, -1, 32)).double()
+    reference = (dots * (matrix.parts[1].double()[None] * dx.double()[:, None])).sum(-1)
+    got = matrix(x)
+    torch.testing.assert_close(got.double(), reference, rtol=0, atol=1e-6)
+    r = torch.randn(rows, 96, generator=g)
+    torch.testing.assert_close(matrix.add(r.clone(), x), r + got, rtol=0, atol=1e-6)
+    assert blockquant.lossless(on_grid8, "q8_0").format == "q8_0"  # the exact route's keeps float32 activations
+
+
 def test_rows_not_in_whole_panels_keep_float32_activations():
     w = on_grid(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)) * 0.05)
     matrix = blockquant.lossless(w, "q4_1", w4a8=True)
@@ -77,7 +101,7 @@ def test_the_fused_step_equals_the_torch_path(grid):
                          + [lean.decode([7, 8, 9], [2, 0, 3])])
 
     lean = LeanLlama(grid, quant="w4a8", max_batch=4, max_len=32)
-    assert lean.formats() == ["q8_0", "w4a8"] and lean.fused is not None
+    assert lean.formats() == ["w4a8", "w8a8"] and lean.fused is not None
     fused = run(lean)
     lean.cache.lengths, lean.fused = [0] * 4, None
     unfused, exact = run(lean), run(LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32))
@@ -91,7 +115,7 @@ def test_the_fused_step_equals_the_torch_path(grid):
 def test_default_model_agrees_with_float32_on_most_greedy_steps(default_engine, exact_engine):
     config = EngineConfig(threads=2, quant="w4a8", max_batch=2)
     route = Engine(default_engine.source, default_engine.tokenizer, config)
-    assert route.runner.name == "lean-q8_0+w4a8" and route.runner.lean.fused is not None
+    assert route.runner.name == "lean-w4a8+w8a8" and route.runner.lean.fused is not None
     figures = agreement(exact_engine, route, AGREEMENT_PROMPTS[:4], n=16)
     # Teacher-forced: the float32 token is its argmax at 93% of steps here; a wrong product would be near 0.
     assert figures["teacher_forced_pct"] >= 85
