@@ -117,7 +117,7 @@ lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1], "to
 # several times the reading of the weights, so a step of 8 costs ~3-4 steps of one: still half of 8.
 # Rounding the activations to 8 bits (`EngineConfig(quant="w4a8")`, what llama.cpp does with these
 # weights) turns the multiply-adds into integer dot products, 64 per instruction instead of 16, and a
-# step of 8 then costs about 2 steps of one; but the logits move by ~1% and some greedy tokens change
+# step of 8 then costs less than 2 steps of one; but the logits move by ~1% and some greedy tokens change
 # (`make bench` prints both routes side by side). Production servers add a paged KV cache (vLLM's
 # PagedAttention) so that memory is allocated in blocks as sequences grow, not reserved up front.
 #
