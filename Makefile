@@ -42,7 +42,7 @@ $(PEER_STAMP):
 	touch $(PEER_STAMP)
 
 bench-peer: $(STAMP) $(PEER_STAMP)
-	$(PY) -m labserver.bench_peer --peer-python $(PEER)/bin/python
+	$(PY) -m labserver.measure.bench_peer --peer-python $(PEER)/bin/python
 
 serve: $(STAMP)
 	$(PY) -m labserver serve --port 5000

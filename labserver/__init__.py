@@ -4,16 +4,16 @@ The public API the notebooks use is re-exported here; each name lives in the mod
 """
 
 from .config import EngineConfig, SamplingParams
-from .engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
-from .fake_engine import FakeEngine
-from .model import ModelNotFound, load_model_and_tokenizer
-from .variants import BlockingBackend, ExecutorBackend, make_backend
-from .worker import EngineWorker
-from .scheduler import BatchScheduler
-from .fastapi_app import create_app
-from .limits import ServerLimits
-from .flask_app import create_flask_app
-from .serving import FlaskServer, ServerStartError, UvicornServer, start_fastapi, start_flask, stop_all
+from .engine.engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
+from .engine.fake import FakeEngine
+from .engine.loading import ModelNotFound, load_model_and_tokenizer
+from .serve.variants import BlockingBackend, ExecutorBackend, make_backend
+from .serve.engine_thread import EngineWorker
+from .serve.scheduler import BatchScheduler
+from .serve.app import create_app
+from .serve.limits import ServerLimits
+from .serve.flask_app import create_flask_app
+from .serve.background import FlaskServer, ServerStartError, UvicornServer, start_fastapi, start_flask, stop_all
 
 __all__ = [
     "BatchScheduler",

@@ -35,8 +35,8 @@ def _server_args(p: argparse.ArgumentParser, port: int) -> None:
 
 def _load_engine(args):
     from .config import EngineConfig
-    from .engine import Engine
-    from .model import ModelNotFound
+    from .engine.engine import Engine
+    from .engine.loading import ModelNotFound
 
     try:
         return Engine.from_config(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,
@@ -48,8 +48,8 @@ def _load_engine(args):
 def serve(args) -> None:
     import uvicorn
 
-    from .fastapi_app import create_app
-    from .limits import ServerLimits
+    from .serve.app import create_app
+    from .serve.limits import ServerLimits
 
     try:
         limits = ServerLimits(max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes)
@@ -62,8 +62,8 @@ def serve(args) -> None:
 
 
 def flask(args) -> None:
-    from .flask_app import create_flask_app
-    from .serving import FlaskServer, ServerStartError
+    from .serve.flask_app import create_flask_app
+    from .serve.background import FlaskServer, ServerStartError
 
     server = FlaskServer(create_flask_app(_load_engine(args)), host=args.host, port=args.port)
     try:
@@ -79,7 +79,7 @@ def flask(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .limits import ServerLimits
+    from .serve.limits import ServerLimits
 
     parser = argparse.ArgumentParser(prog="python -m labserver", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("demo", "bench"):
         from importlib import import_module
 
-        return import_module(f"labserver.{args.command}").main(rest)
+        return import_module(f"labserver.measure.{args.command}").main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     {"serve": serve, "flask": flask}[args.command](args)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from labserver import FakeEngine
-from labserver.bench import GOALS, format_table, report, run_bench
-from labserver.demo import run_demo
+from labserver.measure.bench import GOALS, format_table, report, run_bench
+from labserver.measure.demo import run_demo
 
 KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")
 
@@ -64,7 +64,7 @@ def test_format_table():
 
 @pytest.mark.model
 def test_speed_figures_on_the_tiny_model(tiny_engine, monkeypatch):
-    from labserver import bench_speed
+    from labserver.measure import bench_speed
 
     monkeypatch.setattr(bench_speed, "cold_start", lambda: {"ready_s": 1.0, "first_token_s": 1.5})  # run below
     monkeypatch.setattr(bench_speed, "AGREEMENT_PROMPTS", ["hello", "two words"])
@@ -83,7 +83,7 @@ def test_speed_figures_on_the_tiny_model(tiny_engine, monkeypatch):
 @pytest.mark.model
 @pytest.mark.timeout(300)
 def test_cold_start_of_the_real_server():
-    from labserver.bench_speed import cold_start
+    from labserver.measure.bench_speed import cold_start
 
     start = cold_start()
     assert 0 < start["ready_s"] <= start["first_token_s"]

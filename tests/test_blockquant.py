@@ -9,10 +9,10 @@ default against the float32 lean route on SmolLM2-135M.
 import pytest
 import torch
 
-from labserver import blockquant, kernels
+from labserver.model import blocks as blockquant, kernels
 from labserver.config import EngineConfig, SamplingParams
-from labserver.engine import Engine
-from labserver.lean_llama import Fp16, LeanLlama
+from labserver.engine.engine import Engine
+from labserver.model.llama import Fp16, LeanLlama
 from tests.test_lean_llama import lean_logits, tiny_llama
 
 

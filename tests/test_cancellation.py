@@ -9,8 +9,8 @@ from httpx_sse import connect_sse
 from starlette.responses import StreamingResponse
 
 from labserver import FakeEngine
-from labserver.fastapi_app import ClosingStreamingResponse, create_app
-from labserver.serving import UvicornServer
+from labserver.serve.app import ClosingStreamingResponse, create_app
+from labserver.serve.background import UvicornServer
 
 PROMPT = "Write a long story about a lighthouse keeper."
 

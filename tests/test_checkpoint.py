@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labserver import Engine, EngineConfig, SamplingParams
-from labserver.checkpoint import Checkpoint, read_safetensors
-from labserver.lean_llama import LeanLlama, rope_tables, supports
-from labserver.model import load_for_serving
-from labserver.tokenizer import Tokenizer
+from labserver.model.checkpoint import Checkpoint, read_safetensors
+from labserver.model.llama import LeanLlama, rope_tables, supports
+from labserver.engine.loading import load_for_serving
+from labserver.engine.tokenizer import Tokenizer
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

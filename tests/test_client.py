@@ -8,11 +8,11 @@ import time
 import pytest
 
 from labserver import FakeEngine
-from labserver.client import (LABSERVER, HealthProbe, Trace, astream_generate, blocking_generate,
+from labserver.measure.client import (LABSERVER, HealthProbe, Trace, astream_generate, blocking_generate,
                               percentiles, probe_health, run_concurrent, stream_generate, summarize)
-from labserver.fastapi_app import create_app
-from labserver.flask_app import create_flask_app
-from labserver.serving import FlaskServer, UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.flask_app import create_flask_app
+from labserver.serve.background import FlaskServer, UvicornServer
 
 PREFILL_MS, STEP_MS = 60, 30
 WORDS = FakeEngine.words

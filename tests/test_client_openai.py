@@ -3,9 +3,9 @@
 import pytest
 
 from labserver import FakeEngine, create_app
-from labserver.client import (OpenAIProtocol, blocking_generate, openai_protocol, run_concurrent,
+from labserver.measure.client import (OpenAIProtocol, blocking_generate, openai_protocol, run_concurrent,
                               stream_generate, summarize)
-from labserver.serving import UvicornServer
+from labserver.serve.background import UvicornServer
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_openai_protocol_matches_generate_on_the_real_model(default_engine):
 
 @pytest.mark.parametrize("flags", [["--openai"], ["--openai-chat"], []])
 def test_bench_measures_a_running_server_by_url(fake_url, tmp_path, flags):
-    from labserver.bench import main
+    from labserver.measure.bench import main
 
     out = tmp_path / "url.json"
     result = main(["--url", fake_url, *flags, "--max-tokens", "4", "--runs", "1", "--concurrency", "2",
@@ -66,7 +66,7 @@ def test_bench_measures_a_running_server_by_url(fake_url, tmp_path, flags):
 def test_fresh_prompts_defeat_a_prefix_cache(fake_url):
     """Each measured request of "stream" opens differently (a prefix cache cannot answer it from memory);
     "stream_repeated" sends the very prompt each time."""
-    from labserver.bench import _sequential
+    from labserver.measure.bench import _sequential
 
     sent = []
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from labserver.detokenize import IncrementalDetokenizer
+from labserver.engine.detokenize import IncrementalDetokenizer
 
 TEXTS = [
     "Hello, world! The answer is 42.",

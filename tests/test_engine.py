@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labserver import Engine, EngineConfig, Finish, PromptTooLong, SamplingParams, TokenEvent
-from labserver.engine import decode_one_token, prefill
+from labserver.engine.engine import decode_one_token, prefill
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
@@ -144,7 +144,7 @@ def test_config_rejects_quant_without_the_lean_runner():
 
 
 def test_greedy_picks_the_first_maximum_in_any_dtype():
-    from labserver.engine import sample_token
+    from labserver.engine.engine import sample_token
 
     greedy = SamplingParams(max_tokens=1, temperature=0)
     logits = torch.tensor([0.5, 3.0, -1.0, 3.0])

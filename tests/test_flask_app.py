@@ -4,9 +4,9 @@ import httpx
 import pytest
 
 from labserver import FakeEngine, SamplingParams
-from labserver.fastapi_app import create_app
-from labserver.flask_app import create_flask_app
-from labserver.serving import FlaskServer, UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.flask_app import create_flask_app
+from labserver.serve.background import FlaskServer, UvicornServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,9 +9,9 @@ import pytest
 from httpx_sse import connect_sse
 
 from labserver import FakeEngine
-from labserver.fastapi_app import create_app
-from labserver.flask_app import create_flask_app
-from labserver.serving import FlaskServer, UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.flask_app import create_flask_app
+from labserver.serve.background import FlaskServer, UvicornServer
 
 PROMPT = "Tell me about the sea."
 

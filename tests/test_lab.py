@@ -1,4 +1,4 @@
-"""The notebooks' helpers (labserver.lab) and exercise checkers (labserver.checks).
+"""The notebooks' helpers (labserver.lab.experiments) and exercise checkers (labserver.lab.checks).
 
 Most tests use FakeEngine (fixed sleeps), so the numbers can be checked by hand and do not depend on
 how busy the machine is; the few that need torch are marked `model`. Correct answers come from the
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from labserver import FakeEngine, SamplingParams, checks, lab, serving
-from labserver.client import HealthProbe, Trace, blocking_generate, stream_generate
+from labserver import FakeEngine, SamplingParams
+from labserver.lab import checks, experiments as lab
+from labserver.serve import background as serving
+from labserver.measure.client import HealthProbe, Trace, blocking_generate, stream_generate
 
 pytestmark = pytest.mark.timeout(120)
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labserver.lean_llama import Int4, KVCache, LeanLlama, supports
+from labserver.model.llama import Int4, KVCache, LeanLlama, supports
 
 
 def tiny_llama(**overrides):

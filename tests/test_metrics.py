@@ -9,10 +9,10 @@ from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from labserver import FakeEngine
-from labserver.fastapi_app import create_app
-from labserver.limits import ServerLimits
-from labserver.metrics import buckets_1_2_5
-from labserver.serving import UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.limits import ServerLimits
+from labserver.serve.metrics import buckets_1_2_5
+from labserver.serve.background import UvicornServer
 
 pytestmark = pytest.mark.timeout(60)
 

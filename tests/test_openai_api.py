@@ -13,9 +13,9 @@ import pytest
 from httpx_sse import connect_sse
 
 from labserver import FakeEngine, SamplingParams
-from labserver.fastapi_app import create_app
-from labserver.stop_strings import StopMatcher
-from labserver.serving import UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.stop_strings import StopMatcher
+from labserver.serve.background import UvicornServer
 
 pytestmark = pytest.mark.timeout(120)
 

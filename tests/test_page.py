@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from labserver.fastapi_app import create_app
-from labserver.serving import UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.background import UvicornServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -17,12 +17,13 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import EngineConfig, FakeEngine, serving
+from labserver import EngineConfig, FakeEngine
+from labserver.serve import background as serving
 from labserver.__main__ import build_parser
-from labserver.fastapi_app import create_app
-from labserver.flask_app import create_flask_app
-from labserver.limits import ServerLimits
-from labserver.serving import FlaskServer, UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.flask_app import create_flask_app
+from labserver.serve.limits import ServerLimits
+from labserver.serve.background import FlaskServer, UvicornServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from labserver import Engine, EngineConfig, Finish, SamplingParams, TokenEvent
-from labserver.scheduler import BatchScheduler
+from labserver.serve.scheduler import BatchScheduler
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -140,7 +140,7 @@ def test_requests_wait_for_a_free_slot(tiny_engine, scheduler_of):
 
 @pytest.mark.timeout(120)
 def test_the_thread_backend_also_waits_for_a_free_slot(tiny_engine):
-    from labserver.worker import EngineWorker
+    from labserver.serve.engine_thread import EngineWorker
 
     engine = Engine(tiny_engine.model, tiny_engine.tokenizer, EngineConfig(model="tiny-random", max_batch=2))
     worker = EngineWorker(engine)

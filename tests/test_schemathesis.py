@@ -17,7 +17,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 
 from labserver import EngineConfig, FakeEngine  # noqa: E402
-from labserver.fastapi_app import create_app  # noqa: E402
+from labserver.serve.app import create_app  # noqa: E402
 
 # max_tokens_limit above the request default (128), so valid bodies are mostly accepted; 0 ms steps keep
 # even the longest streams instant.

@@ -7,10 +7,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from labserver import serving
-from labserver.fastapi_app import create_app
-from labserver.flask_app import create_flask_app
-from labserver.serving import FlaskServer, ServerStartError, UvicornServer
+from labserver.serve import background as serving
+from labserver.serve.app import create_app
+from labserver.serve.flask_app import create_flask_app
+from labserver.serve.background import FlaskServer, ServerStartError, UvicornServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,9 +8,9 @@ import pytest
 from httpx_sse import connect_sse
 
 from labserver import FakeEngine
-from labserver.fastapi_app import create_app
-from labserver.schemas import DONE_FRAME, error_frame, sse_frame
-from labserver.serving import UvicornServer
+from labserver.serve.app import create_app
+from labserver.serve.schemas import DONE_FRAME, error_frame, sse_frame
+from labserver.serve.background import UvicornServer
 
 
 def read_events(url: str, body: dict) -> list[tuple[float, str]]:

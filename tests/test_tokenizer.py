@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from labserver import EngineConfig
-from labserver.model import model_folder
-from labserver.tokenizer import Tokenizer, compile_chat_template, load_tokenizer
+from labserver.engine.loading import model_folder
+from labserver.engine.tokenizer import Tokenizer, compile_chat_template, load_tokenizer
 
 TEXTS = ["Hello, world!", "  leading and trailing spaces  ", "café naïve 日本語 🤖🚀", "tabs\tand\nnewlines\n\n",
          "<|im_start|>user\nspecial tokens typed as text<|im_end|>", "def f(x):\n    return x ** 2  # code",

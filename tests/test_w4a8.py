@@ -10,11 +10,11 @@ portable build: test_blockquant.py), and on the default model agree with float32
 import pytest
 import torch
 
-from labserver import blockquant
-from labserver.bench_speed import AGREEMENT_PROMPTS, agreement
+from labserver.model import blocks as blockquant
+from labserver.measure.bench_speed import AGREEMENT_PROMPTS, agreement
 from labserver.config import EngineConfig
-from labserver.engine import Engine
-from labserver.lean_llama import LeanLlama
+from labserver.engine.engine import Engine
+from labserver.model.llama import LeanLlama
 from tests.test_blockquant import grid_llama, on_grid
 
 

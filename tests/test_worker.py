@@ -7,7 +7,7 @@ import time
 import pytest
 
 from labserver import FakeEngine, Finish, SamplingParams, TokenEvent, make_backend
-from labserver.worker import EngineWorker
+from labserver.serve.engine_thread import EngineWorker
 
 KINDS = ["thread", "executor", "blocking"]
 

@@ -2,7 +2,7 @@
 
     python notebooks/solutions/01_blocking_baseline.py    # runs every checker against the default model
 """
-from labserver.client import run_concurrent
+from labserver.measure.client import run_concurrent
 
 
 def predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens):
@@ -16,9 +16,9 @@ def queued(url, n, max_tokens):
 
 
 def run_checks(engine) -> bool:
-    from labserver import checks, lab
-    from labserver.client import blocking_generate
-    from labserver.serving import start_flask, stop
+    from labserver.lab import checks, experiments as lab
+    from labserver.measure.client import blocking_generate
+    from labserver.serve.background import start_flask, stop
 
     flask = start_flask(engine, name="solutions-01")
     try:

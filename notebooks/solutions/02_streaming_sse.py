@@ -38,9 +38,9 @@ def my_stream(url, prompt, max_tokens):
 
 
 def run_checks(engine) -> bool:
-    from labserver import checks, lab
-    from labserver.client import stream_generate
-    from labserver.serving import start_fastapi, stop
+    from labserver.lab import checks, experiments as lab
+    from labserver.measure.client import stream_generate
+    from labserver.serve.background import start_fastapi, stop
 
     fastapi = start_fastapi(engine, name="solutions-02")
     try:

@@ -27,7 +27,7 @@ async def stream_on_one_thread(gen):
 
 
 def run_checks(engine=None) -> bool:
-    from labserver import checks
+    from labserver.lab import checks
 
     return all([checks.check_stream_tokens(stream_tokens), checks.check_one_thread(stream_on_one_thread)])
 

@@ -35,9 +35,9 @@ def stream_until(url, prompt, stop):
 
 
 def run_checks(engine) -> bool:
-    from labserver import checks
-    from labserver.client import stream_generate
-    from labserver.serving import start_fastapi, stop
+    from labserver.lab import checks
+    from labserver.measure.client import stream_generate
+    from labserver.serve.background import start_fastapi, stop
 
     fastapi = start_fastapi(engine, name="solutions-04")
     try:

@@ -20,8 +20,8 @@ def batched_tokens_per_s(batch, step_ms):
 
 
 def run_checks(engine) -> bool:
-    from labserver import checks, lab
-    from labserver.serving import start_fastapi, stop
+    from labserver.lab import checks, experiments as lab
+    from labserver.serve.background import start_fastapi, stop
 
     try:
         thread = start_fastapi(engine, backend="thread", name="solutions-05-thread")

@@ -27,9 +27,11 @@
 # about a second (the very first time ~15 s, to convert the model file once).
 
 # %%
-from labserver import Engine, EngineConfig, SamplingParams, checks, lab, plotting
-from labserver.client import HealthProbe, blocking_generate, run_concurrent
-from labserver.serving import start_flask, stop_all
+from labserver import Engine, EngineConfig, SamplingParams
+from labserver.lab import checks, experiments as lab
+from labserver.measure import plotting
+from labserver.measure.client import HealthProbe, blocking_generate, run_concurrent
+from labserver.serve.background import start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU, 2 threads
 PROMPT, MAX_TOKENS = lab.PROMPT, 32

@@ -24,9 +24,11 @@
 # its engine on a dedicated engine thread) and the Flask baseline from notebook 1.
 
 # %%
-from labserver import Engine, EngineConfig, checks, lab, plotting
-from labserver.client import blocking_generate, stream_generate, summarize
-from labserver.serving import start_fastapi, start_flask, stop_all
+from labserver import Engine, EngineConfig
+from labserver.lab import checks, experiments as lab
+from labserver.measure import plotting
+from labserver.measure.client import blocking_generate, stream_generate, summarize
+from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())
 PROMPT, MAX_TOKENS, RUNS = lab.PROMPT, 32, 2

@@ -30,8 +30,9 @@
 # there.)
 
 # %%
-from labserver import Engine, EngineConfig, SamplingParams, checks, lab
-from labserver.serving import start_fastapi, start_flask, stop_all
+from labserver import Engine, EngineConfig, SamplingParams
+from labserver.lab import checks, experiments as lab
+from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig(quant="none"))
 recorder = lab.ThreadRecorder(engine)

@@ -26,9 +26,10 @@
 # %%
 import httpx
 
-from labserver import Engine, EngineConfig, checks, lab
-from labserver.client import blocking_generate, stream_generate
-from labserver.serving import start_fastapi, start_flask, stop_all
+from labserver import Engine, EngineConfig
+from labserver.lab import checks, experiments as lab
+from labserver.measure.client import blocking_generate, stream_generate
+from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())
 PROMPT = lab.PROMPT

@@ -31,8 +31,9 @@
 # loop on a helper thread. (In a cell you could also write `await arun_concurrent(...)` directly.)
 
 # %%
-from labserver import Engine, EngineConfig, checks, lab
-from labserver.serving import start_fastapi, stop, stop_all
+from labserver import Engine, EngineConfig
+from labserver.lab import checks, experiments as lab
+from labserver.serve.background import start_fastapi, stop, stop_all
 
 engine = Engine.from_config(EngineConfig())
 PROMPT, MAX_TOKENS, NS = lab.PROMPT, 24, (1, 2, 4, 8)

@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 
-from .bench import format_table
-from .client import (DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, percentiles, run_concurrent,
+from ..measure.bench import format_table
+from ..measure.client import (DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, percentiles, run_concurrent,
                      stream_generate, summarize)
-from .config import SamplingParams
-from .engine import collect
-from .plotting import LabFigure
+from ..config import SamplingParams
+from ..engine.engine import collect
+from ..measure.plotting import LabFigure
 
 PROMPT = DEFAULT_PROMPT
 DONE = object()  # the sentinel of `sentinel_stream`

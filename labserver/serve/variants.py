@@ -18,10 +18,10 @@ import asyncio
 import threading
 from concurrent.futures import Executor
 
-from .config import SamplingParams
-from .engine import Completion, collect
+from ..config import SamplingParams
+from ..engine.engine import Completion, collect
 from .scheduler import BatchScheduler
-from .worker import DONE, EngineWorker
+from .engine_thread import DONE, EngineWorker
 
 
 class _DirectBackend:

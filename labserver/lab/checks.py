@@ -18,11 +18,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from .client import Trace, stream_generate
-from .config import SamplingParams
-from .engine import Finish, TokenEvent
-from .fake_engine import FakeEngine
-from .lab import Load, ThreadRecorder, raw_sse, try_stream, wait_idle
+from ..measure.client import Trace, stream_generate
+from ..config import SamplingParams
+from ..engine.engine import Finish, TokenEvent
+from ..engine.fake import FakeEngine
+from .experiments import Load, ThreadRecorder, raw_sse, try_stream, wait_idle
 
 
 class _Todo(Exception):

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .config import EngineConfig, SamplingParams
+from ..config import EngineConfig, SamplingParams
 from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
 from .sequence import Finish, Sequence, TokenEvent
 
@@ -110,7 +110,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
-        from .model import load_for_serving
+        from .loading import load_for_serving
 
         config = config or EngineConfig.from_env()
         return cls(*off_thread(load_for_serving, config), config)

@@ -31,10 +31,10 @@ import httpx
 import torch
 
 from .client import DEFAULT_PROMPT, HealthProbe, run_concurrent, summarize
-from .config import SamplingParams
-from .engine import Engine
-from .fastapi_app import create_app
-from .serving import UvicornServer
+from ..config import SamplingParams
+from ..engine.engine import Engine
+from ..serve.app import create_app
+from ..serve.background import UvicornServer
 
 AGREEMENT_PROMPTS = [
     "Write a haiku about the sea.", "What is the capital of France? Answer in one sentence.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .config import EngineConfig, SamplingParams
+from ..config import EngineConfig, SamplingParams
 from .engine import Finish, PromptTooLong, TokenEvent, collect
 
 

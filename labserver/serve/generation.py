@@ -22,7 +22,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .config import SamplingParams
+from ..config import SamplingParams
 from .limits import Slot, too_many_requests
 from .metrics import RequestRecord
 

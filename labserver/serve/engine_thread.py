@@ -23,8 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import SamplingParams
-from .engine import Completion, Finish, collect
+from ..config import SamplingParams
+from ..engine.engine import Completion, Finish, collect
 
 DONE = object()  # end-of-stream marker; a sentinel, never StopIteration (asyncio cannot carry that)
 _STOP = object()

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from .worker import DONE, EngineWorker, Request
+from .engine_thread import DONE, EngineWorker, Request
 
 
 class BatchScheduler(EngineWorker):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .config import SamplingParams
+from ..config import SamplingParams
 from .detokenize import IncrementalDetokenizer
 
 

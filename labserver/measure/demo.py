@@ -1,6 +1,6 @@
 """`make demo`: one prompt, one engine, two servers: the blocking Flask baseline, then FastAPI streaming.
 
-    python -m labserver.demo [--prompt "..."] [--max-tokens 64] [--out out/demo.png]
+    python -m labserver.measure.demo [--prompt "..."] [--max-tokens 64] [--out out/demo.png]
 
 Both servers run in background threads of this process and share the loaded model. The Flask answer
 appears all at once after a wait; the FastAPI answer appears token by token. /health is probed during
@@ -17,11 +17,11 @@ import sys
 
 from .bench import format_table
 from .client import DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, stream_generate
-from .config import EngineConfig
-from .fastapi_app import create_app
-from .flask_app import create_flask_app
+from ..config import EngineConfig
+from ..serve.app import create_app
+from ..serve.flask_app import create_flask_app
 from .plotting import plot_demo
-from .serving import FlaskServer, UvicornServer
+from ..serve.background import FlaskServer, UvicornServer
 
 
 def _row(name: str, trace: Trace, probe: HealthProbe) -> list:
@@ -70,12 +70,12 @@ def run_demo(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, out: st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m labserver.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m labserver.measure.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="out/demo.png")
     args = parser.parse_args(argv)
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     print("Loading the model (the first run converts it once; later runs take about a second) ...", flush=True)
     engine = Engine.from_config(EngineConfig.from_env())

@@ -224,7 +224,7 @@ class LeanLlama:
         Head = {None: Dense, "fp16": Fp16}.get(quant, Int8)
         blocks = quant in ("q4_1", "w4a8")
         if blocks:
-            from . import blockquant
+            from . import blocks as blockquant
 
             store = blockquant.BlockStore(blocks_file)  # blocks quantized by an earlier start, if any
 

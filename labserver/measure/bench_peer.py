@@ -1,6 +1,6 @@
 """`make bench-peer`: labserver against llama.cpp on the same GGUF file, measured by the same client.
 
-    python -m labserver.bench_peer --peer-python .venv-peer/bin/python [--out out/bench_peer.json]
+    python -m labserver.measure.bench_peer --peer-python .venv-peer/bin/python [--out out/bench_peer.json]
 
 llama.cpp is what a CPU user would run instead. Its Python server (llama-cpp-python, built by the
 Makefile into its own environment) serves the very GGUF file our default model is converted from. Each
@@ -33,8 +33,8 @@ import httpx
 from .bench import format_table, measure_url
 from .bench_speed import free_port
 from .client import DEFAULT_PROMPT, openai_protocol, stream_generate
-from .config import EngineConfig
-from .model import default_gguf_path
+from ..config import EngineConfig
+from ..engine.loading import default_gguf_path
 
 MAX_TOKENS = 64
 
@@ -70,8 +70,8 @@ def measure(url: str, prompt: str, runs: int) -> dict:
 
 
 def measure_labserver(config: EngineConfig, prompt: str, runs: int) -> dict:
-    from .engine import Engine
-    from .serving import start_fastapi, stop_all
+    from ..engine.engine import Engine
+    from ..serve.background import start_fastapi, stop_all
 
     engine = Engine.from_config(config)
     server = start_fastapi(engine, name="bench-peer")
@@ -111,7 +111,7 @@ def _yes(same: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m labserver.bench_peer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m labserver.measure.bench_peer", description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", default=".venv-peer/bin/python",
                         help="a Python with llama-cpp-python[server] installed")
     parser.add_argument("--out", default="out/bench_peer.json")

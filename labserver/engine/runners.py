@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import EngineConfig
+from ..config import EngineConfig
 
 
 @torch.inference_mode()
@@ -61,11 +61,11 @@ class LeanRunner:
     """One ``LeanLlama`` with ``max_batch`` cache slots; a sequence holds a slot from prefill to release."""
 
     def __init__(self, model, config: EngineConfig, max_len: int):
-        from .lean_llama import LeanLlama
+        from ..model.llama import LeanLlama
 
         fmt = config.weight_format(lean=True)
         if fmt == "q4_1" and config.quant == "auto":
-            from .kernels import available
+            from ..model.kernels import available
 
             fmt = "q4_1" if available()[0] else "fp16"  # no C compiler here: the next fastest format
         quant = None if fmt == "none" else fmt
@@ -74,7 +74,7 @@ class LeanRunner:
             or (torch.float32 if quant else getattr(torch, config.dtype))
         blocks_file = None
         if quant in ("q4_1", "w4a8"):
-            from .blockquant import store_path
+            from ..model.blocks import store_path
 
             blocks_file = store_path(config.cache_dir, model)
         self.lean = LeanLlama(model, dtype=dtype, quant=quant, max_batch=config.max_batch, max_len=max_len,
@@ -109,7 +109,7 @@ class LeanRunner:
 
 def make_runner(model, config: EngineConfig, context_len: int):
     """The runner ``config.impl`` asks for; "auto" takes the lean one whenever the model is supported."""
-    from .lean_llama import supports
+    from ..model.llama import supports
 
     if config.impl == "transformers" or not supports(model):
         if config.impl == "lean" or config.weight_format(lean=False) != "none":
