@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import read_safetensors
 from .kernels import available, library, pointers
-from .llama import Linear
+from .linear import Linear
 
 QK = 32  # weights per block
 FORMAT = "q4_1+q8_0/1"  # the stored layout; a change of layout changes it, and so the file a store reads

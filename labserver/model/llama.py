@@ -6,7 +6,7 @@ a preallocated KV cache with one slot per sequence, rotary tables computed once,
 per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
 weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
 (``blockquant.py``; or those blocks times 8-bit activations, ``w4a8``), whose decode step then runs as
-one C call (``kernels.FusedDecode``). It builds from any object with a transformers-style ``config`` and
+one C call (``fused.FusedDecode``). It builds from any object with a transformers-style ``config`` and
 ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+
+from .cache import KVCache
+from .linear import Dense, Fp16, Int4, Int8, Linear, _joined  # noqa: F401  (re-exported)
 
 QUANTS = (None, "fp16", "int8", "int4", "q4_1", "w4a8")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -67,133 +70,6 @@ def rope_tables(config, head_dim: int, max_len: int) -> tuple[torch.Tensor, torc
     freqs = torch.arange(max_len).float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
     emb = torch.cat([freqs, freqs], -1)
     return emb.cos(), emb.sin()
-
-
-class Linear:
-    """A weight matrix in one storage format: ``self(x)`` is ``x @ W.T``, ``add(r, x)`` is ``r + x @ W.T``."""
-
-    nbytes = 0  # what one matmul reads
-
-    def __call__(self, x):
-        raise NotImplementedError
-
-    def add(self, r, x):
-        return r.add_(self(x).to(r.dtype))
-
-
-class Dense(Linear):
-    """``x @ W.T``, with ``W.T`` stored contiguous: MKL's single-row matmul reads it faster (measured)."""
-
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        self.wt = w.detach().to(dtype).t().contiguous()  # [in, out]
-        self.nbytes = self.wt.numel() * self.wt.element_size()
-
-    def __call__(self, x):
-        return x @ self.wt
-
-    def add(self, r, x):
-        # One addmm instead of a matmul and an add (float32 only: the residual stream stays float32).
-        return torch.addmm(r, x, self.wt) if x.dtype == r.dtype else r.add_((x @ self.wt).to(r.dtype))
-
-
-class Fp16(Linear):
-    """Weight-only float16 through fbgemm: half the bytes of float32, float32 activations in and out.
-
-    The default model's weights come from 4-bit blocks with float16 scales, so they lose almost nothing
-    in float16 (``make bench`` shows the greedy agreement with float32). 8-row steps gain the most:
-    float32 matmuls with a few rows are compute-bound on this class of CPU, fbgemm's float16 ones are not.
-    """
-
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        w = w.detach().float().contiguous()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w)
-        self.nbytes = w.numel() * 2
-
-    def __call__(self, x):
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-
-
-class Int8(Linear):
-    """Weight-only int8: one scale per output row, ``W ~ q * scale``; activations stay bfloat16."""
-
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        w = w.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
-        self.q = torch.round(w / scale[:, None]).to(torch.int8)  # [out, in]
-        self.scale = scale.to(dtype)
-        self.nbytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
-
-    def __call__(self, x):
-        return torch._weight_int8pack_mm(x, self.q, self.scale)
-
-
-class Int4(Linear):
-    """Weight-only int4 in groups of 32 inputs, ``W ~ q * scale + min`` with q in 0..15.
-
-    That is the GGUF Q4_1 layout the default model ships in, so its weights round-trip almost exactly.
-    """
-
-    GROUP = 32
-
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        out_f, in_f = w.shape
-        g = w.detach().float().view(out_f, in_f // self.GROUP, self.GROUP)  # [out, in/32, 32]
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 2)
-        # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.  [in/32, out, 2]
-        self.scale_zero = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
-        self.nbytes = out_f * in_f // 2 + self.scale_zero.numel() * self.scale_zero.element_size()
-
-    def __call__(self, x):
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Projections that share an input, stacked into one matrix (one matmul for q, k and v)."""
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-class KVCache:
-    """Keys and values for ``max_batch`` sequences (slots) of up to ``max_len`` tokens, every layer.
-
-    The position axis grows on demand (doubling, up to ``max_len``) so memory follows the longest
-    sequence in use, not the longest one allowed: a cache sized for 16 x 6144 tokens up front costs
-    gigabytes, and lazily mapped pages would fault in whole huge pages (measured: ~0.8 s for a slot's
-    first prefill). Zero-filled so the positions a shorter sequence masks out in a batch hold finite
-    numbers (a masked score times a NaN value would still be NaN).
-    """
-
-    def __init__(self, layers, max_batch, kv_heads, max_len, head_dim, dtype, initial_len=512):
-        self.shape = (layers, max_batch, kv_heads, min(initial_len, max_len), head_dim)  # [L, S, Hkv, T, Dh]
-        self.k, self.v = torch.zeros(self.shape, dtype=dtype), torch.zeros(self.shape, dtype=dtype)
-        self.max_len = max_len
-        self.lengths = [0] * max_batch  # tokens held by each slot
-        self.free = list(range(max_batch))
-
-    def reserve(self, length: int) -> None:
-        """Make room for positions ``0 .. length - 1`` in every slot (``length <= max_len``)."""
-        if length <= self.k.shape[3]:
-            return
-        new_len = min(self.max_len, max(length, 2 * self.k.shape[3]))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], new_len, old.shape[4])
-            new[:, :, :, :old.shape[3]] = old
-            setattr(self, name, new)
-
-    def allocate(self) -> int:
-        if not self.free:
-            raise RuntimeError(f"all {len(self.lengths)} cache slots are in use")
-        # The lowest free slot keeps running sequences in a block, which decode reads as a view.
-        slot = min(self.free)
-        self.free.remove(slot)
-        self.lengths[slot] = 0
-        return slot
-
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
 
 
 class LeanLlama:
@@ -268,7 +144,7 @@ class LeanLlama:
         self.cache = KVCache(c.num_hidden_layers, max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
         self.fused = None  # the whole decode step as one C call, when every matrix is in GGUF blocks
         if blocks:
-            from .kernels import FusedDecode
+            from .fused import FusedDecode
 
             self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
 
