@@ -15,7 +15,9 @@ from pathlib import Path
 DEFAULT_MODEL = "default"
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "lean", "transformers")
-QUANTS = ("auto", "none", "fp16", "int8", "int4", "q4_1", "w4a8")
+# "auto" and the names of ``model/formats.py``'s registry (this module sits below it, so it lists them;
+# tests/test_formats.py checks the two agree). "none" is the one spelling of "no quantization".
+QUANTS = ("auto", "q4_1", "fp16", "none", "w4a8", "int8", "int4")
 
 
 def default_cache_dir() -> str:
@@ -35,14 +37,11 @@ class EngineConfig:
     dtype: str = "float32"
     # "auto": the lean llama forward (runners.py) when the model is a llama, else transformers.
     impl: str = "auto"
-    # The weight format of the lean runner. "none" keeps ``dtype`` (float32: equal to transformers token for
-    # token); fp16 (float32 activations), int8 and int4 (bfloat16 activations) are faster and not bit-equal.
-    # q4_1: GGUF's 4-bit blocks (8-bit for the output matrix) with float32 activations, through C kernels,
-    # for the matrices the blocks reproduce exactly, float16 for the others (blockquant.py). w4a8: the same
-    # blocks (and the output matrix's) times activations rounded to 8 bits in integer products (w4a8.c):
-    # faster, not exact.
-    # "auto": q4_1 for float32 models on the lean runner (the default model's weights are those blocks, so
-    # it computes the float32 model at a fifth of the bytes), fp16 if no C compiler is found; else "none".
+    # The weight format of the lean runner, a name of the registry ``model/formats.py`` (which says what
+    # each stores): "none" keeps ``dtype`` (float32: equal to transformers token for token); q4_1 (GGUF
+    # blocks through C kernels, exact where the blocks reproduce the weights), fp16, and the opt-in ones
+    # that change the tokens: w4a8, int8, int4. "auto": the fastest route measured on this machine among
+    # those that keep float32's greedy tokens (``engine/calibrate.py``); with another dtype, "none".
     quant: str = "auto"
     threads: int = 2
     max_batch: int = 16  # sequences decoded together by the batched scheduler (cache slots)
@@ -51,12 +50,6 @@ class EngineConfig:
     max_prompt_chars: int = 32_000
     chat_template: bool = True  # instruct models answer sensibly only inside their chat template
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
-
-    def weight_format(self, lean: bool) -> str:
-        """``quant`` with "auto" resolved, for a model the lean runner does (``lean``) or does not serve."""
-        if self.quant != "auto":
-            return self.quant
-        return "q4_1" if lean and self.dtype == "float32" else "none"
 
     def __post_init__(self):
         if not self.model:

@@ -95,10 +95,11 @@ def test_matrices_off_the_grid_stay_in_float16():
     assert all(isinstance(p["qkv"], Fp16) for p in lean.layers)
 
 
-def test_auto_falls_back_to_float16_without_a_compiler(default_engine, monkeypatch):
+def test_auto_takes_a_torch_route_without_a_compiler(default_engine, monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: (False, "no C compiler (cc or gcc) on PATH"))
     config = EngineConfig(threads=2, max_batch=1)
-    assert Engine(default_engine.source, default_engine.tokenizer, config).runner.name == "lean-fp16"
+    route = Engine(default_engine.source, default_engine.tokenizer, config).route
+    assert route["quant"] in ("fp16", "none") and "no C compiler" in route["excluded"]["q4_1"]
 
 
 @pytest.mark.model

@@ -71,14 +71,14 @@ def test_fp16_weights_run_close_to_float32(tiny):
         LeanLlama(tiny, dtype=torch.bfloat16, quant="fp16")
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
 def test_bfloat16_and_quantized_routes_run_close(tiny, quant):
     ids = list(range(10, 30))
     ref = hf_logits(tiny, ids)[9:]
     got = lean_logits(LeanLlama(tiny, dtype=torch.bfloat16, quant=quant, max_len=32), ids, 10)
     assert got.shape == ref.shape and torch.isfinite(got).all()
     # Random weights are far from any 4-bit grid, so this only catches a broken kernel or layout.
-    assert (got - ref).norm() / ref.norm() < {None: 0.02, "int8": 0.05, "int4": 0.3}[quant]
+    assert (got - ref).norm() / ref.norm() < {"none": 0.02, "int8": 0.05, "int4": 0.3}[quant]
 
 
 def test_int4_is_exact_for_weights_on_a_4bit_grid():

