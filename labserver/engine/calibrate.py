@@ -116,12 +116,12 @@ def measure(build: Callable[[str], object], trial=greedy_trial) -> tuple[dict[st
             models[name] = lean
         del lean
     # Timed again in turns: a load that comes and goes (other processes) then weighs on every route alike.
-    # Only contenders: a route twice as slow as the fastest one would need a load that halved it to win.
+    # Only contenders stay: a route at twice the fastest one's step wins only if a passing load doubled it.
+    fastest = min((trials[n].ms for n in models), default=0.0)
+    models = {n: lean for n, lean in models.items() if trials[n].ms < 2 * fastest}
     for _ in range(ROUNDS - 1):
-        fastest = min(trials[n].ms for n in models)
         for name, lean in models.items():
-            if trials[name].ms < 2 * fastest:
-                trials[name] = replace(trials[name], ms=min(trials[name].ms, trial(lean, STEPS // 2)[1]))
+            trials[name] = replace(trials[name], ms=min(trials[name].ms, trial(lean, STEPS // 2)[1]))
     trials = {n: trials[n] for n in order if n in trials}  # the registry's order breaks ties
     return trials, models.get(rank(trials))
 
@@ -202,7 +202,8 @@ def choose(model, config: EngineConfig, build: Callable[[str], object], trial=gr
         raise RuntimeError(f"no weight format could be built here: {trials}")
     measured = {n: round(t.ms, 2) for n, t in trials.items() if t.ms is not None}
     excluded = {n: t.why_not for n, t in trials.items() if t.why_not}
-    route = Route(best, f"fastest with float32's tokens, measured now: {summary(measured, excluded)}", measured, excluded)
+    why = f"fastest with float32's tokens, measured now: {summary(measured, excluded)}"
+    route = Route(best, why, measured, excluded)
     if path is not None:
         _write(path, key, route)
     return route, kept
