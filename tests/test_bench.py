@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.measure.bench import GOALS, format_table, report, run_bench
 from labserver.measure.demo import run_demo
 
@@ -21,7 +21,7 @@ def check_result(result: dict, path) -> None:
 
 
 def test_bench_on_the_fake_engine(tmp_path):
-    engine = FakeEngine(prefill_ms=20, step_ms=5)
+    engine = fake_engine(prefill_ms=20, step_ms=5)
     result = run_bench(engine, max_tokens=6, runs=1, concurrency=2, out=tmp_path / "bench.json",
                        log=lambda *a: None)
     check_result(result, tmp_path / "bench.json")
@@ -41,7 +41,7 @@ def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
 
 def test_demo_on_the_fake_engine(tmp_path):
     out = io.StringIO()
-    result = run_demo(FakeEngine(prefill_ms=20, step_ms=5), prompt="hi", max_tokens=6,
+    result = run_demo(fake_engine(prefill_ms=20, step_ms=5), prompt="hi", max_tokens=6,
                       out=str(tmp_path / "demo.png"), file=out)
     text = out.getvalue()
     assert "waiting..." in text and "FastAPI (streaming)" in text and "Flask (blocking)" in text

@@ -1,5 +1,5 @@
 """The client: trace arithmetic on made-up arrival times (exact), percentiles and summaries on known
-lists (exact), and real requests against servers that run a FakeEngine with known sleeps (TTFT close to
+lists (exact), and real requests against servers that run a fake engine with known sleeps (TTFT close to
 prefill_ms, gaps close to step_ms, with tolerances loose enough for a busy 2-core machine)."""
 import asyncio
 import threading
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from labserver import FakeEngine
+from labserver import fake_engine
+from labserver.engine.fake import WORDS
 from labserver.measure.client import (LABSERVER, HealthProbe, Trace, astream_generate, blocking_generate,
                               percentiles, probe_health, run_concurrent, stream_generate, summarize)
 from labserver.serve.app import create_app
@@ -15,12 +16,11 @@ from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer
 
 PREFILL_MS, STEP_MS = 60, 30
-WORDS = FakeEngine.words
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return FakeEngine(prefill_ms=PREFILL_MS, step_ms=STEP_MS)
+    return fake_engine(prefill_ms=PREFILL_MS, step_ms=STEP_MS)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_labserver_protocol_parses_every_event_kind():
         "prompt": "p", "max_tokens": 5, "temperature": 0.0, "stream": True, "seed": 1}
 
 
-# -- against a FakeEngine server: timing within tolerance ------------------------------------------
+# -- against a fake-engine server: timing within tolerance ------------------------------------------
 def test_stream_timing_matches_the_fake_engine(fastapi_url):
     seen = []
     t = stream_generate(fastapi_url, "hello", 8, 0.0, on_token=seen.append)
@@ -141,7 +141,7 @@ def test_http_errors_become_trace_errors(fastapi_url, flask_url):
 
 
 def test_fault_mid_stream_is_recorded():
-    with UvicornServer(create_app(FakeEngine(prefill_ms=1, step_ms=1, fail_at=2))) as server:
+    with UvicornServer(create_app(fake_engine(prefill_ms=1, step_ms=1, fail_at=2))) as server:
         t = stream_generate(server.url, "hello", 5)
     assert t.n_tokens == 2 and t.error == {"message": "injected fault", "type": "RuntimeError"}
 

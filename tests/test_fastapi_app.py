@@ -7,7 +7,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
 
@@ -81,7 +81,7 @@ def test_streamed_text_equals_the_engine_output_on_a_random_model(tiny_engine, b
 
 
 def test_concurrent_streams_both_complete():
-    engine = FakeEngine(prefill_ms=10, step_ms=10)
+    engine = fake_engine(prefill_ms=10, step_ms=10)
     results = {}
     with UvicornServer(create_app(engine)) as server:
         def run(name, n):
@@ -98,7 +98,7 @@ def test_concurrent_streams_both_complete():
 
 
 def test_failure_without_streaming_is_500_with_an_error_body_and_the_server_lives():
-    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=3)
+    engine = fake_engine(prefill_ms=1, step_ms=1, fail_at=3)
     with UvicornServer(create_app(engine)) as server:
         failed = httpx.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 10}, timeout=10)
         assert failed.status_code == 500

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer
@@ -62,7 +62,7 @@ def test_stream_true_is_a_400_that_says_why(fake_engine):
 
 
 def test_failure_is_500_with_an_error_body_and_the_server_lives():
-    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=3)
+    engine = fake_engine(prefill_ms=1, step_ms=1, fail_at=3)
     with FlaskServer(create_flask_app(engine)) as server:
         failed = post(server.url, {"prompt": "hi", "max_tokens": 10})
         assert failed.status_code == 500

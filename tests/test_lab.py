@@ -1,6 +1,6 @@
 """The notebooks' helpers (labserver.lab.experiments) and exercise checkers (labserver.lab.checks).
 
-Most tests use FakeEngine (fixed sleeps), so the numbers can be checked by hand and do not depend on
+Most tests use fake_engine (fixed sleeps), so the numbers can be checked by hand and do not depend on
 how busy the machine is; the few that need torch are marked `model`. Correct answers come from the
 reference solutions in notebooks/solutions/, wrong ones are written here.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.lab import checks, experiments as lab
 from labserver.serve import background as serving
 from labserver.measure.client import HealthProbe, Trace, blocking_generate, stream_generate
@@ -41,7 +41,7 @@ def no_leftover_servers():
 
 @pytest.fixture
 def engine():
-    return FakeEngine(prefill_ms=30, step_ms=10)
+    return fake_engine(prefill_ms=30, step_ms=10)
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_the_seed_loop_hangs_after_the_last_item_and_the_demo_returns():
 
 
 def test_the_sentinel_loop_completes_quickly():
-    result = lab.try_stream(lab.sentinel_stream, lambda: FakeEngine(1, 1).generate_stream("x", SamplingParams(3)))
+    result = lab.try_stream(lab.sentinel_stream, lambda: fake_engine(1, 1).generate_stream("x", SamplingParams(3)))
     assert result.outcome == "completed" and len(result.items) == 4 and result.elapsed_s < 1
     assert "completed" in str(result)
 

@@ -167,7 +167,7 @@ def test_engines_without_batched_phases_are_refused():
     from labserver import FakeEngine
 
     with pytest.raises(TypeError, match="thread"):
-        BatchScheduler(FakeEngine())
+        BatchScheduler(fake_engine())
 
 
 def test_scheduler_runs_on_its_own_thread(tiny_engine, scheduler_of):

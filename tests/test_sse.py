@@ -7,7 +7,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.schemas import DONE_FRAME, error_frame, sse_frame
 from labserver.serve.background import UvicornServer
@@ -29,7 +29,7 @@ def test_frames_by_hand():
 
 @pytest.mark.timeout(60)
 def test_stream_bytes_are_exact(fake_engine):
-    # FakeEngine(prefill_ms=30, step_ms=10) reports its sleeps as step times: every byte but total_ms and
+    # fake_engine(prefill_ms=30, step_ms=10) reports its sleeps as step times: every byte but total_ms and
     # tokens_per_s (wall clock) can be written down by hand.
     with UvicornServer(create_app(fake_engine)) as server:
         body = {"prompt": "hello there", "max_tokens": 3, "stream": True}
@@ -59,7 +59,7 @@ def test_stream_bytes_are_exact(fake_engine):
 def test_done_follows_the_last_token_at_once(backend):
     # The seed awaited run_in_executor(next) and caught StopIteration: the stream hung after its last
     # token forever. Here [DONE] must follow the summary straight away for every backend.
-    engine = FakeEngine(prefill_ms=5, step_ms=5)
+    engine = fake_engine(prefill_ms=5, step_ms=5)
     with UvicornServer(create_app(engine, backend)) as server:
         events = read_events(server.url, {"prompt": "hi", "max_tokens": 4, "stream": True})
     data = [d for _, d in events]
@@ -73,7 +73,7 @@ def test_done_follows_the_last_token_at_once(backend):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["thread", "executor"])
 def test_error_mid_stream_is_an_event_then_done_and_the_server_lives(backend):
-    engine = FakeEngine(prefill_ms=5, step_ms=5, fail_at=3)
+    engine = fake_engine(prefill_ms=5, step_ms=5, fail_at=3)
     with UvicornServer(create_app(engine, backend)) as server:
         data = [d for _, d in read_events(server.url, {"prompt": "hi", "max_tokens": 10, "stream": True})]
         assert [json.loads(d)["index"] for d in data[:3]] == [0, 1, 2]
@@ -89,7 +89,7 @@ def test_error_mid_stream_is_an_event_then_done_and_the_server_lives(backend):
 
 @pytest.mark.timeout(60)
 def test_error_before_the_first_token_is_still_a_stream():
-    engine = FakeEngine(prefill_ms=5, step_ms=5, fail_at=0)
+    engine = fake_engine(prefill_ms=5, step_ms=5, fail_at=0)
     with UvicornServer(create_app(engine)) as server:
         data = [d for _, d in read_events(server.url, {"prompt": "hi", "max_tokens": 5, "stream": True})]
     assert json.loads(data[0])["error"]["message"] == "injected fault"
