@@ -103,5 +103,5 @@ def test_health_when_idle(app, fake_engine):
     with server:
         body = httpx.get(server.url + "/health").json()
     assert body["status"] == "ok" and body["running"] == 0 and body["model"] == "fake"
-    assert body["backend"] == ("thread" if app == "fastapi" else "flask")
+    assert body["backend"] == ("batched" if app == "fastapi" else "flask")
     assert fake_engine.tokens_generated == 0  # /health never runs the engine

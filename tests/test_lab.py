@@ -110,14 +110,14 @@ def test_thread_recorder_closes_the_inner_generator(engine):
     assert engine.running == 0
 
 
-@pytest.mark.parametrize("kind", ["thread", "executor"])
+@pytest.mark.parametrize("kind", ["batched", "thread", "executor"])
 def test_measure_a_fastapi_backend(engine, kind):
     recorder = lab.ThreadRecorder(engine)
     server = serving.start_fastapi(recorder, backend=kind, name="test-lab-measure")
     run = lab.measure(server.url, max_tokens=8, label=kind, recorder=recorder)
     assert run.trace.n_tokens == 8 and run.probe.samples and run.threads
-    assert run.step_p50_ms == pytest.approx(10, abs=1e-6)  # FakeEngine reports its fixed step
-    if kind == "thread":
+    assert 10 <= run.step_p50_ms < 20  # the engine times the fake runner's 10 ms sleep, plus a little
+    if kind in ("batched", "thread"):
         assert set(run.threads) == {"labserver-engine"}
     row = run.row()
     assert row["variant"] == kind and row["torch threads before"] >= 1
@@ -181,15 +181,20 @@ def test_load_throughput_by_hand():
     assert load.wall_ms == pytest.approx(500.0) and load.tokens_per_s == pytest.approx(10.0)
 
 
-def test_sweep_with_a_fake_engine(fastapi):
+def test_sweep_with_a_fake_engine(engine, fastapi):
     loads = lab.sweep(fastapi.url, ns=(1, 3), max_tokens=6)
     assert [load.n for load in loads] == [1, 3] and all(t.n_tokens == 6 for t in loads[1].traces)
-    # Round robin on one engine thread: with 3 streams each one waits for ~3 steps of 10 ms.
-    assert loads[1].row()["ITL p50 ms"] > 2 * loads[0].row()["ITL p50 ms"]
     assert "tokens/s (all)" in lab.sweep_table(loads)
     assert isinstance(lab.plot_sweep({"a": loads, "b": loads[:1]}), Figure)
     assert isinstance(lab.plot_sweep(loads), Figure) and isinstance(lab.plot_streams(loads[1]), Figure)
-    assert lab.step_ms_by_batch(loads) == {}  # the fake engine's thread backend does not batch
+    # The default backend batches: a fake step sleeps 10 ms however many sequences it carries.
+    by_batch = lab.step_ms_by_batch(loads)
+    assert 3 in by_batch and all(10 <= ms < 20 for ms in by_batch.values())
+    # Round robin on one engine thread: with 3 streams each one waits for ~3 steps of 10 ms.
+    turns = serving.start_fastapi(engine, backend="thread", name="test-lab-turns")
+    loads = lab.sweep(turns.url, ns=(1, 3), max_tokens=6)
+    assert loads[1].row()["ITL p50 ms"] > 2 * loads[0].row()["ITL p50 ms"]
+    assert lab.step_ms_by_batch(loads) == {}  # turn-taking steps carry one sequence and say nothing
 
 
 # -- with torch ----------------------------------------------------------------------------------------
