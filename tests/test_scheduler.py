@@ -152,10 +152,10 @@ def test_turn_taking_gives_everyone_a_step_in_turn():
     assert policy.schedule(free_slots=0) is None and policy.schedule(free_slots=1).requests == [waiting]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_a_late_request_joins_and_a_cancelled_one_leaves(tiny_engine, scheduler_of):
     scheduler = scheduler_of(tiny_engine)
-    long = SamplingParams(max_tokens=300, temperature=0)
+    long = SamplingParams(max_tokens=100, temperature=0)
 
     async def scenario():
         seen = {"a": [], "b": []}
@@ -175,11 +175,11 @@ def test_a_late_request_joins_and_a_cancelled_one_leaves(tiny_engine, scheduler_
         await a
         return seen
 
-    seen = asyncio.run(asyncio.wait_for(scenario(), 60))
+    seen = asyncio.run(asyncio.wait_for(scenario(), 110))
     a_batches = [e.batch for e in seen["a"] if isinstance(e, TokenEvent) and e.batch]
     assert a_batches[0] == 1 and 2 in a_batches  # alone first, then b joined its steps
     assert a_batches[-1] == 1  # b left at once when it was cancelled; a ran on alone
-    assert isinstance(seen["a"][-1], Finish) and seen["a"][-1].usage["completion_tokens"] == 300
+    assert isinstance(seen["a"][-1], Finish) and seen["a"][-1].usage["completion_tokens"] == 100
     assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch
 
 

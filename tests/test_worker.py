@@ -104,6 +104,15 @@ def test_no_thread_before_start_and_start_is_idempotent(fast_engine):
         backend.start()
 
 
+def test_an_app_that_is_never_served_starts_no_thread(fast_engine):
+    from labserver import create_app
+
+    before = set(threading.enumerate())
+    app = create_app(fast_engine)
+    assert app.state.backend.kind == "batched" and not app.state.backend.alive
+    assert set(threading.enumerate()) == before
+
+
 def test_first_use_starts_the_thread(fast_engine, backends):
     backend = backends(fast_engine, "thread")
     assert not backend.alive
