@@ -5,20 +5,20 @@ The public API the notebooks use is re-exported here; each name lives in the mod
 
 from .config import EngineConfig, SamplingParams
 from .engine.engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
-from .engine.fake import FakeEngine
+from .engine.fake import FakeRunner, fake_engine
 from .engine.loading import ModelNotFound, load_model_and_tokenizer
 from .serve.variants import BlockingBackend, ExecutorBackend, make_backend
-from .serve.engine_thread import EngineWorker
-from .serve.scheduler import BatchScheduler
+from .serve.engine_thread import EngineThread
+from .serve.policies import Batched, TurnTaking
 from .serve.app import create_app
 from .serve.limits import ServerLimits
 from .serve.flask_app import create_flask_app
 from .serve.background import FlaskServer, ServerStartError, UvicornServer, start_fastapi, start_flask, stop_all
 
 __all__ = [
-    "BatchScheduler",
     "EngineConfig", "SamplingParams", "Engine", "TokenEvent", "Finish", "Completion", "PromptTooLong",
-    "collect", "FakeEngine", "ModelNotFound", "load_model_and_tokenizer", "EngineWorker",
+    "collect", "FakeRunner", "fake_engine", "ModelNotFound", "load_model_and_tokenizer", "EngineThread",
+    "TurnTaking", "Batched",
     "ExecutorBackend", "BlockingBackend", "make_backend", "create_app", "create_flask_app", "UvicornServer",
     "FlaskServer", "ServerStartError", "start_fastapi", "start_flask", "stop_all", "ServerLimits",
 ]

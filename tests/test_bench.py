@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.measure.bench import GOALS, format_table, report, run_bench
 from labserver.measure.demo import run_demo
 
@@ -21,12 +21,12 @@ def check_result(result: dict, path) -> None:
 
 
 def test_bench_on_the_fake_engine(tmp_path):
-    engine = FakeEngine(prefill_ms=20, step_ms=5)
+    engine = fake_engine(prefill_ms=20, step_ms=5)
     result = run_bench(engine, max_tokens=6, runs=1, concurrency=2, out=tmp_path / "bench.json",
-                       log=lambda *a: None)
+                       log=lambda *a: None, speed=False)  # the speed figures measure a model's weights
     check_result(result, tmp_path / "bench.json")
-    assert result["raw"]["engine_alone"]["p50_step_ms"] == 5.0
-    assert result["P0"] == pytest.approx(1.0, abs=0.1)  # the fake's step_ms is its sleep, wherever it runs
+    assert 5.0 <= result["raw"]["engine_alone"]["p50_step_ms"] < 10  # the fake's 5 ms sleep, timed
+    assert result["P0"] == pytest.approx(1.0, abs=0.1)  # the fake's step is its sleep, wherever it runs
     assert result["P3"] > 1.5  # blocking waits for 6 tokens, streaming for 1
     assert result["raw"]["flask"]["health"]["max_ms"] > 20  # /health queued behind a generation
     assert engine.running == 0
@@ -41,7 +41,7 @@ def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
 
 def test_demo_on_the_fake_engine(tmp_path):
     out = io.StringIO()
-    result = run_demo(FakeEngine(prefill_ms=20, step_ms=5), prompt="hi", max_tokens=6,
+    result = run_demo(fake_engine(prefill_ms=20, step_ms=5), prompt="hi", max_tokens=6,
                       out=str(tmp_path / "demo.png"), file=out)
     text = out.getvalue()
     assert "waiting..." in text and "FastAPI (streaming)" in text and "Flask (blocking)" in text

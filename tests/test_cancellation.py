@@ -8,7 +8,7 @@ import pytest
 from httpx_sse import connect_sse
 from starlette.responses import StreamingResponse
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.serve.app import ClosingStreamingResponse, create_app
 from labserver.serve.background import UvicornServer
 
@@ -59,9 +59,9 @@ def check_disconnect_stops_generation(engine, backend_kind: str, max_tokens: int
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["thread", "executor"])
+@pytest.mark.parametrize("backend", ["batched", "thread", "executor"])
 def test_disconnect_cancels_fake_generation(backend):
-    check_disconnect_stops_generation(FakeEngine(prefill_ms=20, step_ms=20), backend, max_tokens=1000)
+    check_disconnect_stops_generation(fake_engine(prefill_ms=20, step_ms=20), backend, max_tokens=1000)
 
 
 @pytest.mark.model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from labserver import FakeEngine, create_app
+from labserver import fake_engine, create_app
 from labserver.measure.client import (OpenAIProtocol, blocking_generate, openai_protocol, run_concurrent,
                               stream_generate, summarize)
 from labserver.serve.background import UvicornServer
@@ -10,7 +10,7 @@ from labserver.serve.background import UvicornServer
 
 @pytest.fixture(scope="module")
 def fake_url():
-    with UvicornServer(create_app(FakeEngine(prefill_ms=40, step_ms=10))) as server:
+    with UvicornServer(create_app(fake_engine(prefill_ms=40, step_ms=10))) as server:
         yield server.url
 
 

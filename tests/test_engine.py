@@ -152,3 +152,32 @@ def test_greedy_picks_the_first_maximum_in_any_dtype():
     assert sample_token(logits.to(torch.bfloat16), greedy, None) == 1
     rows = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
     assert [sample_token(r, greedy, None) for r in rows] == rows.argmax(1).tolist()
+
+
+# -- the fake runner under the real engine --------------------------------------------------------------
+def test_fake_runner_gives_hand_written_outputs_through_the_real_engine():
+    from labserver import fake_engine
+
+    engine = fake_engine(prefill_ms=0, step_ms=0, config=EngineConfig(model="fake", threads=1, max_prompt_tokens=3))
+    out = engine.generate("two apples", SamplingParams(max_tokens=10, temperature=1.3, top_p=0.5))
+    assert out.text == " one two three four five six seven eight one two"  # any sampling: one choice
+    assert out.token_ids == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1] and out.finish.usage["prompt_tokens"] == 2
+    with pytest.raises(PromptTooLong, match="limit is 3"):  # the engine's own limit, not the fake's
+        engine.generate("a b c d", SamplingParams())
+    assert engine.running == 0 and engine.runner.free_slots == engine.config.max_batch
+
+
+def test_fake_runner_times_are_measured_and_faults_free_the_slot():
+    from labserver import fake_engine
+
+    engine = fake_engine(prefill_ms=20, step_ms=5, fail_at=3)
+    gen = engine.generate_stream("a", SamplingParams(max_tokens=10))
+    events = [next(gen) for _ in range(3)]
+    assert events[0].prefill_time_ms >= 20 and all(e.step_ms >= 5 for e in events[1:])  # at least the sleeps
+    with pytest.raises(RuntimeError, match="injected fault"):
+        next(gen)
+    assert engine.running == 0 and engine.runner.free_slots == engine.config.max_batch
+    engine.runner.fail_at = 0
+    with pytest.raises(RuntimeError, match="injected fault"):  # the prefill fails
+        engine.generate("a", SamplingParams(max_tokens=2))
+    assert engine.running == 0 and engine.runner.free_slots == engine.config.max_batch

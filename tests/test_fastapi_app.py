@@ -7,7 +7,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
 
@@ -32,9 +32,12 @@ def test_non_streaming_body_by_hand(fake_engine):
     with UvicornServer(create_app(fake_engine)) as server:
         body = generate(server.url, {"prompt": "a b c", "max_tokens": 2})
     assert body["text"] == " one two"
-    assert body["tokens"] == [
-        {"token": " one", "token_id": 0, "index": 0, "step_ms": 30.0, "prefill_time_ms": 30.0},
-        {"token": " two", "token_id": 1, "index": 1, "step_ms": 10.0},
+    first, second = body["tokens"]
+    # The engine times each forward of the fake runner: at least its sleep (30 ms prefill, 10 ms a step).
+    assert first.pop("step_ms") == first.pop("prefill_time_ms") >= 30 and second.pop("step_ms") >= 10
+    assert [first, second] == [
+        {"token": " one", "token_id": 0, "index": 0},
+        {"token": " two", "token_id": 1, "index": 1, "batch": 1},  # the batched backend's decode step
     ]
     assert body["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -47,7 +50,9 @@ def test_stream_and_body_carry_the_same_information(fake_engine):
         body = generate(server.url, {"prompt": "a b c", "max_tokens": 4})
     tokens, finish, done = events[:-2], events[-2], events[-1]
     assert done == "[DONE]"
-    assert tokens == body["tokens"]
+    untimed = [[{k: v for k, v in t.items() if k not in ("step_ms", "prefill_time_ms")} for t in ts]
+               for ts in (tokens, body["tokens"])]  # two runs: the same tokens, their own measured times
+    assert untimed[0] == untimed[1] and all("step_ms" in t for t in tokens + body["tokens"])
     assert "".join(t["token"] for t in tokens) == body["text"]
     assert (finish["finish_reason"], finish["usage"]) == (body["finish_reason"], body["usage"])
     assert set(finish["timings"]) == set(body["timings"])
@@ -81,7 +86,7 @@ def test_streamed_text_equals_the_engine_output_on_a_random_model(tiny_engine, b
 
 
 def test_concurrent_streams_both_complete():
-    engine = FakeEngine(prefill_ms=10, step_ms=10)
+    engine = fake_engine(prefill_ms=10, step_ms=10)
     results = {}
     with UvicornServer(create_app(engine)) as server:
         def run(name, n):
@@ -98,7 +103,7 @@ def test_concurrent_streams_both_complete():
 
 
 def test_failure_without_streaming_is_500_with_an_error_body_and_the_server_lives():
-    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=3)
+    engine = fake_engine(prefill_ms=1, step_ms=1, fail_at=3)
     with UvicornServer(create_app(engine)) as server:
         failed = httpx.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 10}, timeout=10)
         assert failed.status_code == 500

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer
@@ -19,8 +19,14 @@ def post(url: str, body: dict, timeout: float = 10) -> httpx.Response:
 
 
 def without_clock(body: dict) -> dict:
-    """The body with wall-clock timings replaced by their key set (all else is deterministic here)."""
-    return {**body, "timings": sorted(body["timings"])}
+    """The body with wall-clock timings replaced by their key set (all else is deterministic here).
+
+    A token's ``batch`` goes too: it says how the FastAPI server's batched backend ran the step, which
+    the Flask baseline (the engine alone, in the request's thread) never does.
+    """
+    tokens = [{k: v for k, v in t.items() if k not in ("step_ms", "prefill_time_ms", "batch")}
+              for t in body["tokens"]]
+    return {**body, "tokens": tokens, "timings": sorted(body["timings"])}
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -62,7 +68,7 @@ def test_stream_true_is_a_400_that_says_why(fake_engine):
 
 
 def test_failure_is_500_with_an_error_body_and_the_server_lives():
-    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=3)
+    engine = fake_engine(prefill_ms=1, step_ms=1, fail_at=3)
     with FlaskServer(create_flask_app(engine)) as server:
         failed = post(server.url, {"prompt": "hi", "max_tokens": 10})
         assert failed.status_code == 500

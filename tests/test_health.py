@@ -8,7 +8,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer
@@ -87,7 +87,7 @@ def check_fastapi_answers_and_flask_waits(engine, max_tokens: int) -> None:
 
 @pytest.mark.timeout(60)
 def test_health_with_a_fake_engine():
-    check_fastapi_answers_and_flask_waits(FakeEngine(prefill_ms=20, step_ms=20), max_tokens=25)
+    check_fastapi_answers_and_flask_waits(fake_engine(prefill_ms=20, step_ms=20), max_tokens=25)
 
 
 @pytest.mark.model
@@ -103,5 +103,5 @@ def test_health_when_idle(app, fake_engine):
     with server:
         body = httpx.get(server.url + "/health").json()
     assert body["status"] == "ok" and body["running"] == 0 and body["model"] == "fake"
-    assert body["backend"] == ("thread" if app == "fastapi" else "flask")
+    assert body["backend"] == ("batched" if app == "fastapi" else "flask")
     assert fake_engine.tokens_generated == 0  # /health never runs the engine

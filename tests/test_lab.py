@@ -1,6 +1,6 @@
 """The notebooks' helpers (labserver.lab.experiments) and exercise checkers (labserver.lab.checks).
 
-Most tests use FakeEngine (fixed sleeps), so the numbers can be checked by hand and do not depend on
+Most tests use fake_engine (fixed sleeps), so the numbers can be checked by hand and do not depend on
 how busy the machine is; the few that need torch are marked `model`. Correct answers come from the
 reference solutions in notebooks/solutions/, wrong ones are written here.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.lab import checks, experiments as lab
 from labserver.serve import background as serving
 from labserver.measure.client import HealthProbe, Trace, blocking_generate, stream_generate
@@ -41,7 +41,7 @@ def no_leftover_servers():
 
 @pytest.fixture
 def engine():
-    return FakeEngine(prefill_ms=30, step_ms=10)
+    return fake_engine(prefill_ms=30, step_ms=10)
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_the_seed_loop_hangs_after_the_last_item_and_the_demo_returns():
 
 
 def test_the_sentinel_loop_completes_quickly():
-    result = lab.try_stream(lab.sentinel_stream, lambda: FakeEngine(1, 1).generate_stream("x", SamplingParams(3)))
+    result = lab.try_stream(lab.sentinel_stream, lambda: fake_engine(1, 1).generate_stream("x", SamplingParams(3)))
     assert result.outcome == "completed" and len(result.items) == 4 and result.elapsed_s < 1
     assert "completed" in str(result)
 
@@ -110,14 +110,14 @@ def test_thread_recorder_closes_the_inner_generator(engine):
     assert engine.running == 0
 
 
-@pytest.mark.parametrize("kind", ["thread", "executor"])
+@pytest.mark.parametrize("kind", ["batched", "thread", "executor"])
 def test_measure_a_fastapi_backend(engine, kind):
     recorder = lab.ThreadRecorder(engine)
     server = serving.start_fastapi(recorder, backend=kind, name="test-lab-measure")
     run = lab.measure(server.url, max_tokens=8, label=kind, recorder=recorder)
     assert run.trace.n_tokens == 8 and run.probe.samples and run.threads
-    assert run.step_p50_ms == pytest.approx(10, abs=1e-6)  # FakeEngine reports its fixed step
-    if kind == "thread":
+    assert 10 <= run.step_p50_ms < 20  # the engine times the fake runner's 10 ms sleep, plus a little
+    if kind in ("batched", "thread"):
         assert set(run.threads) == {"labserver-engine"}
     row = run.row()
     assert row["variant"] == kind and row["torch threads before"] >= 1
@@ -181,15 +181,20 @@ def test_load_throughput_by_hand():
     assert load.wall_ms == pytest.approx(500.0) and load.tokens_per_s == pytest.approx(10.0)
 
 
-def test_sweep_with_a_fake_engine(fastapi):
+def test_sweep_with_a_fake_engine(engine, fastapi):
     loads = lab.sweep(fastapi.url, ns=(1, 3), max_tokens=6)
     assert [load.n for load in loads] == [1, 3] and all(t.n_tokens == 6 for t in loads[1].traces)
-    # Round robin on one engine thread: with 3 streams each one waits for ~3 steps of 10 ms.
-    assert loads[1].row()["ITL p50 ms"] > 2 * loads[0].row()["ITL p50 ms"]
     assert "tokens/s (all)" in lab.sweep_table(loads)
     assert isinstance(lab.plot_sweep({"a": loads, "b": loads[:1]}), Figure)
     assert isinstance(lab.plot_sweep(loads), Figure) and isinstance(lab.plot_streams(loads[1]), Figure)
-    assert lab.step_ms_by_batch(loads) == {}  # the fake engine's thread backend does not batch
+    # The default backend batches: a fake step sleeps 10 ms however many sequences it carries.
+    by_batch = lab.step_ms_by_batch(loads)
+    assert 3 in by_batch and all(10 <= ms < 20 for ms in by_batch.values())
+    # Round robin on one engine thread: with 3 streams each one waits for ~3 steps of 10 ms.
+    turns = serving.start_fastapi(engine, backend="thread", name="test-lab-turns")
+    loads = lab.sweep(turns.url, ns=(1, 3), max_tokens=6)
+    assert loads[1].row()["ITL p50 ms"] > 2 * loads[0].row()["ITL p50 ms"]
+    assert lab.step_ms_by_batch(loads) == {}  # turn-taking steps carry one sequence and say nothing
 
 
 # -- with torch ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from labserver import FakeEngine
+from labserver import fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.limits import ServerLimits
 from labserver.serve.metrics import buckets_1_2_5
@@ -64,7 +64,7 @@ def wait_idle(engine, timeout_s: float = 5.0) -> None:
 
 
 def test_every_metric_is_exposed_with_its_type():
-    with UvicornServer(create_app(FakeEngine())) as server:
+    with UvicornServer(create_app(fake_engine())) as server:
         text = httpx.get(server.url + "/metrics").text
     types = {f.name: f.type for f in text_string_to_metric_families(text)}
     for name, kind in NAMES.items():
@@ -73,8 +73,8 @@ def test_every_metric_is_exposed_with_its_type():
 
 
 def test_counts_by_hand_after_one_stream():
-    # FakeEngine sleeps 30 ms before the first token and 10 ms before each next one: 5 tokens take >= 70 ms.
-    engine = FakeEngine(prefill_ms=30, step_ms=10)
+    # The fake engine sleeps 30 ms before the first token and 10 ms before each next one: 5 tokens take >= 70 ms.
+    engine = fake_engine(prefill_ms=30, step_ms=10)
     with UvicornServer(create_app(engine)) as server:
         stream(server.url, "/generate", {"prompt": "a b c", "max_tokens": 5, "stream": True})
         m = scrape(server.url)
@@ -92,7 +92,7 @@ def test_counts_by_hand_after_one_stream():
 
 
 def test_how_requests_end_is_counted():
-    engine = FakeEngine(prefill_ms=5, step_ms=10)
+    engine = fake_engine(prefill_ms=5, step_ms=10)
     limits = ServerLimits(max_concurrent=1)
     with UvicornServer(create_app(engine, limits=limits)) as server:
         url = server.url
@@ -121,7 +121,7 @@ def test_how_requests_end_is_counted():
 
 
 def test_faults_are_counted_as_errors():
-    with UvicornServer(create_app(FakeEngine(prefill_ms=1, step_ms=1, fail_at=1))) as server:
+    with UvicornServer(create_app(fake_engine(prefill_ms=1, step_ms=1, fail_at=1))) as server:
         stream(server.url, "/generate", {"prompt": "hi", "max_tokens": 5, "stream": True})
         assert httpx.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 5}).status_code == 500
         m = scrape(server.url)
@@ -130,7 +130,7 @@ def test_faults_are_counted_as_errors():
 
 
 def test_two_apps_in_one_process_keep_their_own_numbers():
-    one, two = FakeEngine(prefill_ms=1, step_ms=1), FakeEngine(prefill_ms=1, step_ms=1)
+    one, two = fake_engine(prefill_ms=1, step_ms=1), fake_engine(prefill_ms=1, step_ms=1)
     with UvicornServer(create_app(one)) as a, UvicornServer(create_app(two)) as b:
         httpx.post(a.url + "/generate", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
         assert scrape(a.url)["labserver:generation_tokens_total"] == 3

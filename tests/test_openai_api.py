@@ -12,7 +12,7 @@ import openai
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import FakeEngine, SamplingParams
+from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.stop_strings import StopMatcher
 from labserver.serve.background import UvicornServer
@@ -24,7 +24,7 @@ CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "conte
 
 @pytest.fixture(scope="module")
 def fake_server():
-    engine = FakeEngine(prefill_ms=5, step_ms=2)
+    engine = fake_engine(prefill_ms=5, step_ms=2)
     with UvicornServer(create_app(engine)) as server:
         yield server
 
@@ -55,7 +55,7 @@ def test_chat_without_streaming(fake_server):
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == " one two three"
     assert reply.choices[0].finish_reason == "length"
-    # FakeEngine counts prompt words: "You are brief. Name a colour." is 6.
+    # The fake engine counts prompt words: "You are brief. Name a colour." is 6.
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (6, 3, 9)
 
 
@@ -101,7 +101,7 @@ def test_model_may_be_omitted_in_raw_requests(fake_server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text_and_the_generation(stream):
-    engine = FakeEngine(prefill_ms=5, step_ms=20)
+    engine = fake_engine(prefill_ms=5, step_ms=20)
     with UvicornServer(create_app(engine)) as server:
         api = client(server)
         kwargs = dict(model="fake", prompt="hi", max_tokens=200, stop=[" thr", "zzz"], stream=stream)
@@ -141,7 +141,7 @@ def test_errors_are_openai_errors(fake_server):
 
 
 def test_fault_mid_stream_is_an_error_event_and_the_next_request_works():
-    engine = FakeEngine(prefill_ms=2, step_ms=2, fail_at=2)
+    engine = fake_engine(prefill_ms=2, step_ms=2, fail_at=2)
     with UvicornServer(create_app(engine)) as server:
         events = raw_events(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 5, "stream": True})
         assert [e["choices"][0]["delta"].get("content") for e in events[:3]] == ["", " one", " two"]
@@ -154,7 +154,7 @@ def test_fault_mid_stream_is_an_error_event_and_the_next_request_works():
 
 
 def test_leaving_a_v1_stream_cancels_the_generation():
-    engine = FakeEngine(prefill_ms=5, step_ms=20)
+    engine = fake_engine(prefill_ms=5, step_ms=20)
     with UvicornServer(create_app(engine)) as server:
         stream = client(server).chat.completions.create(model="fake", messages=CHAT, max_tokens=1000, stream=True)
         for i, _ in enumerate(stream):

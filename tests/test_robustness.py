@@ -17,7 +17,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from labserver import EngineConfig, FakeEngine
+from labserver import EngineConfig, fake_engine
 from labserver.serve import background as serving
 from labserver.__main__ import build_parser
 from labserver.serve.app import create_app
@@ -119,7 +119,7 @@ CASES = {  # id: (method, path, request kwargs, expected status, a fragment of t
 
 @pytest.fixture(scope="module")
 def bad_input_server():
-    engine = FakeEngine(prefill_ms=1, step_ms=1, config=CONFIG)
+    engine = fake_engine(prefill_ms=1, step_ms=1, config=CONFIG)
     with UvicornServer(create_app(engine, limits=ServerLimits(max_body_bytes=BODY_LIMIT))) as server:
         yield server
 
@@ -240,7 +240,7 @@ def check_storm(engine, clients: int, max_leave: int) -> None:
 def test_disconnect_storm_with_the_fake_engine():
     # The fake engine runs through the same engine thread, queues and web layer as the model, with 1 ms
     # steps, so 100 clients interleave fast and the test is about the plumbing, not the CPU.
-    check_storm(FakeEngine(prefill_ms=1, step_ms=1), clients=100, max_leave=12)
+    check_storm(fake_engine(prefill_ms=1, step_ms=1), clients=100, max_leave=12)
 
 
 @pytest.mark.model
@@ -260,7 +260,7 @@ def read_stream(url: str, path: str, body: dict) -> list:
 
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
 def test_fault_mid_stream_then_the_next_request_works(path):
-    engine = FakeEngine(prefill_ms=1, step_ms=1, fail_at=2)
+    engine = fake_engine(prefill_ms=1, step_ms=1, fail_at=2)
     body = {"max_tokens": 6, "stream": True, **({"messages": [{"role": "user", "content": "hi"}]}
                                                 if "chat" in path else {"prompt": "hi"})}
     with UvicornServer(create_app(engine)) as server:
@@ -356,7 +356,7 @@ def run_load(engine, streams: int, max_tokens: int, prompts: list[str]) -> None:
 
 
 def test_load_32_streams_with_the_fake_engine():
-    run_load(FakeEngine(prefill_ms=5, step_ms=2), streams=32, max_tokens=40, prompts=["a", "b c"])
+    run_load(fake_engine(prefill_ms=5, step_ms=2), streams=32, max_tokens=40, prompts=["a", "b c"])
 
 
 @pytest.mark.model
@@ -373,7 +373,7 @@ def test_everything_binds_127_0_0_1_unless_told_otherwise():
         assert inspect.signature(factory).parameters["host"].default == "127.0.0.1", factory
     parser = build_parser()
     assert parser.parse_args(["serve"]).host == parser.parse_args(["flask"]).host == "127.0.0.1"
-    with UvicornServer(create_app(FakeEngine())) as server:
+    with UvicornServer(create_app(fake_engine())) as server:
         assert server.url.startswith("http://127.0.0.1:")
 
 
@@ -388,7 +388,7 @@ def test_cli_limits_reach_the_app():
 
 
 def test_beyond_max_concurrent_is_a_quick_429_not_a_pile_up():
-    engine = FakeEngine(prefill_ms=5, step_ms=10)
+    engine = fake_engine(prefill_ms=5, step_ms=10)
     app = create_app(engine, limits=ServerLimits(max_concurrent=2, retry_after_s=3))
     with UvicornServer(app) as server:
         url = server.url
@@ -414,11 +414,11 @@ def test_beyond_max_concurrent_is_a_quick_429_not_a_pile_up():
 
 
 def test_flask_debug_is_never_on(monkeypatch):
-    assert create_flask_app(FakeEngine()).debug is False
+    assert create_flask_app(fake_engine()).debug is False
     # Even if the environment asks for it, the baseline is served without the interactive debugger:
     # an error is a bare 500, never a traceback or a console that runs code.
     monkeypatch.setenv("FLASK_DEBUG", "1")
-    app = create_flask_app(FakeEngine())
+    app = create_flask_app(fake_engine())
 
     def boom():
         raise RuntimeError("secret detail")

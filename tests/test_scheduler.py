@@ -1,15 +1,19 @@
-"""The batched scheduler: the same tokens as one sequence alone, joins and leaves between steps, limits.
+"""The scheduling policies: what each schedules (by hand, no thread), and the batched engine thread on a
+model: the same tokens as one sequence alone, joins and leaves between steps, limits.
 
-Tests marked ``model`` batch SmolLM2-135M on the lean float32 runner; the others use the tiny random llama.
+Tests marked ``model`` batch SmolLM2-135M on the lean float32 runner; the others use the tiny random llama
+or no model at all.
 """
 
 import asyncio
 import threading
+from types import SimpleNamespace as NS
 
 import pytest
 
 from labserver import Engine, EngineConfig, Finish, SamplingParams, TokenEvent
-from labserver.serve.scheduler import BatchScheduler
+from labserver.serve.engine_thread import EngineThread
+from labserver.serve.policies import Batched, TurnTaking
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -31,7 +35,7 @@ def scheduler_of():
     made = []
 
     def make(engine):
-        made.append(BatchScheduler(engine))
+        made.append(EngineThread(engine, Batched(max_batch=engine.config.max_batch)))
         return made[-1]
     yield make
     for s in made:
@@ -84,23 +88,74 @@ def test_prompts_prefilled_together_equal_each_prefilled_alone(default_engine):
     assert default_engine.running == 0
 
 
-def test_a_round_prefills_the_waiting_prompts_that_fit_the_budget(tiny_engine, scheduler_of):
-    from types import SimpleNamespace
-
-    scheduler = scheduler_of(tiny_engine)  # idle: its thread waits on the inbox and leaves _waiting alone
-    scheduler.prefill_tokens = 10
-    waiting = [SimpleNamespace(seq=SimpleNamespace(ids=[0] * n)) for n in (4, 5, 2, 30, 1)]
-    scheduler._waiting.extend(waiting)
-    assert scheduler._joining() == waiting[:2]  # 4 + 5 fit, + 2 would not
-    assert scheduler._joining() == waiting[2:3]  # 2 + 30 would not
-    assert scheduler._joining() == waiting[3:4]  # longer than the budget: alone
-    assert scheduler._joining() == waiting[4:] and not scheduler._waiting
+def request(n_prompt: int, running: bool = False):
+    """What a policy reads of a request: its sequence's prompt length and whether it holds a slot."""
+    return NS(seq=NS(ids=[0] * n_prompt, running=running))
 
 
-@pytest.mark.timeout(120)
+def run_prefill(step) -> None:
+    for req in step.requests:
+        req.seq.running = True
+
+
+def test_batched_prefills_the_waiting_prompts_that_fit_the_budget():
+    policy = Batched(prefill_tokens=10)
+    waiting = [request(n) for n in (4, 5, 2, 30, 1)]
+    for req in waiting:
+        policy.add(req)
+    assert policy.joining(free_slots=16, n_running=0) == waiting[:2]  # 4 + 5 fit, + 2 would not
+    step = policy.schedule(free_slots=16)
+    assert step.prefill and step.requests == waiting[:2]
+    run_prefill(step)
+    decode = policy.schedule(free_slots=14)  # after a prefill, the running streams get their step
+    assert not decode.prefill and decode.requests == waiting[:2]
+    step = policy.schedule(free_slots=14)
+    assert step.requests == waiting[2:3]  # 2 + 30 would not fit
+    run_prefill(step), policy.schedule(13)
+    step = policy.schedule(free_slots=13)
+    assert step.requests == waiting[3:4]  # longer than the budget: alone
+    run_prefill(step), policy.schedule(12)
+    assert policy.schedule(free_slots=12).requests == waiting[4:]
+
+
+def test_batched_is_held_to_free_slots_and_max_batch():
+    policy = Batched(prefill_tokens=100, max_batch=3)
+    reqs = [request(1, running=True)] + [request(1) for _ in range(4)]
+    for req in reqs:
+        policy.add(req)
+    assert policy.schedule(free_slots=1).requests == reqs[1:2]  # one free slot
+    run_prefill(NS(requests=reqs[1:2]))
+    assert policy.schedule(free_slots=0).requests == reqs[:2]  # a decode step: waiting ones wait
+    assert policy.schedule(free_slots=8).requests == reqs[2:3]  # max_batch 3: room for one more
+    run_prefill(NS(requests=reqs[2:3]))
+    step = policy.schedule(free_slots=8)
+    assert not step.prefill and step.requests == reqs[:3]
+    assert policy.schedule(free_slots=8).requests == reqs[:3]  # full: decode again, nobody joins
+    policy.remove(reqs[0])  # finished: it left between two steps
+    assert policy.schedule(free_slots=8).requests == reqs[3:4]
+    assert Batched().schedule(free_slots=8) is None  # nothing to do
+
+
+def test_turn_taking_gives_everyone_a_step_in_turn():
+    policy = TurnTaking()
+    a, b, c = request(3, running=True), request(2, running=True), request(1)
+    for req in (a, b, c):
+        policy.add(req)
+    steps = [policy.schedule(free_slots=1) for _ in range(3)]
+    assert [s.requests for s in steps] == [[a], [b], [c]] and [s.prefill for s in steps] == [False, False, True]
+    run_prefill(steps[2])
+    assert [policy.schedule(free_slots=0).requests for _ in range(4)] == [[a], [b], [c], [a]]
+    waiting = request(1)
+    policy.add(waiting)
+    assert [policy.schedule(free_slots=0).requests for _ in range(3)] == [[b], [c], [a]]  # no slot: it waits
+    policy.remove(a), policy.remove(b), policy.remove(c)
+    assert policy.schedule(free_slots=0) is None and policy.schedule(free_slots=1).requests == [waiting]
+
+
+@pytest.mark.timeout(240)
 def test_a_late_request_joins_and_a_cancelled_one_leaves(tiny_engine, scheduler_of):
     scheduler = scheduler_of(tiny_engine)
-    long = SamplingParams(max_tokens=300, temperature=0)
+    long = SamplingParams(max_tokens=100, temperature=0)
 
     async def scenario():
         seen = {"a": [], "b": []}
@@ -120,35 +175,29 @@ def test_a_late_request_joins_and_a_cancelled_one_leaves(tiny_engine, scheduler_
         await a
         return seen
 
-    seen = asyncio.run(asyncio.wait_for(scenario(), 60))
+    seen = asyncio.run(asyncio.wait_for(scenario(), 110))
     a_batches = [e.batch for e in seen["a"] if isinstance(e, TokenEvent) and e.batch]
     assert a_batches[0] == 1 and 2 in a_batches  # alone first, then b joined its steps
     assert a_batches[-1] == 1  # b left at once when it was cancelled; a ran on alone
-    assert isinstance(seen["a"][-1], Finish) and seen["a"][-1].usage["completion_tokens"] == 300
+    assert isinstance(seen["a"][-1], Finish) and seen["a"][-1].usage["completion_tokens"] == 100
     assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch
 
 
 @pytest.mark.timeout(120)
-def test_requests_wait_for_a_free_slot(tiny_engine, scheduler_of):
-    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, EngineConfig(model="tiny-random", max_batch=2))
-    streams = run(scheduler_of(engine), ["a", "b c", "d e f", "g", "h i"], SamplingParams(max_tokens=6, temperature=0))
-    assert all(isinstance(s[-1], Finish) for s in streams)
-    assert max(e.batch or 0 for s in streams for e in s[:-1]) == 2  # never more than the slots
-    assert [len(s) - 1 for s in streams] == [s[-1].usage["completion_tokens"] for s in streams]
-    assert engine.runner.free_slots == 2
-
-
-@pytest.mark.timeout(120)
-def test_the_thread_backend_also_waits_for_a_free_slot(tiny_engine):
-    from labserver.serve.engine_thread import EngineWorker
+@pytest.mark.parametrize("kind", ["batched", "thread"])
+def test_requests_wait_for_a_free_slot(tiny_engine, kind):
+    from labserver import make_backend
 
     engine = Engine(tiny_engine.model, tiny_engine.tokenizer, EngineConfig(model="tiny-random", max_batch=2))
-    worker = EngineWorker(engine)
+    backend = make_backend(engine, kind)
     try:
-        streams = run(worker, ["a", "b c", "d e f", "g"], SamplingParams(max_tokens=6, temperature=0))
+        streams = run(backend, ["a", "b c", "d e f", "g", "h i"], SamplingParams(max_tokens=6, temperature=0))
     finally:
-        worker.close()
+        backend.close()
     assert all(isinstance(s[-1], Finish) for s in streams)  # no "all 2 cache slots are in use" error
+    assert [len(s) - 1 for s in streams] == [s[-1].usage["completion_tokens"] for s in streams]
+    if kind == "batched":
+        assert max(e.batch or 0 for s in streams for e in s[:-1]) == 2  # never more than the slots
     assert engine.running == 0 and engine.runner.free_slots == 2
 
 
@@ -161,13 +210,6 @@ def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engin
     assert tiny_engine.running == 0 and tiny_engine.runner.free_slots == tiny_engine.config.max_batch
     done = scheduler.generate("hello again", SamplingParams(max_tokens=4, temperature=0))
     assert len(done.token_ids) == 4 and scheduler.alive
-
-
-def test_engines_without_batched_phases_are_refused():
-    from labserver import FakeEngine
-
-    with pytest.raises(TypeError, match="thread"):
-        BatchScheduler(FakeEngine())
 
 
 def test_scheduler_runs_on_its_own_thread(tiny_engine, scheduler_of):
@@ -184,4 +226,4 @@ def test_scheduler_runs_on_its_own_thread(tiny_engine, scheduler_of):
         scheduler.generate("hi", SamplingParams(max_tokens=4, temperature=0))
     finally:
         del tiny_engine.runner.decode
-    assert seen == {"labserver-scheduler"}
+    assert seen == {"labserver-engine"}

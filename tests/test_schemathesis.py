@@ -16,13 +16,13 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from labserver import EngineConfig, FakeEngine  # noqa: E402
+from labserver import EngineConfig, fake_engine  # noqa: E402
 from labserver.serve.app import create_app  # noqa: E402
 
 # max_tokens_limit above the request default (128), so valid bodies are mostly accepted; 0 ms steps keep
 # even the longest streams instant.
 CONFIG = EngineConfig(model="fake", threads=1, max_tokens_limit=256, max_prompt_chars=500, max_prompt_tokens=64)
-app = create_app(FakeEngine(prefill_ms=0, step_ms=0, config=CONFIG))
+app = create_app(fake_engine(prefill_ms=0, step_ms=0, config=CONFIG))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]

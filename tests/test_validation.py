@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from labserver import EngineConfig, FakeEngine
+from labserver import EngineConfig, fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.schemas import GenerateRequest, check_limits
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module", params=["fastapi", "flask"])
 def url(request):
-    engine = FakeEngine(prefill_ms=0, step_ms=0, config=LIMITS)
+    engine = fake_engine(prefill_ms=0, step_ms=0, config=LIMITS)
     if request.param == "fastapi":
         server = UvicornServer(create_app(engine))
     else:
@@ -81,7 +81,7 @@ def test_too_many_prompt_tokens_is_400_with_the_engine_message(url):
 
 
 def test_too_many_prompt_tokens_streamed_is_400_not_a_200_stream():
-    engine = FakeEngine(prefill_ms=0, step_ms=0, config=LIMITS)
+    engine = fake_engine(prefill_ms=0, step_ms=0, config=LIMITS)
     with UvicornServer(create_app(engine)) as server:
         response = post(server.url, json={"prompt": " ".join(["word"] * 12), "max_tokens": 2, "stream": True})
     assert response.status_code == 400

@@ -4,7 +4,8 @@ The phases follow gpt-fast: ``prefill_step`` runs a prompt through the model and
 ``decode_step`` feeds back the last token of one or more sequences in one forward, ``sample_token``
 picks each next id. ``Engine.generate_stream`` strings them together for one sequence and yields a
 ``TokenEvent`` per token (text from the incremental detokenizer, the measured ``step_ms``) and a final
-``Finish``; ``scheduler.BatchScheduler`` calls the same phases for many sequences at once.
+``Finish``, for the lab's executor and blocking variants and for scripts; the server's engine thread
+(``serve.engine_thread``) calls the same phases itself, for one sequence or many at once.
 
 The forward passes live in ``runners.py`` (the lean llama, or transformers for any other model); each
 enters ``torch.inference_mode`` itself, because grad mode is thread-local and a generator resumed on
@@ -12,7 +13,7 @@ another thread (the seed's ``run_in_executor(next)`` pattern) would otherwise ru
 autograd on.
 
 Left out on purpose: stop strings, repetition penalties, and any threading: whoever calls a phase runs
-the model on its own thread (see ``worker.py`` and ``scheduler.py``).
+the model on its own thread (see ``serve/engine_thread.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Iterator
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from .protocols import Runner
 from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
 from .sequence import Finish, Sequence, TokenEvent
 
@@ -94,19 +96,23 @@ class Engine:
 
     ``model`` is a transformers model or a ``checkpoint.Checkpoint`` (what ``from_config`` loads when the
     lean runner serves the model); ``engine.model`` is the transformers model either way, loaded from the
-    checkpoint on first use.
+    checkpoint on first use. A ready ``runner`` (``fake.FakeRunner``) replaces the one made for ``model``
+    (then ``None``), and brings its ``context_len``.
     """
 
-    def __init__(self, model, tokenizer, config: EngineConfig):
+    def __init__(self, model, tokenizer, config: EngineConfig, runner: Runner | None = None):
         self.source, self.tokenizer, self.config = model, tokenizer, config
         self._model = None
-        torch.set_num_threads(config.threads)
         self.eos_ids = self._eos_ids()
-        self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self._lock = threading.Lock()
         self.running = 0
         self.tokens_generated = 0
-        self.runner = off_thread(make_runner, model, config, self.context_len)
+        if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
+            self.runner, self.context_len = runner, runner.context_len
+            return
+        torch.set_num_threads(config.threads)
+        self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
@@ -193,7 +199,7 @@ class Engine:
     def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenEvent | None]:
         """One forward for every sequence in ``seqs``; each event's ``step_ms`` is that forward's time.
 
-        ``batched`` (the scheduler's calls) adds to each event how many sequences shared the step.
+        ``batched`` (the batched policy's steps) adds to each event how many sequences shared the step.
         """
         t0 = time.perf_counter()
         logits = self.runner.decode(seqs)  # [B, V]

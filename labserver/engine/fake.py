@@ -1,80 +1,123 @@
-"""A stand-in engine with fixed, known delays and no model, for hand-checkable tests and demos.
+"""A runner with fixed, known delays and no model, under the real ``Engine``: for hand-checkable tests and demos.
 
-It has the interface of ``Engine`` (``generate_stream``, ``generate``, ``encode``, ``running``,
-``tokens_generated``, ``config``) but sleeps instead of computing, so TTFT and gaps measured by a client
-can be compared with numbers a reader can compute by hand. It does not tokenize real text: the prompt's
-words become its ids and the output cycles through ``words``.
+``FakeRunner`` has the interface of the runners in ``runners.py`` (``prefill``, ``prefill_many``,
+``decode``, ``release``, ``free_slots``, ``name``) but sleeps instead of computing: ``prefill_ms`` per
+prefill forward and ``step_ms`` per decode forward, however many sequences the forward carries (the ideal
+that batching aims at: a memory-bound step costs about the same for one sequence or eight). Its logits
+make each next token follow from the last (" one two three ... eight", then again), so the real engine's
+sampling, prompt limits, stop rules, ``Finish`` timings and the serving backends all run unchanged, and a
+reader can write down what a client must see: a TTFT a little over ``prefill_ms``, gaps a little over
+``step_ms``, the same on every backend.
+
+``WordTokenizer`` goes with it (one id per word), and ``fake_engine(...)`` builds the ``Engine``.
+Left out: any relation between prompt and output, and EOS: a fake generation runs to ``max_tokens``
+(or its cancellation, or the fault injected with ``fail_at``).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
-from ..config import EngineConfig, SamplingParams
-from .engine import Finish, PromptTooLong, TokenEvent, collect
+import torch
+
+from ..config import EngineConfig
+from .engine import Engine
+
+WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+EOS, UNKNOWN = len(WORDS), len(WORDS) + 1  # the ids after the words'
 
 
-class FakeEngine:
-    """Sleep ``prefill_ms`` for the first token and ``step_ms`` for each next one; fail at ``fail_at``.
+class WordTokenizer:
+    """One id per whitespace-separated word: ``WORDS`` are 0..7, EOS 8, any other word 9.
 
-    >>> e = FakeEngine(prefill_ms=0, step_ms=0)
-    >>> e.generate("hi", SamplingParams(max_tokens=3)).text
-    ' one two three'
+    Its chat template joins the messages' contents, so a chat counts its words too.
+
+    >>> tok = WordTokenizer()
+    >>> tok("two apples")["input_ids"], tok.decode([0, 1, EOS], skip_special_tokens=True)
+    ([1, 9], ' one two')
     """
 
-    words = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+    eos_token_id = EOS
+    chat_template = "{{ messages | map(attribute='content') | join(' ') }}"
+
+    def __len__(self) -> int:
+        return len(WORDS) + 2
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [WORDS.index(w) if w in WORDS else UNKNOWN for w in text.split()]}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True) -> list[int]:
+        return self(" ".join(str(m.get("content", "")) for m in messages))["input_ids"]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        special = {EOS: "" if skip_special_tokens else "<eos>", UNKNOWN: " <unk>"}
+        return "".join(special[i] if i >= len(WORDS) else " " + WORDS[i] for i in ids)
+
+
+class FakeRunner:
+    """Sleep ``prefill_ms`` per prefill and ``step_ms`` per decode step; raise at output index ``fail_at``.
+
+    The first token is "one" (id 0), each next one the word after the last. ``max_batch`` slots, as the
+    lean runner has; ``fail_at=0`` fails the prefill, ``fail_at=2`` the decode step that makes the third
+    token (the forward still takes its time, then raises ``RuntimeError("injected fault")``).
+    """
+
+    name = "fake"
 
     def __init__(self, prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None = None,
-                 config: EngineConfig | None = None):
+                 max_batch: int = 16, context_len: int = 8192):
         self.prefill_ms, self.step_ms, self.fail_at = prefill_ms, step_ms, fail_at
-        self.config = config or EngineConfig(model="fake", threads=1)
-        self._lock = threading.Lock()
-        self.running = 0
-        self.tokens_generated = 0
+        self.context_len = context_len
+        self._free = list(range(max_batch))
+        self._made: dict[int, int] = {}  # slot -> tokens its sequence has produced
 
-    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
-        if len(prompt) > self.config.max_prompt_chars:
-            raise PromptTooLong(f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}")
-        ids = list(range(len(prompt.split())))
-        if len(ids) > self.config.max_prompt_tokens:
-            raise PromptTooLong(f"prompt is {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
-        return ids or [0]
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        return self.encode(" ".join(str(m.get("content", "")) for m in messages))
+    def prefill(self, seq) -> torch.Tensor:
+        return self.prefill_many([seq])[0]
 
-    def generate_stream(self, prompt, params: SamplingParams, cancel: threading.Event | None = None):
-        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
-        return self._stream(len(ids), params, cancel or threading.Event())
+    def prefill_many(self, seqs) -> torch.Tensor:
+        for seq in seqs:
+            if not self._free:
+                raise RuntimeError(f"all {len(self._made)} cache slots are in use")
+            seq.state = self._free.pop(0)
+            self._made[seq.state] = 0
+        return self._forward(self.prefill_ms, seqs, [0] * len(seqs))
 
-    def _stream(self, n_prompt: int, params: SamplingParams, cancel: threading.Event):
-        with self._lock:
-            self.running += 1
-        try:
-            start, reason, n = time.perf_counter(), "length", 0
-            for index in range(params.max_tokens):
-                if index and cancel.is_set():
-                    reason = "cancelled"
-                    break
-                delay = self.prefill_ms if index == 0 else self.step_ms
-                time.sleep(delay / 1000)
-                if index == self.fail_at:
-                    raise RuntimeError("injected fault")
-                with self._lock:
-                    self.tokens_generated += 1
-                n += 1
-                word = self.words[index % len(self.words)]
-                yield TokenEvent(" " + word, index % len(self.words), index, float(delay),
-                                 float(delay) if index == 0 else None)
-            total_ms = (time.perf_counter() - start) * 1000
-            yield Finish(reason, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n},
-                         {"prefill_time_ms": float(self.prefill_ms), "decode_time_ms": float(self.step_ms * max(n - 1, 0)),
-                          "mean_step_ms": float(self.step_ms), "total_ms": round(total_ms, 3),
-                          "tokens_per_s": round(n / total_ms * 1000, 3) if total_ms else 0.0})
-        finally:
-            with self._lock:
-                self.running -= 1
+    def decode(self, seqs) -> torch.Tensor:
+        return self._forward(self.step_ms, seqs, [(s.last_token + 1) % len(WORDS) for s in seqs])
 
-    def generate(self, prompt, params: SamplingParams):
-        return collect(self.generate_stream(prompt, params))
+    def release(self, seq) -> None:
+        if seq.state is not None:
+            del self._made[seq.state]
+            self._free.append(seq.state)
+            seq.state = None
+
+    def _forward(self, ms: float, seqs, next_ids: list[int]) -> torch.Tensor:
+        time.sleep(ms / 1000)
+        if self.fail_at is not None and any(self._made[s.state] == self.fail_at for s in seqs):
+            raise RuntimeError("injected fault")
+        for seq in seqs:
+            self._made[seq.state] += 1
+        # -inf everywhere but the next id: greedy and any temperature or top_p pick the same token.
+        logits = torch.full((len(seqs), len(WORDS) + 2), float("-inf"))
+        logits[torch.arange(len(seqs)), torch.tensor(next_ids)] = 0.0
+        return logits
+
+
+def fake_engine(prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None = None,
+                config: EngineConfig | None = None) -> Engine:
+    """The real ``Engine`` on a ``FakeRunner`` and a ``WordTokenizer``; ``config`` sets its limits.
+
+    >>> from labserver import SamplingParams
+    >>> fake_engine(prefill_ms=0, step_ms=0).generate("hi", SamplingParams(max_tokens=3)).text
+    ' one two three'
+    """
+    config = config or EngineConfig(model="fake", threads=1)
+    # The context holds the longest request the limits allow, as the lean runner's slots do.
+    runner = FakeRunner(prefill_ms, step_ms, fail_at, config.max_batch,
+                        context_len=config.max_prompt_tokens + config.max_tokens_limit)
+    return Engine(None, WordTokenizer(), config, runner=runner)

@@ -1,9 +1,9 @@
 """One request's state between model steps: what it asked for, what it has produced, how long each step took.
 
 The engine turns a prompt into a ``Sequence`` (``Engine.begin``), runs its prefill, then decode steps,
-alone (``Engine.generate_stream``) or in a batch with others (``scheduler.BatchScheduler``). After each
-step ``Sequence.append`` records the sampled token and returns the ``TokenEvent`` to send, so the rules
-for stopping (EOS, ``max_tokens``) and for text (the incremental detokenizer) live in one place.
+alone (``Engine.generate_stream``) or on the engine thread, in turn or in a batch with others
+(``serve.engine_thread``). After each step ``Sequence.append`` records the sampled token and returns the
+``TokenEvent`` to send, so the rules for stopping (EOS, ``max_tokens``) and for text (the incremental detokenizer) live in one place.
 
 Left out: any model call (``runners.py``), any threading, and stop strings (applied by the web layer).
 """

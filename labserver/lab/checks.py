@@ -4,7 +4,7 @@ Each ``check_*`` prints one line per thing it compared and returns ``True`` only
 does in nn-zero-to-hero (makemore part 4). An exercise stub that still raises ``NotImplementedError``
 prints ``TODO`` instead of a traceback, so a notebook runs top to bottom before you have solved anything.
 
-Where a check needs a timing it can trust on a busy machine, it uses ``FakeEngine`` (sleeps of a known
+Where a check needs a timing it can trust on a busy machine, it uses ``fake_engine`` (sleeps of a known
 length) instead of the model and says so. Reference solutions: ``notebooks/solutions/``.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from ..measure.client import Trace, stream_generate
 from ..config import SamplingParams
 from ..engine.engine import Finish, TokenEvent
-from ..engine.fake import FakeEngine
+from ..engine.fake import fake_engine
 from .experiments import Load, ThreadRecorder, raw_sse, try_stream, wait_idle
 
 
@@ -168,7 +168,7 @@ def check_stream_tokens(stream_tokens: Callable) -> bool:
     name = "stream_tokens"
     ok = True
     cases = [("a list iterator", lambda: iter(range(5)), list(range(5))),
-             ("an engine stream (FakeEngine)", lambda: FakeEngine(5, 5).generate_stream("a b", SamplingParams(3)),
+             ("an engine stream (fake_engine)", lambda: fake_engine(5, 5).generate_stream("a b", SamplingParams(3)),
               None)]
     for label, make_gen, expected in cases:
         result = try_stream(stream_tokens, make_gen, timeout_s=3.0)
@@ -219,11 +219,11 @@ def _two_streams_with_heartbeat(stream_fn, engine, max_tokens: int, timeout_s: f
 def check_one_thread(stream_on_one_thread: Callable) -> bool:
     """``async def stream_on_one_thread(gen)``: every step of every stream on one thread, the loop free.
 
-    Uses ``FakeEngine`` (80 ms sleeps per step) so the verdict does not depend on how busy the machine is:
+    Uses ``fake_engine`` (80 ms sleeps per step) so the verdict does not depend on how busy the machine is:
     a step run on the loop shows as a heartbeat gap of >= 80 ms.
     """
     name = "stream_on_one_thread"
-    engine = ThreadRecorder(FakeEngine(prefill_ms=80, step_ms=80))
+    engine = ThreadRecorder(fake_engine(prefill_ms=80, step_ms=80))
     out = _two_streams_with_heartbeat(stream_on_one_thread, engine, max_tokens=6, timeout_s=10.0)
     if isinstance(out["error"], NotImplementedError):
         print(f"TODO  {name}: not written yet (it raises NotImplementedError)")

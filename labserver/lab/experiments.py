@@ -356,11 +356,37 @@ class ThreadRecorder:
     """Wraps an engine and records, for each generation, the name of the thread that ran each step.
 
     Pass it to ``start_fastapi``/``start_flask`` instead of the engine; everything else is forwarded.
+    It records both ways of running the engine: ``generate_stream`` (Flask, the lab's variants) and the
+    phases the server's engine thread calls (``begin``, then ``prefill_steps`` and ``decode_step``).
     """
 
     def __init__(self, engine):
         self._engine = engine
         self.generations: list[list[str]] = []
+        self._steps: dict[int, list[str]] = {}  # id(sequence) -> its generation's thread names
+
+    def begin(self, prompt, params: SamplingParams, cancel=None):
+        seq = self._engine.begin(prompt, params, cancel)
+        self._steps[id(seq)] = names = []
+        self.generations.append(names)
+        return seq
+
+    def prefill_steps(self, seqs):
+        self._note(seqs)
+        return self._engine.prefill_steps(seqs)
+
+    def decode_step(self, seqs, batched: bool = False):
+        self._note(seqs)
+        return self._engine.decode_step(seqs, batched)
+
+    def end(self, seq):
+        self._steps.pop(id(seq), None)
+        return self._engine.end(seq)
+
+    def _note(self, seqs) -> None:
+        name = threading.current_thread().name
+        for seq in seqs:
+            self._steps.get(id(seq), []).append(name)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

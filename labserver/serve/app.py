@@ -2,7 +2,7 @@
 and the browser page at ``/``.
 
 The app never runs the model itself. A *backend* does (``variants.make_backend``): by default the engine
-thread of ``scheduler.BatchScheduler`` (continuous batching), so the event loop only moves bytes and
+thread (``engine_thread.EngineThread``, continuous batching), so the event loop only moves bytes and
 ``/health`` answers while tokens are being generated. The lab's ``"blocking"`` backend breaks that rule on purpose.
 
 Stream protocol of ``/generate``, one ``data:`` line per event (see ``schemas``)::
@@ -60,8 +60,10 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     """The FastAPI app serving ``engine`` through ``backend`` ("auto", "batched", "thread", "executor" or
     "blocking"; see ``variants.make_backend``).
 
-    The backend is made now (so a bad name fails here) and closed when the server shuts down; a
-    restart of the same app makes a fresh one. ``limits`` defaults to ``ServerLimits()``.
+    The backend is made now (so a bad name fails here; it starts no thread), started when the server
+    starts and closed when it shuts down; a restart of the same app makes a fresh one. Served without a
+    lifespan (an ASGI test client), the engine thread starts on the first request.
+    ``limits`` defaults to ``ServerLimits()``.
     """
     limits = limits or ServerLimits()
 
@@ -69,6 +71,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     async def lifespan(app: FastAPI):
         if app.state.backend is None:
             app.state.backend = make_backend(engine, backend)
+        app.state.backend.start()
         try:
             yield
         finally:
@@ -80,7 +83,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     app.state.engine, app.state.limits = engine, limits
     app.state.admission = Admission(limits.max_concurrent)
     app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running,
-                                      max_tokens=getattr(engine, "context_len", engine.config.max_tokens_limit))
+                                      max_tokens=engine.context_len)
     app.state.started_at = int(time.time())
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, message=too_large_message(limits))
     _install_error_handlers(app)

@@ -8,8 +8,9 @@
 - ``BlockingBackend``: the naive one, calling the engine directly inside ``async def``. Tokens still
   trickle out, but the event loop is blocked during every step, so ``/health`` waits.
 
-Both share the interface of ``worker.EngineWorker`` (``stream``, ``complete``, ``generate``,
-``running``, ``close``). Neither is meant for serving; ``make_backend`` picks one by name.
+Both offer what ``engine.protocols.Backend`` says, as ``engine_thread.EngineThread`` does (``stream``,
+``complete``, ``generate``, ``running``, ``start``, ``close``). Neither is meant for serving;
+``make_backend`` picks a backend by name.
 """
 
 from __future__ import annotations
@@ -20,19 +21,27 @@ from concurrent.futures import Executor
 
 from ..config import SamplingParams
 from ..engine.engine import Completion, collect
-from .scheduler import BatchScheduler
-from .engine_thread import DONE, EngineWorker
+from ..engine.protocols import Backend, EngineProtocol
+from .engine_thread import DONE, EngineThread
+from .policies import Batched, TurnTaking
 
 
 class _DirectBackend:
     kind = "direct"
 
-    def __init__(self, engine):
+    def __init__(self, engine: EngineProtocol):
         self.engine = engine
 
     @property
     def running(self) -> int:
         return self.engine.running
+
+    @property
+    def alive(self) -> bool:
+        return True  # no thread of its own: it runs wherever its caller does
+
+    def start(self) -> "_DirectBackend":
+        return self
 
     async def complete(self, prompt, params: SamplingParams) -> Completion:
         return collect([item async for item in self.stream(prompt, params)])
@@ -49,7 +58,7 @@ class ExecutorBackend(_DirectBackend):
 
     kind = "executor"
 
-    def __init__(self, engine, executor: Executor | None = None):
+    def __init__(self, engine: EngineProtocol, executor: Executor | None = None):
         super().__init__(engine)
         self.executor = executor
 
@@ -92,17 +101,22 @@ class BlockingBackend(_DirectBackend):
             gen.close()
 
 
-BACKENDS = {"batched": BatchScheduler, "thread": EngineWorker, "executor": ExecutorBackend,
-            "blocking": BlockingBackend}
+BACKENDS = {
+    "batched": lambda engine: EngineThread(engine, Batched(max_batch=engine.config.max_batch)),
+    "thread": lambda engine: EngineThread(engine, TurnTaking()),
+    "executor": ExecutorBackend,
+    "blocking": BlockingBackend,
+}
 
 
-def make_backend(engine, kind: str = "auto"):
-    """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or
-    interleaved), ``"executor"`` (the seed's) or ``"blocking"`` (naive). ``"auto"`` is ``"batched"`` for
-    an engine with batched phases (``Engine``), else ``"thread"`` (``FakeEngine``, the lab's wrappers)."""
-    if kind == "auto":
-        kind = "batched" if hasattr(engine, "decode_step") else "thread"
+def make_backend(engine: EngineProtocol, kind: str = "auto") -> Backend:
+    """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or taking
+    turns), ``"executor"`` (the seed's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
+
+    Nothing starts here: an ``EngineThread`` starts its thread in ``start()`` or on first use.
+    """
     try:
-        return BACKENDS[kind](engine)
+        make = BACKENDS["batched" if kind == "auto" else kind]
     except KeyError:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {kind!r}") from None
+    return make(engine)

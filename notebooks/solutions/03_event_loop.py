@@ -1,6 +1,6 @@
 """Reference solutions for notebook 3, the event loop.
 
-    python notebooks/solutions/03_event_loop.py    # runs every checker (they use FakeEngine: no model)
+    python notebooks/solutions/03_event_loop.py    # runs every checker (they use fake_engine: no model)
 """
 import asyncio
 from concurrent.futures import ThreadPoolExecutor

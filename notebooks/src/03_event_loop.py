@@ -235,7 +235,7 @@ lab.print_table(lab.inference_mode_steps(engine, steps=6, hop=False).steps)
 #
 # ## Exercises
 #
-# The checkers here use `FakeEngine` (fixed sleeps instead of the model), so their verdict does not
+# The checkers here use `fake_engine` (fixed sleeps instead of the model), so their verdict does not
 # depend on how busy the machine is. Reference solutions: `notebooks/solutions/03_event_loop.py`.
 #
 # **1.** Write `stream_tokens(gen)`, an async generator that yields every item of the (synchronous)

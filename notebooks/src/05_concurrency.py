@@ -22,7 +22,7 @@
 # ## Setup
 #
 # Two FastAPI servers on one engine, one after the other: backend `"thread"` interleaves streams step by
-# step (`worker.EngineWorker`), backend `"batched"` is the server's default (`scheduler.BatchScheduler`).
+# step (`policies.TurnTaking`), backend `"batched"` is the server's default (`policies.Batched`).
 # Each has its own engine thread, so the first is stopped before the second starts: two live threads that
 # both run torch would make each other's steps slower (OpenMP worker teams, notebook 3).
 #
