@@ -114,7 +114,8 @@ def test_docs_and_openapi(fake_engine):
     assert {"/generate", "/health"} <= set(schema["paths"])
     request_schema = schema["components"]["schemas"]["GenerateRequest"]
     assert request_schema["additionalProperties"] is False
-    assert {"prompt", "max_tokens", "temperature", "stream", "top_p", "seed"} == set(request_schema["properties"])
+    assert {"prompt", "max_tokens", "temperature", "stream", "top_p", "seed", "ignore_eos", "min_tokens"} == set(
+        request_schema["properties"])
     assert "text/event-stream" in schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]
 
 
