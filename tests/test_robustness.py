@@ -387,6 +387,30 @@ def test_cli_limits_reach_the_app():
         ServerLimits(max_concurrent=0)
 
 
+def test_cli_body_limit_reaches_the_flask_app(monkeypatch):
+    import labserver.__main__ as cli
+
+    made = {}
+
+    class NoServer:  # stands in for FlaskServer: keeps the app, never listens
+        running, url = False, "http://127.0.0.1:0"
+
+        def __init__(self, app, host, port):
+            made["app"] = app
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(cli, "_load_engine", lambda args: FakeEngine())
+    monkeypatch.setattr(serving, "FlaskServer", NoServer)
+    cli.main(["flask", "--max-body-bytes", "1000"])
+    with made["app"].test_client() as client:
+        over = client.post("/generate", data=b" " * 1001, content_type="application/json")
+        ok = client.post("/generate", json={"prompt": "hi", "max_tokens": 1})
+    assert over.status_code == 413 and "1000 bytes" in over.get_json()["detail"]
+    assert ok.status_code == 200
+
+
 def test_beyond_max_concurrent_is_a_quick_429_not_a_pile_up():
     engine = FakeEngine(prefill_ms=5, step_ms=10)
     app = create_app(engine, limits=ServerLimits(max_concurrent=2, retry_after_s=3))
