@@ -103,7 +103,8 @@ def test_guidellm_gets_every_request_with_its_exact_length(default_engine, tmp_p
     assert [b["config"]["strategy"]["streams"] for b in benchmarks] == list(STREAMS)
     for benchmark in benchmarks:
         requests = benchmark["requests"]
-        assert requests["errored"] == [] and requests["incomplete"] == [], requests["errored"][:1]
+        failed = requests["errored"] + requests["incomplete"]
+        assert not failed, f"{len(failed)} failed, the first with: {failed[0]['info']['error']}"
         assert len(requests["successful"]) == REQUESTS
         assert [r["output_tokens"] for r in requests["successful"]] == [OUTPUT_TOKENS] * REQUESTS
         assert all(r["output_metrics"]["text_tokens"] == OUTPUT_TOKENS for r in requests["successful"])
