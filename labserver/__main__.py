@@ -28,9 +28,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _server_args(p: argparse.ArgumentParser, port: int) -> None:
+    from .serve.limits import ServerLimits
+
     _engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port)
+    p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                   help="largest request body; larger gets a 413 (default %(default)s)")
 
 
 def _load_engine(args):
@@ -45,16 +49,21 @@ def _load_engine(args):
         sys.exit(f"error: {exc}")
 
 
+def _limits(args, **fields):
+    from .serve.limits import ServerLimits
+
+    try:
+        return ServerLimits(max_body_bytes=args.max_body_bytes, **fields)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+
+
 def serve(args) -> None:
     import uvicorn
 
     from .serve.app import create_app
-    from .serve.limits import ServerLimits
 
-    try:
-        limits = ServerLimits(max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes)
-    except ValueError as exc:
-        sys.exit(f"error: {exc}")
+    limits = _limits(args, max_concurrent=args.max_concurrent)
     app = create_app(_load_engine(args), backend=args.backend, limits=limits)
     print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
           f"OpenAI API: /v1  metrics: /metrics", flush=True)
@@ -65,7 +74,8 @@ def flask(args) -> None:
     from .serve.flask_app import create_flask_app
     from .serve.background import FlaskServer, ServerStartError
 
-    server = FlaskServer(create_flask_app(_load_engine(args)), host=args.host, port=args.port)
+    limits = _limits(args)
+    server = FlaskServer(create_flask_app(_load_engine(args), limits=limits), host=args.host, port=args.port)
     try:
         server.start()
     except ServerStartError as exc:
@@ -90,8 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "'thread', streams interleaved one step at a time), or the lab's variants")
     p.add_argument("--max-concurrent", type=int, default=ServerLimits.max_concurrent,
                    help="generations at once; one more gets a 429 (default %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
-                   help="largest request body; larger gets a 413 (default %(default)s)")
     _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
     sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
     sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)

@@ -96,7 +96,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. ``temperature == 0`` means greedy (argmax), ignoring ``top_p`` and ``seed``.
+    """How one request samples and when it may stop. ``temperature == 0`` means greedy (argmax), ignoring
+    ``top_p`` and ``seed``. ``ignore_eos`` keeps generating past the end-of-sequence token (to ``max_tokens``,
+    as benchmarks ask); ``min_tokens`` does so only until that many tokens were generated (vLLM's fields).
 
     >>> SamplingParams(max_tokens=8, temperature=0).greedy
     True
@@ -106,6 +108,8 @@ class SamplingParams:
     temperature: float = 0.7
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -114,6 +118,12 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:

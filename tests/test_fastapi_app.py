@@ -119,10 +119,35 @@ def test_docs_and_openapi(fake_engine):
     assert {"/generate", "/health"} <= set(schema["paths"])
     request_schema = schema["components"]["schemas"]["GenerateRequest"]
     assert request_schema["additionalProperties"] is False
-    assert {"prompt", "max_tokens", "temperature", "stream", "top_p", "seed"} == set(request_schema["properties"])
+    assert {"prompt", "max_tokens", "temperature", "stream", "top_p", "seed", "ignore_eos", "min_tokens"} == set(
+        request_schema["properties"])
     assert "text/event-stream" in schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]
 
 
 def test_unknown_backend_is_rejected_when_the_app_is_made(fake_engine):
     with pytest.raises(ValueError, match="backend"):
         create_app(fake_engine, "fastest")
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_ignore_eos_and_min_tokens_on_generate(default_engine):
+    # The default model answers this in one token ("No") and ends; ignore_eos must run to max_tokens.
+    prompt = "Reply with one word: yes or no. Is the sky blue?"
+    natural = default_engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0))
+    assert natural.finish.finish_reason == "stop" and len(natural.token_ids) < 4  # the premise
+    expected = {name: default_engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0, **extra))
+                for name, extra in (("ignore_eos", {"ignore_eos": True}), ("min_tokens", {"min_tokens": 4}))}
+    with UvicornServer(create_app(default_engine)) as server:
+        plain = generate(server.url, {"prompt": prompt, "max_tokens": 20, "temperature": 0})
+        events = stream_events(server.url, {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True})
+        least = generate(server.url, {"prompt": prompt, "max_tokens": 20, "temperature": 0, "min_tokens": 4})
+    assert plain["text"] == natural.text and plain["finish_reason"] == "stop"
+    tokens, finish = events[:-2], events[-2]
+    assert [t["index"] for t in tokens] == list(range(20))  # exactly max_tokens, the EOS among them
+    assert finish["finish_reason"] == "length" and finish["usage"]["completion_tokens"] == 20
+    assert [t["token_id"] for t in tokens] == expected["ignore_eos"].token_ids
+    assert [t["token_id"] for t in tokens[:len(natural.token_ids)]] == natural.token_ids
+    assert set(default_engine.eos_ids) & {t["token_id"] for t in tokens}  # it went past an EOS
+    assert [t["token_id"] for t in least["tokens"]] == expected["min_tokens"].token_ids
+    assert len(least["tokens"]) >= 4

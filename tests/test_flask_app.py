@@ -6,12 +6,13 @@ import pytest
 from labserver import fake_engine, SamplingParams
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
+from labserver.serve.limits import ServerLimits
 from labserver.serve.background import FlaskServer, UvicornServer
 
 pytestmark = pytest.mark.timeout(60)
 
-APPS = {"fastapi": lambda engine: UvicornServer(create_app(engine)),
-        "flask": lambda engine: FlaskServer(create_flask_app(engine))}
+APPS = {"fastapi": lambda engine, limits=None: UvicornServer(create_app(engine, limits=limits)),
+        "flask": lambda engine, limits=None: FlaskServer(create_flask_app(engine, limits=limits))}
 
 
 def post(url: str, body: dict, timeout: float = 10) -> httpx.Response:
@@ -88,3 +89,44 @@ def test_unknown_route_and_method_are_json_errors(fake_engine):
 def test_never_in_debug_mode(fake_engine):
     app = create_flask_app(fake_engine)
     assert app.debug is False
+
+
+LIMIT = 1000  # bytes
+
+
+def padded(size: int) -> bytes:
+    """A valid /generate body of exactly ``size`` bytes (JSON allows trailing spaces)."""
+    body = b'{"prompt": "a b c", "max_tokens": 2}'
+    return body + b" " * (size - len(body))
+
+
+def chunked(data: bytes):  # a generator body: httpx sends it chunked, with no Content-Length
+    for i in range(0, len(data), 300):
+        yield data[i:i + 300]
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_the_same_limits_give_the_same_answers(app, fake_engine):
+    too_large = {"detail": f"the request body is larger than this server's limit of {LIMIT} bytes"}
+    with APPS[app](fake_engine, ServerLimits(max_body_bytes=LIMIT)) as server:
+        def send(content, content_type="application/json"):
+            return httpx.post(server.url + "/generate", content=content, headers={"content-type": content_type},
+                              timeout=10)
+
+        at_limit, chunked_at_limit = send(padded(LIMIT)), send(chunked(padded(LIMIT)))
+        over, chunked_over = send(padded(LIMIT + 1)), send(chunked(padded(LIMIT + 1)))
+        far_over = send(padded(10 * LIMIT))
+        not_json = send(padded(100), "text/plain")
+    assert at_limit.status_code == chunked_at_limit.status_code == 200, (at_limit.text, chunked_at_limit.text)
+    assert at_limit.json()["text"] == chunked_at_limit.json()["text"] == " one two"
+    for response in (over, chunked_over, far_over):
+        assert (response.status_code, response.json()) == (413, too_large)
+    assert not_json.status_code == 415 and "application/json" in not_json.json()["detail"]
+    assert fake_engine.tokens_generated == 4  # only the two bodies at the limit reached the engine
+
+
+def test_flask_default_body_limit_is_the_servers(fake_engine):
+    with FlaskServer(create_flask_app(fake_engine)) as server:
+        over = httpx.post(server.url + "/generate", content=padded(ServerLimits().max_body_bytes + 1),
+                          headers={"content-type": "application/json"}, timeout=10)
+    assert over.status_code == 413 and str(ServerLimits().max_body_bytes) in over.json()["detail"]

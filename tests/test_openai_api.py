@@ -191,3 +191,127 @@ def test_real_model_stream_body_and_engine_agree(default_engine):
     assert chunks[-1].usage.completion_tokens == body.usage.completion_tokens == len(expected.token_ids)
     assert body.usage.prompt_tokens == expected.finish.usage["prompt_tokens"]
     assert completion.choices[0].text == expected_raw.text
+
+
+# -- vLLM's request extensions, as benchmark clients (guidellm, vllm bench serve) send them ---------------
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(fake_server):
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "a b c"})):
+        events = raw_events(fake_server.url, path, {**body, "max_tokens": 3, "stream": True, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}})
+        chunks, usage_chunk = events[:-2], events[-2]
+        assert events[-1] == "[DONE]" and usage_chunk["choices"] == []
+        prompt = usage_chunk["usage"]["prompt_tokens"]
+        # One chunk per token (after the chat stream's role chunk): the count so far is the chunk's place.
+        first = 0 if "chat" in path else 1
+        expected = [{"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+                    for n in range(first, 4)]
+        assert [c["usage"] for c in chunks] == expected
+        assert usage_chunk["usage"] == expected[-1]
+
+
+def test_continuous_usage_stats_without_include_usage_send_none(fake_server):
+    # vLLM's rule: continuous_usage_stats only adds to include_usage.
+    events = raw_events(fake_server.url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True,
+                                                             "stream_options": {"continuous_usage_stats": True}})
+    assert len(events) == 3 and all("usage" not in e for e in events[:-1])
+
+
+def test_what_guidellm_sends_is_served(fake_server):
+    """guidellm 0.8.1's chat request body, field for field (its openai_http backend)."""
+    body = {"model": "fake", "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_completion_tokens": 5, "stop": None, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a b"}, {"type": "text", "text": " c"}]}]}
+    events = raw_events(fake_server.url, "/v1/chat/completions", body)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == " one two three four five"
+    # The two parts are one message "a b c": the fake engine counts 3 words.
+    assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    text = {"model": "fake", "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": 4, "stop": None, "ignore_eos": True, "prompt": "a b"}
+    events = raw_events(fake_server.url, "/v1/completions", text)
+    assert events[-2]["usage"]["completion_tokens"] == 4 and events[-1] == "[DONE]"
+
+
+def test_max_completion_tokens_is_max_tokens(fake_server):
+    api = client(fake_server)
+    for kwargs in ({"max_completion_tokens": 2}, {"max_tokens": 2}, {"max_tokens": 2, "max_completion_tokens": 2}):
+        reply = api.chat.completions.create(model="fake", messages=CHAT, **kwargs)
+        assert reply.usage.completion_tokens == 2, kwargs
+    assert api.completions.create(model="fake", prompt="hi", extra_body={"max_completion_tokens": 3}).usage \
+        .completion_tokens == 3
+    with pytest.raises(openai.BadRequestError) as both:
+        api.chat.completions.create(model="fake", messages=CHAT, max_tokens=2, max_completion_tokens=3)
+    assert both.value.body["param"] == "max_completion_tokens" and "same limit" in both.value.body["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_wait_for_min_tokens(fake_server, stream):
+    # The fake engine says " one two three four five six seven eight one two ...". Without min_tokens the
+    # stop string " two" ends the text after " one"; with min_tokens=3 it is looked for from the 3rd token
+    # on, so the next " two" (the 10th token) ends it.
+    api = client(fake_server)
+    texts = []
+    for min_tokens in (0, 3):
+        kwargs = dict(model="fake", prompt="hi", max_tokens=30, stop=" two", stream=stream,
+                      extra_body={"min_tokens": min_tokens})
+        if stream:
+            chunks = list(api.completions.create(**kwargs))
+            texts.append(("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason))
+        else:
+            reply = api.completions.create(**kwargs)
+            texts.append((reply.choices[0].text, reply.choices[0].finish_reason))
+    assert texts == [(" one", "stop"), (" one two three four five six seven eight one", "stop")]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be <= max_tokens (4), got 5"),
+    ({"min_tokens": 5, "max_completion_tokens": 4}, "min_tokens must be <= max_completion_tokens (4), got 5"),
+    ({"min_tokens": -1}, "greater than or equal to 0"),
+    ({"ignore_eos": "true"}, "valid boolean"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": 1}}, "valid boolean"),
+    ({"stop_token_ids": [2]}, "Extra inputs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     'text parts only, got a part of type "image_url"'),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "input_audio"}]}]},
+     'text parts only, got a part of type "input_audio"'),
+])
+def test_extensions_reject_what_they_cannot_do(fake_server, body, fragment):
+    response = httpx.post(fake_server.url + "/v1/chat/completions", json={"messages": CHAT, **body}, timeout=30)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+# The default model answers this in one token ("No") and then ends: without ignore_eos the output is short.
+SHORT_ANSWER = [{"role": "user", "content": "Reply with one word: yes or no. Is the sky blue?"}]
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_ignore_eos_and_min_tokens_on_the_real_model(default_engine):
+    ids = default_engine.encode_messages(SHORT_ANSWER)
+    natural = default_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0))
+    at_least_5 = default_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0, min_tokens=5))
+    assert natural.finish.finish_reason == "stop" and len(natural.token_ids) < 5  # the premise
+    assert len(at_least_5.token_ids) >= 5
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Reply with one word: yes or no."},
+                                          {"type": "text", "text": " Is the sky blue?"}]}]
+    with UvicornServer(create_app(default_engine)) as server:
+        api = client(server)
+        plain = api.chat.completions.create(model="default", messages=SHORT_ANSWER, max_tokens=24, temperature=0)
+        chunks = list(api.chat.completions.create(
+            model="default", messages=parts, max_completion_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+        body = api.chat.completions.create(model="default", messages=SHORT_ANSWER, max_tokens=24, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        least = api.chat.completions.create(model="default", messages=SHORT_ANSWER, max_tokens=24, temperature=0,
+                                            extra_body={"min_tokens": 5})
+    assert plain.choices[0].message.content == natural.text and plain.choices[0].finish_reason == "stop"
+    # ignore_eos: exactly max_tokens tokens, one content chunk each, the usage counting along.
+    content = chunks[1:-1]
+    assert len(content) == 24 and content[-1].choices[0].finish_reason == "length"
+    assert [c.usage.completion_tokens for c in content] == list(range(1, 25))
+    assert chunks[-1].usage.completion_tokens == body.usage.completion_tokens == 24
+    streamed = "".join(c.choices[0].delta.content or "" for c in content)
+    assert streamed == body.choices[0].message.content and streamed.startswith(natural.text)
+    assert len(streamed) > len(natural.text)
+    assert least.choices[0].message.content == at_least_5.text
+    assert least.usage.completion_tokens == len(at_least_5.token_ids)

@@ -76,6 +76,10 @@ CASES = {  # id: (method, path, request kwargs, expected status, a fragment of t
     "gen huge body": ("POST", "/generate", {"content": b"x" * (BODY_LIMIT + 1), "headers": JSON}, 413, "limit"),
     "gen huge chunked body": ("POST", "/generate", {"content": big_chunks, "headers": JSON}, 413, "limit"),
     "gen GET": ("GET", "/generate", {}, 405, "Method Not Allowed"),
+    "gen ignore_eos a string": ("POST", "/generate", {"json": {"prompt": "hi", "ignore_eos": "yes"}}, 422, "boolean"),
+    "gen min_tokens over max_tokens": ("POST", "/generate", {"json": {"prompt": "hi", "max_tokens": 2,
+                                                                      "min_tokens": 3}}, 422,
+                                       "min_tokens must be <= max_tokens (2), got 3"),
     "cmpl prompt missing": ("POST", "/v1/completions", {"json": {"max_tokens": 2}}, 400, "prompt: Field required"),
     "cmpl batched prompt": ("POST", "/v1/completions", {"json": {"prompt": ["a", "b"]}}, 400, "valid string"),
     "cmpl prompt empty": ("POST", "/v1/completions", {"json": {"prompt": ""}}, 400, "at least 1 character"),
@@ -94,6 +98,10 @@ CASES = {  # id: (method, path, request kwargs, expected status, a fragment of t
     "cmpl temperature -1": ("POST", "/v1/completions", {"json": {"prompt": "hi", "temperature": -1}}, 400,
                             "greater than or equal to 0"),
     "cmpl unknown field": ("POST", "/v1/completions", {"json": {"prompt": "hi", "frobnicate": 1}}, 400, "Extra inputs"),
+    "cmpl min_tokens over max_tokens": ("POST", "/v1/completions", {"json": {"prompt": "hi", "min_tokens": 17}}, 400,
+                                        "min_tokens must be <= max_tokens (16), got 17"),
+    "cmpl stop_token_ids": ("POST", "/v1/completions", {"json": {"prompt": "hi", "stop_token_ids": [2]}}, 400,
+                            "Extra inputs"),
     "cmpl huge body": ("POST", "/v1/completions", {"content": b"x" * (BODY_LIMIT + 1), "headers": JSON}, 413, "limit"),
     "chat non-JSON": ("POST", "/v1/chat/completions", {"content": b"{oops", "headers": JSON}, 400, "not valid JSON"),
     "chat text/plain": ("POST", "/v1/chat/completions", {"content": b"{}", "headers": {"content-type": "text/plain"}},
@@ -104,6 +112,10 @@ CASES = {  # id: (method, path, request kwargs, expected status, a fragment of t
                           {"json": {"messages": [{"role": "robot", "content": "hi"}]}}, 400, "role"),
     "chat image part": ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}}, 400, "Input should be 'text'"),
+    "chat audio part": ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}}, 400, "text parts only"),
+    "chat two max token limits": ("POST", "/v1/chat/completions", {"json": {**CHAT_OK, "max_completion_tokens": 3}},
+                                  400, "same limit"),
     "chat tools": ("POST", "/v1/chat/completions", {"json": {**CHAT_OK, "tools": [{"type": "function"}]}}, 400,
                    "tools: only null"),
     "chat content over max chars": ("POST", "/v1/chat/completions",
@@ -385,6 +397,30 @@ def test_cli_limits_reach_the_app():
                                                                   ServerLimits().max_body_bytes)
     with pytest.raises(ValueError, match="max_concurrent"):
         ServerLimits(max_concurrent=0)
+
+
+def test_cli_body_limit_reaches_the_flask_app(monkeypatch):
+    import labserver.__main__ as cli
+
+    made = {}
+
+    class NoServer:  # stands in for FlaskServer: keeps the app, never listens
+        running, url = False, "http://127.0.0.1:0"
+
+        def __init__(self, app, host, port):
+            made["app"] = app
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(cli, "_load_engine", lambda args: fake_engine())
+    monkeypatch.setattr(serving, "FlaskServer", NoServer)
+    cli.main(["flask", "--max-body-bytes", "1000"])
+    with made["app"].test_client() as client:
+        over = client.post("/generate", data=b" " * 1001, content_type="application/json")
+        ok = client.post("/generate", json={"prompt": "hi", "max_tokens": 1})
+    assert over.status_code == 413 and "1000 bytes" in over.get_json()["detail"]
+    assert ok.status_code == 200
 
 
 def test_beyond_max_concurrent_is_a_quick_429_not_a_pile_up():

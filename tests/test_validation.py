@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from labserver import EngineConfig, fake_engine
+from labserver import EngineConfig, SamplingParams, fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.schemas import GenerateRequest, check_limits
@@ -53,6 +53,10 @@ BAD_BODIES = {
     "seed a string": ({"prompt": "hi", "seed": "x"}, "seed"),
     "unknown field": ({"prompt": "hi", "max_new_tokens": 5}, "max_new_tokens"),
     "prompt over max_prompt_chars": ({"prompt": "x" * 201}, "max_prompt_chars"),
+    "ignore_eos a string": ({"prompt": "hi", "ignore_eos": "yes"}, "valid boolean"),
+    "min_tokens negative": ({"prompt": "hi", "min_tokens": -1}, "greater than or equal to 0"),
+    "min_tokens over max_tokens": ({"prompt": "hi", "max_tokens": 3, "min_tokens": 4},
+                                   "min_tokens must be <= max_tokens (3), got 4"),
     "a list, not an object": ([1, 2], "body"),
     "null": (None, "body"),
 }
@@ -99,5 +103,21 @@ def test_limits_are_inclusive_and_the_server_still_serves(url):
 def test_request_model_to_sampling_params():
     params = GenerateRequest(prompt="hi", max_tokens=5, temperature=0, seed=3).to_sampling_params()
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (5, 0.0, 1.0, 3)
+    assert (params.ignore_eos, params.min_tokens) == (False, 0)
+    params = GenerateRequest(prompt="hi", max_tokens=5, ignore_eos=True, min_tokens=5).to_sampling_params()
+    assert (params.ignore_eos, params.min_tokens) == (True, 5)
     assert GenerateRequest(prompt="hi", top_p=0.5).to_sampling_params().top_p == 0.5
     check_limits(GenerateRequest(prompt="x" * 200, max_tokens=64), LIMITS)  # at the limits: no error
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"min_tokens": -1}, "min_tokens must be an integer >= 0"),
+    ({"min_tokens": 1.5}, "min_tokens must be an integer >= 0"),
+    ({"min_tokens": True}, "min_tokens must be an integer >= 0"),
+    ({"max_tokens": 4, "min_tokens": 5}, "min_tokens must be <= max_tokens (4), got 5"),
+    ({"ignore_eos": 1}, "ignore_eos must be true or false"),
+])
+def test_sampling_params_check_the_stopping_rules(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SamplingParams(**fields)
+    SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True)  # at the bound: fine

@@ -3,7 +3,8 @@
 The engine turns a prompt into a ``Sequence`` (``Engine.begin``), runs its prefill, then decode steps,
 alone (``Engine.generate_stream``) or on the engine thread, in turn or in a batch with others
 (``serve.engine_thread``). After each step ``Sequence.append`` records the sampled token and returns the
-``TokenEvent`` to send, so the rules for stopping (EOS, ``max_tokens``) and for text (the incremental detokenizer) live in one place.
+``TokenEvent`` to send, so the rules for stopping (EOS unless ``ignore_eos``/``min_tokens`` say otherwise,
+``max_tokens``) and for text (the incremental detokenizer) live in one place.
 
 Left out: any model call (``runners.py``), any threading, and stop strings (applied by the web layer).
 """
@@ -73,11 +74,16 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def honours_eos(self, index: int) -> bool:
+        """Whether an end-of-sequence token at output position ``index`` ends the sequence: never with
+        ``ignore_eos``, and not before ``min_tokens`` tokens (an ignored one is an ordinary, textless token)."""
+        return not self.params.ignore_eos and index >= self.params.min_tokens
+
     def append(self, token_id: int, elapsed_ms: float, batch: int | None = None) -> TokenEvent | None:
         """Record a sampled token; return its event, or None for EOS (which ends the sequence unsent)."""
         index = len(self.step_ms)
         self.step_ms.append(elapsed_ms)
-        if token_id in self.eos_ids:
+        if token_id in self.eos_ids and self.honours_eos(index):
             self.finish_reason = "stop"
             return None
         last = index == self.max_tokens - 1

@@ -1,59 +1,52 @@
-"""The async server: ``POST /generate``, the OpenAI-compatible ``/v1`` routes, ``/metrics``, ``/health``
-and the browser page at ``/``.
+"""The async server's routes: ``POST /generate``, the OpenAI-compatible ``/v1`` routes, ``/metrics``,
+``/health`` and the browser page at ``/``.
 
 The app never runs the model itself. A *backend* does (``variants.make_backend``): by default the engine
 thread (``engine_thread.EngineThread``, continuous batching), so the event loop only moves bytes and
 ``/health`` answers while tokens are being generated. The lab's ``"blocking"`` backend breaks that rule on purpose.
 
-Stream protocol of ``/generate``, one ``data:`` line per event (see ``schemas``)::
+Every generating route is one line into ``pipeline.run`` with its wire format's job: ``/generate`` speaks
+``wire_generate`` (the engine's own events as SSE, see ``schemas``), ``/v1`` speaks ``openai_api``::
 
     data: {"token": " Paris", "token_id": 7042, "index": 0, "step_ms": 61.2, "prefill_time_ms": 61.2}
     data: {"finish_reason": "length", "usage": {...}, "timings": {...}}
     data: [DONE]
 
-A fault during generation becomes ``data: {"error": {"message": ..., "type": ...}}`` then
-``data: [DONE]``; the server keeps serving. A client that leaves mid-stream cancels its generation
-(Starlette notices on the next send or receive). A client that leaves a non-streaming request does not:
-nothing is sent before the end, so nothing notices. Limits (``limits.ServerLimits``): body size (413),
-JSON content type (415), concurrent generations (429). Errors on ``/v1`` routes use OpenAI's body,
-elsewhere FastAPI's ``{"detail": ...}``. Left out: authentication, TLS, request queues.
+A client that leaves mid-stream cancels its generation (Starlette notices on the next send or receive).
+A client that leaves a non-streaming request does not: nothing is sent before the end, so nothing
+notices. Limits (``limits.ServerLimits``): body size (413), JSON content type (415), concurrent
+generations (429). Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's ``{"detail": ...}``.
+Left out: authentication, TLS, request queues.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from importlib.resources import files
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
 
-from ..engine.engine import collect
+from . import openai_api, wire_generate
 from .limits import Admission, BodyLimit, ServerLimits, require_json, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .openai_api import OpenAIError, error_body, router as openai_router
-from .schemas import (DONE_FRAME, SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse, check_limits, error_frame,
-                      error_payload, sse_frame, validation_detail)
-from .generation import SSE_HEADERS, ClosingStreamingResponse, Generation, sse_response, start_generation
+from .openai_api import OpenAIError, OpenAIJob
+from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                             CompletionResponse, ErrorResponse, ModelCard, ModelList)
+from .pipeline import install_error_handlers, run
+from .schemas import SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse
+from .generation import SSE_HEADERS, ClosingStreamingResponse
 from .variants import make_backend
+from .wire_generate import GenerateJob
 
 __all__ = ["create_app", "ClosingStreamingResponse", "SSE_HEADERS"]
-
-logger = logging.getLogger(__name__)
 
 PAGE = files("labserver.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 # The page is static and writes tokens with textContent; it needs nothing from anywhere else.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                                            "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff"}
-OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error"}
 
 
 def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None) -> FastAPI:
@@ -121,111 +114,57 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
         },
     )
     async def generate(body: GenerateRequest, request: Request):
-        try:
-            check_limits(body, engine.config)
-            params = body.to_sampling_params()
-        except ValidationError as exc:
-            raise RequestValidationError(validation_detail(exc)) from exc
-        except ValueError as exc:
-            raise RequestValidationError([{"type": "value_error", "loc": ["body"], "msg": str(exc)}]) from exc
-        try:
-            # Tokenize here (fast, no torch), so a prompt too long for the model is a 400 before any stream.
-            ids = engine.encode(body.prompt)
-        except ValueError as exc:  # PromptTooLong and other input the engine rejects
-            raise HTTPException(400, detail=str(exc)) from exc
-        gen = start_generation(request, ids, params, len(ids))
-        if not body.stream:
-            return await _complete(gen)
-        return sse_response(_sse_stream(gen), gen)
+        return await run(request, GenerateJob(body))
 
     return app
 
 
-async def _complete(gen: Generation) -> JSONResponse:
-    try:
-        completion = collect(await gen.collect())
-    except Exception as exc:
-        logger.exception("generation failed")
-        return JSONResponse(error_payload(exc), status_code=500)
-    finally:
-        gen.close()
-    return JSONResponse(completion.to_dict())
+# -- /v1: the OpenAI-compatible API --------------------------------------------------------------------
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 429, 500)}
+STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+          "description": "JSON, or with stream=true one chunk per token, then [DONE]"}
+openai_router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
-async def _sse_stream(gen: Generation):
-    """SSE frames for every event of ``gen``; always ends with ``[DONE]``.
-
-    Leaving early (the client is gone) closes ``gen.events()``, which cancels the generation.
-    """
-    try:
-        async with aclosing(gen.events()) as events:
-            async for item in events:
-                yield sse_frame(item.to_dict())
-    except Exception as exc:  # a fault mid-generation: report it inside the stream, keep the protocol
-        logger.exception("generation failed mid-stream")
-        yield error_frame(exc)
-    yield DONE_FRAME
+@openai_router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_card(request)]}
 
 
+@openai_router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def get_model(model_id: str, request: Request) -> dict:
+    openai_api.check_model(request.app.state.engine, model_id)
+    return _card(request)
+
+
+def _card(request: Request) -> dict:
+    state = request.app.state
+    return {"id": state.engine.config.model, "object": "model", "created": state.started_at,
+            "owned_by": "labserver", "max_model_len": getattr(state.engine, "context_len", None)}
+
+
+@openai_router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM},
+                    dependencies=[Depends(require_json)])
+async def completions(body: CompletionRequest, request: Request):
+    """A raw prompt, no chat template (as vLLM's /v1/completions)."""
+    return await run(request, OpenAIJob(body, chat=False))
+
+
+@openai_router.post("/chat/completions", response_model=ChatCompletionResponse,
+                    responses={**ERRORS, 200: STREAM}, dependencies=[Depends(require_json)])
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """Messages through the model's chat template."""
+    return await run(request, OpenAIJob(body, chat=True))
+
+
+# -- errors raised before a response starts: each format words its own ---------------------------------
 def _is_v1(request: Request) -> bool:
     return request.url.path.startswith("/v1/") or request.url.path == "/v1"
 
 
-def _describe(errors: list[dict], shown: int = 5) -> tuple[str, str | None]:
-    """One readable message (and the first offending field) from a validation error list."""
-    parts, param = [], None
-    for error in errors[:shown]:
-        ctx = error.get("ctx") or {}
-        if error.get("type") == "json_invalid":
-            parts.append(f"the body is not valid JSON ({ctx.get('error', 'decode error')})")
-            continue
-        field = ctx.get("field") or ".".join(str(x) for x in error.get("loc", ()) if x != "body") or None
-        param = param or field
-        parts.append(f"{field}: {error['msg']}" if field else error["msg"])
-    if len(errors) > shown:
-        parts.append(f"and {len(errors) - shown} more")
-    return "; ".join(parts), param
-
-
-def _json_safe(errors) -> list:
-    """FastAPI's 422 ``detail``, with any input JSON cannot carry (NaN, bytes) shown as its repr.
-
-    FastAPI echoes each bad input back; for ``"temperature": NaN`` its own handler fails to encode
-    the answer and the client gets a 500 instead of the 422.
-    """
-    out = []
-    for error in jsonable_encoder(errors):
-        try:
-            json.dumps(error, allow_nan=False)
-        except (TypeError, ValueError):
-            error = {**error, "input": repr(error.get("input")), "ctx": {k: repr(v) for k, v in
-                                                                         (error.get("ctx") or {}).items()}}
-        out.append(error)
-    return out
+def _shapes(request: Request, exc: Exception):
+    return openai_api if _is_v1(request) or isinstance(exc, OpenAIError) else wire_generate
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """``/v1`` routes answer errors in OpenAI's shape; the others keep FastAPI's ``{"detail": ...}``."""
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        if not (_is_v1(request) or isinstance(exc, OpenAIError)):
-            return await http_exception_handler(request, exc)
-        body = error_body(str(exc.detail), getattr(exc, "type", OPENAI_TYPES.get(exc.status_code,
-                                                                                 "invalid_request_error")),
-                          getattr(exc, "param", None), getattr(exc, "code", None))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        if not _is_v1(request):
-            return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
-        message, param = _describe(list(exc.errors()))
-        return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):  # a bug: never a traceback to the client
-        logger.exception("unhandled error on %s", request.url.path)
-        if _is_v1(request):
-            return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+    install_error_handlers(app, _shapes)

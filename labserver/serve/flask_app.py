@@ -1,38 +1,53 @@
 """The blocking baseline (Blog 1): a WSGI app that runs the whole generation inside the request.
 
-Same request model and the same JSON body as the FastAPI app's non-streaming answer, so the two can be
-compared request for request. The engine runs in the request's own thread; served by
-``serving.FlaskServer`` (one request at a time), a ``/health`` call waits behind a running generation.
-That is the point of the baseline, not a bug to fix here.
+Same request model, the same steps (``wire_generate.GenerateJob``: validate, encode), the same limits
+(``limits.ServerLimits``: 413 for a body over ``max_body_bytes``, 415 for a body not sent as JSON) and the
+same JSON bodies and errors as the FastAPI app's non-streaming ``/generate``, so the two can be compared
+request for request. The engine runs in the request's own thread; served by ``background.FlaskServer``
+(one request at a time), a ``/health`` call waits behind a running generation. That is the point of the
+baseline, not a bug to fix here.
 
-Left out on purpose: streaming (``stream=true`` is a 400), the engine thread, debug mode (it would run
-arbitrary code from the browser and reload the model).
+Left out on purpose: streaming (``stream=true`` is a 400), the engine thread, the concurrency limit
+(one request at a time already), the ``/v1`` API, debug mode (it would run arbitrary code from the
+browser and reload the model).
 """
 
 from __future__ import annotations
 
 import logging
 
+from fastapi import HTTPException as FormatError
+from fastapi.exceptions import RequestValidationError
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .schemas import error_payload, parse_request, validation_detail
+from .limits import ServerLimits, not_json_message, too_large_message
+from .schemas import GenerateRequest, error_payload, validation_detail
+from .wire_generate import GenerateJob, http_error_body, validation_error_body
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # larger bodies get 413 before any JSON parsing
 
+def create_flask_app(engine, limits: ServerLimits | None = None) -> Flask:
+    """The Flask app serving ``engine`` directly: ``POST /generate`` (no streaming) and ``GET /health``.
 
-def create_flask_app(engine) -> Flask:
-    """The Flask app serving ``engine`` directly: ``POST /generate`` (no streaming) and ``GET /health``."""
+    ``limits`` defaults to ``ServerLimits()``; only its ``max_body_bytes`` applies here.
+    """
+    limits = limits or ServerLimits()
     app = Flask("labserver")
     app.debug = False  # Flask reads FLASK_DEBUG at creation; the debugger must never reach a shared server
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # werkzeug refuses a larger Content-Length at once; a chunked body it reads up to this many bytes and
+    # silently stops, so it may read one byte more than the limit and `generate` tells the two apart.
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes + 1
     app.json.sort_keys = False  # keep the engine's key order, as FastAPI does
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge | None):
+        return jsonify(detail=too_large_message(limits)), 413
+
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):  # 404, 405, 413 as JSON, shaped like FastAPI's
+    def http_error(exc: HTTPException):  # 404, 405 as JSON, shaped like FastAPI's
         return jsonify(detail=exc.description), exc.code
 
     @app.get("/health")
@@ -41,20 +56,30 @@ def create_flask_app(engine) -> Flask:
 
     @app.post("/generate")
     def generate():
+        if message := not_json_message(request.headers):
+            return jsonify(detail=message), 415
+        data = request.get_data()
+        if len(data) > limits.max_body_bytes:
+            return too_large(None)
         try:
-            body = parse_request(request.get_data(), engine.config)
-            params = body.to_sampling_params()
+            job = GenerateJob(GenerateRequest.model_validate_json(data))
+            job.validate(engine)
         except ValidationError as exc:
-            return jsonify(detail=validation_detail(exc)), 422
-        except ValueError as exc:
-            return jsonify(detail=[{"type": "value_error", "loc": ["body"], "msg": str(exc)}]), 422
-        if body.stream:
+            body, status = validation_error_body(validation_detail(exc))
+            return jsonify(body), status
+        except RequestValidationError as exc:
+            body, status = validation_error_body(list(exc.errors()))
+            return jsonify(body), status
+        if job.stream:
             message = "the Flask baseline does not stream: send stream=false, or use the FastAPI server"
             return jsonify(detail=message), 400
         try:
-            completion = engine.generate(body.prompt, params)
-        except ValueError as exc:  # PromptTooLong and other input the engine rejects
-            return jsonify(detail=str(exc)), 400
+            ids = job.encode(engine)
+        except FormatError as exc:
+            body, status = http_error_body(exc)
+            return jsonify(body), status
+        try:
+            completion = engine.generate(ids, job.params)
         except Exception as exc:
             logger.exception("generation failed")
             return jsonify(error_payload(exc)), 500

@@ -1,16 +1,16 @@
 """One admitted generation, from the web layer's side: its events, its metrics, its concurrency slot.
 
 Every route that generates (``/generate``, ``/v1/completions``, ``/v1/chat/completions``) goes through
-``start_generation``: it takes a slot from the app's ``Admission`` (or raises the 429), starts a
-``RequestRecord`` for ``/metrics``, and returns a ``Generation`` whose ``events()`` wraps the backend's
-stream. However the request ends (finished, failed, client gone, never started), ``Generation.close``
+``start_generation``, the admit step of ``pipeline.run``: it takes a slot from the app's ``Admission``
+(or raises the 429), starts a ``RequestRecord`` for ``/metrics``, and returns a ``Generation`` whose
+``events()`` wraps the backend's stream. However the request ends (finished, failed, client gone, never started), ``Generation.close``
 runs exactly once: it gives the slot back and books the metrics.
 
 Why closing needs care: when a client leaves, Starlette cancels the task that sends the body, and a
 body generator suspended at ``yield`` is not closed until garbage collection; one never started is not
 closed at all. ``ClosingStreamingResponse`` closes it (shielded from the cancellation) and then calls
 its ``on_close`` callbacks, so the engine stops and the slot is free within a step. This module leaves
-out SSE framing (``schemas``) and the wire formats of the routes.
+out SSE framing (``schemas``), the request path (``pipeline``) and the wire formats of the routes.
 """
 
 from __future__ import annotations

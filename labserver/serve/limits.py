@@ -5,13 +5,15 @@ browser tab left streaming. Each limit here turns such a client into a fast, cle
 pile-up that slows everyone:
 
 - ``max_body_bytes``: a larger body is a 413, checked while the body is read and before any JSON
-  parsing, from ``Content-Length`` or, for a chunked body, from the bytes received so far (FastAPI's
-  ``max_body_size`` does the counting; ``fastapi_app`` words the message).
-- A ``POST`` body must be sent as ``application/json``; anything else is a 415. (A browser cannot send
-  JSON to another origin without a CORS preflight, which this server never grants.)
+  parsing, from ``Content-Length`` or, for a chunked body, from the bytes received so far. FastAPI has
+  no such limit of its own: the ``BodyLimit`` middleware below counts, and each route's format words
+  the 413. The Flask baseline gets the same limit and message (werkzeug's ``MAX_CONTENT_LENGTH``).
+- A ``POST`` body must be sent as ``application/json``; anything else is a 415, in both apps. (A
+  browser cannot send JSON to another origin without a CORS preflight, which this server never grants.)
 - ``max_concurrent``: generations in progress at once (streaming or not, over every route). One more
   is refused at once with a 429 and ``Retry-After`` instead of queueing: every admitted stream shares
-  the one engine thread, so each extra stream slows all the others.
+  the one engine thread, so each extra stream slows all the others. (The Flask baseline serves one
+  request at a time by design: it has no use for this one.)
 
 Left out: per-client quotas, authentication, queueing with a wait limit, and limits on time spent.
 """
@@ -89,21 +91,32 @@ def too_large_message(limits: ServerLimits) -> str:
     return f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes"
 
 
+def not_json_message(headers) -> str | None:
+    """The 415 message for a request whose body is not declared as JSON, or None when it is (any
+    ``Headers`` mapping: Starlette's or werkzeug's).
+
+    >>> not_json_message({"content-type": "text/plain", "content-length": "2"})
+    "send the body as JSON with 'Content-Type: application/json' (got Content-Type: text/plain)"
+    """
+    content_type = headers.get("content-type", "")
+    has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+    if not content_type and not has_body:
+        return None  # no body at all: validation says which fields are missing
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    return f"send the body as JSON with 'Content-Type: application/json' (got Content-Type: {content_type or 'none'})"
+
+
 def require_json(request: Request) -> None:
     """A route dependency: 415 unless the body is declared as JSON.
 
     It runs before the body is validated, so the client learns what is wrong rather than that its
     bytes are "not a valid dictionary".
     """
-    content_type = request.headers.get("content-type", "")
-    has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
-    if not content_type and not has_body:
-        return  # no body at all: validation says which fields are missing
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        shown = content_type or "none"
-        raise HTTPException(415, detail=f"send the body as JSON with 'Content-Type: application/json' "
-                                        f"(got Content-Type: {shown})")
+    message = not_json_message(request.headers)
+    if message:
+        raise HTTPException(415, detail=message)
 
 
 class BodyLimit:

@@ -1,7 +1,8 @@
-"""The OpenAI-compatible API (the protocol vLLM, SGLang and llama.cpp speak), on the same engine thread.
+"""The wire format of the OpenAI-compatible API (the protocol vLLM, SGLang and llama.cpp speak).
 
-``POST /v1/completions`` (a raw prompt) and ``POST /v1/chat/completions`` (messages through the
-model's chat template), streaming or not, and ``GET /v1/models``. A chat stream looks like::
+``/v1/completions`` (a raw prompt) and ``/v1/chat/completions`` (messages through the model's chat
+template) go through ``pipeline.run`` with an ``OpenAIJob``; the request models are in
+``openai_schemas``. A chat stream looks like::
 
     data: {"id": "chatcmpl-..", "object": "chat.completion.chunk", ..., "choices": [{"index": 0,
            "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]}
@@ -13,44 +14,34 @@ model's chat template), streaming or not, and ``GET /v1/models``. A chat stream 
 One chunk per generated token. ``finish_reason`` rides on the last content chunk when the server knows
 it is the last: the ``max_tokens``-th token, or the one that completes a stop string. When the model
 ends with its end-of-sequence token, that token has no text, so the finish comes in a chunk with an
-empty delta (as the OpenAI API sends it). A fault during generation becomes
-``data: {"error": {...}}`` then ``data: [DONE]``. Errors use OpenAI's body
-``{"error": {"message", "type", "param", "code"}}``.
+empty delta (as the OpenAI API sends it). With ``include_usage`` every chunk has ``"usage": null`` and a
+last chunk carries the usage; with vLLM's ``continuous_usage_stats`` too, every chunk carries the usage
+so far instead (vLLM ignores ``continuous_usage_stats`` without ``include_usage``, and so does this).
 
 Stop strings are applied here, on the text (``stop_strings.StopMatcher``), and a match cancels the
-generation. Left out: everything ``openai_schemas`` rejects (n > 1, logprobs, tools, ...).
+generation; as in vLLM they are looked for only once ``min_tokens`` tokens exist. Errors use OpenAI's
+body ``{"error": {"message", "type", "param", "code"}}``, also for a fault inside a stream. Left out:
+everything ``openai_schemas`` rejects (n > 1, logprobs, tools, ...).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException
 
 from ..config import SamplingParams
 from ..engine.engine import Finish, PromptTooLong, TokenEvent
-from .limits import require_json
-from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                             CompletionResponse, ErrorResponse, ModelCard, ModelList)
-from .schemas import DONE_FRAME, SSE_EVENT_SCHEMA, sse_frame
 from .stop_strings import StopMatcher
-from .generation import Generation, sse_response, start_generation
 
-logger = logging.getLogger(__name__)
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 429, 500)}
-STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-          "description": "JSON, or with stream=true one chunk per token, then [DONE]"}
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error"}
 
 
 class OpenAIError(HTTPException):
-    """An HTTP error with OpenAI's ``type``/``param``/``code``; the app renders it as OpenAI's body."""
+    """An HTTP error with OpenAI's ``type``/``param``/``code``; rendered as OpenAI's body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
@@ -63,21 +54,30 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def check_model(engine, model: str | None) -> str:
+    """The served model's id; a 404 for any other (null means the served one)."""
+    served = engine.config.model
+    if model not in (None, served):
+        raise OpenAIError(404, f"The model `{model}` does not exist. This server serves `{served}`.",
+                          param="model", code="model_not_found")
+    return served
+
+
 @dataclass
 class Piece:
     text: str
     finish_reason: str | None = None
 
 
-async def pieces(gen: Generation, stops: list[str], max_out: int, usage: dict):
-    """One ``Piece`` per generated token; the last carries the finish reason. Fills ``usage``."""
+async def pieces(gen, stops: list[str], max_out: int, min_tokens: int, usage: dict):
+    """One ``Piece`` per generated token; the last carries the finish reason. Keeps ``usage`` current."""
     matcher, n, done = StopMatcher(stops), 0, False
     async with aclosing(gen.events()) as events:
         async for item in events:
             if isinstance(item, TokenEvent) and not done:
                 n += 1
                 usage.update(completion_tokens=n, total_tokens=usage["prompt_tokens"] + n)
-                text, stopped = matcher.feed(item.token)
+                text, stopped = matcher.feed(item.token) if n >= min_tokens else (item.token, False)
                 if stopped:
                     gen.finish("stop")
                     yield Piece(text, "stop")
@@ -93,15 +93,16 @@ async def pieces(gen: Generation, stops: list[str], max_out: int, usage: dict):
 class Reply:
     """Builds the JSON objects of one response: chunks, the usage chunk, or the whole body."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
+    def __init__(self, chat: bool, model: str, include_usage: bool = False, continuous_usage: bool = False):
         self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.continuous_usage = include_usage and continuous_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, piece: Piece | None = None) -> dict:
+    def chunk(self, piece: Piece | None, usage: dict) -> dict:
         """A streaming chunk: ``None`` is the chat stream's first chunk, which names the role."""
         if not self.chat:
             choice = {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
@@ -114,6 +115,8 @@ class Reply:
                 reason = piece.finish_reason
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        if self.continuous_usage:
+            return {**out, "usage": dict(usage)}
         return {**out, "usage": None} if self.include_usage else out
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -129,107 +132,99 @@ class Reply:
         return {**self._head("text_completion"), "choices": [choice], "usage": usage}
 
 
-async def _sse(reply: Reply, stream, usage: dict):
-    try:
-        if reply.chat:
-            yield sse_frame(reply.chunk())
-        async with aclosing(stream) as items:
+class OpenAIJob:
+    """One ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` request in ``pipeline.run``."""
+
+    def __init__(self, body, chat: bool):
+        self.request, self.chat, self.stream = body, chat, body.stream
+        self.params: SamplingParams | None = None
+        self.reply: Reply | None = None
+        self.max_out = 0
+        self.usage: dict = {}
+
+    def validate(self, engine) -> None:
+        body, limit = self.request, engine.config.max_tokens_limit
+        model = check_model(engine, body.model)
+        max_tokens, param = body.max_new_tokens, body.max_tokens_param
+        if max_tokens is not None and max_tokens > limit:
+            raise OpenAIError(400, f"{param} must be <= {limit} (this server's max_tokens_limit), got {max_tokens}",
+                              param=param)
+        if body.min_tokens > (max_tokens or limit):
+            raise OpenAIError(400, f"min_tokens must be <= {param} ({max_tokens or limit}), got {body.min_tokens}",
+                              param="min_tokens")
+        try:
+            self.params = SamplingParams(max_tokens=max_tokens or limit, temperature=body.temperature,
+                                         top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
+                                         min_tokens=body.min_tokens)
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc)) from exc
+        self.reply = Reply(self.chat, model, body.include_usage, body.continuous_usage)
+
+    def encode(self, engine) -> list[int]:
+        param = "messages" if self.chat else "prompt"
+        try:
+            if self.chat:
+                ids = engine.encode_messages([m.to_template() for m in self.request.messages])
+            else:
+                ids = engine.encode(self.request.prompt, chat=False)
+        except PromptTooLong as exc:
+            raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from exc
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param=param) from exc
+        # The engine generates at most what fits the context (as engine.Engine.begin caps it).
+        self.max_out = min(self.params.max_tokens, getattr(engine, "context_len", 1 << 62) - len(ids))
+        self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+        return ids
+
+    def _pieces(self, gen):
+        return pieces(gen, self.request.stops, self.max_out, self.request.min_tokens, self.usage)
+
+    async def frames(self, gen):
+        if self.chat:
+            yield self.reply.chunk(None, self.usage)
+        async with aclosing(self._pieces(gen)) as items:
             async for piece in items:
-                yield sse_frame(reply.chunk(piece))
-        if reply.include_usage:
-            yield sse_frame(reply.usage_chunk(usage))
-    except Exception as exc:  # a fault mid-generation: report it inside the stream, keep the protocol
-        logger.exception("generation failed mid-stream")
-        yield sse_frame(error_body(str(exc) or type(exc).__name__, "server_error"))
-    yield DONE_FRAME
+                yield self.reply.chunk(piece, self.usage)
+        if self.reply.include_usage:
+            yield self.reply.usage_chunk(self.usage)
 
-
-def _served(request: Request) -> str:
-    return request.app.state.engine.config.model
-
-
-def _check_model(request: Request, model: str | None) -> str:
-    served = _served(request)
-    if model not in (None, served):
-        raise OpenAIError(404, f"The model `{model}` does not exist. This server serves `{served}`.",
-                          param="model", code="model_not_found")
-    return served
-
-
-def _encode(encode, param: str) -> list[int]:
-    try:
-        return encode()
-    except PromptTooLong as exc:
-        raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from exc
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc), param=param) from exc
-
-
-async def _serve(request: Request, body, ids: list[int], chat: bool):
-    engine = request.app.state.engine
-    limit = engine.config.max_tokens_limit
-    max_tokens = body.max_new_tokens if chat else body.max_tokens
-    param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-    if max_tokens is not None and max_tokens > limit:
-        raise OpenAIError(400, f"{param} must be <= {limit} (this server's max_tokens_limit), got {max_tokens}",
-                          param=param)
-    try:
-        params = SamplingParams(max_tokens=max_tokens or limit, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed)
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc)) from exc
-    # The engine generates at most what fits the context (engine.Engine._generate does the same).
-    max_out = min(params.max_tokens, getattr(engine, "context_len", 1 << 62) - len(ids))
-    reply = Reply(chat, _served(request), body.include_usage)
-    usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
-    gen = start_generation(request, ids, params, len(ids))
-    stream = pieces(gen, body.stops, max_out, usage)
-    if body.stream:
-        return sse_response(_sse(reply, stream, usage), gen)
-    try:
-        async with aclosing(stream) as items:
+    async def body(self, gen) -> dict:
+        async with aclosing(self._pieces(gen)) as items:
             parts = [piece async for piece in items]
-    except Exception as exc:
-        logger.exception("generation failed")
-        return JSONResponse(error_body(str(exc) or type(exc).__name__, "server_error"), status_code=500)
-    finally:
-        gen.close()
-    reason = parts[-1].finish_reason if parts else None
-    return JSONResponse(reply.body("".join(p.text for p in parts), reason, usage))
+        reason = parts[-1].finish_reason if parts else None
+        return self.reply.body("".join(p.text for p in parts), reason, self.usage)
+
+    def fault(self, exc: BaseException) -> dict:
+        return error_body(str(exc) or type(exc).__name__, "server_error")
 
 
-@router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_card(request)]}
+# -- errors raised before a response starts (see pipeline.install_error_handlers) ----------------------
+def http_error_body(exc: HTTPException) -> tuple[dict, int]:
+    kind = getattr(exc, "type", OPENAI_TYPES.get(exc.status_code, "invalid_request_error"))
+    return error_body(str(exc.detail), kind, getattr(exc, "param", None), getattr(exc, "code", None)), exc.status_code
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
-async def get_model(model_id: str, request: Request) -> dict:
-    _check_model(request, model_id)
-    return _card(request)
+def validation_error_body(errors: list[dict]) -> tuple[dict, int]:
+    """OpenAI answers a malformed request with a 400 (FastAPI's would be a 422)."""
+    message, param = describe(errors)
+    return error_body(message, param=param), 400
 
 
-def _card(request: Request) -> dict:
-    state = request.app.state
-    return {"id": _served(request), "object": "model", "created": state.started_at, "owned_by": "labserver",
-            "max_model_len": getattr(state.engine, "context_len", None)}
+def server_error_body() -> tuple[dict, int]:
+    return error_body("internal server error", "server_error"), 500
 
 
-@router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM},
-             dependencies=[Depends(require_json)])
-async def completions(body: CompletionRequest, request: Request):
-    """A raw prompt, no chat template (as vLLM's /v1/completions)."""
-    _check_model(request, body.model)
-    engine = request.app.state.engine
-    ids = _encode(lambda: engine.encode(body.prompt, chat=False), "prompt")
-    return await _serve(request, body, ids, chat=False)
-
-
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: STREAM},
-             dependencies=[Depends(require_json)])
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """Messages through the model's chat template."""
-    _check_model(request, body.model)
-    engine = request.app.state.engine
-    ids = _encode(lambda: engine.encode_messages([m.to_template() for m in body.messages]), "messages")
-    return await _serve(request, body, ids, chat=True)
+def describe(errors: list[dict], shown: int = 5) -> tuple[str, str | None]:
+    """One readable message (and the first offending field) from a validation error list."""
+    parts, param = [], None
+    for error in errors[:shown]:
+        ctx = error.get("ctx") or {}
+        if error.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({ctx.get('error', 'decode error')})")
+            continue
+        field = ctx.get("field") or ".".join(str(x) for x in error.get("loc", ()) if x != "body") or None
+        param = param or field
+        parts.append(f"{field}: {error['msg']}" if field else error["msg"])
+    if len(errors) > shown:
+        parts.append(f"and {len(errors) - shown} more")
+    return "; ".join(parts), param

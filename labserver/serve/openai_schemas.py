@@ -7,9 +7,12 @@ that send defaults keep working while a request that really asks for them gets a
 rather than a silently different answer.
 
 Supported beyond the basics: ``stop`` (up to 4 strings, applied to the text by the web layer),
-``seed``, ``stream_options.include_usage``, and chat content as a list of text parts. Left out: batched
-or token-id prompts, ``n > 1``, logprobs, ``echo``, penalties, ``logit_bias``, tools/function calling,
-structured output (``response_format``), images and audio.
+``seed``, ``stream_options.include_usage``, ``max_completion_tokens`` (the same limit as ``max_tokens``:
+both given and different is a 400), chat content as a list of text parts, and the vLLM extensions that
+benchmark clients send (guidellm, ``vllm bench serve``): ``ignore_eos``, ``min_tokens`` and
+``stream_options.continuous_usage_stats``. Left out: batched or token-id prompts, ``n > 1``, logprobs,
+``echo``, penalties, ``logit_bias``, stop token ids, tools/function calling, structured output
+(``response_format``), images and audio (a part of any type but text is a 400 that says so).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ MAX_STOP_STRINGS = 4
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and empty `choices`.")
+    continuous_usage_stats: bool = Field(False, description="With include_usage: every chunk carries the usage "
+                                                            "so far (a vLLM extension).")
 
 
 class _V1Request(BaseModel):
@@ -37,11 +42,17 @@ class _V1Request(BaseModel):
     # field -> the only value accepted (it asks for nothing this server would have to do)
     NO_OP: ClassVar[dict[str, Any]] = {
         "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-        "logit_bias": None, "ignore_eos": False,
+        "logit_bias": None,
     }
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); null = that one.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (server limit applies).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="The same limit as max_tokens (OpenAI's "
+                                                                      "newer name); give one, or both equal.")
+    min_tokens: int = Field(0, ge=0, description="Tokens to generate before the end-of-sequence token or a stop "
+                                                 "string may end the output (a vLLM extension).")
+    ignore_eos: bool = Field(False, description="Generate to max_tokens past the end-of-sequence token, as "
+                                                "benchmarks ask (a vLLM extension).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy (argmax).")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
@@ -54,7 +65,6 @@ class _V1Request(BaseModel):
     frequency_penalty: float = Field(0.0, description="Only 0.")
     repetition_penalty: float = Field(1.0, description="Only 1 (a vLLM extension).")
     logit_bias: dict[str, float] | None = Field(None, description="Only null or {}.")
-    ignore_eos: bool = Field(False, description="Only false (a vLLM extension).")
 
     @field_validator("stop")
     @classmethod
@@ -76,7 +86,21 @@ class _V1Request(BaseModel):
                 raise PydanticCustomError("unsupported", message, {"field": name})
         if self.stream_options is not None and not self.stream:
             raise PydanticCustomError("unsupported", "only allowed with stream=true", {"field": "stream_options"})
+        given = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+        if given and self.max_completion_tokens not in (None, self.max_tokens):
+            message = (f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) "
+                       "are the same limit: send one, or both equal")
+            raise PydanticCustomError("conflict", message, {"field": "max_completion_tokens"})
         return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the limit came from, to name in an error."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def stops(self) -> list[str]:
@@ -85,6 +109,10 @@ class _V1Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 def _asks_nothing(value, accepted) -> bool:
@@ -125,6 +153,18 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = Field(description="Text, or a list of text parts.")
     name: str | None = Field(None, description="Accepted; chat templates ignore it.")
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                # Formatted here, not by pydantic: the part's type may hold braces.
+                message = (f"Input should be 'text': this server takes text parts only, got a part of type "
+                           f"{json.dumps(kind[:40])}")
+                raise PydanticCustomError("unsupported", message)
+        return value
+
     def to_template(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
@@ -136,7 +176,6 @@ class ChatCompletionRequest(_V1Request):
     NO_OP: ClassVar[dict[str, Any]] = {**_V1Request.NO_OP, "logprobs": False, "top_logprobs": None,
                                        "tools": None, "tool_choice": None, "response_format": None}
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over max_tokens when both are set.")
     logprobs: bool | None = Field(None, description="Only null or false.")
     top_logprobs: int | None = Field(None, description="Only null.")
     tools: list[dict[str, Any]] | None = Field(None, description="Only null or [].")
@@ -152,10 +191,6 @@ class ChatCompletionRequest(_V1Request):
     @classmethod
     def _no_tools(cls, value):
         return None if value == "none" else value
-
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 # -- responses (for the OpenAPI document and schemathesis; the routes build plain dicts) ---------------

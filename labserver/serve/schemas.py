@@ -32,7 +32,7 @@ class GenerateRequest(BaseModel):
     """Body of ``POST /generate``.
 
     >>> GenerateRequest(prompt="Hi", temperature=0).to_sampling_params()
-    SamplingParams(max_tokens=128, temperature=0.0, top_p=1.0, seed=None)
+    SamplingParams(max_tokens=128, temperature=0.0, top_p=1.0, seed=None, ignore_eos=False, min_tokens=0)
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -43,12 +43,14 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="true: one SSE event per token; false: one JSON body.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; null = 1.0.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Fixes sampling for reproducible output.")
+    ignore_eos: bool = Field(False, description="Generate max_tokens tokens, past the end-of-sequence token.")
+    min_tokens: int = Field(0, ge=0, description="Tokens to generate before the end-of-sequence token may end "
+                                                 "the output (<= max_tokens).")
 
     def to_sampling_params(self) -> SamplingParams:
         top_p = 1.0 if self.top_p is None else self.top_p
-        return SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=top_p, seed=self.seed
-        )
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=top_p, seed=self.seed,
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
 
 
 def check_limits(request: GenerateRequest, config: EngineConfig) -> None:
@@ -61,6 +63,10 @@ def check_limits(request: GenerateRequest, config: EngineConfig) -> None:
         message = "max_tokens must be <= {limit} (this server's max_tokens_limit), got {value}"
         context = {"limit": config.max_tokens_limit, "value": request.max_tokens}
         errors.append(_limit_error("max_tokens", message, context, request.max_tokens))
+    if request.min_tokens > request.max_tokens:
+        message = "min_tokens must be <= max_tokens ({limit}), got {value}"
+        context = {"limit": request.max_tokens, "value": request.min_tokens}
+        errors.append(_limit_error("min_tokens", message, context, request.min_tokens))
     if len(request.prompt) > config.max_prompt_chars:
         message = "prompt must have <= {limit} characters (this server's max_prompt_chars), got {value}"
         context = {"limit": config.max_prompt_chars, "value": len(request.prompt)}

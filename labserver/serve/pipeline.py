@@ -1,0 +1,115 @@
+"""The one path every generating request takes, whatever its wire format::
+
+    validate -> encode -> admit -> start on the backend -> events -> SSE frames or one JSON body
+
+``/generate`` (``wire_generate.GenerateJob``), ``/v1/completions`` and ``/v1/chat/completions``
+(``openai_api.OpenAIJob``) differ only in their *job*: the object that knows how that protocol's request
+becomes a prompt and ``SamplingParams`` and how events become its payloads and its errors. A job has
+
+- ``validate(engine)``: the checks that need the engine (its limits, the served model); sets ``params``;
+- ``encode(engine)``: the prompt's token ids (a prompt too long is a 400, before any stream starts);
+- ``stream``: whether the client asked for SSE;
+- ``frames(gen)``: async generator of JSON payloads, one SSE event each, from ``gen.events()``;
+- ``body(gen)``: the whole non-streaming answer;
+- ``fault(exc)``: the payload that reports a fault during generation, in that format's shape.
+
+Everything else happens here, once: a concurrency slot or a 429 (``generation.start_generation``), the
+SSE framing, the fault logged and reported (an error event in a stream, a 500 otherwise), ``[DONE]`` at
+the end of every stream, the slot and the metrics released however the request ends. Errors raised
+before a response starts (bad input, 404, 413, 415, 429) are shaped by the format's exception handlers
+(``install_error_handlers``). Left out: routing (``app``) and the formats themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from typing import Callable, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import SamplingParams
+from .generation import Generation, sse_response, start_generation
+from .schemas import DONE_FRAME, sse_frame
+
+logger = logging.getLogger(__name__)
+
+
+class Job(Protocol):
+    stream: bool
+    params: SamplingParams | None
+
+    def validate(self, engine) -> None: ...
+    def encode(self, engine) -> list[int]: ...
+    def frames(self, gen: Generation): ...
+    async def body(self, gen: Generation) -> dict: ...
+    def fault(self, exc: BaseException) -> dict: ...
+
+
+async def run(request: Request, job: Job) -> Response:
+    """Serve one generating request: the whole path, each step's error raised in the job's format."""
+    engine = request.app.state.engine
+    job.validate(engine)
+    ids = job.encode(engine)
+    gen = start_generation(request, ids, job.params, len(ids))  # a slot, or the 429
+    if job.stream:
+        return sse_response(_sse(job, gen), gen)
+    return await _complete(job, gen)
+
+
+async def _sse(job: Job, gen: Generation):
+    """SSE frames for every payload of ``job``; always ends with ``[DONE]``.
+
+    Leaving early (the client is gone) closes the job's frames, and with them ``gen.events()``, which
+    cancels the generation.
+    """
+    try:
+        async with aclosing(job.frames(gen)) as payloads:
+            async for payload in payloads:
+                yield sse_frame(payload)
+    except Exception as exc:  # a fault mid-generation: report it inside the stream, keep the protocol
+        logger.exception("generation failed mid-stream")
+        yield sse_frame(job.fault(exc))
+    yield DONE_FRAME
+
+
+async def _complete(job: Job, gen: Generation) -> JSONResponse:
+    try:
+        body = await job.body(gen)
+    except Exception as exc:
+        logger.exception("generation failed")
+        return JSONResponse(job.fault(exc), status_code=500)
+    finally:
+        gen.close()
+    return JSONResponse(body)
+
+
+class ErrorShapes(Protocol):
+    """How one format words the errors raised before any response starts: each returns (body, status)."""
+
+    def http_error_body(self, exc: StarletteHTTPException) -> tuple[dict, int]: ...
+    def validation_error_body(self, errors: list) -> tuple[dict, int]: ...
+    def server_error_body(self) -> tuple[dict, int]: ...
+
+
+def install_error_handlers(app: FastAPI, shapes_for: Callable[[Request, Exception], ErrorShapes]) -> None:
+    """Answer every error raised before a response starts in the shape of the request's format."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        body, status = shapes_for(request, exc).http_error_body(exc)
+        return JSONResponse(body, status_code=status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        body, status = shapes_for(request, exc).validation_error_body(list(exc.errors()))
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # a bug: never a traceback to the client
+        logger.exception("unhandled error on %s", request.url.path)
+        body, status = shapes_for(request, exc).server_error_body()
+        return JSONResponse(body, status_code=status)
