@@ -24,3 +24,12 @@ def test_engine_config_from_env(monkeypatch):
 def test_threads_are_capped_to_the_cores():
     import os
     assert EngineConfig(threads=512).threads == os.cpu_count()
+
+
+def test_quant_has_one_spelling_for_no_quantization():
+    assert EngineConfig(impl="transformers", quant="none").quant == "none"  # the only quant transformers takes
+    with pytest.raises(ValueError, match="lean runner"):
+        EngineConfig(impl="transformers", quant="fp16")
+    for bad in (None, "None", "", "q4_0"):
+        with pytest.raises(ValueError, match="quant must be one of"):
+            EngineConfig(quant=bad)

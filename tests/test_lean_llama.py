@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labserver.model.llama import Int4, KVCache, LeanLlama, supports
+from labserver.model.cache import KVCache
+from labserver.model.linear import Int4
+from labserver.model.llama import LeanLlama, supports
 
 
 def tiny_llama(**overrides):

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from . import formats as registry
 from .blocks import BlockStore
-from .cache import KVCache  # noqa: F401  (re-exported)
+from .cache import KVCache
 from .fused import FusedDecode
-from .linear import Dense, Fp16, Int4, Int8, Linear  # noqa: F401  (re-exported)
+from .linear import Fp16, Linear  # noqa: F401  (Fp16: still importable from here)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
