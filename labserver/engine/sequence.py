@@ -3,7 +3,7 @@
 The engine turns a prompt into a ``Sequence`` (``Engine.begin``), runs its prefill, then decode steps,
 alone (``Engine.generate_stream``) or in a batch with others (``scheduler.BatchScheduler``). After each
 step ``Sequence.append`` records the sampled token and returns the ``TokenEvent`` to send, so the rules
-for stopping (EOS unless ``ignore_eos``/``min_tokens`` say otherwise, ``max_tokens``) and for text (the incremental detokenizer) live in one place.
+for stopping (EOS, ``max_tokens``) and for text (the incremental detokenizer) live in one place.
 
 Left out: any model call (``runners.py``), any threading, and stop strings (applied by the web layer).
 """
