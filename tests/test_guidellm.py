@@ -75,7 +75,8 @@ def report(benchmark: dict) -> str:
 
     totals = m["request_totals"]
     return (f"streams={benchmark['config']['strategy']['streams']} requests ok={totals['successful']} "
-            f"errored={totals['errored']} incomplete={totals['incomplete']} | median TTFT {median('time_to_first_token_ms'):.0f} ms, "
+            f"errored={totals['errored']} incomplete={totals['incomplete']} | "
+            f"median TTFT {median('time_to_first_token_ms'):.0f} ms, "
             f"ITL {median('inter_token_latency_ms'):.1f} ms, request {median('request_latency'):.2f} s | "
             f"output {m['output_tokens_per_second']['successful']['mean']:.1f} tokens/s")
 

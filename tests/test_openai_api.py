@@ -220,7 +220,8 @@ def test_what_guidellm_sends_is_served(fake_server):
     """guidellm 0.8.1's chat request body, field for field (its openai_http backend)."""
     body = {"model": "fake", "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "max_completion_tokens": 5, "stop": None, "ignore_eos": True,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "a b"}, {"type": "text", "text": " c"}]}]}
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a b"},
+                                                      {"type": "text", "text": " c"}]}]}
     events = raw_events(fake_server.url, "/v1/chat/completions", body)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == " one two three four five"
     # The two parts are one message "a b c": the fake engine counts 3 words.

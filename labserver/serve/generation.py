@@ -3,8 +3,8 @@
 Every route that generates (``/generate``, ``/v1/completions``, ``/v1/chat/completions``) goes through
 ``start_generation``, the admit step of ``pipeline.run``: it takes a slot from the app's ``Admission``
 (or raises the 429), starts a ``RequestRecord`` for ``/metrics``, and returns a ``Generation`` whose
-``events()`` wraps the backend's stream. However the request ends (finished, failed, client gone, never started), ``Generation.close``
-runs exactly once: it gives the slot back and books the metrics.
+``events()`` wraps the backend's stream. However the request ends (finished, failed, client gone,
+never started), ``Generation.close`` runs exactly once: it gives the slot back and books the metrics.
 
 Why closing needs care: when a client leaves, Starlette cancels the task that sends the body, and a
 body generator suspended at ``yield`` is not closed until garbage collection; one never started is not
