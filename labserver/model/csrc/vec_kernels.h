@@ -142,9 +142,12 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
     float *buf = panel_buffer(K);
     for (long p = p0; p < p1; p++) {
         panel_dequant(pq + p * K * NP / 2, pd + p * G * NP, pm + p * G * NP, K, buf);
+        /* rows in tiles of nearly equal size (8 rows: 4 + 4, not 6 + 2): a tile of few rows has too few
+           accumulators to hide the latency of its FMAs */
+        const long tiles = (M + MRP - 1) / MRP;
         for (int half = 0; half < 2; half++)
-            for (long r0 = 0; r0 < M; r0 += MRP) {
-                const int mr = M - r0 < MRP ? (int)(M - r0) : MRP;
+            for (long t = 0, r0 = 0; t < tiles; t++) {
+                const int mr = (int)(M / tiles + (t < M % tiles));
                 const float *xr = x + r0 * K;
                 float *yr = y + r0 * N + p * NP + half * 16;
 #define PV(R) panel_tile(xr, K, buf + half * 16, yr, N, add, R)
@@ -156,6 +159,7 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
                     default: PV(MRP); break;
                 }
 #undef PV
+                r0 += mr;
             }
     }
 }
