@@ -208,7 +208,9 @@ def test_the_q4_1_step_stays_near_float64_on_every_path(lib, grid):
     softmax, SiLU) add a few roundings each. How much this network amplifies a step's roundings is what
     its float32 evaluation by transformers deviates from float64: any path rounds each operation as
     finely (n u, in any order), so it may deviate as much; twice that allows for roundings that happen
-    not to cancel in one order and do in the other."""
+    not to cancel in one order and do in the other (the paths here reach 0.8-1.2 times it). This is a
+    yardstick, not a proof: the proofs are the products' bounds above. A wrong step (a row, a slot, a
+    norm) misses by the logits themselves."""
     import copy
 
     logits, _ = run_on(lib, grid, "q4_1", IDS_STEP)
