@@ -9,11 +9,12 @@
    step of 8 sequences reads each weight once. Rows of W are taken in chunks by the OpenMP threads of the
    caller as they come free (kernels.h; the same libgomp team torch uses, so `torch.set_num_threads` on
    the calling thread applies).
-   `q4_1_quantize` / `q8_0_quantize` make the blocks and count the weights they would not reproduce.
+   `q4_1_quantize` / `q8_0_quantize` (quantize.c) make the blocks and count the weights they would not
+   reproduce.
    1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
    laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
 
-   2. `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
+   2. (step.c) `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
       same arithmetic as `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
@@ -21,12 +22,13 @@
    3. (w4a8.c) The W4A8 route: the same weights times activations quantized to 8 bits, llama.cpp's
       arithmetic, in integer dot products; `llama_decode` runs either route.
 
+   Vector code: AVX-512 here; AVX2 + FMA, NEON and portable C through simd.h's vector of VL lanes
+   (vec_kernels.h), chosen when compiled (`kernel_path()` says which). Every path keeps the weights'
+   two roundings and accumulates with fused multiply-adds (kernels.py builds with -ffp-contract=off).
+
    Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
    format), a prefill that continues a filled slot. */
 #include <math.h>
-#include <omp.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -40,7 +42,6 @@
 #define AHEAD 4096
 
 INLINE void store(float *y, float s, int add) { *y = add ? *y + s : s; }
-INLINE float clamp(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 #ifdef __AVX512F__
 /* One output row n against `tb` rows of x; `tb` is a literal at every call site, so the loop over rows
@@ -136,46 +137,6 @@ INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const flo
     }
     for (int b = 0; b < tb; b++) store(y + b * N, _mm512_reduce_add_ps(acc[b]), add);
 }
-#else
-/* Portable fallback: the same arithmetic one weight at a time (the compiler vectorizes what it can). */
-INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
-                      float *y, int add, const int tb);
-INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q, const float *d, const float *m) {
-    float s;
-    (void)sx;
-    q4_1_tile(x, K, 1, q, d, m, &s, 0, 1);
-    return s;
-}
-INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
-                      float *y, int add, const int tb);
-INLINE float q8_0_row(const float *x, long K, const int8_t *q, const float *d) {
-    float s;
-    q8_0_tile(x, K, 1, q, d, &s, 0, 1);
-    return s;
-}
-
-INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
-                      float *y, int add, const int tb) {
-    for (int b = 0; b < tb; b++) {
-        float s = 0.0f;
-        for (long g = 0; g < K / QK; g++)
-            for (int j = 0; j < QK / 2; j++) {
-                uint8_t byte = q[g * QK / 2 + j];
-                s += ((byte & 15) * d[g] + m[g]) * x[b * K + g * QK + j];
-                s += ((byte >> 4) * d[g] + m[g]) * x[b * K + g * QK + j + QK / 2];
-            }
-        store(y + b * N, s, add);
-    }
-}
-
-INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
-                      float *y, int add, const int tb) {
-    for (int b = 0; b < tb; b++) {
-        float s = 0.0f;
-        for (long k = 0; k < K; k++) s += q[k] * d[k / QK] * x[b * K + k];
-        store(y + b * N, s, add);
-    }
-}
 #endif
 
 
@@ -208,7 +169,6 @@ void q4_1_repack(const uint8_t *q, const float *d, const float *m, long N, long 
         }
 }
 
-#ifdef __AVX512F__
 /* This thread's buffer for one dequantized panel, grown on demand and kept. */
 static float *panel_buffer(long K) {
     static __thread float *buf = NULL;
@@ -220,6 +180,7 @@ static float *panel_buffer(long K) {
     return buf;
 }
 
+#ifdef __AVX512F__
 INLINE void panel_dequant(const uint8_t *pq, const float *pd, const float *pm, long K, float *buf) {
     const __m512i low = _mm512_set1_epi32(15);
     for (long g = 0; g < K / QK; g++) {
@@ -274,49 +235,9 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
         }
     }
 }
+#else
+#include "vec_kernels.h"  /* the same products for AVX2, NEON and portable C */
 #endif
-
-/* ---- the threads' work: phases cut into chunks (kernels.h) ---------------------------------------- */
-static __thread long *team_counters, team_phase, team_count;
-
-/* Counters for `phases` phases of a team of up to omp_get_max_threads() threads (the width, in [0]). */
-long *team_counters_alloc(long phases) {
-    const long width = omp_get_max_threads();
-    long *counters = calloc((phases * width + 1) * PAD, sizeof(long));
-    if (counters != NULL) counters[0] = width;
-    return counters;
-}
-
-void team_begin(long *counters, long phases) {
-    team_counters = counters, team_phase = 0, team_count = counters ? phases : 0;
-}
-
-work_t phase(long n, long chunk) {
-    work_t w = {n, chunk < 1 ? 1 : chunk, NULL, 0};
-    if (team_phase < team_count && omp_get_num_threads() <= team_counters[0])
-        w.next = team_counters + (team_phase++ * team_counters[0] + 1) * PAD;
-    return w;
-}
-
-/* Thread t owns the t-th contiguous part of the items and takes its chunks in order (the weights stream
-   through it as with a static split); a thread whose part is done takes chunks from the next parts. */
-int take(work_t *w, long *i0, long *i1) {
-    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
-    if (w->next == NULL) {  /* out of counters: this thread's part, once */
-        *i0 = w->n * t / nt, *i1 = w->n * (t + 1) / nt;
-        return !w->once++ && *i1 > *i0;
-    }
-    for (long o = 0; o < nt; o++) {
-        const long u = (t + o) % nt, end = w->n * (u + 1) / nt;
-        /* relaxed: the barriers after each phase order the data */
-        *i0 = w->n * u / nt + __atomic_fetch_add(w->next + u * PAD, 1, __ATOMIC_RELAXED) * w->chunk;
-        if (*i0 < end) {
-            *i1 = *i0 + w->chunk < end ? *i0 + w->chunk : end;
-            return 1;
-        }
-    }
-    return 0;
-}
 
 /* Rows per chunk of a product by rows: ~64 KB of weights, so taking one costs ~1% of reading it. */
 static long row_chunk(long row_bytes) { return (65536 + row_bytes - 1) / row_bytes; }
@@ -362,15 +283,13 @@ static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const flo
 }
 
 /* y = x . W^T (y += with `add`), one phase of work for every thread of a team. */
-static void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
     long n0, n1;
-#ifdef __AVX512F__
     if (M > PANEL_MIN && w[MPQ] != NULL) {
         for (work_t k = phase(N / NP, 1); take(&k, &n0, &n1);)
             q4_1_panels(x, M, K, w[MPQ], w[MPD], w[MPM], N, y, add, n0, n1);
         return;
     }
-#endif
     const long G = K / QK;
     float sx[G];
     if (M == 1) block_sums(x, G, sx);
@@ -378,7 +297,7 @@ static void q4_1_share(const float *x, long M, long K, const void *const *w, lon
         q4_1_rows(x, sx, M, K, w[MQ], w[MD], w[MM], N, y, add, n0, n1);
 }
 
-static void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
     long n0, n1;
     for (work_t k = phase(N, row_chunk(K + 4 * K / QK)); take(&k, &n0, &n1);) q8_0_rows(x, M, K, q, d, N, y, add, n0, n1);
 }
@@ -401,261 +320,4 @@ void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d
         q8_0_share(x, M, K, q, d, N, y, add);
     }
     free(counters);
-}
-
-static float absmax(const float *x, long n) {
-    float top = 0.0f;
-    for (long i = 0; i < n; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
-    return top;
-}
-
-/* Quantize w [N, K] into the blocks above (rounding half to even, as torch.round does); return how many
-   weights the blocks miss by more than `rtol` times their row's largest magnitude (0: the blocks are w). */
-long q4_1_quantize(const float *w, long N, long K, uint8_t *q, float *d, float *m, float rtol) {
-    long missed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : missed)
-    for (long n = 0; n < N; n++) {
-        const float *row = w + n * K, big = absmax(row, K);
-        for (long g = 0; g < K / QK; g++) {
-            const float *x = row + g * QK;
-            float lo = x[0], hi = x[0];
-            for (int j = 1; j < QK; j++) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
-            const float dg = (hi - lo) / 15.0f, inv = dg > 0.0f ? dg : 1e-30f;
-            uint8_t *qg = q + n * K / 2 + g * QK / 2;
-            for (int j = 0; j < QK / 2; j++) {
-                float a = clamp(nearbyintf((x[j] - lo) / inv), 0.0f, 15.0f);
-                float b = clamp(nearbyintf((x[j + QK / 2] - lo) / inv), 0.0f, 15.0f);
-                qg[j] = (uint8_t)a | (uint8_t)((uint8_t)b << 4);
-                missed += fabsf(a * dg + lo - x[j]) > rtol * big;
-                missed += fabsf(b * dg + lo - x[j + QK / 2]) > rtol * big;
-            }
-            d[n * (K / QK) + g] = dg, m[n * (K / QK) + g] = lo;
-        }
-    }
-    return missed;
-}
-
-long q8_0_quantize(const float *w, long N, long K, int8_t *q, float *d, float rtol) {
-    long missed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : missed)
-    for (long n = 0; n < N; n++) {
-        const float *row = w + n * K, big = absmax(row, K);
-        for (long g = 0; g < K / QK; g++) {
-            const float *x = row + g * QK;
-            const float dg = absmax(x, QK) / 127.0f, inv = dg > 0.0f ? dg : 1e-30f;
-            for (int j = 0; j < QK; j++) {
-                float a = clamp(nearbyintf(x[j] / inv), -127.0f, 127.0f);
-                q[n * K + g * QK + j] = (int8_t)a;
-                missed += fabsf(a * dg - x[j]) > rtol * big;
-            }
-            d[n * (K / QK) + g] = dg;
-        }
-    }
-    return missed;
-}
-
-/* ---- 2. one decode step ------------------------------------------------------------------------------ */
-
-enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };
-
-static void rms_norm(const float *x, const float *w, float *out, long B, long D, float eps) {
-    for (long b = 0; b < B; b++) {
-        const float *xb = x + b * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xb[i] * xb[i];
-        const float r = 1.0f / sqrtf(ss / D + eps);
-        for (long i = 0; i < D; i++) out[b * D + i] = xb[i] * r * w[i];
-    }
-}
-
-/* x * cos + rotate_half(x) * sin on `n` heads in place; `sin` has rotate_half's signs folded in. */
-static void rotary(float *x, long n, long Dh, const float *cos, const float *sin) {
-    const long half = Dh / 2;
-    for (long h = 0; h < n; h++, x += Dh) {
-        float tmp[Dh];
-        for (long j = 0; j < half; j++) tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
-        for (long j = half; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[j - half] * sin[j];
-        for (long j = 0; j < Dh; j++) x[j] = tmp[j];
-    }
-}
-
-#ifdef __AVX512F__
-/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf). */
-INLINE __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.0f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
-/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
-static void silu_mul(const float *g, const float *u, float *a, long n) {
-    long i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16) {
-        __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                              _mm512_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-static float dot(const float *a, const float *b, long n) {
-    long i = 0;
-    float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
-static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
-    float scores[n], top = -INFINITY, sum = 0.0f;
-    for (long t = 0; t < n; t++) {
-        scores[t] = dot(q, k + t * Dh, Dh) * scale;
-        top = scores[t] > top ? scores[t] : top;
-    }
-    for (long t = 0; t < n; t++) sum += (scores[t] = expf(scores[t] - top));
-    for (long j = 0; j < Dh; j++) out[j] = 0.0f;
-    for (long t = 0; t < n; t++) {
-        const float pt = scores[t] / sum, *vt = v + t * Dh;
-        for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
-    }
-}
-
-/* A barrier for the threads of one parallel region that spins (then yields) instead of sleeping: the
-   step's ~150 synchronisations then cost ~1 us each, even when libgomp has gone to futex-sleeping
-   workers (it does once the process has more OpenMP threads than cores; notebook 3 shows the cost). */
-typedef struct {
-    atomic_int count, phase;
-} barrier_t;
-
-static void barrier(barrier_t *b, int nt) {
-    const int phase = atomic_load(&b->phase);
-    if (atomic_fetch_add(&b->count, 1) == nt - 1) {
-        atomic_store(&b->count, 0);
-        atomic_store(&b->phase, phase + 1);
-        return;
-    }
-    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
-        if (spins > 2000) sched_yield();  /* the other thread lost its core: give it ours */
-#ifdef __AVX512F__
-        _mm_pause();
-#endif
-    }
-}
-
-/* One of a layer's products, called by every thread: float32 activations (q4_1_share), or with `a8` (the
-   W4A8 route) the rows quantized first, each thread its share of blocks, and the integer product. */
-static void product(const float *x, long B, long K, const void *const *w, long N, float *y, int add,
-                    const act8_t *a8, barrier_t *bar, int nt) {
-    if (a8 == NULL) {
-        q4_1_share(x, B, K, w, N, y, add);
-        return;
-    }
-    act8_share(x, B, K, *a8);
-    barrier(bar, nt);
-    w4a8_share(*a8, B, K, w, N, y, add);
-}
-
-/* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
-   output matrix's Q8_0 blocks and scales, and its W8A8 panels and their scales (NULL: none).
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
-   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
-   route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also the output
-   matrix's when it has W8A8 panels).
-   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
-   attends to the keys up to its own position (written for every row before any row attends). Several
-   prompts prefill together as one such run of rows each, in their own slots, with their last rows in
-   `out_rows`.
-   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
-   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
-   One parallel region for the whole step: thread 0 does the small serial parts, the threads take the
-   chunks of every product, of the attention heads and of the activation (kernels.h), and spin barriers
-   separate the phases. */
-void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
-                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
-    const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
-    const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
-    float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
-    float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
-    float *act = malloc(sizeof(float) * B * I);
-    const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
-    act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
-    const long phases = L * 12 + 4;  /* a layer opens 10 phases (W4A8: 4 products, each after its
-                                        quantization, the heads, the activation); the output matrix 2 */
-    long *counters = team_counters_alloc(phases);
-    const float scale = 1.0f / sqrtf((float)Dh);
-    barrier_t bar = {0, 0};
-#pragma omp parallel
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        long n0, n1;
-        team_begin(counters, phases);
-        for (long l = 0; l < L; l++) {
-            const void **p = w + l * PER_LAYER;
-            float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
-            if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
-            barrier(&bar, nt);
-            product(h, B, D, p + QKV, Nqkv, qkv, 0, a8, &bar, nt);
-            barrier(&bar, nt);
-            if (t == 0)
-                for (long b = 0; b < B; b++) {
-                    float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
-                    rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
-                    for (long g = 0; g < Hkv; g++) {
-                        const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
-                        for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
-                    }
-                }
-            barrier(&bar, nt);
-            for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
-                const long b = n0 / H, hd = n0 % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + n0 * Dh);
-            }
-            barrier(&bar, nt);
-            product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
-            barrier(&bar, nt);
-            if (t == 0) rms_norm(x, p[LN2], h, B, D, eps);
-            barrier(&bar, nt);
-            product(h, B, D, p + GU, 2 * I, gu, 0, a8, &bar, nt);
-            barrier(&bar, nt);
-            for (work_t k = phase(I, 256); take(&k, &n0, &n1);)
-                for (long b = 0; b < B; b++)
-                    silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
-            barrier(&bar, nt);
-            product(act, B, I, p + DOWN, D, x, 1, a8, &bar, nt);
-            barrier(&bar, nt);
-        }
-        const void **tail = w + L * PER_LAYER;
-        const long R = out_rows ? dims[10] : B;  /* a prefill wants each prompt's last position only */
-        if (t == 0)
-            for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
-        barrier(&bar, nt);
-        if (a8 != NULL && tail[3] != NULL) {
-            act8_share(h, R, D, *a8);
-            barrier(&bar, nt);
-            w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
-        } else
-            q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
-    }
-    free(h), free(qkv), free(att), free(gu), free(act), free(counters);
-    if (a8) act8_free(blocks);
 }

@@ -8,6 +8,25 @@
 #define QK 32
 #define INLINE static inline __attribute__((always_inline))
 
+/* Without OpenMP (Apple's clang has none) the kernels run on the calling thread alone: a parallel
+   region is then that one thread, and its pragmas are ignored. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
+
+/* What a spinning thread does between two looks at a shared counter. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* Dispatch a tile of `tb` rows to a specialisation with a constant row count. */
 #define EACH_TILE(call)                                                                     \
     switch (tb) {                                                                           \
@@ -44,6 +63,11 @@ typedef struct {
     float *d, *s;
     int32_t *qs;
 } act8_t;
+
+/* y = x . W^T (y += with `add`) with float32 activations, one phase for every thread of a team: a Q4_1
+   matrix (its MATRIX pointers) and a Q8_0 one (kernels.c). */
+void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add);
+void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add);
 
 act8_t act8_alloc(long M, long K);
 void act8_free(act8_t a);
