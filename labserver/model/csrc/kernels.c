@@ -24,7 +24,6 @@
    Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
    format), a prefill that continues a filled slot. */
 #include <math.h>
-#include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -136,46 +135,6 @@ INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const flo
     }
     for (int b = 0; b < tb; b++) store(y + b * N, _mm512_reduce_add_ps(acc[b]), add);
 }
-#else
-/* Portable fallback: the same arithmetic one weight at a time (the compiler vectorizes what it can). */
-INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
-                      float *y, int add, const int tb);
-INLINE float q4_1_row(const float *x, const float *sx, long K, const uint8_t *q, const float *d, const float *m) {
-    float s;
-    (void)sx;
-    q4_1_tile(x, K, 1, q, d, m, &s, 0, 1);
-    return s;
-}
-INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
-                      float *y, int add, const int tb);
-INLINE float q8_0_row(const float *x, long K, const int8_t *q, const float *d) {
-    float s;
-    q8_0_tile(x, K, 1, q, d, &s, 0, 1);
-    return s;
-}
-
-INLINE void q4_1_tile(const float *x, long K, long N, const uint8_t *q, const float *d, const float *m,
-                      float *y, int add, const int tb) {
-    for (int b = 0; b < tb; b++) {
-        float s = 0.0f;
-        for (long g = 0; g < K / QK; g++)
-            for (int j = 0; j < QK / 2; j++) {
-                uint8_t byte = q[g * QK / 2 + j];
-                s += ((byte & 15) * d[g] + m[g]) * x[b * K + g * QK + j];
-                s += ((byte >> 4) * d[g] + m[g]) * x[b * K + g * QK + j + QK / 2];
-            }
-        store(y + b * N, s, add);
-    }
-}
-
-INLINE void q8_0_tile(const float *x, long K, long N, const int8_t *q, const float *d,
-                      float *y, int add, const int tb) {
-    for (int b = 0; b < tb; b++) {
-        float s = 0.0f;
-        for (long k = 0; k < K; k++) s += q[k] * d[k / QK] * x[b * K + k];
-        store(y + b * N, s, add);
-    }
-}
 #endif
 
 
@@ -208,7 +167,6 @@ void q4_1_repack(const uint8_t *q, const float *d, const float *m, long N, long 
         }
 }
 
-#ifdef __AVX512F__
 /* This thread's buffer for one dequantized panel, grown on demand and kept. */
 static float *panel_buffer(long K) {
     static __thread float *buf = NULL;
@@ -220,6 +178,7 @@ static float *panel_buffer(long K) {
     return buf;
 }
 
+#ifdef __AVX512F__
 INLINE void panel_dequant(const uint8_t *pq, const float *pd, const float *pm, long K, float *buf) {
     const __m512i low = _mm512_set1_epi32(15);
     for (long g = 0; g < K / QK; g++) {
@@ -274,7 +233,40 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
         }
     }
 }
+#else
+#include "vec_kernels.h"  /* the same products for AVX2, NEON and portable C */
 #endif
+
+/* Which vector code this library was compiled to (kernels.py's `path()`), and what the integer route
+   of w4a8.c uses and whether the kernels run on OpenMP threads (`features()`). */
+const char *kernel_path(void) {
+#ifdef __AVX512F__
+    return "avx512";
+#else
+    return SIMD_PATH;
+#endif
+}
+
+const char *kernel_features(void) {
+    return ""
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+           "avx512vnni "
+#elif defined(__AVXVNNI__)
+           "avxvnni "
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+           "dotprod "
+#endif
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+           "fma "
+#endif
+#ifdef _OPENMP
+           "openmp"
+#else
+           "single-thread"
+#endif
+        ;
+}
 
 /* ---- the threads' work: phases cut into chunks (kernels.h) ---------------------------------------- */
 static __thread long *team_counters, team_phase, team_count;
@@ -364,13 +356,11 @@ static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const flo
 /* y = x . W^T (y += with `add`), one phase of work for every thread of a team. */
 static void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
     long n0, n1;
-#ifdef __AVX512F__
     if (M > PANEL_MIN && w[MPQ] != NULL) {
         for (work_t k = phase(N / NP, 1); take(&k, &n0, &n1);)
             q4_1_panels(x, M, K, w[MPQ], w[MPD], w[MPM], N, y, add, n0, n1);
         return;
     }
-#endif
     const long G = K / QK;
     float sx[G];
     if (M == 1) block_sums(x, G, sx);
@@ -509,6 +499,8 @@ static void silu_mul(const float *g, const float *u, float *a, long n) {
         _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
                                               _mm512_loadu_ps(u + i)));
     }
+#else
+    silu_mul_vec(g, u, a, n, &i);
 #endif
     for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
@@ -520,6 +512,8 @@ static float dot(const float *a, const float *b, long n) {
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     s = _mm512_reduce_add_ps(acc);
+#else
+    s = dot_vec(a, b, n, &i);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -556,9 +550,7 @@ static void barrier(barrier_t *b, int nt) {
     }
     for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
         if (spins > 2000) sched_yield();  /* the other thread lost its core: give it ours */
-#ifdef __AVX512F__
-        _mm_pause();
-#endif
+        cpu_relax();
     }
 }
 

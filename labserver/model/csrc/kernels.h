@@ -8,6 +8,25 @@
 #define QK 32
 #define INLINE static inline __attribute__((always_inline))
 
+/* Without OpenMP (Apple's clang has none) the kernels run on the calling thread alone: a parallel
+   region is then that one thread, and its pragmas are ignored. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
+
+/* What a spinning thread does between two looks at a shared counter. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* Dispatch a tile of `tb` rows to a specialisation with a constant row count. */
 #define EACH_TILE(call)                                                                     \
     switch (tb) {                                                                           \

@@ -19,7 +19,6 @@
    Left out: other block types.
    Without AVX512-VNNI the same integer arithmetic runs as plain C, to the same results. */
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 
 #include "kernels.h"
