@@ -213,34 +213,8 @@ static void check_q8_0(rng_t *r, long M, long K, long N, int add) {
     free(q), free(d), free(x), free(y), free(want), free(bound);
 }
 
-static void print_build(void) {
-    printf("build:");
-#ifdef __AVX512F__
-    printf(" avx512f");
-#endif
-#ifdef __AVX512VNNI__
-    printf(" avx512vnni");
-#endif
-#ifdef __AVX2__
-    printf(" avx2");
-#endif
-#ifdef __FMA__
-    printf(" fma");
-#endif
-#ifdef __aarch64__
-    printf(" aarch64");
-#endif
-#ifdef __ARM_NEON
-    printf(" neon");
-#endif
-#ifdef __ARM_FEATURE_DOTPROD
-    printf(" dotprod");
-#endif
-#ifdef _OPENMP
-    printf(" openmp");
-#endif
-    printf("\n");
-}
+/* The vector code the kernels were compiled to and what else they use, as the library reports them. */
+static void print_build(void) { printf("build: path=%s features=%s\n", kernel_path(), kernel_features()); }
 
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {

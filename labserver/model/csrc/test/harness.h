@@ -19,6 +19,8 @@ void w4a8_repack(const uint8_t *q, const float *d, const float *m, long N, long 
 void w4a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add);
 void w8a8_repack(const int8_t *q, const float *d, long N, long K, uint8_t *pq, float *pd);
 void w8a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add);
+const char *kernel_path(void);
+const char *kernel_features(void);
 void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
                   const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits);
 
