@@ -448,13 +448,68 @@ long q8_0_quantize(const float *w, long N, long K, int8_t *q, float *d, float rt
 
 enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };
 
+/* The step's arithmetic outside the products runs in one fixed order on every path, so that with the
+   W4A8 route (integer products, w4a8.c) a step gives the same bits on AVX-512, AVX2, NEON and portable C:
+   an activation that a different order rounds differently would land on the other side of an 8-bit
+   rounding boundary now and then. Sums of n terms: 16 lanes (lane l: terms l, l + 16, ..., each product
+   rounded, then added), folded in halves (lanes l + 8, then l + 4, l + 2, l + 1): the order of
+   _mm512_reduce_add_ps. e^x: vexp's / exp16's operations, lane by lane. */
+#ifdef __AVX512F__
+INLINE __mmask16 first(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+static float dot16(const float *a, const float *b, long n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(first(n - i), a + i),
+                                               _mm512_maskz_loadu_ps(first(n - i), b + i)));
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf);
+   x in [-87, 88], as simd.h's vexp. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
+static void silu_mul(const float *g, const float *u, float *a, long n) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_mask_storeu_ps(a + i, k, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                      _mm512_maskz_loadu_ps(k, u + i)));
+    }
+}
+
+/* s = e^(s - top) in place */
+static void exp_shifted(float *s, long n, float top) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        _mm512_mask_storeu_ps(s + i, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), _mm512_set1_ps(top))));
+    }
+}
+#else
+#define dot16 dot16_vec
+#define silu_mul silu_mul_vec
+#define exp_shifted exp_shifted_vec
+#endif
+
 static void rms_norm(const float *x, const float *w, float *out, long B, long D, float eps) {
     for (long b = 0; b < B; b++) {
         const float *xb = x + b * D;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < D; i++) ss += xb[i] * xb[i];
-        const float r = 1.0f / sqrtf(ss / D + eps);
+        const float r = 1.0f / sqrtf(dot16(xb, xb, D) / D + eps);
         for (long i = 0; i < D; i++) out[b * D + i] = xb[i] * r * w[i];
     }
 }
@@ -470,63 +525,15 @@ static void rotary(float *x, long n, long Dh, const float *cos, const float *sin
     }
 }
 
-#ifdef __AVX512F__
-/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf). */
-INLINE __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.0f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
-/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
-static void silu_mul(const float *g, const float *u, float *a, long n) {
-    long i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16) {
-        __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                              _mm512_loadu_ps(u + i)));
-    }
-#else
-    silu_mul_vec(g, u, a, n, &i);
-#endif
-    for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-static float dot(const float *a, const float *b, long n) {
-    long i = 0;
-    float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#else
-    s = dot_vec(a, b, n, &i);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
 static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
     float scores[n], top = -INFINITY, sum = 0.0f;
     for (long t = 0; t < n; t++) {
-        scores[t] = dot(q, k + t * Dh, Dh) * scale;
+        scores[t] = dot16(q, k + t * Dh, Dh) * scale;
         top = scores[t] > top ? scores[t] : top;
     }
-    for (long t = 0; t < n; t++) sum += (scores[t] = expf(scores[t] - top));
+    exp_shifted(scores, n, top);
+    for (long t = 0; t < n; t++) sum += scores[t];
     for (long j = 0; j < Dh; j++) out[j] = 0.0f;
     for (long t = 0; t < n; t++) {
         const float pt = scores[t] / sum, *vt = v + t * Dh;

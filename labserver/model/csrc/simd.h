@@ -81,7 +81,10 @@ INLINE vf vldexp(vf a, vf n) {
     const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
     return vmulq_f32(a, vreinterpretq_f32_s32(e));
 }
-INLINE float vsum(vf a) { return vaddvq_f32(a); }
+INLINE float vsum(vf a) {  /* lanes l + 2, then l + 1: the other paths' order (vaddvq_f32 pairs l + 1 first) */
+    const float32x2_t s = vadd_f32(vget_low_f32(a), vget_high_f32(a));
+    return vget_lane_f32(s, 0) + vget_lane_f32(s, 1);
+}
 INLINE void q4_vec(const uint8_t *q, vf o[QK / VL]) {
     const uint8x16_t b = vld1q_u8(q), lo = vandq_u8(b, vdupq_n_u8(15)), hi = vshrq_n_u8(b, 4);
     const uint16x8_t h[4] = {vmovl_u8(vget_low_u8(lo)), vmovl_u8(vget_high_u8(lo)), vmovl_u8(vget_low_u8(hi)),
@@ -102,6 +105,7 @@ INLINE void prefetch(const void *p) { __builtin_prefetch(p); }
 #else
 /* Portable C: 8 independent lanes the compiler can keep in vector registers of any width. */
 #define SIMD_PATH "portable"
+#define SIMD_PORTABLE
 #define VL 8
 typedef struct {
     float v[VL];
@@ -129,6 +133,10 @@ INLINE vf vfnma(vf a, vf b, vf c) { LANES(__builtin_fmaf(-a.v[i], b.v[i], c.v[i]
 INLINE vf vfma(vf a, vf b, vf c) { LANES(a.v[i] * b.v[i] + c.v[i]); }
 INLINE vf vfnma(vf a, vf b, vf c) { LANES(c.v[i] - a.v[i] * b.v[i]); }
 #endif
+/* One rounding always (a libm call without hardware FMA): for the exponential, which must give the same
+   bits as the vector paths' (kernels.c: the step's fixed order). */
+INLINE vf vfma1(vf a, vf b, vf c) { LANES(__builtin_fmaf(a.v[i], b.v[i], c.v[i])); }
+INLINE vf vfnma1(vf a, vf b, vf c) { LANES(__builtin_fmaf(-a.v[i], b.v[i], c.v[i])); }
 INLINE vf vround(vf a) { LANES(nearbyintf(a.v[i])); }
 INLINE vf vldexp(vf a, vf n) { LANES(ldexpf(a.v[i], (int)n.v[i])); }
 INLINE float vsum(vf a) {  /* a tree, as the vector paths reduce */
@@ -146,6 +154,10 @@ INLINE void prefetch(const void *p) { __builtin_prefetch(p); }
 #undef LANES
 #endif
 
+#ifndef SIMD_PORTABLE
+#define vfma1 vfma
+#define vfnma1 vfnma
+#endif
 #define NV (QK / VL)  /* vectors per block */
 
 /* e^x, 2^n * p(r) with n = round(x / ln 2) and the Cephes polynomial (as kernels.c's exp16). x is kept
@@ -153,15 +165,15 @@ INLINE void prefetch(const void *p) { __builtin_prefetch(p); }
 INLINE vf vexp(vf x) {
     x = vmin(vmax(x, vset1(-87.0f)), vset1(88.0f));
     const vf n = vround(vmul(x, vset1(1.44269504088896341f)));
-    vf r = vfnma(n, vset1(0.693359375f), x);
-    r = vfnma(n, vset1(-2.12194440e-4f), r);
+    vf r = vfnma1(n, vset1(0.693359375f), x);
+    r = vfnma1(n, vset1(-2.12194440e-4f), r);
     vf p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
-    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    p = vfma1(p, r, vset1(1.3981999507e-3f));
+    p = vfma1(p, r, vset1(8.3334519073e-3f));
+    p = vfma1(p, r, vset1(4.1665795894e-2f));
+    p = vfma1(p, r, vset1(1.6666665459e-1f));
+    p = vfma1(p, r, vset1(5.0000001201e-1f));
+    p = vfma1(p, vmul(r, r), vadd(r, vset1(1.0f)));
     return vldexp(p, n);
 }
 

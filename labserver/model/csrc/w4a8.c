@@ -22,12 +22,26 @@
 #include <stdlib.h>
 
 #include "kernels.h"
-#ifdef __AVX512F__
+#if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #define NC 16  /* output rows per panel */
-#define MR8 8  /* rows of activations per register tile */
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512F__))
+#define MR8 4  /* rows of activations per register tile: 8 weight vectors + 4 accumulators of 16 ymm */
+#else
+#define MR8 8
+#endif
+
+/* A tile of `tb` <= MR8 rows, dispatched to a specialisation with a constant row count. */
+#if MR8 == 4
+#define EACH_ROWS(call) \
+    switch (tb) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4); break; }
+#else
+#define EACH_ROWS(call) EACH_TILE(call)
+#endif
 
 void w4a8_repack(const uint8_t *q, const float *d, const float *m, long N, long K, uint8_t *pq, float *pd,
                  float *pm) {
@@ -93,7 +107,8 @@ void act8_share(const float *x, long M, long K, act8_t a) {
         for (long b = b0; b < b1; b++) round8(x + b * QK, a.q + b * QK, a.d + b, a.qs + b), a.s[b] = block_sum(x + b * QK);
 }
 
-#ifdef __AVX512VNNI__
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define W4A8_PATH 1
 /* Rows r0..r0+mr of the activations against one panel; `mr` is a literal at every call site. */
 INLINE void w4a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, const float *pm, float *y,
                       long N, int add, const int mr) {
@@ -125,6 +140,85 @@ INLINE void w4a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float 
     for (int r = 0; r < mr; r++) {
         float *yr = y + (r0 + r) * N;
         _mm512_storeu_ps(yr, add ? _mm512_add_ps(acc[r], _mm512_loadu_ps(yr)) : acc[r]);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The 4 products of a row's lane (4 consecutive k) summed into one int32: AVX-VNNI does it in one
+   instruction; plain AVX2 in two (u8 x s8 pairs into int16, exact: 2 * 15 * 127 per pair, at most 8
+   pairs summed = 30480 < 2^15), as llama.cpp's AVX2 code does. */
+INLINE void w4a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, const float *pm, float *y,
+                      long N, int add, const int mr) {
+    const long G = K / QK;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int h = 0; h < 2; h++) {  /* rows 0-7 of the panel, then 8-15 */
+        __m256 acc[MR8];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        for (long g = 0; g < G; g++) {
+            __m256i w[8];
+            for (int i = 0; i < 4; i++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(pq + (g * 4 + i) * 64 + h * 32));
+                w[i] = _mm256_and_si256(b, low), w[i + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+            }
+            const __m256 dw = _mm256_loadu_ps(pd + g * NC + h * 8), mw = _mm256_loadu_ps(pm + g * NC + h * 8);
+            for (int r = 0; r < mr; r++) {
+                const int32_t *xq = (const int32_t *)(a.q + (r0 + r) * K + g * QK);
+#ifdef __AVXVNNI__
+                __m256i s0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[0], _mm256_set1_epi32(xq[0]));
+                __m256i s1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[1], _mm256_set1_epi32(xq[1]));
+                for (int i = 2; i < 8; i += 2) {
+                    s0 = _mm256_dpbusd_avx_epi32(s0, w[i], _mm256_set1_epi32(xq[i]));
+                    s1 = _mm256_dpbusd_avx_epi32(s1, w[i + 1], _mm256_set1_epi32(xq[i + 1]));
+                }
+                const __m256i s = _mm256_add_epi32(s0, s1);
+#else
+                __m256i p = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xq[0]));
+                for (int i = 1; i < 8; i++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[i], _mm256_set1_epi32(xq[i])));
+                const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+                const long at = (r0 + r) * G + g;
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[at]), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            float *yr = y + (r0 + r) * N + h * 8;
+            _mm256_storeu_ps(yr, add ? _mm256_add_ps(acc[r], _mm256_loadu_ps(yr)) : acc[r]);
+        }
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+/* vdotq_laneq_s32: 4 rows' lanes, each the sum of 4 products with the 4 bytes of x in one lane of xv. */
+#define DOT4(s, w, xv) \
+    s = vdotq_laneq_s32(s, w[0], xv, 0), s = vdotq_laneq_s32(s, w[1], xv, 1), \
+    s = vdotq_laneq_s32(s, w[2], xv, 2), s = vdotq_laneq_s32(s, w[3], xv, 3)
+INLINE void w4a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, const float *pm, float *y,
+                      long N, int add, const int mr) {
+    const long G = K / QK;
+    for (int h = 0; h < 4; h++) {  /* rows 4h .. 4h + 3 of the panel */
+        float32x4_t acc[MR8];
+        for (int r = 0; r < mr; r++) acc[r] = vdupq_n_f32(0.0f);
+        for (long g = 0; g < G; g++) {
+            int8x16_t lo[4], hi[4];
+            for (int i = 0; i < 4; i++) {
+                const uint8x16_t b = vld1q_u8(pq + (g * 4 + i) * 64 + h * 16);
+                lo[i] = vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), hi[i] = vreinterpretq_s8_u8(vshrq_n_u8(b, 4));
+            }
+            const float32x4_t dw = vld1q_f32(pd + g * NC + h * 4), mw = vld1q_f32(pm + g * NC + h * 4);
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xq = a.q + (r0 + r) * K + g * QK;
+                const int8x16_t x0 = vld1q_s8(xq), x1 = vld1q_s8(xq + 16);
+                int32x4_t s = vdupq_n_s32(0);
+                DOT4(s, lo, x0);
+                DOT4(s, hi, x1);
+                const long at = (r0 + r) * G + g;
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), vmulq_f32(dw, vdupq_n_f32(a.d[at])));
+                acc[r] = vfmaq_f32(acc[r], mw, vdupq_n_f32(a.s[at]));
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            float *yr = y + (r0 + r) * N + h * 4;
+            vst1q_f32(yr, add ? vaddq_f32(acc[r], vld1q_f32(yr)) : acc[r]);
+        }
     }
 }
 #else
@@ -162,7 +256,7 @@ void w4a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y
         for (long r0 = 0; r0 < M; r0 += MR8) {
             const int tb = M - r0 < MR8 ? (int)(M - r0) : MR8;
 #define T4(R) w4a8_tile(a, K, r0, pq + p * G * 4 * 64, pd + p * G * NC, pm + p * G * NC, y + p * NC, N, add, R)
-            EACH_TILE(T4)
+            EACH_ROWS(T4)
         }
 }
 
@@ -206,7 +300,7 @@ void w8a8_repack(const int8_t *q, const float *d, long N, long K, uint8_t *pq, f
         }
 }
 
-#ifdef __AVX512VNNI__
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
 INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, float *y, long N, int add,
                       const int mr) {
     const long G = K / QK;
@@ -233,6 +327,80 @@ INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float 
     for (int r = 0; r < mr; r++) {
         float *yr = y + (r0 + r) * N;
         _mm512_storeu_ps(yr, add ? _mm512_add_ps(acc[r], _mm512_loadu_ps(yr)) : acc[r]);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same integer sum: AVX-VNNI as AVX-512's (q_w + 128, corrected); plain AVX2 with the signs moved
+   onto x (|q_w| * (x * sign q_w), u8 x s8 pairs into int16: at most 2 * 127 * 127 < 2^15), then int32. */
+INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, float *y, long N, int add,
+                      const int mr) {
+    const long G = K / QK;
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[MR8];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        for (long g = 0; g < G; g++) {
+            __m256i w[8];
+            for (int i = 0; i < 8; i++) w[i] = _mm256_loadu_si256((const __m256i *)(pq + (g * 8 + i) * 64 + h * 32));
+#ifndef __AVXVNNI__
+            __m256i mag[8];
+            for (int i = 0; i < 8; i++)
+                w[i] = _mm256_xor_si256(w[i], _mm256_set1_epi8((char)0x80)), mag[i] = _mm256_abs_epi8(w[i]);
+#endif
+            const __m256 dw = _mm256_loadu_ps(pd + g * NC + h * 8);
+            for (int r = 0; r < mr; r++) {
+                const int32_t *xq = (const int32_t *)(a.q + (r0 + r) * K + g * QK);
+                const long at = (r0 + r) * G + g;
+#ifdef __AVXVNNI__
+                __m256i s0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[0], _mm256_set1_epi32(xq[0]));
+                __m256i s1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[1], _mm256_set1_epi32(xq[1]));
+                for (int i = 2; i < 8; i += 2) {
+                    s0 = _mm256_dpbusd_avx_epi32(s0, w[i], _mm256_set1_epi32(xq[i]));
+                    s1 = _mm256_dpbusd_avx_epi32(s1, w[i + 1], _mm256_set1_epi32(xq[i + 1]));
+                }
+                const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_set1_epi32(128 * a.qs[at]));
+#else
+                const __m256i one = _mm256_set1_epi16(1);
+                __m256i s = _mm256_setzero_si256();
+                for (int i = 0; i < 8; i++) {
+                    const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xq[i]), w[i]);
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[i], xs), one));
+                }
+#endif
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            float *yr = y + (r0 + r) * N + h * 8;
+            _mm256_storeu_ps(yr, add ? _mm256_add_ps(acc[r], _mm256_loadu_ps(yr)) : acc[r]);
+        }
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+/* Signed by signed: the panel's q_w + 128 back to q_w (flip the top bit), no correction needed. */
+INLINE void w8a8_tile(act8_t a, long K, long r0, const uint8_t *pq, const float *pd, float *y, long N, int add,
+                      const int mr) {
+    const long G = K / QK;
+    for (int h = 0; h < 4; h++) {
+        float32x4_t acc[MR8];
+        for (int r = 0; r < mr; r++) acc[r] = vdupq_n_f32(0.0f);
+        for (long g = 0; g < G; g++) {
+            int8x16_t w[8];
+            for (int i = 0; i < 8; i++)
+                w[i] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(pq + (g * 8 + i) * 64 + h * 16), vdupq_n_u8(0x80)));
+            const float32x4_t dw = vld1q_f32(pd + g * NC + h * 4);
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xq = a.q + (r0 + r) * K + g * QK;
+                int32x4_t s = vdupq_n_s32(0);
+                DOT4(s, w, vld1q_s8(xq));
+                DOT4(s, (w + 4), vld1q_s8(xq + 16));
+                const long at = (r0 + r) * G + g;
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), vmulq_f32(dw, vdupq_n_f32(a.d[at])));
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            float *yr = y + (r0 + r) * N + h * 4;
+            vst1q_f32(yr, add ? vaddq_f32(acc[r], vld1q_f32(yr)) : acc[r]);
+        }
     }
 }
 #else
@@ -269,7 +437,7 @@ void w8a8_share(act8_t a, long M, long K, const void *const *w, long N, float *y
             for (long r0 = 0; r0 < M; r0 += MR8) {
                 const int tb = M - r0 < MR8 ? (int)(M - r0) : MR8;
 #define T8(R) w8a8_tile(a, K, r0, pq + p * G * 8 * 64, pd + p * G * NC, y + p * NC, N, add, R)
-                EACH_TILE(T8)
+                EACH_ROWS(T8)
             }
 }
 
