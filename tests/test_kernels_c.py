@@ -2,9 +2,9 @@
 
 The harness (plain C: no torch, no Python) checks every entry point against references it computes in
 double precision, within bounds derived from the float32 arithmetic, and prints one line per check and
-`N passed, M failed`. Here it is built with kernels.py's own flags for this CPU, for AVX2 (x86-64-v3),
-for a generic x86-64 (the portable C), without OpenMP, and for ARM64 (plain ARMv8-A and with the dot
-product instructions) with Debian's cross compiler, run under qemu-aarch64. A case whose compiler,
+`N passed, M failed`. Here it is built with kernels.py's own flags for this CPU, for AVX2 (x86-64-v3,
+and with AVX-VNNI), for a generic x86-64 (the portable C), without OpenMP, and for ARM64 (plain ARMv8-A
+and with the dot product instructions) with Debian's cross compiler, run under qemu-aarch64. A case whose compiler,
 emulator or CPU is missing is skipped and says which. `--perturb` corrupts one output of every check by
 a realistic bug's amount, and every check must then fail.
 
@@ -58,6 +58,8 @@ def cases():
         "native": (cc, "native", True, [], no_cc),
         "avx2": (cc, "x86-64-v3", True, [], not_x86 or no_cc or (
             None if cpu_has("avx2", "fma", "bmi2", "f16c", "movbe") else "this CPU has no AVX2 (x86-64-v3)")),
+        "avx2-vnni": (cc, "x86-64-v3+avxvnni", True, [], not_x86 or no_cc or (
+            None if cpu_has("avx2", "fma", "bmi2", "f16c", "movbe", "avx_vnni") else "this CPU has no AVX-VNNI")),
         "portable": (cc, "x86-64", True, [], not_x86 or no_cc),
         "no-openmp": (cc, "native", False, [], no_cc),
         "arm64": (arm[0], "armv8-a", True, arm[1], arm[2]),
@@ -71,7 +73,8 @@ CASES = cases()
 NATIVE = "neon" if ARM64 else "avx512" if cpu_has("avx512f") else "avx2" if cpu_has("avx2", "fma") else "portable"
 EXPECTED = {
     "native": (NATIVE, {"openmp"}, set()),
-    "avx2": ("avx2", {"fma", "openmp"}, set()),
+    "avx2": ("avx2", {"fma", "openmp"}, {"avxvnni"}),
+    "avx2-vnni": ("avx2", {"avxvnni", "fma", "openmp"}, set()),
     "portable": ("portable", {"openmp"}, {"fma"}),
     "no-openmp": (NATIVE, {"single-thread"}, {"openmp"}),
     "arm64": ("neon", {"openmp"}, {"dotprod"}),

@@ -230,6 +230,8 @@ int main(int argc, char **argv) {
     check_q4_1(&r, 13, 96, 40, 0, 0), check_q8_0(&r, 13, 96, 40, 0);
     check_q4_1(&r, 1, 96, 40, 0, 1), check_q4_1(&r, 3, 96, 40, 0, 1), check_q8_0(&r, 1, 96, 40, 1), check_q8_0(&r, 3, 96, 40, 1);
     check_q8_0(&r, 1, 256, 96, 0);
+    /* K = 160: five blocks, more than a vector of block minima (4 or 8 lanes) and a scalar rest. */
+    check_q4_1(&r, 1, 160, 40, 0, 0), check_q4_1(&r, 3, 160, 40, 0, 0), check_q8_0(&r, 1, 160, 40, 0);
     /* With panels (N = 96: three of 32), used from 5 rows on; 12 rows = one register tile, 13 and 29 not. */
     const long panel_rows[] = {1, 4, 5, 12, 13, 29};
     for (int i = 0; i < 6; i++) check_q4_1(&r, panel_rows[i], 256, 96, 1, 0);
