@@ -8,7 +8,8 @@
    operations the kernels do, stated where it is computed. One line per check, then `N passed, M failed`;
    the exit status is 1 on any failure. `--perturb` corrupts one output of every check by a realistic
    bug's amount (one weight one quantization step off, one unit of an integer sum, one flipped bit of a
-   block) and every check must then fail: the tolerances are tight enough to catch it.
+   block, two swapped weights of the output matrix) and every check must then fail: the tolerances are
+   tight enough to catch it.
 
    Build: cc -march=... harness.c a8_ref.c llama_ref.c ../kernels.c ../w4a8.c with the flags of kernels.py, less
    -shared. Left out: timing (benchmarks print speed; this only checks answers). */
@@ -35,7 +36,7 @@ double compare(const float *got, const double *want, const double *bound, long n
     for (long i = 0; i < n; i++) {
         const double e = fabs((double)got[i] - want[i]);
         double r = bound[i] > 0.0 ? e / bound[i] : (e == 0.0 ? 0.0 : INFINITY);
-        if (!(e <= bound[i])) {
+        if (!(e <= bound[i]) || !isfinite(bound[i])) {  /* an infinite bound would pass anything */
             if (*ok) snprintf(first_miss, sizeof first_miss, " (first miss: [%ld] = %.9g, want %.9g +- %.3g)", i, got[i], want[i], bound[i]);
             *ok = 0, r = isnan(e) ? INFINITY : r;
         }
@@ -148,7 +149,7 @@ static void check_quantize(rng_t *r) {
 /* ---- 2. float32 products ---------------------------------------------------------------------------
    The kernels compute y = sum_k w_k x_k (+ y0) in float32 either as written (tiles, panels, portable C,
    where the compiler may fuse q d + m into one rounding) or per block as d sum q_k x_k + m sum x_k (the
-   one-row AVX-512 path). With w_k = fl(fl(q_k d) + m), each form is within 2u (|q_k d| + |m|) per weight
+   one-row paths). With w_k = fl(fl(q_k d) + m), each form is within 2u (|q_k d| + |m|) per weight
    of the other, and a sum of K products in any order errs by gamma_K sum |terms| (harness.h), so
        |y - (sum_k w_k x_k + y0)| <= gamma_{K+6} A,   A = sum_k (|q_k d| + |m|) |x_k| + |y0|
    (K products and sums, 2 roundings of the weight, d and m applied, the add). It must be A and not

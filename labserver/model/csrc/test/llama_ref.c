@@ -15,46 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "harness.h"
+#include "llama_ref.h"
 
-enum { L = 2, D = 64, H = 4, HKV = 2, DH = 16, I = 128, V = 96, S = 4, T = 16, NQKV = (H + 2 * HKV) * DH };
-enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };  /* kernels.c */
-#define EPS 1e-5f
-/* The matrices' gains (1: outputs of about the inputs' size). The bound is worst case: input errors go
-   through a product as sum |w| e, ~7-10 times their size for gain 1 at these widths, so through two
-   layers of gain-1 matrices it would exceed the logits. Gains of 0.1-0.3 in the layers (the branches
-   add a few percent to the residual stream, as in a trained model's early layers) keep it near 0.5% of
-   the logits, while a wrong attention, rotary or cache still moves them by several times that. */
-#ifndef G_QKV
-#define G_QKV 0.3
-#define G_O 0.1
-#define G_GU 0.1
-#define G_DOWN 0.1
-#define G_HEAD 1.0
-#endif
-#define CACHE (L * S * HKV * T * DH)
-/* exp's relative error in the kernels: glibc's expf, libmvec's vector expf and the kernels' own
-   polynomial are each within 4 ulp (8 u); silu's derivative is within [-0.1, 1.1]. */
-#define C_EXP (8 * U_F32)
-#define SILU_SLOPE 1.1
-
-/* A matrix: its blocks (and panels), and for the reference its float32 weights w, |q d| + |m| per weight
-   (what the product's rounding bound sums, harness.c section 2) and that bound's gamma. */
-typedef struct {
-    long N, K;
-    uint8_t *q, *pq;
-    int8_t *q8;
-    float *d, *m, *pd, *pm;
-    double *w, *mag, gam;
-} mat_t;
-
-static struct {
-    float ln[L][2][D], norm[D], *embed, cos[T * DH], sin[T * DH], kc[CACHE], vc[CACHE];
-    double c[T * DH], s[T * DH], rk[CACHE], rv[CACHE], ek[CACHE], ev[CACHE];
-    char written[CACHE / DH];
-    mat_t qkv[L], o[L], gu[L], down[L], head;
-    const void *w[L * PER_LAYER + 5];
-} M;
+struct model M;
 
 static void q4_1_mat(rng_t *r, mat_t *a, long N, long K, double gain) {
     const long G = K / QK;
@@ -70,7 +33,7 @@ static void q4_1_mat(rng_t *r, mat_t *a, long N, long K, double gain) {
         }
 }
 
-static void build_model(rng_t *r) {
+void build_model(rng_t *r) {
     M.embed = uniform(r, V * D);
     for (long l = 0; l < L; l++) {
         for (int j = 0; j < 2; j++)
@@ -191,24 +154,23 @@ static void silu_ref(const double *g, const double *eg, const double *u, const d
 
 static long at(long l, long slot, long g, long t) { return ((l * S + slot) * HKV + g) * T + t; }
 
-/* The reference step: logits [R, V] and their bounds; hlast: the normed last row the output matrix reads. */
-static void forward_ref(const long *tok, const long *pos, const long *slots, long B, const long *rows, long R,
-                        double *logits, double *elog, double *hlast) {
+void forward_ref(cache_t *C, long l0, long l1, const float *x0, const long *tok, const long *pos, const long *slots,
+                 long B, const long *rows, long R, double *logits, double *elog, double *hlast) {
     double *x = alloc(8 * B * D), *ex = alloc(8 * B * D), *h = alloc(8 * D), *eh = alloc(8 * D);
     double *att = alloc(8 * B * H * DH), *eatt = alloc(8 * B * H * DH), qkv[NQKV], eq[NQKV], gu[2 * I], eg[2 * I];
     double a[I], ea[I];
-    for (long b = 0; b < B; b++)
-        for (long i = 0; i < D; i++) x[b * D + i] = M.embed[tok[b] * D + i];
-    for (long l = 0; l < L; l++) {
+    for (long b = 0; b < B; b++)  /* x0 as it is: errors are counted from there */
+        for (long i = 0; i < D; i++) x[b * D + i] = x0 ? x0[b * D + i] : M.embed[tok[b] * D + i];
+    for (long l = l0; l < l1; l++) {
         for (long b = 0; b < B; b++) {  /* every row's keys and values go to the cache before any row attends */
             rms_ref(x + b * D, ex + b * D, M.ln[l][0], h, eh);
             prod_ref(&M.qkv[l], h, eh, qkv, eq, 0);
             for (long hd = 0; hd < H + HKV; hd++) rotary_ref(qkv + hd * DH, eq + hd * DH, M.c + pos[b] * DH, M.s + pos[b] * DH);
             for (long g = 0; g < HKV; g++) {
                 const long c = at(l, slots[b], g, pos[b]);
-                memcpy(M.rk + c * DH, qkv + (H + g) * DH, 8 * DH), memcpy(M.ek + c * DH, eq + (H + g) * DH, 8 * DH);
-                memcpy(M.rv + c * DH, qkv + (H + HKV + g) * DH, 8 * DH), memcpy(M.ev + c * DH, eq + (H + HKV + g) * DH, 8 * DH);
-                M.written[c] = 1;
+                memcpy(C->rk + c * DH, qkv + (H + g) * DH, 8 * DH), memcpy(C->ek + c * DH, eq + (H + g) * DH, 8 * DH);
+                memcpy(C->rv + c * DH, qkv + (H + HKV + g) * DH, 8 * DH), memcpy(C->ev + c * DH, eq + (H + HKV + g) * DH, 8 * DH);
+                C->written[c] = 1;
             }
             memcpy(att + b * H * DH, qkv, 8 * H * DH), memcpy(eatt + b * H * DH, eq, 8 * H * DH);  /* the queries */
         }
@@ -217,7 +179,7 @@ static void forward_ref(const long *tok, const long *pos, const long *slots, lon
                 const long c = at(l, slots[b], hd / (H / HKV), 0) * DH;
                 double q[DH], e[DH];
                 memcpy(q, att + (b * H + hd) * DH, sizeof q), memcpy(e, eatt + (b * H + hd) * DH, sizeof e);
-                attend_ref(q, e, M.rk + c, M.ek + c, M.rv + c, M.ev + c, pos[b] + 1, att + (b * H + hd) * DH, eatt + (b * H + hd) * DH);
+                attend_ref(q, e, C->rk + c, C->ek + c, C->rv + c, C->ev + c, pos[b] + 1, att + (b * H + hd) * DH, eatt + (b * H + hd) * DH);
             }
         for (long b = 0; b < B; b++) {
             prod_ref(&M.o[l], att + b * H * DH, eatt + b * H * DH, x + b * D, ex + b * D, 1);
@@ -236,57 +198,3 @@ static void forward_ref(const long *tok, const long *pos, const long *slots, lon
     free(x), free(ex), free(h), free(eh), free(att), free(eatt);
 }
 
-/* One llama_decode call against the reference: its logits, and every cache row written so far. Perturbed:
-   the last logit as if two neighbouring weights of its row were swapped (a wrong interleave on load). */
-static void step(const char *what, const long *tok, const long *pos, const long *slots, long B, const long *rows, long R) {
-    const long n = rows ? R : B;
-    const long dims[12] = {L, D, H, HKV, DH, I, V, B, S, T, rows ? R : 0, 0};
-    float *x = alloc(4 * B * D), *logits = alloc(4 * n * V), cache[2 * CACHE];
-    double *want = alloc(8 * n * V), *bound = alloc(8 * n * V), hlast[D], step = 0.0;
-    for (long b = 0; b < B; b++) memcpy(x + b * D, M.embed + tok[b] * D, 4 * D);
-    llama_decode(M.w, dims, EPS, x, pos, slots, M.cos, M.sin, M.kc, M.vc, rows, logits);
-    forward_ref(tok, pos, slots, B, rows, n, want, bound, hlast);
-    for (long k = 0; k + 1 < D; k += 2) {  /* two neighbouring weights of the last row swapped */
-        const double *wr = M.head.w + (V - 1) * D, s = fabs((wr[k] - wr[k + 1]) * (hlast[k] - hlast[k + 1]));
-        step = s > step ? s : step;
-    }
-    if (perturb) logits[n * V - 1] += (float)step;
-    int ok_logits, ok_k, ok_v;
-    double *cw = alloc(16 * CACHE), *cb = alloc(16 * CACHE);
-    long used = 0;
-    for (long c = 0; c < CACHE / DH; c++)
-        if (M.written[c])
-            for (long j = 0; j < DH; j++, used++) {
-                cache[used] = M.kc[c * DH + j], cw[used] = M.rk[c * DH + j], cb[used] = M.ek[c * DH + j];
-                cache[CACHE + used] = M.vc[c * DH + j], cw[CACHE + used] = M.rv[c * DH + j], cb[CACHE + used] = M.ev[c * DH + j];
-            }
-    const double worst = fmax(compare(logits, want, bound, n * V, &ok_logits),
-                              fmax(compare(cache, cw, cb, used, &ok_k), compare(cache + CACHE, cw + CACHE, cb + CACHE, used, &ok_v)));
-    const int ok = ok_logits && ok_k && ok_v;
-    char name[200];
-    snprintf(name, sizeof name, "llama_decode %s: %ld logits and %ld cached keys and values", what, n * V, 2 * used);
-    report(name, ok, worst);
-    free(x), free(logits), free(want), free(bound), free(cw), free(cb);
-}
-
-void llama_checks(void) {
-    rng_t r = {4};
-    build_model(&r);
-    const long tok[8] = {3, 17, 95, 42, 0, 64, 8, 71}, rows1[1] = {4}, rows2[2] = {4, 7};
-    char what[120];
-    for (long p = 0; p < 4; p++) {  /* one sequence in slot 2, token by token */
-        const long pos[1] = {p}, slot[1] = {2};
-        snprintf(what, sizeof what, "one sequence, position %ld", p);
-        step(what, tok + p, pos, slot, 1, NULL, 0);
-    }
-    /* A batch of 3 in slots 0, 1, 3 at different positions (the first had one step alone). */
-    step("batch: the first sequence alone, position 0", tok, (long[]){0}, (long[]){0}, 1, NULL, 0);
-    step("batch of 3 at positions 1, 0, 0", tok + 1, (long[]){1, 0, 0}, (long[]){0, 1, 3}, 3, NULL, 0);
-    step("batch of 3 at positions 2, 1, 1", tok + 4, (long[]){2, 1, 1}, (long[]){0, 1, 3}, 3, NULL, 0);
-    /* A prefill of a 5-token prompt (5 rows: the panel products), its last row's logits, then a step on. */
-    step("prefill of 5 tokens in slot 1", tok, (long[]){0, 1, 2, 3, 4}, (long[]){1, 1, 1, 1, 1}, 5, rows1, 1);
-    step("a step after the prefill, position 5", tok + 5, (long[]){5}, (long[]){1}, 1, NULL, 0);
-    /* Two prompts together, 5 tokens in slot 2 and 3 in slot 3, then both decode in one batch. */
-    step("prefill of prompts of 5 and 3 tokens", tok, (long[]){0, 1, 2, 3, 4, 0, 1, 2}, (long[]){2, 2, 2, 2, 2, 3, 3, 3}, 8, rows2, 2);
-    step("batch of 2 after that prefill, positions 5, 3", tok + 6, (long[]){5, 3}, (long[]){2, 3}, 2, NULL, 0);
-}
