@@ -3,16 +3,17 @@
 
    It makes its own data with a fixed-seed generator and checks each entry point against a reference it
    computes in double precision: the block quantizers' round trip, the float32 products (tiles, panels),
-   the 8-bit-activation products against an integer reference (a8_ref.c), and the fused decode step against a
-   straightforward llama forward (llama_ref.c). Every tolerance is a bound derived from the float32
-   operations the kernels do, stated where it is computed. One line per check, then `N passed, M failed`;
+   the 8-bit-activation products against an integer reference (a8_ref.c), and the fused decode step
+   against a straightforward llama forward (llama_ref.c, llama_steps.c). Every tolerance is a bound
+   derived from the float32 operations the kernels do, stated where it is computed. One line per check, then `N passed, M failed`;
    the exit status is 1 on any failure. `--perturb` corrupts one output of every check by a realistic
    bug's amount (one weight one quantization step off, one unit of an integer sum, one flipped bit of a
    block, two swapped weights of the output matrix) and every check must then fail: the tolerances are
    tight enough to catch it.
 
-   Build: cc -march=... harness.c a8_ref.c llama_ref.c ../kernels.c ../w4a8.c with the flags of kernels.py, less
-   -shared. Left out: timing (benchmarks print speed; this only checks answers). */
+   Build (tests/test_kernels_c.py does, for each path), from labserver/model/csrc:
+       cc test/*.c kernels.c w4a8.c -o harness -march=... <kernels.FLAGS less -shared> -fopenmp -lm
+   Left out: timing (benchmarks print speed; this only checks answers). */
 #include "harness.h"
 
 #include <math.h>
