@@ -156,9 +156,9 @@ def test_an_unreadable_block_file_is_quantized_again(grid, tmp_path):
     assert lean.fused is not None and lean.formats() == ["q4_1", "q8_0"]
 
 
-# (rows of x, products' atol, logits' atol): w4a8's products are the same integer arithmetic; its portable
-# norms and attention sum in another order, which can tip an activation's rounding (test_w4a8.py).
-PORTABLE = {"q4_1": (3, 1e-5, 1e-4), "w4a8": (11, 1e-6, 1e-2)}
+# (rows of x, products' atol, logits' atol): q4_1 sums in another order (its bounds: test_kernel_paths.py);
+# w4a8's integer products and the step's fixed order of float32 operations give the same bits.
+PORTABLE = {"q4_1": (3, 1e-5, 1e-4), "w4a8": (11, 0, 0)}
 
 
 @pytest.mark.parametrize("quant", PORTABLE)
@@ -170,7 +170,7 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the native build is the portable one here")
     rows, product_atol, logits_atol = PORTABLE[quant]
-    portable = kernels.load(kernels.build(str(tmp_path), arch="x86-64"))
+    portable = kernels.load(kernels.build(arch="x86-64"))
     blocks = LeanLlama(grid, quant=quant, max_batch=2, max_len=32)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
     for native in (blocks.layers[0]["gate_up"], blocks.lm_head):  # w4a8: also the output matrix's w8a8

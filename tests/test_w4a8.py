@@ -2,8 +2,8 @@
 block, in integer products.
 
 Its products must equal an independent reference of that arithmetic (torch, integer sums), stay within
-the rounding bound of the exact product, run the same in the fused step and the torch path (and the
-portable build: test_blockquant.py), and on the default model agree with float32 on most greedy steps
+the rounding bound of the exact product, run the same in the fused step and the torch path (and on every
+vector path, to the bit: test_kernel_paths.py), and on the default model agree with float32 on most greedy steps
 (``make bench`` prints the exact share).
 """
 
@@ -105,10 +105,19 @@ def test_the_fused_step_equals_the_torch_path(grid):
     fused = run(lean)
     lean.cache.lengths, lean.fused = [0] * 4, None
     unfused, exact = run(lean), run(LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32))
-    # Norms summed in another order can tip an activation over a rounding boundary (one step of its
-    # block's d), so the two differ a little; far less than either differs from the exact products.
-    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-2)  # logits here reach ~0.6
-    assert (fused - unfused).abs().mean() < (fused - exact).abs().mean() / 2
+    # The two differ only where an activation, summed in another order by torch's norms and attention,
+    # lands on the other side of an 8-bit rounding boundary: each such tip is one rounding of the route,
+    # which rounds every activation. So each of them is the exact route plus the same kind of rounding
+    # noise, spread over thousands of logits (their root mean square concentrates), and by the triangle
+    # inequality rms(fused - unfused) <= rms(fused - exact) + rms(unfused - exact) ~ 2 rms(unfused - exact),
+    # on any machine. A step wired wrongly (a row, a slot, a matrix) differs by the logits themselves.
+    def rms(t):
+        return float(t.double().pow(2).mean().sqrt())
+
+    assert rms(unfused - exact) > 0  # the route does round
+    assert rms(fused - unfused) <= 2 * rms(unfused - exact)
+    assert rms(fused - exact) <= 2 * rms(unfused - exact)  # the same noise as the torch path's, no more
+    assert 2 * rms(unfused - exact) < rms(exact) / 10  # and the check could see a wrong step
 
 
 @pytest.mark.model

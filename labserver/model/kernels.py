@@ -49,7 +49,10 @@ def _cpu_flags() -> str:
 
 def arch_flags(arch: str) -> list[str]:
     """Compiler flags for a target: ``-march=`` its name, then ``-m`` each ``+feature`` after it
-    ("x86-64-v3+avxvnni": AVX2 with the 256-bit VNNI instructions)."""
+    ("x86-64-v3+avxvnni": AVX2 with the 256-bit VNNI instructions). An ARM target keeps its features in
+    ``-march`` ("armv8.2-a+dotprod"), where GCC and clang take them."""
+    if arch.startswith("armv"):
+        return [f"-march={arch}"]
     name, *features = arch.split("+")
     return [f"-march={name}", *(f"-m{f}" for f in features)]
 

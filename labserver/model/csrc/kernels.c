@@ -21,6 +21,10 @@
    3. (w4a8.c) The W4A8 route: the same weights times activations quantized to 8 bits, llama.cpp's
       arithmetic, in integer dot products; `llama_decode` runs either route.
 
+   Vector code: AVX-512 here; AVX2 + FMA, NEON and portable C through simd.h's vector of VL lanes
+   (vec_kernels.h), chosen when compiled (`kernel_path()` says which). Every path keeps the weights'
+   two roundings and accumulates with fused multiply-adds (kernels.py builds with -ffp-contract=off).
+
    Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
    format), a prefill that continues a filled slot. */
 #include <math.h>

@@ -16,8 +16,12 @@
 
    The output matrix, Q8_0, goes the same way (w8a8, at the end of this file).
 
-   Left out: other block types.
-   Without AVX512-VNNI the same integer arithmetic runs as plain C, to the same results. */
+   The same layout serves every path, each to the same integers: AVX512-VNNI (a panel's 16 rows in one
+   register), AVX2 (two halves of 8 rows; vpmaddubsw + vpmaddwd, or AVX-VNNI's 256-bit vpdpbusd), NEON
+   with the dot product instructions (four quarters; sdot by lane), and plain C. Their float32 operations
+   on the integer sums come in one order too, so a product gives the same bits on every path.
+
+   Left out: other block types, a NEON path for cores without the dot product (they run the plain C). */
 #include <math.h>
 #include <stdlib.h>
 
