@@ -83,11 +83,9 @@ EXPECTED = {
 
 
 def harness_flags(arch: str, openmp: bool) -> list[str]:
-    """The flags kernels.build compiles the library with, for a program instead of a library. An ARM64
-    target's features stay in -march (armv8.2-a+dotprod): GCC has no -mdotprod, as arch_flags makes."""
+    """The flags kernels.build compiles the library with, for a program instead of a library."""
     flags = [f for f in kernels.FLAGS if f != "-shared"]
-    target = [f"-march={arch}"] if arch.startswith("armv") else kernels.arch_flags(arch)
-    return [*target, *flags, "-fopenmp" if openmp else "-fopenmp-simd", "-lm"]
+    return [*kernels.arch_flags(arch), *flags, "-fopenmp" if openmp else "-fopenmp-simd", "-lm"]
 
 
 @pytest.fixture(scope="module")
