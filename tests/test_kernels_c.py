@@ -5,8 +5,9 @@ double precision, within bounds derived from the float32 arithmetic, and prints 
 `N passed, M failed`. Here it is built with kernels.py's own flags for this CPU, for AVX2 (x86-64-v3,
 and with AVX-VNNI), for a generic x86-64 (the portable C), without OpenMP, and for ARM64 (plain ARMv8-A
 and with the dot product instructions) with Debian's cross compiler, run under qemu-aarch64. A case whose compiler,
-emulator or CPU is missing is skipped and says which. `--perturb` corrupts one output of every check by
-a realistic bug's amount, and every check must then fail.
+emulator or CPU is missing is skipped and says which. The W4A8 step must give the same bits on every
+path. `--perturb` corrupts one output of every check by a realistic bug's amount, and every check must
+then fail.
 
 Left out: timing (the benchmarks print speed), and Apple's clang (no such machine in CI).
 """
@@ -110,6 +111,19 @@ def build(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def result(build):
+    """The harness's run for one case (run once per module run)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = run(build(name))
+        return done[name]
+
+    return get
+
+
 def run(command, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # two threads even on one core: the work split runs
     done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=900, env=env)
@@ -120,8 +134,8 @@ def run(command, *args):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_check_passes(build, name):
-    done, passed, failed, lines = run(build(name))
+def test_every_check_passes(result, name):
+    done, passed, failed, lines = result(name)
     failures = [line for line in lines if line.startswith("FAIL")]
     assert done.returncode == 0 and failed == 0 and not failures, "\n".join(failures) or done.stderr[-2000:]
     assert passed == sum(line.startswith("PASS") for line in lines) > 50
@@ -132,10 +146,18 @@ def test_every_check_passes(build, name):
     assert path == want_path and wanted <= shown and not unwanted & shown, f"{name}: {build_line}"
 
 
-def test_the_harness_fails_every_check_it_perturbs(build):
+@pytest.mark.parametrize("name", [name for name in CASES if name != "native"])
+def test_the_w4a8_step_gives_the_same_bits_on_every_path(result, name):
+    """The W4A8 step runs one fixed order of float32 operations on every path (kernels.c), so its logits
+    and cache are the same bits as the native build's; the harness prints their digest."""
+    digest = re.compile(r"^digest of the w4a8 step: ([0-9a-f]{16})$", re.M)
+    theirs, ours = (digest.search("\n".join(result(n)[3])) for n in (name, "native"))
+    assert theirs and ours and theirs[1] == ours[1], (name, theirs and theirs[1], ours and ours[1])
+
+
+def test_the_harness_fails_every_check_it_perturbs(build, result):
     """One output of each check corrupted by a realistic bug's amount: every tolerance must catch it."""
-    command = build("native")
-    _, passed, failed, _ = run(command)
-    done, passed_perturbed, failed_perturbed, lines = run(command, "--perturb")
+    _, passed, failed, _ = result("native")
+    done, passed_perturbed, failed_perturbed, lines = run(build("native"), "--perturb")
     assert done.returncode != 0
     assert (passed_perturbed, failed_perturbed) == (0, passed + failed), [l for l in lines if l.startswith("PASS")]

@@ -8,6 +8,8 @@
       restarts each layer from that x, so each layer's logits and cache rows are checked within the
       bound of that layer alone, ~100 times tighter.
 
+   3. The W4A8 route: a digest of its bits (see w4a8_digest).
+
    Perturbed: the last logit of each check as if two neighbouring weights of its row of the output
    matrix were swapped (a wrong interleave on load), the largest such change over the row. */
 #include <math.h>
@@ -76,6 +78,51 @@ static void step(const char *what, const long *tok, const long *pos, const long 
     free(x), free(x0), free(logits), free(want), free(bound);
 }
 
+/* FNV-1a over the bytes of n floats, continuing from h. */
+static uint64_t digest(uint64_t h, const float *x, long n) {
+    const unsigned char *b = (const unsigned char *)x;
+    for (long i = 0; i < n * (long)sizeof(float); i++) h = (h ^ b[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* 3. The W4A8 route of the step (8-bit activations, w4a8.c's panels, the output matrix's W8A8 panels)
+   has no smooth reference: rounding the activations jumps with the inputs. The kernels run it in one
+   fixed order of float32 operations on every path, so its logits and cache must be the same bits
+   everywhere: this prints their digest over a prefill, a step and a batch, and the build's test compares
+   the digests of all paths (the x86 paths' against the torch route are tested in Python). */
+static void w4a8_digest(void) {
+    static cache_t c;
+    const void *w[L * PER_LAYER + 5];
+    memcpy(w, M.w, sizeof w);
+    for (long l = 0; l < L; l++) {
+        const mat_t *mats[] = {&M.qkv[l], &M.o[l], &M.gu[l], &M.down[l]};
+        const int at[] = {QKV, O, GU, DOWN};
+        for (int i = 0; i < 4; i++) {
+            const mat_t *a = mats[i];
+            const long G = a->K / QK;
+            uint8_t *pq = alloc(a->N * a->K / 2);
+            float *pd = alloc(sizeof(float) * a->N * G), *pm = alloc(sizeof(float) * a->N * G);
+            w4a8_repack(a->q, a->d, a->m, a->N, a->K, pq, pd, pm);
+            w[l * PER_LAYER + at[i] + MPQ] = pq, w[l * PER_LAYER + at[i] + MPD] = pd, w[l * PER_LAYER + at[i] + MPM] = pm;
+        }
+    }
+    uint8_t *hq = alloc(V * D);
+    float *hd = alloc(sizeof(float) * V * D / QK);
+    w8a8_repack(M.head.q8, M.head.d, V, D, hq, hd);
+    w[L * PER_LAYER + 3] = hq, w[L * PER_LAYER + 4] = hd;
+    const long tok[5] = {3, 17, 95, 42, 0}, calls = 3, Bs[3] = {5, 1, 3}, pos[3][5] = {{0, 1, 2, 3, 4}, {5}, {6, 0, 1}};
+    const long slots[3][5] = {{1, 1, 1, 1, 1}, {1}, {1, 0, 2}}, last[1] = {4};
+    uint64_t h = 0xCBF29CE484222325ull;
+    float x[5 * D], logits[3 * V];
+    for (long i = 0; i < calls; i++) {
+        const long B = Bs[i], dims[12] = {L, D, H, HKV, DH, I, V, B, S, T, i == 0 ? 1 : 0, 1};
+        for (long b = 0; b < B; b++) memcpy(x + b * D, M.embed + tok[(b + i) % 5] * D, sizeof(float) * D);
+        llama_decode(w, dims, EPS, x, pos[i], slots[i], M.cos, M.sin, c.kc, c.vc, i == 0 ? last : NULL, logits);
+        h = digest(h, logits, (i == 0 ? 1 : B) * V);
+    }
+    printf("digest of the w4a8 step: %016llx\n", (unsigned long long)digest(digest(h, c.kc, CACHE), c.vc, CACHE));
+}
+
 void llama_checks(void) {
     rng_t r = {4};
     build_model(&r);
@@ -97,4 +144,5 @@ void llama_checks(void) {
     step("prefill of prompts of 5 and 3 tokens", tok, (long[]){0, 1, 2, 3, 4, 0, 1, 2}, (long[]){2, 2, 2, 2, 2, 3, 3, 3}, 8,
          rows2, 2);
     step("batch of 2 after that prefill, positions 5, 3", tok + 6, (long[]){5, 3}, (long[]){2, 3}, 2, NULL, 0);
+    w4a8_digest();
 }
