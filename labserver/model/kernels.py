@@ -32,7 +32,7 @@ import torch
 from ..config import default_cache_dir
 
 HERE = Path(__file__).parent / "csrc"
-SOURCES = [HERE / "kernels.c", HERE / "w4a8.c"]  # and the headers they share, csrc/*.h
+SOURCES = [HERE / f for f in ("kernels.c", "quantize.c", "w4a8.c", "w8a8.c", "step.c", "team.c")]  # and csrc/*.h
 # -fno-math-errno lets expf vectorize (glibc's libmvec); no -ffast-math: the sums keep their rounding.
 # -ffp-contract=off: GCC would otherwise fuse a * b + c into one FMA, also where vector intrinsics are
 # plain operators (_mm256_mul_ps then _mm256_add_ps): the weights q * d + m must be rounded twice, as the

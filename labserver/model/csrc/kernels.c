@@ -9,11 +9,12 @@
    step of 8 sequences reads each weight once. Rows of W are taken in chunks by the OpenMP threads of the
    caller as they come free (kernels.h; the same libgomp team torch uses, so `torch.set_num_threads` on
    the calling thread applies).
-   `q4_1_quantize` / `q8_0_quantize` make the blocks and count the weights they would not reproduce.
+   `q4_1_quantize` / `q8_0_quantize` (quantize.c) make the blocks and count the weights they would not
+   reproduce.
    1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
    laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
 
-   2. `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
+   2. (step.c) `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
       same arithmetic as `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
@@ -28,8 +29,6 @@
    Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
    format), a prefill that continues a filled slot. */
 #include <math.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -43,7 +42,6 @@
 #define AHEAD 4096
 
 INLINE void store(float *y, float s, int add) { *y = add ? *y + s : s; }
-INLINE float clamp(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 #ifdef __AVX512F__
 /* One output row n against `tb` rows of x; `tb` is a literal at every call site, so the loop over rows
@@ -241,79 +239,6 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
 #include "vec_kernels.h"  /* the same products for AVX2, NEON and portable C */
 #endif
 
-/* Which vector code this library was compiled to (kernels.py's `path()`), and what the integer route
-   of w4a8.c uses and whether the kernels run on OpenMP threads (`features()`). */
-const char *kernel_path(void) {
-#ifdef __AVX512F__
-    return "avx512";
-#else
-    return SIMD_PATH;
-#endif
-}
-
-const char *kernel_features(void) {
-    return ""
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
-           "avx512vnni "
-#elif defined(__AVXVNNI__)
-           "avxvnni "
-#endif
-#if defined(__ARM_FEATURE_DOTPROD)
-           "dotprod "
-#endif
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-           "fma "
-#endif
-#ifdef _OPENMP
-           "openmp"
-#else
-           "single-thread"
-#endif
-        ;
-}
-
-/* ---- the threads' work: phases cut into chunks (kernels.h) ---------------------------------------- */
-static __thread long *team_counters, team_phase, team_count;
-
-/* Counters for `phases` phases of a team of up to omp_get_max_threads() threads (the width, in [0]). */
-long *team_counters_alloc(long phases) {
-    const long width = omp_get_max_threads();
-    long *counters = calloc((phases * width + 1) * PAD, sizeof(long));
-    if (counters != NULL) counters[0] = width;
-    return counters;
-}
-
-void team_begin(long *counters, long phases) {
-    team_counters = counters, team_phase = 0, team_count = counters ? phases : 0;
-}
-
-work_t phase(long n, long chunk) {
-    work_t w = {n, chunk < 1 ? 1 : chunk, NULL, 0};
-    if (team_phase < team_count && omp_get_num_threads() <= team_counters[0])
-        w.next = team_counters + (team_phase++ * team_counters[0] + 1) * PAD;
-    return w;
-}
-
-/* Thread t owns the t-th contiguous part of the items and takes its chunks in order (the weights stream
-   through it as with a static split); a thread whose part is done takes chunks from the next parts. */
-int take(work_t *w, long *i0, long *i1) {
-    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
-    if (w->next == NULL) {  /* out of counters: this thread's part, once */
-        *i0 = w->n * t / nt, *i1 = w->n * (t + 1) / nt;
-        return !w->once++ && *i1 > *i0;
-    }
-    for (long o = 0; o < nt; o++) {
-        const long u = (t + o) % nt, end = w->n * (u + 1) / nt;
-        /* relaxed: the barriers after each phase order the data */
-        *i0 = w->n * u / nt + __atomic_fetch_add(w->next + u * PAD, 1, __ATOMIC_RELAXED) * w->chunk;
-        if (*i0 < end) {
-            *i1 = *i0 + w->chunk < end ? *i0 + w->chunk : end;
-            return 1;
-        }
-    }
-    return 0;
-}
-
 /* Rows per chunk of a product by rows: ~64 KB of weights, so taking one costs ~1% of reading it. */
 static long row_chunk(long row_bytes) { return (65536 + row_bytes - 1) / row_bytes; }
 
@@ -358,7 +283,7 @@ static void q8_0_rows(const float *x, long M, long K, const int8_t *q, const flo
 }
 
 /* y = x . W^T (y += with `add`), one phase of work for every thread of a team. */
-static void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
+void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add) {
     long n0, n1;
     if (M > PANEL_MIN && w[MPQ] != NULL) {
         for (work_t k = phase(N / NP, 1); take(&k, &n0, &n1);)
@@ -372,7 +297,7 @@ static void q4_1_share(const float *x, long M, long K, const void *const *w, lon
         q4_1_rows(x, sx, M, K, w[MQ], w[MD], w[MM], N, y, add, n0, n1);
 }
 
-static void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
+void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add) {
     long n0, n1;
     for (work_t k = phase(N, row_chunk(K + 4 * K / QK)); take(&k, &n0, &n1);) q8_0_rows(x, M, K, q, d, N, y, add, n0, n1);
 }
@@ -395,270 +320,4 @@ void q8_0_matmul(const float *x, long M, long K, const int8_t *q, const float *d
         q8_0_share(x, M, K, q, d, N, y, add);
     }
     free(counters);
-}
-
-static float absmax(const float *x, long n) {
-    float top = 0.0f;
-    for (long i = 0; i < n; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
-    return top;
-}
-
-/* Quantize w [N, K] into the blocks above (rounding half to even, as torch.round does); return how many
-   weights the blocks miss by more than `rtol` times their row's largest magnitude (0: the blocks are w). */
-long q4_1_quantize(const float *w, long N, long K, uint8_t *q, float *d, float *m, float rtol) {
-    long missed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : missed)
-    for (long n = 0; n < N; n++) {
-        const float *row = w + n * K, big = absmax(row, K);
-        for (long g = 0; g < K / QK; g++) {
-            const float *x = row + g * QK;
-            float lo = x[0], hi = x[0];
-            for (int j = 1; j < QK; j++) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
-            const float dg = (hi - lo) / 15.0f, inv = dg > 0.0f ? dg : 1e-30f;
-            uint8_t *qg = q + n * K / 2 + g * QK / 2;
-            for (int j = 0; j < QK / 2; j++) {
-                float a = clamp(nearbyintf((x[j] - lo) / inv), 0.0f, 15.0f);
-                float b = clamp(nearbyintf((x[j + QK / 2] - lo) / inv), 0.0f, 15.0f);
-                qg[j] = (uint8_t)a | (uint8_t)((uint8_t)b << 4);
-                missed += fabsf(a * dg + lo - x[j]) > rtol * big;
-                missed += fabsf(b * dg + lo - x[j + QK / 2]) > rtol * big;
-            }
-            d[n * (K / QK) + g] = dg, m[n * (K / QK) + g] = lo;
-        }
-    }
-    return missed;
-}
-
-long q8_0_quantize(const float *w, long N, long K, int8_t *q, float *d, float rtol) {
-    long missed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : missed)
-    for (long n = 0; n < N; n++) {
-        const float *row = w + n * K, big = absmax(row, K);
-        for (long g = 0; g < K / QK; g++) {
-            const float *x = row + g * QK;
-            const float dg = absmax(x, QK) / 127.0f, inv = dg > 0.0f ? dg : 1e-30f;
-            for (int j = 0; j < QK; j++) {
-                float a = clamp(nearbyintf(x[j] / inv), -127.0f, 127.0f);
-                q[n * K + g * QK + j] = (int8_t)a;
-                missed += fabsf(a * dg - x[j]) > rtol * big;
-            }
-            d[n * (K / QK) + g] = dg;
-        }
-    }
-    return missed;
-}
-
-/* ---- 2. one decode step ------------------------------------------------------------------------------ */
-
-enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };
-
-/* The step's arithmetic outside the products runs in one fixed order on every path, so that with the
-   W4A8 route (integer products, w4a8.c) a step gives the same bits on AVX-512, AVX2, NEON and portable C:
-   an activation that a different order rounds differently would land on the other side of an 8-bit
-   rounding boundary now and then. Sums of n terms: 16 lanes (lane l: terms l, l + 16, ..., each product
-   rounded, then added), folded in halves (lanes l + 8, then l + 4, l + 2, l + 1): the order of
-   _mm512_reduce_add_ps. e^x: vexp's / exp16's operations, lane by lane. */
-#ifdef __AVX512F__
-INLINE __mmask16 first(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
-
-static float dot16(const float *a, const float *b, long n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (long i = 0; i < n; i += 16)
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(first(n - i), a + i),
-                                               _mm512_maskz_loadu_ps(first(n - i), b + i)));
-    return _mm512_reduce_add_ps(acc);
-}
-
-/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf);
-   x in [-87, 88], as simd.h's vexp. */
-INLINE __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
-static void silu_mul(const float *g, const float *u, float *a, long n) {
-    for (long i = 0; i < n; i += 16) {
-        const __mmask16 k = first(n - i);
-        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        _mm512_mask_storeu_ps(a + i, k, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                                      _mm512_maskz_loadu_ps(k, u + i)));
-    }
-}
-
-/* s = e^(s - top) in place */
-static void exp_shifted(float *s, long n, float top) {
-    for (long i = 0; i < n; i += 16) {
-        const __mmask16 k = first(n - i);
-        _mm512_mask_storeu_ps(s + i, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), _mm512_set1_ps(top))));
-    }
-}
-#else
-#define dot16 dot16_vec
-#define silu_mul silu_mul_vec
-#define exp_shifted exp_shifted_vec
-#endif
-
-static void rms_norm(const float *x, const float *w, float *out, long B, long D, float eps) {
-    for (long b = 0; b < B; b++) {
-        const float *xb = x + b * D;
-        const float r = 1.0f / sqrtf(dot16(xb, xb, D) / D + eps);
-        for (long i = 0; i < D; i++) out[b * D + i] = xb[i] * r * w[i];
-    }
-}
-
-/* x * cos + rotate_half(x) * sin on `n` heads in place; `sin` has rotate_half's signs folded in. */
-static void rotary(float *x, long n, long Dh, const float *cos, const float *sin) {
-    const long half = Dh / 2;
-    for (long h = 0; h < n; h++, x += Dh) {
-        float tmp[Dh];
-        for (long j = 0; j < half; j++) tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
-        for (long j = half; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[j - half] * sin[j];
-        for (long j = 0; j < Dh; j++) x[j] = tmp[j];
-    }
-}
-
-/* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
-static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
-    float scores[n], top = -INFINITY, sum = 0.0f;
-    for (long t = 0; t < n; t++) {
-        scores[t] = dot16(q, k + t * Dh, Dh) * scale;
-        top = scores[t] > top ? scores[t] : top;
-    }
-    exp_shifted(scores, n, top);
-    for (long t = 0; t < n; t++) sum += scores[t];
-    for (long j = 0; j < Dh; j++) out[j] = 0.0f;
-    for (long t = 0; t < n; t++) {
-        const float pt = scores[t] / sum, *vt = v + t * Dh;
-        for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
-    }
-}
-
-/* A barrier for the threads of one parallel region that spins (then yields) instead of sleeping: the
-   step's ~150 synchronisations then cost ~1 us each, even when libgomp has gone to futex-sleeping
-   workers (it does once the process has more OpenMP threads than cores; notebook 3 shows the cost). */
-typedef struct {
-    atomic_int count, phase;
-} barrier_t;
-
-static void barrier(barrier_t *b, int nt) {
-    const int phase = atomic_load(&b->phase);
-    if (atomic_fetch_add(&b->count, 1) == nt - 1) {
-        atomic_store(&b->count, 0);
-        atomic_store(&b->phase, phase + 1);
-        return;
-    }
-    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
-        if (spins > 2000) sched_yield();  /* the other thread lost its core: give it ours */
-        cpu_relax();
-    }
-}
-
-/* One of a layer's products, called by every thread: float32 activations (q4_1_share), or with `a8` (the
-   W4A8 route) the rows quantized first, each thread its share of blocks, and the integer product. */
-static void product(const float *x, long B, long K, const void *const *w, long N, float *y, int add,
-                    const act8_t *a8, barrier_t *bar, int nt) {
-    if (a8 == NULL) {
-        q4_1_share(x, B, K, w, N, y, add);
-        return;
-    }
-    act8_share(x, B, K, *a8);
-    barrier(bar, nt);
-    w4a8_share(*a8, B, K, w, N, y, add);
-}
-
-/* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
-   output matrix's Q8_0 blocks and scales, and its W8A8 panels and their scales (NULL: none).
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
-   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
-   route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also the output
-   matrix's when it has W8A8 panels).
-   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
-   attends to the keys up to its own position (written for every row before any row attends). Several
-   prompts prefill together as one such run of rows each, in their own slots, with their last rows in
-   `out_rows`.
-   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
-   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
-   One parallel region for the whole step: thread 0 does the small serial parts, the threads take the
-   chunks of every product, of the attention heads and of the activation (kernels.h), and spin barriers
-   separate the phases. */
-void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
-                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
-    const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
-    const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
-    float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
-    float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
-    float *act = malloc(sizeof(float) * B * I);
-    const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
-    act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
-    const long phases = L * 12 + 4;  /* a layer opens 10 phases (W4A8: 4 products, each after its
-                                        quantization, the heads, the activation); the output matrix 2 */
-    long *counters = team_counters_alloc(phases);
-    const float scale = 1.0f / sqrtf((float)Dh);
-    barrier_t bar = {0, 0};
-#pragma omp parallel
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        long n0, n1;
-        team_begin(counters, phases);
-        for (long l = 0; l < L; l++) {
-            const void **p = w + l * PER_LAYER;
-            float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
-            if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
-            barrier(&bar, nt);
-            product(h, B, D, p + QKV, Nqkv, qkv, 0, a8, &bar, nt);
-            barrier(&bar, nt);
-            if (t == 0)
-                for (long b = 0; b < B; b++) {
-                    float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
-                    rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
-                    for (long g = 0; g < Hkv; g++) {
-                        const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
-                        for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
-                    }
-                }
-            barrier(&bar, nt);
-            for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
-                const long b = n0 / H, hd = n0 % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + n0 * Dh);
-            }
-            barrier(&bar, nt);
-            product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
-            barrier(&bar, nt);
-            if (t == 0) rms_norm(x, p[LN2], h, B, D, eps);
-            barrier(&bar, nt);
-            product(h, B, D, p + GU, 2 * I, gu, 0, a8, &bar, nt);
-            barrier(&bar, nt);
-            for (work_t k = phase(I, 256); take(&k, &n0, &n1);)
-                for (long b = 0; b < B; b++)
-                    silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
-            barrier(&bar, nt);
-            product(act, B, I, p + DOWN, D, x, 1, a8, &bar, nt);
-            barrier(&bar, nt);
-        }
-        const void **tail = w + L * PER_LAYER;
-        const long R = out_rows ? dims[10] : B;  /* a prefill wants each prompt's last position only */
-        if (t == 0)
-            for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
-        barrier(&bar, nt);
-        if (a8 != NULL && tail[3] != NULL) {
-            act8_share(h, R, D, *a8);
-            barrier(&bar, nt);
-            w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
-        } else
-            q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
-    }
-    free(h), free(qkv), free(att), free(gu), free(act), free(counters);
-    if (a8) act8_free(blocks);
 }

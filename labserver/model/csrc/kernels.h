@@ -64,6 +64,11 @@ typedef struct {
     int32_t *qs;
 } act8_t;
 
+/* y = x . W^T (y += with `add`) with float32 activations, one phase for every thread of a team: a Q4_1
+   matrix (its MATRIX pointers) and a Q8_0 one (kernels.c). */
+void q4_1_share(const float *x, long M, long K, const void *const *w, long N, float *y, int add);
+void q8_0_share(const float *x, long M, long K, const int8_t *q, const float *d, long N, float *y, int add);
+
 act8_t act8_alloc(long M, long K);
 void act8_free(act8_t a);
 void act8_share(const float *x, long M, long K, act8_t a);

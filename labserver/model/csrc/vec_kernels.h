@@ -142,9 +142,12 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
     float *buf = panel_buffer(K);
     for (long p = p0; p < p1; p++) {
         panel_dequant(pq + p * K * NP / 2, pd + p * G * NP, pm + p * G * NP, K, buf);
+        /* rows in tiles of nearly equal size (8 rows: 4 + 4, not 6 + 2): a tile of few rows has too few
+           accumulators to hide the latency of its FMAs */
+        const long tiles = (M + MRP - 1) / MRP;
         for (int half = 0; half < 2; half++)
-            for (long r0 = 0; r0 < M; r0 += MRP) {
-                const int mr = M - r0 < MRP ? (int)(M - r0) : MRP;
+            for (long t = 0, r0 = 0; t < tiles; t++) {
+                const int mr = (int)(M / tiles + (t < M % tiles));
                 const float *xr = x + r0 * K;
                 float *yr = y + r0 * N + p * NP + half * 16;
 #define PV(R) panel_tile(xr, K, buf + half * 16, yr, N, add, R)
@@ -156,53 +159,8 @@ static void q4_1_panels(const float *x, long M, long K, const uint8_t *pq, const
                     default: PV(MRP); break;
                 }
 #undef PV
+                r0 += mr;
             }
-    }
-}
-
-/* The step's fixed-order helpers (kernels.c, before rms_norm): a tail shorter than a vector goes through
-   the same vector code, padded with zeros. */
-INLINE float fold16(vf acc[16 / VL]) {
-    for (int w = 16 / VL / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) acc[i] = vadd(acc[i], acc[i + w]);
-    return vsum(acc[0]);
-}
-
-static float dot16_vec(const float *a, const float *b, long n) {
-    vf acc[16 / VL];
-    for (int c = 0; c < 16 / VL; c++) acc[c] = vzero();
-    long i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int c = 0; c < 16 / VL; c++) acc[c] = vadd(acc[c], vmul(vload(a + i + c * VL), vload(b + i + c * VL)));
-    if (i < n) {
-        float ta[16] = {0}, tb[16] = {0};
-        memcpy(ta, a + i, sizeof(float) * (n - i)), memcpy(tb, b + i, sizeof(float) * (n - i));
-        for (int c = 0; c < 16 / VL; c++) acc[c] = vadd(acc[c], vmul(vload(ta + c * VL), vload(tb + c * VL)));
-    }
-    return fold16(acc);
-}
-
-INLINE vf silu_vec(vf gv, vf uv) { return vmul(vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv)))), uv); }
-
-static void silu_mul_vec(const float *g, const float *u, float *a, long n) {
-    long i = 0;
-    for (; i + VL <= n; i += VL) vstore(a + i, silu_vec(vload(g + i), vload(u + i)));
-    if (i < n) {
-        float tg[VL] = {0}, tu[VL] = {0}, ta[VL];
-        memcpy(tg, g + i, sizeof(float) * (n - i)), memcpy(tu, u + i, sizeof(float) * (n - i));
-        vstore(ta, silu_vec(vload(tg), vload(tu)));
-        memcpy(a + i, ta, sizeof(float) * (n - i));
-    }
-}
-
-static void exp_shifted_vec(float *s, long n, float top) {
-    long i = 0;
-    for (; i + VL <= n; i += VL) vstore(s + i, vexp(vsub(vload(s + i), vset1(top))));
-    if (i < n) {
-        float t[VL] = {0};
-        memcpy(t, s + i, sizeof(float) * (n - i));
-        vstore(t, vexp(vsub(vload(t), vset1(top))));
-        memcpy(s + i, t, sizeof(float) * (n - i));
     }
 }
 

@@ -1,0 +1,228 @@
+/* `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
+   same arithmetic as `LeanLlama.decode_step`: rms norm, rotary, a slot KV cache, grouped-query attention
+   and a SiLU MLP around the products of kernels.c (float32 activations) or w4a8.c (8-bit ones).
+   Left out: a prefill that continues a filled slot, models other than llama's. */
+#include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#else
+#include "vec_step.h"
+#endif
+
+enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };
+
+/* The step's arithmetic outside the products runs in one fixed order on every path, so that with the
+   W4A8 route (integer products, w4a8.c) a step gives the same bits on AVX-512, AVX2, NEON and portable C:
+   an activation that a different order rounds differently would land on the other side of an 8-bit
+   rounding boundary now and then. Sums of n terms: 16 lanes (lane l: terms l, l + 16, ..., each product
+   rounded, then added), folded in halves (lanes l + 8, then l + 4, l + 2, l + 1): the order of
+   _mm512_reduce_add_ps. e^x: vexp's / exp16's operations, lane by lane. */
+#ifdef __AVX512F__
+INLINE __mmask16 first(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+static float dot16(const float *a, const float *b, long n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(first(n - i), a + i),
+                                               _mm512_maskz_loadu_ps(first(n - i), b + i)));
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* exp on 16 lanes: 2^n * p(r), n = round(x / ln 2), the Cephes polynomial for p (within 2 ulp of expf);
+   x in [-87, 88], as simd.h's vexp. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* a = silu(g) * u over n values (the MLP's activation: g / (1 + e^-g) * u). */
+static void silu_mul(const float *g, const float *u, float *a, long n) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_mask_storeu_ps(a + i, k, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                      _mm512_maskz_loadu_ps(k, u + i)));
+    }
+}
+
+/* s = e^(s - top) in place */
+static void exp_shifted(float *s, long n, float top) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 k = first(n - i);
+        _mm512_mask_storeu_ps(s + i, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), _mm512_set1_ps(top))));
+    }
+}
+#else
+#define dot16 dot16_vec
+#define silu_mul silu_mul_vec
+#define exp_shifted exp_shifted_vec
+#endif
+
+static void rms_norm(const float *x, const float *w, float *out, long B, long D, float eps) {
+    for (long b = 0; b < B; b++) {
+        const float *xb = x + b * D;
+        const float r = 1.0f / sqrtf(dot16(xb, xb, D) / D + eps);
+        for (long i = 0; i < D; i++) out[b * D + i] = xb[i] * r * w[i];
+    }
+}
+
+/* x * cos + rotate_half(x) * sin on `n` heads in place; `sin` has rotate_half's signs folded in. */
+static void rotary(float *x, long n, long Dh, const float *cos, const float *sin) {
+    const long half = Dh / 2;
+    for (long h = 0; h < n; h++, x += Dh) {
+        float tmp[Dh];
+        for (long j = 0; j < half; j++) tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
+        for (long j = half; j < Dh; j++) tmp[j] = x[j] * cos[j] + x[j - half] * sin[j];
+        for (long j = 0; j < Dh; j++) x[j] = tmp[j];
+    }
+}
+
+/* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
+static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
+    float scores[n], top = -INFINITY, sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        scores[t] = dot16(q, k + t * Dh, Dh) * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    exp_shifted(scores, n, top);
+    for (long t = 0; t < n; t++) sum += scores[t];
+    for (long j = 0; j < Dh; j++) out[j] = 0.0f;
+    for (long t = 0; t < n; t++) {
+        const float pt = scores[t] / sum, *vt = v + t * Dh;
+        for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
+    }
+}
+
+/* A barrier for the threads of one parallel region that spins (then yields) instead of sleeping: the
+   step's ~150 synchronisations then cost ~1 us each, even when libgomp has gone to futex-sleeping
+   workers (it does once the process has more OpenMP threads than cores; notebook 3 shows the cost). */
+typedef struct {
+    atomic_int count, phase;
+} barrier_t;
+
+static void barrier(barrier_t *b, int nt) {
+    const int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->count, 1) == nt - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->phase, phase + 1);
+        return;
+    }
+    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
+        if (spins > 2000) sched_yield();  /* the other thread lost its core: give it ours */
+        cpu_relax();
+    }
+}
+
+/* One of a layer's products, called by every thread: float32 activations (q4_1_share), or with `a8` (the
+   W4A8 route) the rows quantized first, each thread its share of blocks, and the integer product. */
+static void product(const float *x, long B, long K, const void *const *w, long N, float *y, int add,
+                    const act8_t *a8, barrier_t *bar, int nt) {
+    if (a8 == NULL) {
+        q4_1_share(x, B, K, w, N, y, add);
+        return;
+    }
+    act8_share(x, B, K, *a8);
+    barrier(bar, nt);
+    w4a8_share(*a8, B, K, w, N, y, add);
+}
+
+/* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
+   output matrix's Q8_0 blocks and scales, and its W8A8 panels and their scales (NULL: none).
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
+   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
+   route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also the output
+   matrix's when it has W8A8 panels).
+   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
+   attends to the keys up to its own position (written for every row before any row attends). Several
+   prompts prefill together as one such run of rows each, in their own slots, with their last rows in
+   `out_rows`.
+   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
+   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
+   One parallel region for the whole step: thread 0 does the small serial parts, the threads take the
+   chunks of every product, of the attention heads and of the activation (kernels.h), and spin barriers
+   separate the phases. */
+void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
+                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
+    const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
+    const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
+    float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
+    float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
+    float *act = malloc(sizeof(float) * B * I);
+    const long widest = D > I ? (D > H * Dh ? D : H * Dh) : (I > H * Dh ? I : H * Dh);
+    act8_t blocks = dims[11] ? act8_alloc(B, widest) : (act8_t){0}, *a8 = dims[11] ? &blocks : NULL;
+    const long phases = L * 12 + 4;  /* a layer opens 10 phases (W4A8: 4 products, each after its
+                                        quantization, the heads, the activation); the output matrix 2 */
+    long *counters = team_counters_alloc(phases);
+    const float scale = 1.0f / sqrtf((float)Dh);
+    barrier_t bar = {0, 0};
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long n0, n1;
+        team_begin(counters, phases);
+        for (long l = 0; l < L; l++) {
+            const void **p = w + l * PER_LAYER;
+            float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
+            if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
+            barrier(&bar, nt);
+            product(h, B, D, p + QKV, Nqkv, qkv, 0, a8, &bar, nt);
+            barrier(&bar, nt);
+            if (t == 0)
+                for (long b = 0; b < B; b++) {
+                    float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
+                    rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
+                    for (long g = 0; g < Hkv; g++) {
+                        const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
+                        for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
+                    }
+                }
+            barrier(&bar, nt);
+            for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
+                const long b = n0 / H, hd = n0 % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + n0 * Dh);
+            }
+            barrier(&bar, nt);
+            product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
+            barrier(&bar, nt);
+            if (t == 0) rms_norm(x, p[LN2], h, B, D, eps);
+            barrier(&bar, nt);
+            product(h, B, D, p + GU, 2 * I, gu, 0, a8, &bar, nt);
+            barrier(&bar, nt);
+            for (work_t k = phase(I, 256); take(&k, &n0, &n1);)
+                for (long b = 0; b < B; b++)
+                    silu_mul(gu + b * 2 * I + n0, gu + b * 2 * I + I + n0, act + b * I + n0, n1 - n0);
+            barrier(&bar, nt);
+            product(act, B, I, p + DOWN, D, x, 1, a8, &bar, nt);
+            barrier(&bar, nt);
+        }
+        const void **tail = w + L * PER_LAYER;
+        const long R = out_rows ? dims[10] : B;  /* a prefill wants each prompt's last position only */
+        if (t == 0)
+            for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
+        barrier(&bar, nt);
+        if (a8 != NULL && tail[3] != NULL) {
+            act8_share(h, R, D, *a8);
+            barrier(&bar, nt);
+            w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
+        } else
+            q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
+    }
+    free(h), free(qkv), free(att), free(gu), free(act), free(counters);
+    if (a8) act8_free(blocks);
+}
