@@ -1,4 +1,4 @@
-/* The W4A8 and W8A8 products (w4a8.c) against an integer reference: harness.c's checks, section 3. */
+/* The W4A8 and W8A8 products (w4a8.c, w8a8.c) against an integer reference: harness.c's checks, section 3. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -6,7 +6,7 @@
 
 #include "harness.h"
 
-/* ---- 3. 8-bit activations (w4a8.c) ------------------------------------------------------------------
+/* ---- 3. 8-bit activations (w4a8.c, w8a8.c) ----------------------------------------------------------
    The reference rounds each block of 32 activations as round8 does, in the same float32 steps: top =
    max |x|, d_x = fl(top / 127), inv = fl(1 / d_x) (0 for a zero block), q_x = fl(x inv) rounded to
    nearest, ties to even. The integer sums S_g = sum q_w q_x are then exact in both, so what is left is

@@ -6,7 +6,7 @@
 #include "harness.h"
 
 enum { L = 2, D = 64, H = 4, HKV = 2, DH = 16, I = 128, V = 96, S = 4, T = 16, NQKV = (H + 2 * HKV) * DH };
-enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };  /* kernels.c */
+enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };  /* step.c */
 #define EPS 1e-5f
 /* The matrices' gains (1: outputs of about the inputs' size). The bound is worst case: input errors go
    through a product as sum |w| e, ~7-10 times their size at gain 1 and these widths, so through two
@@ -47,7 +47,7 @@ typedef struct {
 } cache_t;
 
 /* The model: norms, embeddings, rotary tables (float32 for the kernel, the angles' cos and sin for the
-   reference), the matrices, and the kernel's pointer array `w` (kernels.c's layout). */
+   reference), the matrices, and the kernel's pointer array `w` (step.c's layout). */
 extern struct model {
     float ln[L][2][D], norm[D], *embed, cos[T * DH], sin[T * DH];
     double c[T * DH], s[T * DH];
