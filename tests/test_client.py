@@ -8,8 +8,11 @@ import time
 import pytest
 
 from labserver import FakeEngine
-from labserver.measure.client import (LABSERVER, HealthProbe, Trace, astream_generate, blocking_generate,
-                              percentiles, probe_health, run_concurrent, stream_generate, summarize)
+from labserver.measure.client import astream_generate, blocking_generate, run_concurrent, stream_generate
+from labserver.measure.probes import HealthProbe, probe_health
+from labserver.measure.protocols import LABSERVER
+from labserver.measure.stats import percentiles, summarize
+from labserver.measure.trace import Trace
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer

@@ -16,7 +16,9 @@ from matplotlib.figure import Figure
 from labserver import FakeEngine, SamplingParams
 from labserver.lab import checks, experiments as lab
 from labserver.serve import background as serving
-from labserver.measure.client import HealthProbe, Trace, blocking_generate, stream_generate
+from labserver.measure.client import blocking_generate, stream_generate
+from labserver.measure.probes import HealthProbe
+from labserver.measure.trace import Trace
 
 pytestmark = pytest.mark.timeout(120)
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"

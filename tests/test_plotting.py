@@ -2,7 +2,8 @@
 writes a readable PNG."""
 import pytest
 
-from labserver.measure.client import HealthProbe, Trace
+from labserver.measure.probes import HealthProbe
+from labserver.measure.trace import Trace
 from labserver.measure.plotting import plot_demo, plot_health, plot_token_timeline, plot_ttft_bars
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

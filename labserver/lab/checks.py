@@ -18,7 +18,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from ..measure.client import Trace, stream_generate
+from ..measure.client import stream_generate
+from ..measure.trace import Trace
 from ..config import SamplingParams
 from ..engine.engine import Finish, TokenEvent
 from ..engine.fake import FakeEngine

@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import httpx
 
 from ..measure.bench import format_table
-from ..measure.client import (DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, percentiles, run_concurrent,
-                     stream_generate, summarize)
+from ..measure.client import DEFAULT_PROMPT, blocking_generate, run_concurrent, stream_generate
+from ..measure.probes import HealthProbe
+from ..measure.stats import percentiles, summarize
+from ..measure.trace import Trace
 from ..config import SamplingParams
 from ..engine.engine import collect
 from ..measure.plotting import LabFigure

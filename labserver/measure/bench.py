@@ -33,8 +33,10 @@ from pathlib import Path
 import httpx
 
 from .bench_speed import run_speed
-from .client import (DEFAULT_PROMPT, DEFAULT_TIMEOUT, LABSERVER, HealthProbe, blocking_generate, openai_protocol,
-                     run_concurrent, stream_generate, summarize)
+from .client import DEFAULT_PROMPT, DEFAULT_TIMEOUT, blocking_generate, run_concurrent, stream_generate
+from .probes import HealthProbe
+from .protocols import LABSERVER, openai_protocol
+from .stats import summarize
 from ..config import EngineConfig, SamplingParams
 from ..engine.engine import Finish
 from ..serve.app import create_app

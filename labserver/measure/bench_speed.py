@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from .client import DEFAULT_PROMPT, HealthProbe, run_concurrent, summarize
+from .client import DEFAULT_PROMPT, run_concurrent
+from .probes import HealthProbe
+from .stats import summarize
 from ..config import SamplingParams
 from ..engine.engine import Engine
 from ..serve.app import create_app

@@ -15,7 +15,9 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .client import HealthProbe, Trace, summarize
+from .probes import HealthProbe
+from .stats import summarize
+from .trace import Trace
 
 STREAM_COLOR, BLOCK_COLOR = "tab:blue", "tab:red"
 

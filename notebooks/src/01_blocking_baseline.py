@@ -30,7 +30,8 @@
 from labserver import Engine, EngineConfig, SamplingParams
 from labserver.lab import checks, experiments as lab
 from labserver.measure import plotting
-from labserver.measure.client import HealthProbe, blocking_generate, run_concurrent
+from labserver.measure.client import blocking_generate, run_concurrent
+from labserver.measure.probes import HealthProbe
 from labserver.serve.background import start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU, 2 threads

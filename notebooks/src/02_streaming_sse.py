@@ -27,7 +27,8 @@
 from labserver import Engine, EngineConfig
 from labserver.lab import checks, experiments as lab
 from labserver.measure import plotting
-from labserver.measure.client import blocking_generate, stream_generate, summarize
+from labserver.measure.client import blocking_generate, stream_generate
+from labserver.measure.stats import summarize
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())
