@@ -6,7 +6,8 @@ import json
 import pytest
 
 from labserver import FakeEngine
-from labserver.measure.bench import GOALS, format_table, report, run_bench
+from labserver.measure.bench import GOALS, report, run_bench
+from labserver.measure.tables import format_table
 from labserver.measure.demo import run_demo
 
 KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")

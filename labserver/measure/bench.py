@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from .bench_speed import run_speed
+from .tables import format_table
 from .client import DEFAULT_PROMPT, DEFAULT_TIMEOUT, blocking_generate, run_concurrent, stream_generate
 from .probes import HealthProbe
 from .protocols import LABSERVER, openai_protocol
@@ -203,25 +204,6 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
 
 def _meets(value, op: str, target: float) -> bool:
     return value is not None and (value <= target if op == "<=" else value >= target)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    cells = [[_cell(v) for v in row] for row in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    # First column left-aligned (names), the others right-aligned (numbers).
-    lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "pass" if value else "FAIL"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
 
 
 def report(result: dict) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import format_table
+from .tables import format_table
 from .client import DEFAULT_PROMPT, blocking_generate, stream_generate
 from .probes import HealthProbe
 from .trace import Trace

@@ -28,7 +28,7 @@
 
 # %%
 from labserver import Engine, EngineConfig, SamplingParams
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, baseline as lab
 from labserver.measure import plotting
 from labserver.measure.client import blocking_generate, run_concurrent
 from labserver.measure.probes import HealthProbe

@@ -25,7 +25,7 @@
 
 # %%
 from labserver import Engine, EngineConfig
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, streaming as lab
 from labserver.measure import plotting
 from labserver.measure.client import blocking_generate, stream_generate
 from labserver.measure.stats import summarize

@@ -31,7 +31,7 @@
 
 # %%
 from labserver import Engine, EngineConfig, SamplingParams
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, event_loop as lab
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig(quant="none"))
