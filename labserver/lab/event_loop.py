@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..config import SamplingParams
-from ..engine.engine import collect
+from ..engine.engine import collect, off_thread
 from .display import LABELS, PROMPT, print_table, show_source
 from .runs import measure, plot_runs, runs_table
 
@@ -31,12 +31,6 @@ __all__ = ["LABELS", "PROMPT", "print_table", "show_source", "measure", "plot_ru
            "two_streams_with_heartbeat"]
 
 DONE = object()  # the sentinel of `sentinel_stream`
-
-
-def _in_thread(fn: Callable[[], Any], name: str = "labserver-lab") -> Any:
-    """Run ``fn`` on a fresh thread and return its result: a place for a new event loop or clean torch state."""
-    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
-        return pool.submit(fn).result()
 
 
 def heartbeat_gaps(work: Callable[[], Any], offload: bool, interval_ms: float = 5.0) -> list[float]:
@@ -68,7 +62,7 @@ def heartbeat_gaps(work: Callable[[], Any], offload: bool, interval_ms: float = 
         await beat
         return [(b - a) * 1000 for a, b in zip(beats, beats[1:])]
 
-    return _in_thread(lambda: asyncio.run(main()))
+    return off_thread(asyncio.run, main())
 
 
 # -- the seed's StopIteration trap -----------------------------------------------------------------------
@@ -128,7 +122,7 @@ def try_stream(stream: Callable[[Any], Any], make_gen: Callable[[], Iterator], t
             result.outcome, result.error = "error", repr(exc)
 
     start = time.perf_counter()
-    _in_thread(lambda: asyncio.run(main()), name="labserver-trap")
+    off_thread(asyncio.run, main())
     result.elapsed_s = time.perf_counter() - start
     return result
 
@@ -256,7 +250,6 @@ def two_streams_with_heartbeat(stream_fn, engine, max_tokens: int, timeout_s: fl
         stop.set()
         await beat
 
-    with ThreadPoolExecutor(1, thread_name_prefix="labserver-check") as pool:
-        pool.submit(asyncio.run, main()).result()
+    off_thread(asyncio.run, main())
     out["max_gap_ms"] = max((b - a) * 1000 for a, b in zip(out["beats"], out["beats"][1:]))
     return out

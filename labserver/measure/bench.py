@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -39,7 +38,7 @@ from .probes import HealthProbe
 from .protocols import LABSERVER, openai_protocol
 from .stats import summarize
 from ..config import EngineConfig, SamplingParams
-from ..engine.engine import Finish
+from ..engine.engine import Finish, off_thread
 from ..serve.app import create_app
 from ..serve.flask_app import create_flask_app
 from ..serve.background import FlaskServer, UvicornServer
@@ -78,8 +77,7 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
             n_tokens.append(len(tokens))
         return {"p50_step_ms": statistics.median(steps), "mean_step_ms": statistics.fmean(steps),
                 "p50_prefill_ms": statistics.median(prefills), "n_tokens": n_tokens}
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-engine-alone") as pool:
-        return pool.submit(work).result()
+    return off_thread(work)
 
 
 def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:

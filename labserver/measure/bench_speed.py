@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
@@ -34,7 +33,7 @@ from .client import DEFAULT_PROMPT, run_concurrent
 from .probes import HealthProbe
 from .stats import summarize
 from ..config import SamplingParams
-from ..engine.engine import Engine
+from ..engine.engine import Engine, off_thread
 from ..serve.app import create_app
 from ..serve.background import UvicornServer
 
@@ -49,12 +48,11 @@ ROUTES = [("float32", "none"), ("float32", "q4_1"), ("float32", "w4a8"), ("float
 
 
 def on_one_thread(threads: int, fn, *args):
-    """Run ``fn`` on a fresh thread with ``threads`` torch threads, as the engine thread does."""
+    """Run ``fn`` on a fresh thread (``off_thread``) with ``threads`` torch threads, as the engine thread does."""
     def work():
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # per calling thread
         return fn(*args)
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-speed") as pool:
-        return pool.submit(work).result()
+    return off_thread(work)
 
 
 def read_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:

@@ -198,7 +198,9 @@ def run_concurrent(url: str, prompts: int | Sequence[str], **kwargs) -> list[Tra
     """Send all `prompts` (or `prompts` copies of `prompt=`) at once; one Trace each, in order.
 
     Inside Jupyter an event loop is already running on this thread, so the requests get their own
-    loop on a helper thread (no nest_asyncio). The server must not be on the caller's loop."""
+    loop on a helper thread (no nest_asyncio). The server must not be on the caller's loop. That thread
+    is started here rather than by the engine's ``off_thread``: the client speaks only HTTP and imports
+    nothing of the server, so that it measures any server."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
