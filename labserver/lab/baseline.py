@@ -5,13 +5,11 @@ Left out: the servers (``serve``) and the measurements every notebook shares (``
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 from ..measure.plotting import LabFigure
 from ..measure.trace import Trace
 from .display import PROMPT, median
 
-__all__ = ["PROMPT", "median", "plot_engine_steps", "produced_trace", "plot_arrivals"]
+__all__ = ["PROMPT", "median", "plot_engine_steps", "produced_trace"]
 
 
 def plot_engine_steps(completion) -> LabFigure:
@@ -33,15 +31,3 @@ def produced_trace(trace: Trace) -> Trace:
         total += step or 0.0
         done.append(total)
     return Trace(prompt=trace.prompt, arrival_ms=done, tokens=list(trace.tokens))
-
-
-def plot_arrivals(traces_by_label: Mapping[str, Trace], title: str = "Tokens received over time") -> LabFigure:
-    """Tokens received so far against time for each trace: a staircase when streaming, a cliff when not."""
-    fig = LabFigure(figsize=(7, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    for i, (label, trace) in enumerate(traces_by_label.items()):
-        t_s = [0.0] + [t / 1000 for t in trace.arrival_ms]
-        ax.step(t_s, range(len(t_s)), where="post", color=f"C{i}", linewidth=2 if i == 0 else 1.5, label=label)
-    ax.set(xlabel="s after the request was sent", ylabel="tokens", title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    return fig

@@ -210,7 +210,8 @@ def check_stop_string(stream_until: Callable, engine, url: str, prompt: str = "W
 # -- 05 concurrency --------------------------------------------------------------------------------------
 @checker
 def check_aggregate_tokens_per_s(aggregate_tokens_per_s: Callable, loads: Sequence[Load]) -> bool:
-    """``aggregate_tokens_per_s(traces)``: all tokens / (last token of any stream - first request sent)."""
+    """``aggregate_tokens_per_s(traces)``: all tokens / (last token of any stream - first request sent);
+    compared with ``measure.stats.aggregate_tokens_per_s``, which ``Load.tokens_per_s`` returns."""
     name = "aggregate_tokens_per_s"
     a = Trace(sent_s=10.0, arrival_ms=[100.0, 200.0, 300.0])
     b = Trace(sent_s=10.1, arrival_ms=[300.0, 400.0])  # sent 100 ms later: its last token at 500 ms

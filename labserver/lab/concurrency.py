@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..measure.client import run_concurrent
-from ..measure.plotting import LabFigure
+from ..measure.plotting import LabFigure, plot_arrivals
 from ..measure.probes import HealthProbe
-from ..measure.stats import percentiles
+from ..measure.stats import aggregate_tokens_per_s, percentiles
 from ..measure.tables import format_table
 from ..measure.trace import Trace
 from .display import PROMPT, median, print_table
@@ -29,13 +29,8 @@ class Load:
     probe: HealthProbe
 
     @property
-    def wall_ms(self) -> float:
-        start = min(t.sent_s for t in self.traces)
-        return max((t.sent_s - start) * 1000 + (t.e2e_ms or 0) for t in self.traces)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1000 * sum(t.n_tokens for t in self.traces) / self.wall_ms
+    def tokens_per_s(self) -> float | None:
+        return aggregate_tokens_per_s(self.traces)
 
     def row(self) -> dict:
         ttft = [t.ttft_ms for t in self.traces]
@@ -69,17 +64,8 @@ def sweep_table(loads: Sequence[Load]) -> str:
 
 def plot_streams(load: Load, title: str | None = None) -> LabFigure:
     """Each of the N streams: tokens received over time (s from the first send)."""
-    start = min(t.sent_s for t in load.traces)
-    fig = LabFigure(figsize=(7, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    for i, trace in enumerate(load.traces):
-        offset = (trace.sent_s - start)
-        t_s = [offset] + [offset + t / 1000 for t in trace.arrival_ms]
-        ax.step(t_s, range(len(t_s)), where="post", label=f"stream {i}")
-    ax.set(xlabel="s after the first request was sent", ylabel="tokens received",
-           title=title or f"{load.n} streams at once share one engine thread")
-    ax.legend(fontsize=7, ncols=2, loc="upper left")
-    return fig
+    return plot_arrivals({f"request {i + 1}": trace for i, trace in enumerate(load.traces)},
+                         title or f"{load.n} streams at once share one engine thread", common_start=True)
 
 
 SWEEP_COLORS = ("tab:blue", "tab:green", "tab:orange", "tab:purple")

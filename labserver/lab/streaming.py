@@ -13,10 +13,9 @@ import httpx
 from ..measure.stats import summarize
 from ..measure.tables import format_table
 from ..measure.trace import Trace
-from .baseline import plot_arrivals
 from .display import PROMPT, median
 
-__all__ = ["PROMPT", "compare_table", "plot_arrivals", "raw_sse"]
+__all__ = ["PROMPT", "compare_table", "raw_sse"]
 
 
 def compare_table(traces_by_label: Mapping[str, Sequence[Trace]]) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from .client import DEFAULT_PROMPT, run_concurrent
 from .probes import HealthProbe
-from .stats import summarize
+from .stats import aggregate_tokens_per_s, summarize
 from ..config import SamplingParams
 from ..engine.engine import Engine, off_thread
 from ..serve.app import create_app
@@ -184,12 +184,6 @@ def _spread(traces) -> float | None:
     return round(max(rates) / min(rates), 3) if rates else None
 
 
-def _aggregate_tokens_per_s(traces) -> float:
-    start = min(t.sent_s for t in traces)
-    end = max(t.sent_s + t.e2e_ms / 1000 for t in traces if t.ok and t.n_tokens)
-    return sum(t.n_tokens for t in traces if t.ok) / (end - start)
-
-
 def concurrency_gain(engine, backend: str, streams: int = 8, max_tokens: int = 64,
                      prompt: str = DEFAULT_PROMPT) -> dict:
     """One stream, then ``streams`` at once while /health is probed, on a FastAPI server with ``backend``."""
@@ -202,7 +196,7 @@ def concurrency_gain(engine, backend: str, streams: int = 8, max_tokens: int = 6
     failed = [t.error for t in one + many if not t.ok]
     if failed:
         raise RuntimeError(f"concurrent streams failed: {failed[0]}")
-    single, aggregate = _aggregate_tokens_per_s(one), _aggregate_tokens_per_s(many)
+    single, aggregate = aggregate_tokens_per_s(one), aggregate_tokens_per_s(many)
     return {"backend": backend, "streams": streams, "tokens_per_s_1": round(single, 2),
             f"tokens_per_s_{streams}": round(aggregate, 2), "gain": round(aggregate / single, 3),
             "per_stream_rate_spread": _spread(many), "health": probe.summary(), "concurrent": summarize(many)}

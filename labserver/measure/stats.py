@@ -41,3 +41,21 @@ def summarize(traces: Sequence[Trace], qs: Sequence[float] = (50, 90, 99)) -> di
         for q, v in percentiles(values, qs).items():
             out[f"p{q:g}_{name}_ms"] = v
     return out
+
+
+def aggregate_tokens_per_s(traces: Sequence[Trace]) -> float | None:
+    """What N streams deliver together: the tokens of the completed traces over the wall time from the
+    first request sent to the last token of any of them (None if none completed).
+
+    >>> a = Trace(sent_s=10.0, arrival_ms=[100.0, 200.0, 300.0])
+    >>> b = Trace(sent_s=10.25, arrival_ms=[150.0, 250.0])  # sent 250 ms later: its last token at 500 ms
+    >>> aggregate_tokens_per_s([a, b])  # 5 tokens in 0.5 s
+    10.0
+    """
+    done = [t for t in traces if t.ok and t.n_tokens]
+    if not done:
+        return None
+    start = min(t.sent_s for t in traces)
+    end = max(t.sent_s + t.e2e_ms / 1000 for t in done)
+    return sum(t.n_tokens for t in done) / (end - start)
+

@@ -123,8 +123,8 @@ print(lab.compare_table({"FastAPI streaming": streamed, "Flask blocking": blocke
 plotting.plot_ttft_bars({"FastAPI streaming": streamed, "Flask blocking": blocked})
 
 # %%
-lab.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0]},
-                  title="What the user sees: a staircase or a cliff")
+plotting.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0]},
+                       title="What the user sees: a staircase or a cliff")
 
 # %% [markdown]
 # The total time (E2E) and the tokens per second are about the same: both servers run the same engine
