@@ -32,6 +32,7 @@ import torch
 from .client import DEFAULT_PROMPT, run_concurrent
 from .probes import HealthProbe
 from .stats import aggregate_tokens_per_s, summarize
+from .tables import format_table
 from ..config import SamplingParams
 from ..engine.engine import Engine, off_thread
 from ..serve.app import create_app
@@ -266,3 +267,24 @@ def run_speed(engine, log=print) -> dict:
                       **({"concurrency_w4a8": fast} if fast else {}),
                       "cold_starts": starts},
     }
+
+
+def speed_tables(speed: dict) -> list[str]:
+    """``run_speed``'s raw figures as two text tables: the speed figures, then one row per route."""
+    rows = [[f"{speed['runner']}: decode step ms", speed["engine_step_ms"]],
+            ["transformers generate(): decode step ms", speed["hf_generate_step_ms"]],
+            [f"memory floor ms ({speed['weight_mb']} MB at {speed['read_bandwidth_gbs']} GB/s)", speed["floor_ms"]]]
+    for name in ("batched", "thread", "w4a8"):
+        c = speed.get(f"concurrency_{name}")
+        if c is not None:
+            many = c["tokens_per_s_" + str(c["streams"])]
+            rows.append([f"{name}: tokens/s, 1 stream -> {c['streams']} streams",
+                         f"{c['tokens_per_s_1']:.1f} -> {many:.1f}"])
+    rows += [[f"cold start {i + 1}: /health, first token (s)", f"{c['ready_s']}, {c['first_token_s']}"]
+             for i, c in enumerate(speed["cold_starts"])]
+    routes = format_table(
+        ["route", "step ms", "floor ms", "P5", "prefill ms", "8-seq step ms", "forced %", "free-run %"], [
+            [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("prefill_ms"), r.get("batch8_step_ms"),
+             r.get("teacher_forced_pct"), r.get("free_run_equal_pct")] for name, r in speed["routes"].items()])
+    return [format_table(["speed", "value"], rows), routes]
+
