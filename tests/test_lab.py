@@ -57,9 +57,9 @@ def flask(engine):
 
 
 # -- the StopIteration trap ------------------------------------------------------------------------------
-def test_the_seed_loop_hangs_after_the_last_item_and_the_demo_returns():
+def test_the_stop_iteration_loop_hangs_after_the_last_item_and_the_demo_returns():
     start = time.perf_counter()
-    result = event_loop.try_stream(event_loop.seed_stream, lambda: iter("abc"), timeout_s=0.3)
+    result = event_loop.try_stream(event_loop.stop_iteration_stream, lambda: iter("abc"), timeout_s=0.3)
     assert result.outcome == "hung" and result.items == ["a", "b", "c"]
     assert any("StopIteration" in e for e in result.asyncio_errors)
     assert time.perf_counter() - start < 3
@@ -259,7 +259,7 @@ def test_streaming_checkers(fastapi):
 def test_event_loop_checkers():
     s = solution("03_event_loop")
     assert s.run_checks()
-    assert not checks.check_stream_tokens(event_loop.seed_stream)  # hangs: the checker's timeout catches it
+    assert not checks.check_stream_tokens(event_loop.stop_iteration_stream)  # hangs: the checker's timeout catches it
     assert not checks.check_one_thread(s.stream_tokens)  # the default pool: two threads for two streams
 
     async def on_the_loop(gen):

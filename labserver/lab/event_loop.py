@@ -1,9 +1,10 @@
-"""Notebook 3's experiments (the event loop): a heartbeat that shows a blocked loop, the seed's
-StopIteration trap run safely, grad mode lost between threads, and which thread ran each step.
+"""Notebook 3's experiments (the event loop): a heartbeat that shows a blocked loop, the StopIteration
+trap of the server's first streaming version (each ``next(gen)`` sent to a thread pool with
+``run_in_executor``) run safely, grad mode lost between threads, and which thread ran each step.
 
     >>> try_stream(sentinel_stream, lambda: iter("abc")).outcome
     'completed'
-    >>> try_stream(seed_stream, lambda: iter("abc"), timeout_s=0.3).outcome  # the seed's loop never returns
+    >>> try_stream(stop_iteration_stream, lambda: iter("abc"), timeout_s=0.3).outcome  # never returns
     'hung'
 
 Everything that needs its own event loop (the trap, the heartbeat) runs it on a helper thread, so it
@@ -26,8 +27,8 @@ from .display import LABELS, PROMPT, print_table, show_source
 from .runs import measure, plot_runs, runs_table
 
 __all__ = ["LABELS", "PROMPT", "print_table", "show_source", "measure", "plot_runs", "runs_table",
-           "heartbeat_gaps", "seed_stream", "sentinel_stream", "DONE", "TrapResult", "try_stream",
-           "seed_style_stream", "InferenceModeDemo", "inference_mode_steps", "ThreadRecorder",
+           "heartbeat_gaps", "stop_iteration_stream", "sentinel_stream", "DONE", "TrapResult", "try_stream",
+           "inference_mode_stream", "InferenceModeDemo", "inference_mode_steps", "ThreadRecorder",
            "two_streams_with_heartbeat"]
 
 DONE = object()  # the sentinel of `sentinel_stream`
@@ -65,9 +66,9 @@ def heartbeat_gaps(work: Callable[[], Any], offload: bool, interval_ms: float = 
     return off_thread(asyncio.run, main())
 
 
-# -- the seed's StopIteration trap -----------------------------------------------------------------------
-async def seed_stream(gen):
-    """The seed's loop: each next(gen) in the default thread pool, stop on StopIteration."""
+# -- the first streaming version's StopIteration trap --------------------------------------------------
+async def stop_iteration_stream(gen):
+    """The first streaming version's loop: each next(gen) in the default thread pool, stop on StopIteration."""
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -128,8 +129,9 @@ def try_stream(stream: Callable[[Any], Any], make_gen: Callable[[], Iterator], t
 
 
 # -- grad mode is thread-local ---------------------------------------------------------------------------
-def seed_style_stream(engine, prompt: str = PROMPT, steps: int = 6):
-    """A generator the way the seed wrote it: the whole loop inside one ``with torch.inference_mode()``.
+def inference_mode_stream(engine, prompt: str = PROMPT, steps: int = 6):
+    """A generator as the first streaming version wrote it: the whole loop inside one
+    ``with torch.inference_mode()``.
 
     Yields, per decode step, which thread ran it, whether inference mode / grad mode were on there, whether
     autograd recorded a graph for the logits, and the step's time.
@@ -157,7 +159,7 @@ class InferenceModeDemo:
 
 
 def inference_mode_steps(engine, prompt: str = PROMPT, steps: int = 6, hop: bool = True) -> InferenceModeDemo:
-    """Drive ``seed_style_stream`` with ``next()`` calls sent to worker threads, as ``run_in_executor`` does.
+    """Drive ``inference_mode_stream`` with ``next()`` calls sent to worker threads, as ``run_in_executor`` does.
 
     ``hop=True`` alternates between two single-thread pools, one way a shared pool hands out its threads
     (``run_in_executor`` promises no particular thread); ``hop=False`` keeps every step on one thread.
@@ -166,7 +168,7 @@ def inference_mode_steps(engine, prompt: str = PROMPT, steps: int = 6, hop: bool
     import torch
 
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"pool-{i}") for i in range(2 if hop else 1)]
-    gen = seed_style_stream(engine, prompt, steps)
+    gen = inference_mode_stream(engine, prompt, steps)
     rows = []
     try:
         for i in range(steps):

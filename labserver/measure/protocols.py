@@ -49,7 +49,7 @@ class Protocol(typing.Protocol):
 
 
 class LabserverProtocol:
-    """POST /generate from DESIGN.md: one `data:` event per token, one summary event, `data: [DONE]`."""
+    """labserver's POST /generate: one `data:` event per token, one summary event, `data: [DONE]`."""
     path = "/generate"
     done = "[DONE]"
 

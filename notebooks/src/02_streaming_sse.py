@@ -12,8 +12,8 @@
 #    (exactly what `curl -N` prints).
 # 2. How a client turns a stream into measurements: TTFT, ITL, TPOT and E2E.
 # 3. What streaming costs per token: the server's `step_ms` next to the gaps the client sees.
-# 4. How much sooner the first token arrives than with the blocking server (the seed's benchmark table,
-#    measured here).
+# 4. How much sooner the first token arrives than with the blocking Flask server, measured here on
+#    the same engine.
 #
 # **Run time:** about 1 minute on 2 CPU cores.
 
