@@ -97,7 +97,7 @@ def test_heartbeat_stalls_only_when_the_work_runs_on_the_loop():
 
 
 def test_thread_recorder_forwards_and_records(engine):
-    recorder = event_loop.ThreadRecorder(engine)
+    recorder = runs.ThreadRecorder(engine)
     assert recorder.config is engine.config and recorder.running == 0
     assert recorder.generate("a b", SamplingParams(max_tokens=3)).text == " one two three"
     assert recorder.generations[0] == ["MainThread"] * 4  # 3 tokens and the Finish
@@ -105,7 +105,7 @@ def test_thread_recorder_forwards_and_records(engine):
 
 
 def test_thread_recorder_closes_the_inner_generator(engine):
-    gen = event_loop.ThreadRecorder(engine).generate_stream("a", SamplingParams(max_tokens=50))
+    gen = runs.ThreadRecorder(engine).generate_stream("a", SamplingParams(max_tokens=50))
     next(gen)
     assert engine.running == 1
     gen.close()
@@ -114,7 +114,7 @@ def test_thread_recorder_closes_the_inner_generator(engine):
 
 @pytest.mark.parametrize("kind", ["thread", "executor"])
 def test_measure_a_fastapi_backend(engine, kind):
-    recorder = event_loop.ThreadRecorder(engine)
+    recorder = runs.ThreadRecorder(engine)
     server = serving.start_fastapi(recorder, backend=kind, name="test-lab-measure")
     run = runs.measure(server.url, max_tokens=8, label=kind, recorder=recorder)
     assert run.trace.n_tokens == 8 and run.probe.samples and run.threads

@@ -20,7 +20,8 @@ from ..engine.fake import FakeEngine
 from .cancellation import wait_idle
 from .checking import attempt, checker, near, say
 from .concurrency import Load
-from .event_loop import ThreadRecorder, try_stream, two_streams_with_heartbeat
+from .event_loop import try_stream, two_streams_with_heartbeat
+from .runs import ThreadRecorder
 from .streaming import raw_sse
 
 

@@ -1,6 +1,6 @@
 """Notebook 3's experiments (the event loop): a heartbeat that shows a blocked loop, the StopIteration
 trap of the server's first streaming version (each ``next(gen)`` sent to a thread pool with
-``run_in_executor``) run safely, grad mode lost between threads, and which thread ran each step.
+``run_in_executor``) run safely, and grad mode lost between threads.
 
     >>> try_stream(sentinel_stream, lambda: iter("abc")).outcome
     'completed'
@@ -9,8 +9,8 @@ trap of the server's first streaming version (each ``next(gen)`` sent to a threa
 
 Everything that needs its own event loop (the trap, the heartbeat) runs it on a helper thread, so it
 works the same in a script and in a Jupyter kernel, whose loop is already running (no nest_asyncio).
-The notebook reaches these names as ``lab.NAME``, with ``measure``, ``runs_table`` and ``plot_runs``
-from ``runs`` and the display helpers. Left out: anything the server uses; the server never imports it.
+The notebook reaches these names as ``lab.NAME``, with ``measure``, ``runs_table``, ``plot_runs`` and
+``ThreadRecorder`` (which thread ran each step) from ``runs``, and the display helpers. Left out: anything the server uses; the server never imports it.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..config import SamplingParams
-from ..engine.engine import collect, off_thread
+from ..engine.engine import off_thread
 from .display import LABELS, PROMPT, print_table, show_source
-from .runs import measure, plot_runs, runs_table
+from .runs import ThreadRecorder, measure, plot_runs, runs_table
 
 __all__ = ["LABELS", "PROMPT", "print_table", "show_source", "measure", "plot_runs", "runs_table",
            "heartbeat_gaps", "stop_iteration_stream", "sentinel_stream", "DONE", "TrapResult", "try_stream",
@@ -183,45 +183,6 @@ def inference_mode_steps(engine, prompt: str = PROMPT, steps: int = 6, hop: bool
         for pool in pools:
             pool.shutdown()
     return InferenceModeDemo(rows, left)
-
-
-class ThreadRecorder:
-    """Wraps an engine and records, for each generation, the name of the thread that ran each step.
-
-    Pass it to ``start_fastapi``/``start_flask`` instead of the engine; everything else is forwarded.
-    """
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.generations: list[list[str]] = []
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def threads(self) -> set[str]:
-        """Every thread that has run a step of any generation so far."""
-        return {name for names in self.generations for name in names}
-
-    def generate_stream(self, prompt, params: SamplingParams, cancel=None):
-        inner = self._engine.generate_stream(prompt, params, cancel)
-        names: list[str] = []
-        self.generations.append(names)
-
-        def steps():
-            try:
-                while True:
-                    names.append(threading.current_thread().name)
-                    item = next(inner, DONE)
-                    if item is DONE:
-                        return
-                    yield item
-            finally:
-                inner.close()
-
-        return steps()
-
-    def generate(self, prompt, params: SamplingParams):
-        return collect(self.generate_stream(prompt, params))
 
 
 def two_streams_with_heartbeat(stream_fn, engine, max_tokens: int, timeout_s: float) -> dict:

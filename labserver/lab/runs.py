@@ -1,13 +1,17 @@
 """One request measured while /health is probed, for notebooks 3 and 4: `measure` returns a `Run`,
-`runs_table` and `plot_runs` compare several ways of serving side by side.
+`runs_table` and `plot_runs` compare several ways of serving side by side; a `ThreadRecorder` around
+the engine names the threads that ran each step.
 
 Left out: concurrent requests (`concurrency.py`) and requests the client leaves (`cancellation.py`).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
+from ..config import SamplingParams
+from ..engine.engine import collect
 from ..measure.client import blocking_generate, stream_generate
 from ..measure.plotting import LabFigure
 from ..measure.probes import HealthProbe
@@ -15,8 +19,46 @@ from ..measure.tables import format_table
 from ..measure.trace import Trace
 from .display import COLORS, LABELS, PROMPT, median
 
-if TYPE_CHECKING:
-    from .event_loop import ThreadRecorder
+_END = object()  # what `next` returns past a generation's last event
+
+
+class ThreadRecorder:
+    """Wraps an engine and records, for each generation, the name of the thread that ran each step.
+
+    Pass it to ``start_fastapi``/``start_flask`` instead of the engine; everything else is forwarded.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.generations: list[list[str]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def threads(self) -> set[str]:
+        """Every thread that has run a step of any generation so far."""
+        return {name for names in self.generations for name in names}
+
+    def generate_stream(self, prompt, params: SamplingParams, cancel=None):
+        inner = self._engine.generate_stream(prompt, params, cancel)
+        names: list[str] = []
+        self.generations.append(names)
+
+        def steps():
+            try:
+                while True:
+                    names.append(threading.current_thread().name)
+                    item = next(inner, _END)
+                    if item is _END:
+                        return
+                    yield item
+            finally:
+                inner.close()
+
+        return steps()
+
+    def generate(self, prompt, params: SamplingParams):
+        return collect(self.generate_stream(prompt, params))
 
 
 @dataclass
