@@ -12,13 +12,14 @@ Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs co
   (e) /health probed while `concurrency` generations run on each server;
   (f-h) the speed figures of ``bench_speed.py`` (skipped for engines without a model runner).
 
-The figures, ratios of p50s; a goal where the project commits to one (``GOALS``, ``SPEED_GOALS``: they
-decide ``all_pass``), the others are printed to compare:
+The figures (P0-P3 ratios of medians; P5, P6_hf of best-of-3 steps, see ``bench_speed.py``), with a
+goal where the project commits to one (``GOALS``, ``SPEED_GOALS``: they decide ``all_pass``); the
+others are printed to compare:
   P0  server step_ms while streaming / engine step alone on one thread     goal <= 1.05
       (P0_executor: the same for backend "executor")
   P1  client ITL / server step_ms                                           goal <= 1.02
   P2  client TTFT / server prefill_time_ms                                  goal <= 1.05
-  P3  Flask TTFT / streaming TTFT (grows with max_tokens: ~1 + n * step / prefill)
+  P3  Flask TTFT / streaming TTFT (grows with the length: ~1 + (max_tokens - 1) * step / prefill)
   P4  /health p99 while `concurrency` streams run: FastAPI (goal <= 10 ms), Flask alongside
   P5  engine decode step / memory floor of its weight format                goal <= 1.5
   P6  our client ITL / llama.cpp's on the same GGUF: ``bench_peer.py`` (with the prefill and
