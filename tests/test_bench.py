@@ -6,7 +6,8 @@ import json
 import pytest
 
 from labserver import fake_engine
-from labserver.measure.bench import GOALS, format_table, report, run_bench
+from labserver.measure.bench import GOALS, INFORMATIVE, SPEED_GOALS, judge, report, run_bench
+from labserver.measure.tables import format_table
 from labserver.measure.demo import run_demo
 
 KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")
@@ -37,6 +38,33 @@ def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
     result = run_bench(tiny_engine, max_tokens=4, runs=1, concurrency=2, out=tmp_path / "bench.json",
                        log=lambda *a: None, speed=False)  # the speed figures: the tests below
     check_result(result, tmp_path / "bench.json")
+
+
+ALL_GOALS = {**GOALS, **SPEED_GOALS}
+
+
+def figures_at_their_targets() -> dict:
+    """Every goal's figure exactly at its target (which meets it), the informative ones far off."""
+    figures = {name: target for name, (op, target) in ALL_GOALS.items()}
+    return {**figures, "P3": 0.1, "P7": 0.1, "P7_per_stream_spread": 99.0, "P4_flask_p99_ms": 1e6}
+
+
+def test_all_pass_holds_when_every_goal_holds_whatever_the_informative_figures():
+    verdicts, all_pass = judge(figures_at_their_targets(), ALL_GOALS)
+    assert all_pass and set(verdicts) == set(ALL_GOALS)
+    assert verdicts["P0"] == {"value": 1.05, "goal": "<= 1.05", "pass": True}
+    assert not set(INFORMATIVE) & set(ALL_GOALS)  # a figure is a goal or printed to compare, not both
+
+
+@pytest.mark.parametrize("name", sorted(ALL_GOALS))
+def test_all_pass_turns_false_when_one_goal_fails(name):
+    op, target = ALL_GOALS[name]
+    for value in (target * (1.01 if op == "<=" else 0.99), None):  # just past the target; not measured
+        verdicts, all_pass = judge({**figures_at_their_targets(), name: value}, ALL_GOALS)
+        assert not all_pass
+        assert [n for n, v in verdicts.items() if not v["pass"]] == [name]
+    verdicts, all_pass = judge({n: v for n, v in figures_at_their_targets().items() if n != name}, ALL_GOALS)
+    assert not all_pass and verdicts[name]["value"] is None
 
 
 def test_demo_on_the_fake_engine(tmp_path):

@@ -9,8 +9,11 @@ import pytest
 
 from labserver import fake_engine
 from labserver.engine.fake import WORDS
-from labserver.measure.client import (LABSERVER, HealthProbe, Trace, astream_generate, blocking_generate,
-                              percentiles, probe_health, run_concurrent, stream_generate, summarize)
+from labserver.measure.client import astream_generate, blocking_generate, run_concurrent, stream_generate
+from labserver.measure.probes import HealthProbe, probe_health
+from labserver.measure.protocols import LABSERVER
+from labserver.measure.stats import aggregate_tokens_per_s, percentiles, summarize
+from labserver.measure.trace import Trace
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.background import FlaskServer, UvicornServer
@@ -75,6 +78,17 @@ def test_summarize_exact():
     assert (s["mean_tpot_ms"], s["p50_e2e_ms"]) == (32.5, 215.0)  # TPOTs 35 and 30
     assert (s["p50_step_ms"], s["p50_prefill_ms"]) == (30.0, 85.0)  # decode steps 25, 35, 15, 35
     assert summarize([])["p99_ttft_ms"] is None
+
+
+def test_aggregate_tokens_per_s_exact():
+    # Times chosen exact in binary: 4 + 2 tokens from the first send (at 8.0 s) to the last token
+    # (8.25 s + 0.25 s = 8.5 s) is 12 tokens/s; a failed stream counts neither tokens nor an end.
+    a = Trace(sent_s=8.0, arrival_ms=[125.0, 250.0, 375.0, 500.0])
+    b = Trace(sent_s=8.25, arrival_ms=[125.0, 250.0])
+    failed = Trace(sent_s=8.0, arrival_ms=[900.0], error={"type": "incomplete", "message": "cut"})
+    assert aggregate_tokens_per_s([a, b, failed]) == 12.0
+    assert aggregate_tokens_per_s([b]) == 8.0  # one stream: its tokens over its own E2E
+    assert aggregate_tokens_per_s([failed]) is None
 
 
 def test_labserver_protocol_parses_every_event_kind():

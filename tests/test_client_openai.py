@@ -3,8 +3,9 @@
 import pytest
 
 from labserver import fake_engine, create_app
-from labserver.measure.client import (OpenAIProtocol, blocking_generate, openai_protocol, run_concurrent,
-                              stream_generate, summarize)
+from labserver.measure.client import blocking_generate, run_concurrent, stream_generate
+from labserver.measure.protocols import OpenAIProtocol, openai_protocol
+from labserver.measure.stats import summarize
 from labserver.serve.background import UvicornServer
 
 

@@ -2,8 +2,9 @@
 writes a readable PNG."""
 import pytest
 
-from labserver.measure.client import HealthProbe, Trace
-from labserver.measure.plotting import plot_demo, plot_health, plot_token_timeline, plot_ttft_bars
+from labserver.measure.probes import HealthProbe
+from labserver.measure.trace import Trace
+from labserver.measure.plotting import plot_arrivals, plot_demo, plot_health, plot_token_timeline, plot_ttft_bars
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +51,26 @@ def test_ttft_bars_takes_single_traces_or_lists(tmp_path, streamed, blocked):
     heights = [patch.get_height() for patch in fig.axes[0].patches]
     assert heights == pytest.approx([70.0, streamed.e2e_ms, 420.0, 420.0])
     assert_png(tmp_path / "sub" / "bars.png")
+
+
+def test_arrivals_staircase_and_cliff(tmp_path, streamed, blocked):
+    fig = plot_arrivals({"FastAPI streaming": streamed, "Flask blocking": blocked}, "title", tmp_path / "a.png")
+    stairs, cliff = fig.axes[0].get_lines()
+    assert list(stairs.get_xdata()) == pytest.approx([0.0] + [t / 1000 for t in streamed.arrival_ms])
+    assert list(stairs.get_ydata()) == list(range(13))  # 0 tokens at the send, then one more per event
+    assert set(cliff.get_xdata()[1:]) == {0.42}  # every token of the blocking answer at once
+    assert fig.axes[0].get_title() == "title"
+    assert_png(tmp_path / "a.png")
+
+
+def test_arrivals_with_a_common_start_shift_later_requests():
+    first = Trace(sent_s=100.0, arrival_ms=[50.0, 100.0])
+    later = Trace(sent_s=100.25, arrival_ms=[50.0, 100.0])  # sent 250 ms after the first
+    own, common = (plot_arrivals({"a": first, "b": later}, common_start=c).axes[0] for c in (False, True))
+    assert list(own.get_lines()[1].get_xdata()) == pytest.approx([0.0, 0.05, 0.1])
+    assert list(common.get_lines()[1].get_xdata()) == pytest.approx([0.25, 0.3, 0.35])
+    assert list(common.get_lines()[0].get_xdata()) == pytest.approx([0.0, 0.05, 0.1])
+    assert "first request" in common.get_xlabel()
 
 
 def test_health_plot_has_one_line_per_probe(tmp_path, probes):

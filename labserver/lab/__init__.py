@@ -1,0 +1,5 @@
+"""The notebooks' experiments: one module per notebook (``baseline``, ``streaming``, ``event_loop``,
+``cancellation``, ``concurrency``; a notebook imports its own as ``lab``), what several of them share
+(``runs``: one request measured while /health is probed; ``display``: tables and labels), and the
+exercise checkers (``checks``, reporting through ``checking``). The server never imports this package.
+"""

@@ -1,87 +1,48 @@
 """Checkers for the notebooks' exercises: call one with your function, read PASS or FAIL with the numbers.
 
 Each ``check_*`` prints one line per thing it compared and returns ``True`` only if all passed, as ``cmp``
-does in nn-zero-to-hero (makemore part 4). An exercise stub that still raises ``NotImplementedError``
-prints ``TODO`` instead of a traceback, so a notebook runs top to bottom before you have solved anything.
+does in nn-zero-to-hero (makemore part 4); ``checking.py`` holds that machinery (PASS, FAIL, TODO).
 
 Where a check needs a timing it can trust on a busy machine, it uses ``fake_engine`` (sleeps of a known
 length) instead of the model and says so. Reference solutions: ``notebooks/solutions/``.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import math
-import threading
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from ..measure.client import Trace, stream_generate
+from ..measure.client import stream_generate
+from ..measure.trace import Trace
 from ..config import SamplingParams
 from ..engine.engine import Finish, TokenEvent
 from ..engine.fake import fake_engine
-from .experiments import Load, ThreadRecorder, raw_sse, try_stream, wait_idle
-
-
-class _Todo(Exception):
-    pass
-
-
-def _say(ok: bool, name: str, detail: str) -> bool:
-    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
-    return ok
-
-
-def _call(name: str, fn: Callable, *args, **kwargs):
-    """Call the student's function; a stub becomes _Todo, any other error a FAIL line (and _Todo)."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        print(f"TODO  {name}: not written yet (it raises NotImplementedError)")
-    except Exception as exc:
-        print(f"FAIL  {name}: raised {type(exc).__name__}: {exc}")
-        traceback.print_exc(limit=-2)
-    raise _Todo
-
-
-def _close(a, b, rel: float = 0.01, abs_: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=rel, abs_tol=abs_)
-    except (TypeError, ValueError):
-        return False
-
-
-def _checker(fn):
-    """Turn _Todo into a False result, so checkers read as straight-line code."""
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _Todo:
-            return False
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
+from .cancellation import wait_idle
+from .checking import attempt, checker, near, say
+from .concurrency import Load
+from .event_loop import try_stream, two_streams_with_heartbeat
+from .runs import ThreadRecorder
+from .streaming import raw_sse
 
 
 # -- 01 blocking baseline --------------------------------------------------------------------------------
-@_checker
+@checker
 def check_blocking_prediction(predict_blocking_ttft_ms: Callable, trace: Trace) -> bool:
     """``predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens)``: when does a blocking client see token one?"""
     name = "predict_blocking_ttft_ms"
-    hand = _call(name, predict_blocking_ttft_ms, 60.0, 30.0, 5)
-    ok = _say(_close(hand, 180.0), name, f"prefill 60 ms, steps of 30 ms, 5 tokens -> {hand} (expected 180)")
+    hand = attempt(name, predict_blocking_ttft_ms, 60.0, 30.0, 5)
+    ok = say(near(hand, 180.0), name, f"prefill 60 ms, steps of 30 ms, 5 tokens -> {hand} (expected 180)")
     steps = trace.decode_step_ms
     step = sum(steps) / len(steps)
-    pred = _call(name, predict_blocking_ttft_ms, trace.prefill_time_ms, step, trace.n_tokens)
+    pred = attempt(name, predict_blocking_ttft_ms, trace.prefill_time_ms, step, trace.n_tokens)
     ref = trace.prefill_time_ms + (trace.n_tokens - 1) * step
-    ok &= _say(_close(pred, ref), name, f"from your trace -> {pred:.0f} ms (expected {ref:.0f}); the client "
+    ok &= say(near(pred, ref), name, f"from your trace -> {pred:.0f} ms (expected {ref:.0f}); the client "
                                         f"measured TTFT {trace.ttft_ms:.0f} ms, {trace.ttft_ms - ref:+.0f} ms "
                                         "more for HTTP and JSON")
     return ok
 
 
-@_checker
+@checker
 def check_queued(queued: Callable, url: str) -> bool:
     """``queued(url, n, max_tokens)``: the Traces of n blocking requests sent at once, first served first.
 
@@ -90,15 +51,15 @@ def check_queued(queued: Callable, url: str) -> bool:
     computed side by side would arrive together instead.
     """
     name = "queued"
-    traces = list(_call(name, queued, url, 3, 12))
+    traces = list(attempt(name, queued, url, 3, 12))
     ttfts = [t.ttft_ms for t in traces]
-    if not _say(len(traces) == 3 and all(t.ok and t.n_tokens == 12 for t in traces) and ttfts == sorted(ttfts),
+    if not say(len(traces) == 3 and all(t.ok and t.n_tokens == 12 for t in traces) and ttfts == sorted(ttfts),
                 name, f"3 requests of 12 tokens, TTFTs {[round(t) for t in ttfts]} ms (ascending)"):
         return False
     ok = True
     for k in (1, 2):
         waited, own = ttfts[k] - ttfts[k - 1], traces[k].timings.get("total_ms", 0.0)
-        ok &= _say(waited >= 0.8 * own, name, f"answer {k + 1} came {waited:.0f} ms after answer {k}, and its own "
+        ok &= say(waited >= 0.8 * own, name, f"answer {k + 1} came {waited:.0f} ms after answer {k}, and its own "
                                               f"generation took {own:.0f} ms: it waited for the one before")
     return ok
 
@@ -113,56 +74,56 @@ SSE_CASES = [
 ]
 
 
-@_checker
+@checker
 def check_parse_sse_line(parse_sse_line: Callable, url: str | None = None) -> bool:
     """``parse_sse_line(line)``: the JSON payload of a ``data:`` line as a dict, else ``None``."""
     name = "parse_sse_line"
     ok = True
     for line, expected in SSE_CASES:
-        got = _call(name, parse_sse_line, line)
-        ok &= _say(got == expected, name, f"{line!r} -> {got!r} (expected {expected!r})")
+        got = attempt(name, parse_sse_line, line)
+        ok &= say(got == expected, name, f"{line!r} -> {got!r} (expected {expected!r})")
     if url is not None:
         lines = [line for _, line in raw_sse(url, max_tokens=8, show=False)]
-        events = [_call(name, parse_sse_line, line) for line in lines]
+        events = [attempt(name, parse_sse_line, line) for line in lines]
         text = "".join(e["token"] for e in events if e and "token" in e)
         expected = "".join(json.loads(line[5:])["token"] for line in lines if line.startswith("data: {\"token"))
-        ok &= _say(text == expected and text != "", name, f"a live stream of {len(lines)} lines -> {text!r}")
+        ok &= say(text == expected and text != "", name, f"a live stream of {len(lines)} lines -> {text!r}")
     return ok
 
 
-@_checker
+@checker
 def check_itl_tpot(itl_and_tpot: Callable, trace: Trace) -> bool:
     """``itl_and_tpot(arrival_ms)``: (list of gaps, TPOT) as vllm bench serve defines them."""
     name = "itl_and_tpot"
-    itl, tpot = _call(name, itl_and_tpot, [100.0, 130.0, 170.0])
-    ok = _say(list(itl) == [30.0, 40.0] and _close(tpot, 35.0), name,
+    itl, tpot = attempt(name, itl_and_tpot, [100.0, 130.0, 170.0])
+    ok = say(list(itl) == [30.0, 40.0] and near(tpot, 35.0), name,
               f"[100, 130, 170] -> ({list(itl)}, {tpot}) (expected ([30.0, 40.0], 35.0))")
-    itl, tpot = _call(name, itl_and_tpot, list(trace.arrival_ms))
-    same = len(itl) == len(trace.itl_ms) and all(_close(a, b) for a, b in zip(itl, trace.itl_ms))
-    return ok & _say(same and _close(tpot, trace.tpot_ms), name,
+    itl, tpot = attempt(name, itl_and_tpot, list(trace.arrival_ms))
+    same = len(itl) == len(trace.itl_ms) and all(near(a, b) for a, b in zip(itl, trace.itl_ms))
+    return ok & say(same and near(tpot, trace.tpot_ms), name,
                      f"your trace -> TPOT {tpot:.1f} ms (Trace says {trace.tpot_ms:.1f} ms), {len(itl)} gaps")
 
 
-@_checker
+@checker
 def check_my_stream(my_stream: Callable, url: str, prompt: str = "What is the capital of France?") -> bool:
     """``my_stream(url, prompt, max_tokens)``: [(ms after sending, token text), ...] with plain httpx, greedy."""
     name = "my_stream"
-    got = _call(name, my_stream, url, prompt, 16)
+    got = attempt(name, my_stream, url, prompt, 16)
     ref = stream_generate(url, prompt, 16, 0.0)
     text = "".join(token for _, token in got)
-    ok = _say(text == ref.text, name, f"{len(got)} tokens, text {text!r} (expected {ref.text!r})")
+    ok = say(text == ref.text, name, f"{len(got)} tokens, text {text!r} (expected {ref.text!r})")
     times = [t for t, _ in got]
-    ok &= _say(times == sorted(times) and len(times) > 1, name, "arrival times increase")
+    ok &= say(times == sorted(times) and len(times) > 1, name, "arrival times increase")
     if ok:
         # A decode step takes well over 5 ms on any CPU; a buffered answer arrives all in one instant.
         spread = times[-1] - times[0]
-        ok &= _say(spread >= 5 * (len(times) - 1), name, f"first token at {times[0]:.0f} ms, last at "
+        ok &= say(spread >= 5 * (len(times) - 1), name, f"first token at {times[0]:.0f} ms, last at "
                                                         f"{times[-1]:.0f} ms: they arrived one by one")
     return ok
 
 
 # -- 03 event loop ---------------------------------------------------------------------------------------
-@_checker
+@checker
 def check_stream_tokens(stream_tokens: Callable) -> bool:
     """``async def stream_tokens(gen)``: yield every item of ``gen``, each ``next`` in a thread, and finish."""
     name = "stream_tokens"
@@ -177,45 +138,11 @@ def check_stream_tokens(stream_tokens: Callable) -> bool:
             return False
         good = result.outcome == "completed" and (result.items == expected if expected is not None else
                                                   isinstance(result.items[-1], Finish))
-        ok &= _say(good, name, f"{label}: {result}")
+        ok &= say(good, name, f"{label}: {result}")
     return ok
 
 
-def _two_streams_with_heartbeat(stream_fn, engine, max_tokens: int, timeout_s: float) -> dict:
-    """Two streams of ``stream_fn`` at once on a fresh loop, with a 5 ms heartbeat; on a helper thread."""
-    out = {"items": [[], []], "beats": [], "outcome": "hung", "error": None}
-
-    async def consume(i):
-        async for item in stream_fn(engine.generate_stream("a b", SamplingParams(max_tokens))):
-            out["items"][i].append(item)
-
-    async def heartbeat(stop):
-        while not stop.is_set():
-            out["beats"].append(time.perf_counter())
-            await asyncio.sleep(0.005)
-        out["beats"].append(time.perf_counter())
-
-    async def main():
-        out["loop_thread"] = threading.current_thread().name
-        stop = asyncio.Event()
-        beat = asyncio.create_task(heartbeat(stop))
-        try:
-            await asyncio.wait_for(asyncio.gather(consume(0), consume(1)), timeout_s)
-            out["outcome"] = "completed"
-        except asyncio.TimeoutError:
-            pass
-        except Exception as exc:
-            out["outcome"], out["error"] = "error", exc
-        stop.set()
-        await beat
-
-    with ThreadPoolExecutor(1, thread_name_prefix="labserver-check") as pool:
-        pool.submit(asyncio.run, main()).result()
-    out["max_gap_ms"] = max((b - a) * 1000 for a, b in zip(out["beats"], out["beats"][1:]))
-    return out
-
-
-@_checker
+@checker
 def check_one_thread(stream_on_one_thread: Callable) -> bool:
     """``async def stream_on_one_thread(gen)``: every step of every stream on one thread, the loop free.
 
@@ -224,18 +151,18 @@ def check_one_thread(stream_on_one_thread: Callable) -> bool:
     """
     name = "stream_on_one_thread"
     engine = ThreadRecorder(fake_engine(prefill_ms=80, step_ms=80))
-    out = _two_streams_with_heartbeat(stream_on_one_thread, engine, max_tokens=6, timeout_s=10.0)
+    out = two_streams_with_heartbeat(stream_on_one_thread, engine, max_tokens=6, timeout_s=10.0)
     if isinstance(out["error"], NotImplementedError):
         print(f"TODO  {name}: not written yet (it raises NotImplementedError)")
         return False
     counts = [len([i for i in items if isinstance(i, TokenEvent)]) for items in out["items"]]
-    ok = _say(out["outcome"] == "completed" and counts == [6, 6], name,
+    ok = say(out["outcome"] == "completed" and counts == [6, 6], name,
               f"two streams at once: {out['outcome']}, tokens {counts} (expected [6, 6])"
               + (f", error {out['error']!r}" if out["error"] else ""))
     threads = sorted({t for gen in engine.generations for t in gen})
-    ok &= _say(len(threads) == 1 and threads[0] != out["loop_thread"], name,
+    ok &= say(len(threads) == 1 and threads[0] != out["loop_thread"], name,
                f"steps ran on {threads} (one thread, not the event loop's {out['loop_thread']!r})")
-    return ok & _say(out["max_gap_ms"] < 60, name, f"longest heartbeat gap {out['max_gap_ms']:.0f} ms "
+    return ok & say(out["max_gap_ms"] < 60, name, f"longest heartbeat gap {out['max_gap_ms']:.0f} ms "
                                                   "(< 60: the loop never waited for an 80 ms step)")
 
 
@@ -244,25 +171,25 @@ def _generated_by(engine, fn: Callable, name: str, *args) -> tuple:
     """Run ``fn``; return (its result, tokens the engine generated, whether it went idle within 5 s)."""
     wait_idle(engine)
     before = engine.tokens_generated
-    result = _call(name, fn, *args)
+    result = attempt(name, fn, *args)
     wait_idle(engine, timeout_s=5.0)
     idle = engine.running == 0
     time.sleep(0.3)  # a generation that kept going would add tokens now
     return result, engine.tokens_generated - before, idle
 
 
-@_checker
+@checker
 def check_hang_up(hang_up_after: Callable, engine, url: str) -> bool:
     """``hang_up_after(url, n)``: read n token events of a long stream, close it, return how many were read."""
     name = "hang_up_after"
     got, generated, idle = _generated_by(engine, hang_up_after, name, url, 4)
-    ok = _say(got == 4, name, f"read {got} token events (expected 4)")
-    return ok & _say(idle and generated <= 4 + 2, name,
+    ok = say(got == 4, name, f"read {got} token events (expected 4)")
+    return ok & say(idle and generated <= 4 + 2, name,
                      f"the engine generated {generated} tokens and {'stopped' if idle else 'is STILL RUNNING'} "
                      "(at most 2 more than were read)")
 
 
-@_checker
+@checker
 def check_stop_string(stream_until: Callable, engine, url: str, prompt: str = "What is the capital of France?",
                       stop: str = ".") -> bool:
     """``stream_until(url, prompt, stop)``: greedy stream, hang up at the first ``stop``; the text up to it."""
@@ -275,49 +202,50 @@ def check_stop_string(stream_until: Callable, engine, url: str, prompt: str = "W
     expected = full.text[:cut + len(stop)]
     needed = next(i + 1 for i in range(full.n_tokens) if stop in "".join(full.tokens[:i + 1]))
     got, generated, idle = _generated_by(engine, stream_until, name, url, prompt, stop)
-    ok = _say(got == expected, name, f"{got!r} (expected {expected!r})")
-    return ok & _say(idle and generated <= needed + 2, name,
+    ok = say(got == expected, name, f"{got!r} (expected {expected!r})")
+    return ok & say(idle and generated <= needed + 2, name,
                      f"the engine generated {generated} tokens for {needed} needed, of up to 64 "
                      f"({'stopped' if idle else 'STILL RUNNING'})")
 
 
 # -- 05 concurrency --------------------------------------------------------------------------------------
-@_checker
+@checker
 def check_aggregate_tokens_per_s(aggregate_tokens_per_s: Callable, loads: Sequence[Load]) -> bool:
-    """``aggregate_tokens_per_s(traces)``: all tokens / (last token of any stream - first request sent)."""
+    """``aggregate_tokens_per_s(traces)``: all tokens / (last token of any stream - first request sent);
+    compared with ``measure.stats.aggregate_tokens_per_s``, which ``Load.tokens_per_s`` returns."""
     name = "aggregate_tokens_per_s"
     a = Trace(sent_s=10.0, arrival_ms=[100.0, 200.0, 300.0])
     b = Trace(sent_s=10.1, arrival_ms=[300.0, 400.0])  # sent 100 ms later: its last token at 500 ms
-    hand = _call(name, aggregate_tokens_per_s, [a, b])
-    ok = _say(_close(hand, 10.0), name, f"3 + 2 tokens in 500 ms -> {hand} (expected 10.0)")
+    hand = attempt(name, aggregate_tokens_per_s, [a, b])
+    ok = say(near(hand, 10.0), name, f"3 + 2 tokens in 500 ms -> {hand} (expected 10.0)")
     for load in loads:
-        got = _call(name, aggregate_tokens_per_s, load.traces)
-        ok &= _say(_close(got, load.tokens_per_s, rel=0.02), name,
+        got = attempt(name, aggregate_tokens_per_s, load.traces)
+        ok &= say(near(got, load.tokens_per_s, rel=0.02), name,
                    f"N={load.n}: {got:.1f} tokens/s (expected {load.tokens_per_s:.1f})")
     return ok
 
 
-@_checker
+@checker
 def check_itl_prediction(predict_itl_ms: Callable, loads: Sequence[Load]) -> bool:
     """``predict_itl_ms(step_ms, n)``: a stream's gap when n streams share one engine thread, one step each."""
     name = "predict_itl_ms"
-    hand = _call(name, predict_itl_ms, 30.0, 4)
-    ok = _say(_close(hand, 120.0), name, f"steps of 30 ms, 4 streams -> {hand} (expected 120)")
+    hand = attempt(name, predict_itl_ms, 30.0, 4)
+    ok = say(near(hand, 120.0), name, f"steps of 30 ms, 4 streams -> {hand} (expected 120)")
     for load in loads:
         row = load.row()
-        pred = _call(name, predict_itl_ms, row["step p50 ms"], load.n)
-        ok &= _say(_close(pred, row["step p50 ms"] * load.n), name,
+        pred = attempt(name, predict_itl_ms, row["step p50 ms"], load.n)
+        ok &= say(near(pred, row["step p50 ms"] * load.n), name,
                    f"N={load.n}: predicted {pred:.0f} ms, measured ITL p50 {row['ITL p50 ms']:.0f} ms")
     return ok
 
 
-@_checker
+@checker
 def check_batched_tokens_per_s(batched_tokens_per_s: Callable, batched_ms: dict) -> bool:
     """``batched_tokens_per_s(batch, step_ms)``: tokens/s of an engine that advances ``batch`` sequences a step."""
     name = "batched_tokens_per_s"
-    hand = _call(name, batched_tokens_per_s, 4, 40.0)
-    ok = _say(_close(hand, 100.0), name, f"4 sequences per 40 ms step -> {hand} (expected 100)")
+    hand = attempt(name, batched_tokens_per_s, 4, 40.0)
+    ok = say(near(hand, 100.0), name, f"4 sequences per 40 ms step -> {hand} (expected 100)")
     for batch, step in sorted(batched_ms.items()):
-        got = _call(name, batched_tokens_per_s, batch, step)
-        ok &= _say(_close(got, 1000 * batch / step), name, f"B={batch}: step {step:.0f} ms -> {got:.0f} tokens/s")
+        got = attempt(name, batched_tokens_per_s, batch, step)
+        ok &= say(near(got, 1000 * batch / step), name, f"B={batch}: step {step:.0f} ms -> {got:.0f} tokens/s")
     return ok

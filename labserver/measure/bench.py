@@ -6,12 +6,28 @@ Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs co
   (a) the engine alone on one thread: median decode step_ms;
   (b) FastAPI streaming, the server's default backend (the batched scheduler on the engine thread):
       server step_ms, client ITL, TTFT vs prefill_time_ms;
-  (c) the same with backend "executor" (the seed's run_in_executor pattern);
+  (c) the same with backend "executor" (each `next(gen)` sent to a thread pool with
+      `run_in_executor`, the pattern of the first streaming version);
   (d) the Flask baseline, blocking: TTFT is the whole response;
-  (e) /health probed while `concurrency` generations run on each server.
-Ratios of medians (DESIGN.md): P0 = server step / engine step alone, P1 = client ITL / server step,
-P2 = client TTFT / server prefill, P3 = Flask TTFT / FastAPI TTFT; P4 = /health p99 under load.
-Then the speed figures P5-P8 of ``bench_speed.py`` (skipped for engines without a model runner).
+  (e) /health probed while `concurrency` generations run on each server;
+  (f-h) the speed figures of ``bench_speed.py`` (skipped for engines without a model runner).
+
+The figures (P0-P3 ratios of medians; P5, P6_hf of best-of-3 steps, see ``bench_speed.py``), with a
+goal where the project commits to one (``GOALS``, ``SPEED_GOALS``: they decide ``all_pass``); the
+others are printed to compare:
+  P0  server step_ms while streaming / engine step alone on one thread     goal <= 1.05
+      (P0_executor: the same for backend "executor")
+  P1  client ITL / server step_ms                                           goal <= 1.02
+  P2  client TTFT / server prefill_time_ms                                  goal <= 1.05
+  P3  Flask TTFT / streaming TTFT (grows with the length: ~1 + (max_tokens - 1) * step / prefill)
+  P4  /health p99 while `concurrency` streams run: FastAPI (goal <= 10 ms), Flask alongside
+  P5  engine decode step / memory floor of its weight format                goal <= 1.5
+  P6  our client ITL / llama.cpp's on the same GGUF: ``bench_peer.py`` (with the prefill and
+      concurrency figures against llama.cpp); here P6_hf = step / transformers' generate() step, goal <= 0.5
+  P7  tokens/s of 8 concurrent streams / one stream (batched scheduler; P7_w4a8, the spread of
+      per-stream rates and /health p99 alongside)
+  P8  seconds from `python -m labserver serve` to a /health answer          goal <= 3 s
+      (P8_first_token_s alongside)
 
 With `--url URL` it measures a server that is already running instead (ours, or any OpenAI-compatible
 one with `--openai` / `--openai-chat`: vLLM, SGLang, llama.cpp): sequential streams, then `concurrency`
@@ -27,36 +43,37 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from .bench_speed import run_speed
-from .client import (DEFAULT_PROMPT, DEFAULT_TIMEOUT, LABSERVER, HealthProbe, blocking_generate, openai_protocol,
-                     run_concurrent, stream_generate, summarize)
+from .bench_speed import run_speed, speed_tables
+from .tables import format_table
+from .client import DEFAULT_PROMPT, DEFAULT_TIMEOUT, blocking_generate, run_concurrent, stream_generate
+from .probes import HealthProbe
+from .protocols import LABSERVER, openai_protocol
+from .stats import summarize
 from ..config import EngineConfig, SamplingParams
-from ..engine.engine import Finish
+from ..engine.engine import Finish, off_thread
 from ..serve.app import create_app
 from ..serve.flask_app import create_flask_app
 from ..serve.background import FlaskServer, UvicornServer
 
-# figure -> (comparison, target)
+# figure -> (comparison, target): the goals the project commits to (see the module docstring).
 GOALS = {
     "P0": ("<=", 1.05),
     "P1": ("<=", 1.02),
     "P2": ("<=", 1.05),
-    "P3": (">=", 20.0),
     "P4_fastapi_p99_ms": ("<=", 10.0),
 }
 SPEED_GOALS = {
-    "P5": ("<=", 1.3),
+    "P5": ("<=", 1.5),
     "P6_hf": ("<=", 0.5),
-    "P7": (">=", 4.0),
-    "P7_per_stream_spread": ("<=", 1.5),
-    "P7_health_p99_ms": ("<=", 20.0),
     "P8_ready_s": ("<=", 3.0),
 }
+# Printed beside the goals, to compare; no target.
+INFORMATIVE = ("P0_executor", "P3", "P4_flask_p99_ms", "P7", "P7_w4a8", "P7_per_stream_spread",
+               "P7_health_p99_ms", "P8_first_token_s")
 
 
 def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
@@ -75,8 +92,7 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
             n_tokens.append(len(tokens))
         return {"p50_step_ms": statistics.median(steps), "mean_step_ms": statistics.fmean(steps),
                 "p50_prefill_ms": statistics.median(prefills), "n_tokens": n_tokens}
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-engine-alone") as pool:
-        return pool.submit(work).result()
+    return off_thread(work)
 
 
 def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:
@@ -181,10 +197,7 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     if speed and hasattr(engine, "runner"):
         result.update(run_speed(engine, log))
         goals.update(SPEED_GOALS)
-    result["goals"] = {
-        name: {"value": result[name], "goal": f"{op} {target:g}", "pass": _meets(result[name], op, target)}
-        for name, (op, target) in goals.items()}
-    result["all_pass"] = all(g["pass"] for g in result["goals"].values())
+    result["goals"], result["all_pass"] = judge(result, goals)
     result["raw"] = {"engine_alone": alone, "fastapi": thread, "fastapi_executor": executor, "flask": flask}
     result["setup"] = {"model": engine.config.model, "runner": getattr(getattr(engine, "runner", None), "name", None),
                        "backend": thread["backend"], "threads": engine.config.threads, "max_tokens": max_tokens,
@@ -199,27 +212,15 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     return result
 
 
-def _meets(value, op: str, target: float) -> bool:
-    return value is not None and (value <= target if op == "<=" else value >= target)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    cells = [[_cell(v) for v in row] for row in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    # First column left-aligned (names), the others right-aligned (numbers).
-    lines = ["  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "pass" if value else "FAIL"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
+def judge(figures: dict, goals: dict) -> tuple[dict, bool]:
+    """Each goal's value, target and verdict, and whether all of them hold. A figure that was not
+    measured (missing or None) fails its goal: it shows nothing."""
+    verdicts = {}
+    for name, (op, target) in goals.items():
+        value = figures.get(name)
+        met = value is not None and (value <= target if op == "<=" else value >= target)
+        verdicts[name] = {"value": value, "goal": f"{op} {target:g}", "pass": met}
+    return verdicts, all(v["pass"] for v in verdicts.values())
 
 
 def report(result: dict) -> str:
@@ -238,27 +239,10 @@ def report(result: dict) -> str:
     ]
     sections = [format_table(["figure (p50, ms)", "value"], rows)]
     if "raw_speed" in result:
-        speed = result["raw_speed"]
-        rows = [[f"{speed['runner']}: decode step ms", speed["engine_step_ms"]],
-                ["transformers generate(): decode step ms", speed["hf_generate_step_ms"]],
-                [f"memory floor ms ({speed['weight_mb']} MB at {speed['read_bandwidth_gbs']} GB/s)",
-                 speed["floor_ms"]]]
-        for name in ("batched", "thread", "w4a8"):
-            c = speed.get(f"concurrency_{name}")
-            if c is None:
-                continue
-            many = c["tokens_per_s_" + str(c["streams"])]
-            rows += [[f"{name}: tokens/s, 1 stream -> {c['streams']} streams", f"{c['tokens_per_s_1']:.1f} -> {many:.1f}"]]
-        rows += [[f"cold start {i + 1}: /health, first token (s)", f"{c['ready_s']}, {c['first_token_s']}"]
-                 for i, c in enumerate(speed["cold_starts"])]
-        sections.append(format_table(["speed", "value"], rows))
-        sections.append(format_table(
-            ["route", "step ms", "floor ms", "P5", "prefill ms", "8-seq step ms", "forced %", "free-run %"], [
-                [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("prefill_ms"), r.get("batch8_step_ms"),
-                 r.get("teacher_forced_pct"), r.get("free_run_equal_pct")] for name, r in speed["routes"].items()]))
+        sections += speed_tables(result["raw_speed"])
     sections.append(format_table(["goal", "value", "target", "result"], [
         [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
-    ] + [[name, result[name], "(compare)", None] for name in ("P0_executor", "P7_w4a8") if name in result]))
+    ] + [[name, result[name], "(compare)", None] for name in INFORMATIVE if name in result]))
     return "\n\n".join(sections)
 
 

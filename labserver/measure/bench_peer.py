@@ -32,7 +32,8 @@ import httpx
 
 from .bench import format_table, measure_url
 from .bench_speed import free_port
-from .client import DEFAULT_PROMPT, openai_protocol, stream_generate
+from .client import DEFAULT_PROMPT, stream_generate
+from .protocols import openai_protocol
 from ..config import EngineConfig
 from ..engine.loading import default_gguf_path
 

@@ -25,14 +25,16 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
 
-from .client import DEFAULT_PROMPT, HealthProbe, run_concurrent, summarize
+from .client import DEFAULT_PROMPT, run_concurrent
+from .probes import HealthProbe
+from .stats import aggregate_tokens_per_s, summarize
+from .tables import format_table
 from ..config import SamplingParams
-from ..engine.engine import Engine
+from ..engine.engine import Engine, off_thread
 from ..serve.app import create_app
 from ..serve.background import UvicornServer
 
@@ -47,12 +49,11 @@ ROUTES = [("float32", "none"), ("float32", "q4_1"), ("float32", "w4a8"), ("float
 
 
 def on_one_thread(threads: int, fn, *args):
-    """Run ``fn`` on a fresh thread with ``threads`` torch threads, as the engine thread does."""
+    """Run ``fn`` on a fresh thread (``off_thread``) with ``threads`` torch threads, as the engine thread does."""
     def work():
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # per calling thread
         return fn(*args)
-    with ThreadPoolExecutor(1, thread_name_prefix="bench-speed") as pool:
-        return pool.submit(work).result()
+    return off_thread(work)
 
 
 def read_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
@@ -184,12 +185,6 @@ def _spread(traces) -> float | None:
     return round(max(rates) / min(rates), 3) if rates else None
 
 
-def _aggregate_tokens_per_s(traces) -> float:
-    start = min(t.sent_s for t in traces)
-    end = max(t.sent_s + t.e2e_ms / 1000 for t in traces if t.ok and t.n_tokens)
-    return sum(t.n_tokens for t in traces if t.ok) / (end - start)
-
-
 def concurrency_gain(engine, backend: str, streams: int = 8, max_tokens: int = 64,
                      prompt: str = DEFAULT_PROMPT) -> dict:
     """One stream, then ``streams`` at once while /health is probed, on a FastAPI server with ``backend``."""
@@ -202,7 +197,7 @@ def concurrency_gain(engine, backend: str, streams: int = 8, max_tokens: int = 6
     failed = [t.error for t in one + many if not t.ok]
     if failed:
         raise RuntimeError(f"concurrent streams failed: {failed[0]}")
-    single, aggregate = _aggregate_tokens_per_s(one), _aggregate_tokens_per_s(many)
+    single, aggregate = aggregate_tokens_per_s(one), aggregate_tokens_per_s(many)
     return {"backend": backend, "streams": streams, "tokens_per_s_1": round(single, 2),
             f"tokens_per_s_{streams}": round(aggregate, 2), "gain": round(aggregate / single, 3),
             "per_stream_rate_spread": _spread(many), "health": probe.summary(), "concurrent": summarize(many)}
@@ -272,3 +267,24 @@ def run_speed(engine, log=print) -> dict:
                       **({"concurrency_w4a8": fast} if fast else {}),
                       "cold_starts": starts},
     }
+
+
+def speed_tables(speed: dict) -> list[str]:
+    """``run_speed``'s raw figures as two text tables: the speed figures, then one row per route."""
+    rows = [[f"{speed['runner']}: decode step ms", speed["engine_step_ms"]],
+            ["transformers generate(): decode step ms", speed["hf_generate_step_ms"]],
+            [f"memory floor ms ({speed['weight_mb']} MB at {speed['read_bandwidth_gbs']} GB/s)", speed["floor_ms"]]]
+    for name in ("batched", "thread", "w4a8"):
+        c = speed.get(f"concurrency_{name}")
+        if c is not None:
+            many = c["tokens_per_s_" + str(c["streams"])]
+            rows.append([f"{name}: tokens/s, 1 stream -> {c['streams']} streams",
+                         f"{c['tokens_per_s_1']:.1f} -> {many:.1f}"])
+    rows += [[f"cold start {i + 1}: /health, first token (s)", f"{c['ready_s']}, {c['first_token_s']}"]
+             for i, c in enumerate(speed["cold_starts"])]
+    routes = format_table(
+        ["route", "step ms", "floor ms", "P5", "prefill ms", "8-seq step ms", "forced %", "free-run %"], [
+            [name, r["step_ms"], r["floor_ms"], r["P5"], r.get("prefill_ms"), r.get("batch8_step_ms"),
+             r.get("teacher_forced_pct"), r.get("free_run_equal_pct")] for name, r in speed["routes"].items()])
+    return [format_table(["speed", "value"], rows), routes]
+

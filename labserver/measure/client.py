@@ -1,208 +1,30 @@
-"""HTTP client for a labserver: one request in, one `Trace` out, timed on the client's side of the socket.
+"""HTTP client for a labserver or any OpenAI-compatible server: one request in, one `Trace` out.
 
-A Trace holds what a user sees (when each token event arrived, `time.perf_counter`, ms since the
-request was sent) next to what the server says it spent (`step_ms`, `prefill_time_ms`). Metrics are
-named as `vllm bench serve` names them: TTFT, ITL, TPOT, E2E.
+Each call times the response on the client's side of the socket (`time.perf_counter`, before any
+parsing) and records it into a `Trace`; the wire format is a `Protocol` (`protocols.py`). Streams are
+read with httpx-sse, synchronously or on an asyncio loop; `run_concurrent` sends many at once.
 
-    >>> t = Trace(arrival_ms=[100.0, 130.0, 170.0], tokens=["a", "b", "c"])
-    >>> t.ttft_ms, t.itl_ms, t.tpot_ms, t.e2e_ms
-    (100.0, [30.0, 40.0], 35.0, 170.0)
-
-Two wire formats: labserver's own POST /generate (`LABSERVER`, with the server's per-token `step_ms`)
-and the OpenAI-compatible /v1/completions or /v1/chat/completions that vLLM, SGLang and llama.cpp
-serve (`OpenAIProtocol`; no server timings, so only the client-side metrics). A `Protocol` builds the
-request body and turns one parsed event into tokens; everything that times and records is shared.
-
-Left out: retries, authentication and request-rate shaping (`run_concurrent` starts every request at
-once).
+Left out: retries, authentication beyond a bearer key and request-rate shaping (`run_concurrent`
+starts every request at once). The client never imports the engine: it measures any server over HTTP.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-import typing
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import httpx
-import numpy as np
 from httpx_sse import aconnect_sse, connect_sse
+
+from .protocols import LABSERVER, Protocol
+from .trace import Trace
 
 # Long read timeout: a blocking server answers only once the whole generation is done.
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
-
-
-@dataclass
-class TokenChunk:
-    text: str
-    token_id: int | None = None
-    step_ms: float | None = None
-    prefill_time_ms: float | None = None
-    batch: int | None = None  # sequences that shared the step (labserver's batched scheduler)
-
-
-@dataclass
-class Parsed:
-    """What one SSE event (or one non-streaming body) carries."""
-    tokens: list[TokenChunk] = field(default_factory=list)
-    finish: dict = field(default_factory=dict)  # whichever of finish_reason / usage / timings it has
-    error: dict | None = None                    # {"message", "type"}
-
-
-class Protocol(typing.Protocol):
-    """A wire format: where to POST, the body to send, and what each event or JSON body means."""
-    path: str  # e.g. "/generate"; appended to the server's base URL
-    done: str  # the `data:` payload that ends a stream
-
-    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict: ...
-    def parse_event(self, data: dict) -> Parsed: ...
-    def parse_body(self, body: dict) -> Parsed: ...
-
-
-class LabserverProtocol:
-    """POST /generate from DESIGN.md: one `data:` event per token, one summary event, `data: [DONE]`."""
-    path = "/generate"
-    done = "[DONE]"
-
-    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
-        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": stream, **extra}
-
-    def parse_event(self, data: dict) -> Parsed:
-        if "error" in data:
-            return Parsed(error=data["error"])
-        if "token" in data:
-            chunk = TokenChunk(data["token"], data.get("token_id"), data.get("step_ms"),
-                               data.get("prefill_time_ms"), data.get("batch"))
-            return Parsed(tokens=[chunk])
-        return Parsed(finish={k: data[k] for k in ("finish_reason", "usage", "timings") if k in data})
-
-    def parse_body(self, body: dict) -> Parsed:
-        parsed = self.parse_event({k: v for k, v in body.items() if k not in ("tokens", "text")})
-        parsed.tokens = [c for event in body.get("tokens", []) for c in self.parse_event(event).tokens]
-        return parsed
-
-
-LABSERVER = LabserverProtocol()
-
-
-class OpenAIProtocol:
-    """OpenAI's streaming completions: one chunk per token (vLLM, SGLang, llama.cpp and our /v1).
-
-    `chat=True` sends the prompt as one user message to /v1/chat/completions. The usage chunk
-    (`stream_options.include_usage`) fills `Trace.usage`. A chunk that carries no text (the chat role
-    chunk, the final one) is not a token: TTFT counts from the first chunk with text.
-    """
-    done = "[DONE]"
-
-    def __init__(self, model: str, chat: bool = False, api_key: str | None = None):
-        self.model, self.chat = model, chat
-        self.path = "/v1/chat/completions" if chat else "/v1/completions"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
-        body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream,
-                **({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return {**body, **extra}
-
-    def _text(self, choice: dict) -> str | None:
-        if self.chat:
-            return (choice.get("delta") or choice.get("message") or {}).get("content")
-        return choice.get("text")
-
-    def parse_event(self, data: dict) -> Parsed:
-        if "error" in data:
-            return Parsed(error=data["error"])
-        parsed = Parsed(finish={"usage": data["usage"]} if data.get("usage") else {})
-        for choice in data.get("choices") or []:
-            if text := self._text(choice):
-                parsed.tokens.append(TokenChunk(text))
-            if choice.get("finish_reason"):
-                parsed.finish["finish_reason"] = choice["finish_reason"]
-        return parsed
-
-    def parse_body(self, body: dict) -> Parsed:
-        return self.parse_event(body)
-
-
-def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
-    """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    models = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout).raise_for_status().json()
-    return OpenAIProtocol(models["data"][0]["id"], chat=chat, api_key=api_key)
-
-
-@dataclass
-class Trace:
-    prompt: str = ""
-    stream: bool = True
-    sent_s: float = 0.0                     # perf_counter() when sent: lines a Trace up with a HealthProbe
-    arrival_ms: list[float] = field(default_factory=list)   # per token event, ms after sent_s
-    tokens: list[str] = field(default_factory=list)
-    token_ids: list[int | None] = field(default_factory=list)
-    step_ms: list[float | None] = field(default_factory=list)  # server compute per token; [0] is the prefill
-    batch: list[int | None] = field(default_factory=list)  # per token: sequences in its step, if the server says
-    prefill_time_ms: float | None = None
-    finish_reason: str | None = None
-    usage: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    error: dict | None = None
-    text: str = ""
-    done_ms: float | None = None            # response fully read ([DONE] or the JSON body)
-    closed_early: bool = False              # the client hung up (stop_after)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.arrival_ms)
-
-    @property
-    def ttft_ms(self) -> float | None:
-        return self.arrival_ms[0] if self.arrival_ms else None
-
-    @property
-    def e2e_ms(self) -> float | None:
-        # Last *token* event, so that TPOT is exactly the mean ITL.
-        return self.arrival_ms[-1] if self.arrival_ms else None
-
-    @property
-    def itl_ms(self) -> list[float]:
-        return [b - a for a, b in zip(self.arrival_ms, self.arrival_ms[1:])]
-
-    @property
-    def tpot_ms(self) -> float | None:
-        return (self.e2e_ms - self.ttft_ms) / (self.n_tokens - 1) if self.n_tokens > 1 else None
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return 1000.0 * self.n_tokens / self.e2e_ms if self.e2e_ms else None
-
-    @property
-    def decode_step_ms(self) -> list[float]:
-        return [s for s in self.step_ms[1:] if s is not None]
-
-    def _add(self, parsed: Parsed, t_ms: float) -> None:
-        for chunk in parsed.tokens:
-            self.arrival_ms.append(t_ms)
-            self.tokens.append(chunk.text)
-            self.token_ids.append(chunk.token_id)
-            self.step_ms.append(chunk.step_ms)
-            self.batch.append(chunk.batch)
-            if chunk.prefill_time_ms is not None:
-                self.prefill_time_ms = chunk.prefill_time_ms
-        for key, value in parsed.finish.items():
-            setattr(self, key, value)
-        self.error = parsed.error or self.error
-
 
 class _Recorder:
     """Times and records one streamed response; shared by the sync and async loops."""
@@ -376,113 +198,12 @@ def run_concurrent(url: str, prompts: int | Sequence[str], **kwargs) -> list[Tra
     """Send all `prompts` (or `prompts` copies of `prompt=`) at once; one Trace each, in order.
 
     Inside Jupyter an event loop is already running on this thread, so the requests get their own
-    loop on a helper thread (no nest_asyncio). The server must not be on the caller's loop."""
+    loop on a helper thread (no nest_asyncio). The server must not be on the caller's loop. That thread
+    is started here rather than by the engine's ``off_thread``: the client speaks only HTTP and imports
+    nothing of the server, so that it measures any server."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(arun_concurrent(url, prompts, **kwargs))
     with ThreadPoolExecutor(1, thread_name_prefix="labserver-client") as pool:
         return pool.submit(lambda: asyncio.run(arun_concurrent(url, prompts, **kwargs))).result()
-
-
-@dataclass
-class HealthProbe:
-    """GET /health every `interval_ms` on its own thread and client. A request waits as long as
-    the server makes it (up to `timeout_s`), so a blocked server shows as one long sample."""
-    url: str
-    interval_ms: float = 20.0
-    timeout_s: float = 60.0
-    path: str = "/health"
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (t_ms since start_s, latency_ms)
-    failures: int = 0
-    start_s: float = 0.0
-
-    def start(self) -> "HealthProbe":
-        self._stop, ready = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="labserver-health-probe",
-                                        daemon=True)
-        self._thread.start()
-        ready.wait()  # probing has begun when start() returns, so it sees what comes next
-        return self
-
-    def stop(self) -> "HealthProbe":
-        self._stop.set()
-        self._thread.join()  # an in-flight probe finishes: its latency is the measurement
-        return self
-
-    __enter__ = start
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _run(self, ready: threading.Event) -> None:
-        url = self.url.rstrip("/") + self.path
-        with httpx.Client(timeout=self.timeout_s) as http:  # made first: creating a client takes ~50 ms
-            self.start_s = next_s = time.perf_counter()
-            ready.set()
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    http.get(url).raise_for_status()
-                except httpx.HTTPError:
-                    self.failures += 1
-                t1 = time.perf_counter()
-                self.samples.append(((t0 - self.start_s) * 1000.0, (t1 - t0) * 1000.0))
-                next_s = max(next_s + self.interval_ms / 1000.0, t1)
-                self._stop.wait(next_s - time.perf_counter())
-
-    @property
-    def latencies_ms(self) -> list[float]:
-        return [latency for _, latency in self.samples]
-
-    def summary(self) -> dict:
-        pct = percentiles(self.latencies_ms)
-        lat = self.latencies_ms
-        return {"n": len(lat), "failures": self.failures, "p50_ms": pct[50], "p90_ms": pct[90],
-                "p99_ms": pct[99], "max_ms": max(lat) if lat else None}
-
-
-def probe_health(url: str, duration_s: float | None = None, until: threading.Event | None = None,
-                 interval_ms: float = 20.0, timeout_s: float = 60.0) -> HealthProbe:
-    """Probe for `duration_s`, or until `until` is set (then `duration_s`, if given, caps the wait)."""
-    if duration_s is None and until is None:
-        raise ValueError("give duration_s or until")
-    probe = HealthProbe(url, interval_ms, timeout_s).start()
-    if until is not None:
-        until.wait(duration_s)
-    else:
-        time.sleep(duration_s)
-    return probe.stop()
-
-
-def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict:
-    """Linear-interpolated percentiles (numpy's default, as vllm uses); None for an empty list.
-
-    >>> percentiles([10, 20, 30, 40, 50])
-    {50: 30.0, 90: 46.0, 99: 49.6}
-    """
-    if len(values) == 0:
-        return {q: None for q in qs}
-    return {q: round(float(v), 9) for q, v in zip(qs, np.percentile(np.asarray(values, float), qs))}
-
-
-def summarize(traces: Sequence[Trace], qs: Sequence[float] = (50, 90, 99)) -> dict:
-    """`mean_X_ms` and `pQ_X_ms` for X in ttft, itl, tpot, e2e (client) and step, prefill (server).
-    ITL pools the gaps of all requests; the others take one value per request. Failed traces are
-    counted in `failed` and left out of the figures."""
-    done = [t for t in traces if t.ok and t.n_tokens]
-    series = {
-        "ttft": [t.ttft_ms for t in done],
-        "itl": [gap for t in done for gap in t.itl_ms],
-        "tpot": [t.tpot_ms for t in done if t.tpot_ms is not None],
-        "e2e": [t.e2e_ms for t in done],
-        "step": [s for t in done for s in t.decode_step_ms],
-        "prefill": [t.prefill_time_ms for t in done if t.prefill_time_ms is not None],
-    }
-    out = {"completed": len(done), "failed": len(traces) - len(done),
-           "total_output_tokens": sum(t.n_tokens for t in done)}
-    for name, values in series.items():
-        out[f"mean_{name}_ms"] = float(np.mean(values)) if values else None
-        for q, v in percentiles(values, qs).items():
-            out[f"p{q:g}_{name}_ms"] = v
-    return out

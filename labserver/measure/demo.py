@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import format_table
-from .client import DEFAULT_PROMPT, HealthProbe, Trace, blocking_generate, stream_generate
+from .tables import format_table
+from .client import DEFAULT_PROMPT, blocking_generate, stream_generate
+from .probes import HealthProbe
+from .trace import Trace
 from ..config import EngineConfig
 from ..serve.app import create_app
 from ..serve.flask_app import create_flask_app

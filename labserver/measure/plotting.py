@@ -15,7 +15,9 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .client import HealthProbe, Trace, summarize
+from .probes import HealthProbe
+from .stats import summarize
+from .trace import Trace
 
 STREAM_COLOR, BLOCK_COLOR = "tab:blue", "tab:red"
 
@@ -98,15 +100,29 @@ def draw_health(ax, probes_by_label: Mapping[str, HealthProbe]) -> None:
     ax.legend(loc="upper right", fontsize=8)
 
 
-def draw_arrivals(ax, traces_by_label: Mapping[str, Trace]) -> None:
-    """Tokens received so far against time: a staircase when streaming, one cliff when blocking."""
+def draw_arrivals(ax, traces_by_label: Mapping[str, Trace], title: str = "What the user sees",
+                  common_start: bool = False) -> None:
+    """Tokens received so far against time: a staircase when streaming, one cliff when blocking.
+
+    Each trace starts at 0 (its own send), or with ``common_start`` at its send time after the first
+    trace's, for requests sent together (``Trace.sent_s`` is one clock for all of them).
+    """
+    first = min((t.sent_s for t in traces_by_label.values()), default=0.0)
     for i, (label, trace) in enumerate(traces_by_label.items()):
-        t_s = [0.0] + [t / 1000 for t in trace.arrival_ms]
+        offset_s = trace.sent_s - first if common_start else 0.0
+        t_s = [offset_s] + [offset_s + t / 1000 for t in trace.arrival_ms]
         ax.step(t_s, range(len(t_s)), where="post", color=_color(label, i), label=label)
-    ax.set_xlabel("s after the request was sent")
+    ax.set_xlabel("s after the first request was sent" if common_start else "s after the request was sent")
     ax.set_ylabel("tokens received")
-    ax.set_title("What the user sees")
-    ax.legend(loc="upper left")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8, ncols=2 if len(traces_by_label) > 4 else 1)
+
+
+def plot_arrivals(traces_by_label: Mapping[str, Trace], title: str = "What the user sees", path=None,
+                  common_start: bool = False) -> Figure:
+    fig = LabFigure(figsize=(7, 3.6), layout="constrained")
+    draw_arrivals(fig.add_subplot(), traces_by_label, title, common_start)
+    return _save(fig, path)
 
 
 def plot_token_timeline(trace: Trace, path=None) -> Figure:

@@ -16,7 +16,7 @@ def queued(url, n, max_tokens):
 
 
 def run_checks(engine) -> bool:
-    from labserver.lab import checks, experiments as lab
+    from labserver.lab import checks, baseline as lab
     from labserver.measure.client import blocking_generate
     from labserver.serve.background import start_flask, stop
 

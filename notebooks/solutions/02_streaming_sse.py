@@ -38,7 +38,7 @@ def my_stream(url, prompt, max_tokens):
 
 
 def run_checks(engine) -> bool:
-    from labserver.lab import checks, experiments as lab
+    from labserver.lab import checks, streaming as lab
     from labserver.measure.client import stream_generate
     from labserver.serve.background import start_fastapi, stop
 

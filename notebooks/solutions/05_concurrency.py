@@ -20,7 +20,7 @@ def batched_tokens_per_s(batch, step_ms):
 
 
 def run_checks(engine) -> bool:
-    from labserver.lab import checks, experiments as lab
+    from labserver.lab import checks, concurrency as lab
     from labserver.serve.background import start_fastapi, stop
 
     try:

@@ -28,9 +28,10 @@
 
 # %%
 from labserver import Engine, EngineConfig, SamplingParams
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, baseline as lab
 from labserver.measure import plotting
-from labserver.measure.client import HealthProbe, blocking_generate, run_concurrent
+from labserver.measure.client import blocking_generate, run_concurrent
+from labserver.measure.probes import HealthProbe
 from labserver.serve.background import start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU, 2 threads
@@ -108,9 +109,9 @@ print(f"behind Flask (its own thread): step p50 {lab.median(trace.decode_step_ms
 # %%
 print("arrival (ms) of the first 5 tokens:", [round(t) for t in trace.arrival_ms[:5]])
 print("gaps between them (ITL, ms):       ", [round(g) for g in trace.itl_ms[:4]])
-lab.plot_arrivals({"ready on the server (running sum of step_ms)": lab.produced_trace(trace),
-                   "received by the client (Flask)": trace},
-                  title="The server had the first token long before the client saw it")
+plotting.plot_arrivals({"ready on the server (running sum of step_ms)": lab.produced_trace(trace),
+                        "received by the client (Flask)": trace},
+                       title="The server had the first token long before the client saw it")
 
 # %% [markdown]
 # The staircase is when the server had each token; the vertical cliff is when the client got them. The

@@ -12,8 +12,8 @@
 #    (exactly what `curl -N` prints).
 # 2. How a client turns a stream into measurements: TTFT, ITL, TPOT and E2E.
 # 3. What streaming costs per token: the server's `step_ms` next to the gaps the client sees.
-# 4. How much sooner the first token arrives than with the blocking server (the seed's benchmark table,
-#    measured here).
+# 4. How much sooner the first token arrives than with the blocking Flask server, measured here on
+#    the same engine.
 #
 # **Run time:** about 1 minute on 2 CPU cores.
 
@@ -25,9 +25,10 @@
 
 # %%
 from labserver import Engine, EngineConfig
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, streaming as lab
 from labserver.measure import plotting
-from labserver.measure.client import blocking_generate, stream_generate, summarize
+from labserver.measure.client import blocking_generate, stream_generate
+from labserver.measure.stats import summarize
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig())
@@ -122,8 +123,8 @@ print(lab.compare_table({"FastAPI streaming": streamed, "Flask blocking": blocke
 plotting.plot_ttft_bars({"FastAPI streaming": streamed, "Flask blocking": blocked})
 
 # %%
-lab.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0]},
-                  title="What the user sees: a staircase or a cliff")
+plotting.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": blocked[0]},
+                       title="What the user sees: a staircase or a cliff")
 
 # %% [markdown]
 # The total time (E2E) and the tokens per second are about the same: both servers run the same engine

@@ -9,11 +9,11 @@
 # **What you will learn**
 #
 # 1. Four ways to run the engine behind a server, side by side: `/health` latency during a generation and
-#    per-token `step_ms` for Flask, a naive `async def`, the seed's `run_in_executor(next)` and the
-#    dedicated engine thread.
+#    per-token `step_ms` for Flask, a naive `async def`, the `run_in_executor(next)` loop of this
+#    server's first streaming version, and the dedicated engine thread.
 # 2. What "blocking the event loop" means, seen from `/health` and from a heartbeat coroutine.
 # 3. Why the step time depends on how many threads run the model (OpenMP thread teams).
-# 4. Two traps in the seed's `run_in_executor(next)` loop: the `StopIteration` hang (shown safely, with a
+# 4. Two traps in that first version's `run_in_executor(next)` loop: the `StopIteration` hang (shown safely, with a
 #    timeout) and `inference_mode` lost when a step changes threads.
 #
 # **Run time:** about 1-2 minutes on 2 CPU cores.
@@ -31,7 +31,7 @@
 
 # %%
 from labserver import Engine, EngineConfig, SamplingParams
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, event_loop as lab
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 
 engine = Engine.from_config(EngineConfig(quant="none"))
@@ -53,7 +53,7 @@ servers
 # |---|---|---|
 # | Flask (WSGI) | the server's only thread | `return engine.generate(...)` |
 # | async, engine on the loop | the event loop | `async def ...: for item in gen: yield item` |
-# | `run_in_executor(next)` (the seed) | whichever pool thread is free | `await loop.run_in_executor(None, next, gen, DONE)` |
+# | `run_in_executor(next)` (the first streaming version) | whichever pool thread is free | `await loop.run_in_executor(None, next, gen, DONE)` |
 # | engine thread (this server) | one long-lived thread that owns all torch calls | `queue.put(request)`; tokens come back with `loop.call_soon_threadsafe` |
 #
 # `lab.measure` warms a server up, then sends one greedy request of 32 tokens while `/health` is probed
@@ -117,7 +117,7 @@ print(f"engine thread, again: step p50 {again.step_p50_ms:.1f} ms  "
 # workers are slower but steady. Production servers avoid both by giving the engine cores of its own.
 #
 # So the rule is stronger than "don't hop threads": **one thread in the process runs every torch call**.
-# The seed's executor breaks it with its pool threads, even with a pool of one; the Flask baseline and
+# The first streaming version's executor breaks it with its pool threads, even with a pool of one; the Flask baseline and
 # the naive variant break it as soon as they share a process with another user of the model, as in this
 # notebook. The server's engine thread keeps it, as long as nothing else in the process runs the model.
 # A thread that ends takes its team with it, which is why `Engine.from_config` loads and converts the
@@ -149,12 +149,12 @@ print(f"engine in a thread:    {len(in_thread):3d} beats, longest gap {max(in_th
 # (sampling, detokenizing; the default model's forward itself runs in C and lets go of it) holds it now
 # and then. That costs milliseconds, not whole generations.
 #
-# ## 4. Trap 1: the seed's loop never ends
+# ## 4. Trap 1: the first version's loop never ends
 #
-# This is how the seed consumed the engine's generator from an async endpoint:
+# This is how the first streaming version consumed the engine's generator from an async endpoint:
 
 # %%
-lab.show_source(lab.seed_stream)
+lab.show_source(lab.stop_iteration_stream)
 
 # %% [markdown]
 # It looks right, and it streams every token. Then, after the last one, `next` raises `StopIteration`
@@ -171,7 +171,7 @@ def three_tokens():
     return engine.generate_stream(PROMPT, SamplingParams(max_tokens=3, temperature=0))
 
 
-print("seed:    ", lab.try_stream(lab.seed_stream, three_tokens, timeout_s=3))
+print("StopIteration:", lab.try_stream(lab.stop_iteration_stream, three_tokens, timeout_s=3))
 
 # %% [markdown]
 # It received the three tokens and the `Finish`, and then waited until the timeout. The fix is a
@@ -179,7 +179,7 @@ print("seed:    ", lab.try_stream(lab.seed_stream, three_tokens, timeout_s=3))
 
 # %%
 lab.show_source(lab.sentinel_stream)
-print("sentinel:", lab.try_stream(lab.sentinel_stream, three_tokens, timeout_s=30))
+print("sentinel:     ", lab.try_stream(lab.sentinel_stream, three_tokens, timeout_s=30))
 
 # %% [markdown]
 # (Starlette's `iterate_in_threadpool` does the same for you. The engine thread never has this problem:
@@ -187,7 +187,7 @@ print("sentinel:", lab.try_stream(lab.sentinel_stream, three_tokens, timeout_s=3
 #
 # ## 5. Trap 2: `inference_mode` stays behind on the thread
 #
-# The seed's generator wrapped its whole loop in `with torch.inference_mode():`. Grad mode is
+# The first version's generator wrapped its whole loop in `with torch.inference_mode():`. Grad mode is
 # *thread-local* state: entering the `with` switches it on for the thread that runs that line, not for
 # the generator. `lab.inference_mode_steps` drives such a generator (the real model) with `next()` calls
 # sent to worker threads, as `run_in_executor` does, and records the mode in each step.
@@ -227,7 +227,7 @@ lab.print_table(lab.inference_mode_steps(engine, steps=6, hop=False).steps)
 #   await: called on the loop, they stall every other request for a step at a time.
 # - Flask stalls `/health` for a whole generation, the naive async variant for one step at a time; the
 #   executor and the engine thread keep it at milliseconds.
-# - The seed's `except StopIteration` loop hangs after the last token: use a sentinel,
+# - The first version's `except StopIteration` loop hangs after the last token: use a sentinel,
 #   `next(gen, DONE)`.
 # - Every thread that runs the model gets its own OpenMP team; more teams than cores make every step
 #   slower, in every thread. Grad mode is thread-local too and follows the thread, not the generator.

@@ -27,7 +27,7 @@
 import httpx
 
 from labserver import Engine, EngineConfig
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, cancellation as lab
 from labserver.measure.client import blocking_generate, stream_generate
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 

@@ -32,7 +32,7 @@
 
 # %%
 from labserver import Engine, EngineConfig
-from labserver.lab import checks, experiments as lab
+from labserver.lab import checks, concurrency as lab
 from labserver.serve.background import start_fastapi, stop, stop_all
 
 engine = Engine.from_config(EngineConfig())

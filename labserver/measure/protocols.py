@@ -1,0 +1,122 @@
+"""Wire protocols: where a client POSTs, the body it sends, and what each event or JSON body means.
+
+Two formats: labserver's own POST /generate (`LABSERVER`, with the server's per-token `step_ms`) and the
+OpenAI-compatible /v1/completions or /v1/chat/completions that vLLM, SGLang and llama.cpp serve
+(`OpenAIProtocol`; no server timings, so only the client-side metrics). A `Protocol` builds the request
+body and turns one parsed event into `TokenChunk`s; everything that times and records lives in
+`client.py`, so a new server needs only a new protocol.
+
+    >>> LABSERVER.parse_event({"token": " Paris", "token_id": 7, "step_ms": 5.0}).tokens[0].text
+    ' Paris'
+    >>> OpenAIProtocol("m", chat=True).parse_event({"choices": [{"delta": {"role": "assistant"}}]}).tokens
+    []
+
+Left out: the HTTP calls themselves and any timing (`client.py`), authentication beyond a bearer key.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class TokenChunk:
+    text: str
+    token_id: int | None = None
+    step_ms: float | None = None
+    prefill_time_ms: float | None = None
+    batch: int | None = None  # sequences that shared the step (labserver's batched scheduler)
+
+
+@dataclass
+class Parsed:
+    """What one SSE event (or one non-streaming body) carries."""
+    tokens: list[TokenChunk] = field(default_factory=list)
+    finish: dict = field(default_factory=dict)  # whichever of finish_reason / usage / timings it has
+    error: dict | None = None                    # {"message", "type"}
+
+
+class Protocol(typing.Protocol):
+    """A wire format: where to POST, the body to send, and what each event or JSON body means."""
+    path: str  # e.g. "/generate"; appended to the server's base URL
+    done: str  # the `data:` payload that ends a stream
+
+    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict: ...
+    def parse_event(self, data: dict) -> Parsed: ...
+    def parse_body(self, body: dict) -> Parsed: ...
+
+
+class LabserverProtocol:
+    """labserver's POST /generate: one `data:` event per token, one summary event, `data: [DONE]`."""
+    path = "/generate"
+    done = "[DONE]"
+
+    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": stream, **extra}
+
+    def parse_event(self, data: dict) -> Parsed:
+        if "error" in data:
+            return Parsed(error=data["error"])
+        if "token" in data:
+            chunk = TokenChunk(data["token"], data.get("token_id"), data.get("step_ms"),
+                               data.get("prefill_time_ms"), data.get("batch"))
+            return Parsed(tokens=[chunk])
+        return Parsed(finish={k: data[k] for k in ("finish_reason", "usage", "timings") if k in data})
+
+    def parse_body(self, body: dict) -> Parsed:
+        parsed = self.parse_event({k: v for k, v in body.items() if k not in ("tokens", "text")})
+        parsed.tokens = [c for event in body.get("tokens", []) for c in self.parse_event(event).tokens]
+        return parsed
+
+
+LABSERVER = LabserverProtocol()
+
+
+class OpenAIProtocol:
+    """OpenAI's streaming completions: one chunk per token (vLLM, SGLang, llama.cpp and our /v1).
+
+    `chat=True` sends the prompt as one user message to /v1/chat/completions. The usage chunk
+    (`stream_options.include_usage`) fills `Trace.usage`. A chunk that carries no text (the chat role
+    chunk, the final one) is not a token: TTFT counts from the first chunk with text.
+    """
+    done = "[DONE]"
+
+    def __init__(self, model: str, chat: bool = False, api_key: str | None = None):
+        self.model, self.chat = model, chat
+        self.path = "/v1/chat/completions" if chat else "/v1/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream,
+                **({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return {**body, **extra}
+
+    def _text(self, choice: dict) -> str | None:
+        if self.chat:
+            return (choice.get("delta") or choice.get("message") or {}).get("content")
+        return choice.get("text")
+
+    def parse_event(self, data: dict) -> Parsed:
+        if "error" in data:
+            return Parsed(error=data["error"])
+        parsed = Parsed(finish={"usage": data["usage"]} if data.get("usage") else {})
+        for choice in data.get("choices") or []:
+            if text := self._text(choice):
+                parsed.tokens.append(TokenChunk(text))
+            if choice.get("finish_reason"):
+                parsed.finish["finish_reason"] = choice["finish_reason"]
+        return parsed
+
+    def parse_body(self, body: dict) -> Parsed:
+        return self.parse_event(body)
+
+
+def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
+    """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    models = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout).raise_for_status().json()
+    return OpenAIProtocol(models["data"][0]["id"], chat=chat, api_key=api_key)
