@@ -131,6 +131,40 @@ class OpenAIProtocol:
         return self.parse_event(body)
 
 
+class LlamaCppProtocol:
+    """llama.cpp's `llama-server` native POST /completion: one event per token, then a `stop: true` event.
+
+    `prompt` may be text or a list of token ids (then the server tokenizes nothing). Each token event
+    carries the token's id in `tokens`; a token that ends inside a UTF-8 character sends no event (its
+    text comes with the next one), so `usage.completion_tokens` is the server's count. The last event's
+    `timings` (`prompt_ms`, `predicted_per_token_ms`, `cache_n`) land in `Trace.timings`.
+    """
+    path = "/completion"
+    done = "[DONE]"
+    _FINISH = {"limit": "length", "eos": "stop", "word": "stop"}
+
+    def request(self, prompt, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
+        return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "stream": stream, **extra}
+
+    def parse_event(self, data: dict) -> Parsed:
+        if "error" in data:
+            return Parsed(error=data["error"])
+        if not data.get("stop"):
+            ids = data.get("tokens") or []
+            return Parsed(tokens=[TokenChunk(data.get("content", ""), ids[-1] if ids else None)])
+        usage = {"prompt_tokens": data.get("tokens_evaluated"), "completion_tokens": data.get("tokens_predicted")}
+        return Parsed(finish={"finish_reason": self._FINISH.get(data.get("stop_type"), data.get("stop_type")),
+                              "usage": usage, "timings": data.get("timings") or {}})
+
+    def parse_body(self, body: dict) -> Parsed:
+        parsed = self.parse_event({**body, "stop": True})
+        parsed.tokens = [TokenChunk(body.get("content", ""))]
+        return parsed
+
+
+LLAMA_CPP = LlamaCppProtocol()
+
+
 def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
     """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
