@@ -122,3 +122,21 @@ def test_problems_name_short_answers_cache_hits_and_other_prompt_tokens():
     retokenized = _trace(0, range(4), usage={"prompt_tokens": 4}, prompt=[1, 2, 3])
     found = problems("peer", [short, cached, retokenized], 4, len)
     assert len(found) == 3 and "shorter" in found[0] and "cache" in found[1] and "prompt tokens" in found[2]
+
+
+def test_a_build_that_crashes_is_rebuilt_without_amx(monkeypatch, tmp_path):
+    built, logged = [], []
+
+    def fake_build(amx=True, log=print):
+        built.append(amx)
+        return tmp_path / ("build" if amx else "build-noamx") / "llama-server"
+
+    def fake_smoke(binary, gguf):
+        if binary.parent.name == "build":
+            raise peer.PeerCrashed(-4, "Illegal instruction")
+
+    monkeypatch.setattr(peer, "build", fake_build)
+    monkeypatch.setattr(peer, "_smoke", fake_smoke)
+    binary, note = peer.ensure_server(tmp_path / "m.gguf", log=logged.append)
+    assert built == [True, False] and binary.parent.name == "build-noamx"
+    assert peer.NO_AMX in note and any(peer.NO_AMX in line for line in logged)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from .bench import format_table, fresh_prompt
 from .client import DEFAULT_PROMPT, LABSERVER, LLAMA_CPP, Trace, percentiles, run_concurrent, stream_generate
-from .peer import PeerServer, _free_port, ensure_server, this_cpu
+from .peer import PeerServer, free_port, ensure_server, this_cpu
 
 MAX_TOKENS = 64
 STREAMS = 8
@@ -147,8 +147,8 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     def fresh(n):
         return [fresh_prompt(prompt, next(count)) for _ in range(n)]
 
-    with PeerServer(binary, gguf, _free_port(), threads, parallel=1, ctx=2048) as p1, \
-         PeerServer(binary, gguf, _free_port(), threads, parallel=STREAMS, ctx=1024 * STREAMS) as pn, \
+    with PeerServer(binary, gguf, free_port(), threads, parallel=1, ctx=2048) as p1, \
+         PeerServer(binary, gguf, free_port(), threads, parallel=STREAMS, ctx=1024 * STREAMS) as pn, \
          UvicornServer(create_app(engine)) as ours_server:
         ours = Target(f"labserver {engine.runner.name}", ours_server.url, LABSERVER, lambda t: t, OURS_EXTRA)
         peer_1 = Target("llama-server -np 1", p1.url, LLAMA_CPP, ids, PEER_EXTRA)
@@ -187,7 +187,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
               "figures": figs, "texts": texts,
               "problems": [p for t in targets
                            for p in problems(t.name, t.single + [x for r in t.rounds for x in r], max_tokens,
-                                             (lambda ids_: len(ids_)) if t.protocol is LLAMA_CPP else None)],
+                                             len if t.protocol is LLAMA_CPP else None)],
               "cpu": this_cpu().describe(), "kernels": kernels_note(), "peer": {"binary": str(binary),
               "build": build_note}, "setup": {"prompt": prompt, "prompt_tokens": len(ids(prompt)),
               "max_tokens": max_tokens, "repeats": repeats, "runs": runs, "streams": STREAMS, "threads": threads,

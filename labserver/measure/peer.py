@@ -89,6 +89,7 @@ def missing_tools() -> list[str]:
 
 def _run(cmd: list[str], log) -> None:
     log("$ " + " ".join(cmd))
+    sys.stdout.flush()
     # Output goes straight to the terminal: cmake's [ n%] lines are the progress a 12-minute build needs.
     subprocess.run(cmd, check=True)
 
@@ -174,20 +175,32 @@ class PeerCrashed(RuntimeError):
         self.returncode = returncode
 
 
+def _smoke(binary: Path, gguf: Path) -> None:
+    """Start the server and run a prefill and a few steps: a bad instruction may only fault at compute."""
+    with PeerServer(binary, gguf, free_port(), parallel=1) as server:
+        try:  # ~100 prompt tokens: batched matrix products, where llama.cpp's AMX kernels run
+            httpx.post(server.url + "/completion", json={"prompt": "Count: " + "one two " * 50, "n_predict": 4},
+                       timeout=120).raise_for_status()
+        except httpx.HTTPError as err:
+            if server.proc.poll() is not None:
+                raise PeerCrashed(server.proc.returncode, server.log_tail()) from err
+            raise
+
+
 def ensure_server(gguf: Path, log=print) -> tuple[Path, str]:
-    """A llama-server binary that starts on this CPU, and a note on how it was built."""
+    """A llama-server binary that runs on this CPU, and a note on how it was built."""
     binary = build(log=log)
     try:
-        with PeerServer(binary, gguf, _free_port(), parallel=1):
-            return binary, "native build (GGML_NATIVE=ON)"
+        _smoke(binary, gguf)
+        return binary, "native build (GGML_NATIVE=ON)"
     except PeerCrashed as err:
-        log(f"the native build crashed at start ({err.returncode}); rebuilding with {NO_AMX}, AVX-512 kept")
+        log(f"the native build crashed ({err.returncode}); rebuilding with {NO_AMX}, AVX-512 kept")
         binary = build(amx=False, log=log)
-        with PeerServer(binary, gguf, _free_port(), parallel=1):
-            return binary, f"native build with {NO_AMX} (the AMX build crashed at start)"
+        _smoke(binary, gguf)
+        return binary, f"native build with {NO_AMX} (the build with AMX crashed here)"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
