@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,7 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=O
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
 NO_AMX = "-DGGML_AMX_INT8=OFF"
 # Flags that change what a native build emits; the rest of /proc/cpuinfo's list does not matter here.
+_say = partial(print, flush=True)  # progress lines must show while a build runs, also through a pipe
 _SIMD = re.compile(r"^(avx|amx|fma|f16c|sse|ssse|bmi|vnni|asimd|neon|sve|i8mm|dotprod|fphp|asimdhp)")
 
 
@@ -87,11 +89,19 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def _run(cmd: list[str], log) -> None:
+def _run(cmd: list[str], log, logfile: Path) -> None:
+    """Run a build step; its [ n%] lines are the progress shown, the whole output goes to `logfile`."""
     log("$ " + " ".join(cmd))
-    sys.stdout.flush()
-    # Output goes straight to the terminal: cmake's [ n%] lines are the progress a 12-minute build needs.
-    subprocess.run(cmd, check=True)
+    with open(logfile, "a") as out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, errors="replace") as proc:
+        tail = []
+        for line in proc.stdout:
+            out.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.startswith(("[", "-- ", "CMake Error")):  # not gcc's many warnings on intrinsics
+                log(line.rstrip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}); the end of {logfile}:\n" + "\n".join(tail))
 
 
 def _sources(folder: Path, log) -> Path:
@@ -99,14 +109,16 @@ def _sources(folder: Path, log) -> Path:
     if (src / "CMakeLists.txt").exists():
         return src
     with tempfile.TemporaryDirectory() as tmp:
+        folder.mkdir(parents=True, exist_ok=True)
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-              f"llama-cpp-python=={VERSION}", "-d", tmp], log)
+              f"llama-cpp-python=={VERSION}", "-d", tmp], log, folder / "download.log")
         with tarfile.open(Path(tmp) / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
-            tar.extractall(folder / "src", filter="data")
+            # The "data" filter (no absolute paths, no links out) where this Python has it (3.11.4+).
+            tar.extractall(folder / "src", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return src
 
 
-def build(folder: Path | None = None, amx: bool = True, log=print) -> Path:
+def build(folder: Path | None = None, amx: bool = True, log=_say) -> Path:
     """Build `llama-server` into `folder` (default: this CPU's cache folder) unless already there."""
     folder = folder or cache_dir()
     build_dir = folder / ("build" if amx else "build-noamx")
@@ -119,8 +131,10 @@ def build(folder: Path | None = None, amx: bool = True, log=print) -> Path:
     src = _sources(folder, log)
     log(f"building llama.cpp's llama-server natively for {this_cpu().describe()} into {build_dir} "
         "(once; about 12 minutes on 2 cores)")
-    _run(["cmake", "-S", str(src), "-B", str(build_dir)] + CMAKE_FLAGS + ([] if amx else [NO_AMX]), log)
-    _run(["cmake", "--build", str(build_dir), "--target", "llama-server", f"-j{os.cpu_count() or 2}"], log)
+    logfile = folder / f"{build_dir.name}.log"
+    _run(["cmake", "-S", str(src), "-B", str(build_dir)] + CMAKE_FLAGS + ([] if amx else [NO_AMX]), log, logfile)
+    _run(["cmake", "--build", str(build_dir), "--target", "llama-server", f"-j{os.cpu_count() or 2}"], log,
+         logfile)
     return binary
 
 
@@ -187,7 +201,7 @@ def _smoke(binary: Path, gguf: Path) -> None:
             raise
 
 
-def ensure_server(gguf: Path, log=print) -> tuple[Path, str]:
+def ensure_server(gguf: Path, log=_say) -> tuple[Path, str]:
     """A llama-server binary that runs on this CPU, and a note on how it was built."""
     binary = build(log=log)
     try:
