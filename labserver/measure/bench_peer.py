@@ -153,8 +153,9 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
         ours = Target(f"labserver {engine.runner.name}", ours_server.url, LABSERVER, lambda t: t, OURS_EXTRA)
         peer_1 = Target("llama-server -np 1", p1.url, LLAMA_CPP, ids, PEER_EXTRA)
         peer_n = Target(f"llama-server -np {STREAMS}", pn.url, LLAMA_CPP, ids, PEER_EXTRA)
-        for target in (ours, peer_1, peer_n):
-            target.one(prompt, 8)  # warm-up
+        for target in (ours, peer_1, peer_n):  # warm-up: connections, first steps, a first batch of 8
+            target.one(prompt, 8)
+            target.many([prompt] * STREAMS, 8)
         texts = {t.name: t.one(prompt, max_tokens).text for t in (ours, peer_1)}
         for r in range(repeats):
             log(f"round {r + 1}/{repeats}: 1 stream x {runs} and {STREAMS} streams on each server")
@@ -174,25 +175,32 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
                 texts[target.name] = target.one(prompt, max_tokens).text
                 target.single = [target.one(p, max_tokens) for p in fresh(runs * repeats)]
             targets.append(target)
+    setup = {"prompt": prompt, "prompt_tokens": len(ids(prompt)), "max_tokens": max_tokens, "repeats": repeats,
+             "runs": runs, "streams": STREAMS, "threads": threads, "gguf": str(gguf), "peer_extra": PEER_EXTRA,
+             "ours_extra": OURS_EXTRA}
+    return {**outcome(targets, routes, runs, max_tokens), "texts": texts, "cpu": this_cpu().describe(),
+            "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note}, "setup": setup}
+
+
+def outcome(targets: list[Target], routes, runs: int, max_tokens: int) -> dict:
+    """Ratios, per-round ratios, figures, timings agreement and problems: targets are ours, -np 1, -np N,
+    then one per further route."""
+    ours, peer_1, peer_n = targets[:3]
     figs = {t.name: figures(t.single, t.rounds) for t in targets}
-    result = {**ratios(figs[ours.name], figs[peer_1.name], figs[peer_n.name]),
-              **{f"P6_{r}": ratio(figs[t.name]["step_ms"], figs[peer_1.name]["step_ms"])
-                 for r, t in zip(routes, targets[3:])},
-              "P6_rounds": [ratio(_p50([g for t in ours.single[i * runs:(i + 1) * runs] for g in t.itl_ms]),
-                                  _p50([g for t in peer_1.single[i * runs:(i + 1) * runs] for g in t.itl_ms]))
-                            for i in range(repeats)],
-              "P7_rounds": [ratio(a, b) for a, b in zip(figs[ours.name][f"tokens_per_s_{STREAMS}_rounds"],
-                                                        figs[peer_n.name][f"tokens_per_s_{STREAMS}_rounds"])],
-              "timings_agreement": timings_agreement(peer_1.single + peer_n.single),
-              "figures": figs, "texts": texts,
-              "problems": [p for t in targets
-                           for p in problems(t.name, t.single + [x for r in t.rounds for x in r], max_tokens,
-                                             len if t.protocol is LLAMA_CPP else None)],
-              "cpu": this_cpu().describe(), "kernels": kernels_note(), "peer": {"binary": str(binary),
-              "build": build_note}, "setup": {"prompt": prompt, "prompt_tokens": len(ids(prompt)),
-              "max_tokens": max_tokens, "repeats": repeats, "runs": runs, "streams": STREAMS, "threads": threads,
-              "gguf": str(gguf), "peer_extra": PEER_EXTRA, "ours_extra": OURS_EXTRA}}
-    return result
+    n = f"tokens_per_s_{STREAMS}"
+
+    def step(t, i):  # the client ITL p50 of round i's single requests
+        return _p50([g for trace in t.single[i * runs:(i + 1) * runs] for g in trace.itl_ms])
+
+    return {**ratios(figs[ours.name], figs[peer_1.name], figs[peer_n.name]),
+            **{f"P6_{r}": ratio(figs[t.name]["step_ms"], figs[peer_1.name]["step_ms"])
+               for r, t in zip(routes, targets[3:])},
+            "P6_rounds": [ratio(step(ours, i), step(peer_1, i)) for i in range(len(ours.rounds))],
+            "P7_rounds": [ratio(a, b) for a, b in zip(figs[ours.name][f"{n}_rounds"],
+                                                      figs[peer_n.name][f"{n}_rounds"])],
+            "timings_agreement": timings_agreement(peer_1.single + peer_n.single), "figures": figs,
+            "problems": [p for t in targets for p in problems(t.name, t.single + [x for r in t.rounds for x in r],
+                                                              max_tokens, len if t.protocol is LLAMA_CPP else None)]}
 
 
 def kernels_note() -> str:
