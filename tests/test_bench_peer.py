@@ -140,3 +140,22 @@ def test_a_build_that_crashes_is_rebuilt_without_amx(monkeypatch, tmp_path):
     binary, note = peer.ensure_server(tmp_path / "m.gguf", log=logged.append)
     assert built == [True, False] and binary.parent.name == "build-noamx"
     assert peer.NO_AMX in note and any(peer.NO_AMX in line for line in logged)
+
+
+def test_outcome_takes_p6_per_round_and_p7_from_the_n_stream_server():
+    from labserver.measure.bench_peer import STREAMS, Target, outcome
+    from labserver.measure.client import LABSERVER
+
+    def target(name, gap, protocol, rounds):
+        t = Target(name, "http://x", protocol, str, {})
+        t.single = [_trace(0, [10 + gap * i for i in range(4)], prompt=[1]) for _ in range(2)]  # 2 rounds x 1 run
+        t.single[1] = _trace(0, [10 + 2 * gap * i for i in range(4)], prompt=[1])               # round 2: slower
+        t.rounds = [[_trace(0, [100 * rate] * 4, prompt=[1]) for _ in range(STREAMS)] for rate in rounds]
+        return t
+
+    ours = target("ours", 10.0, LABSERVER, [2, 1])          # 32 tokens over 0.2 s, then 0.1 s
+    peer_1 = target("np1", 5.0, LLAMA_CPP, [])
+    peer_n = target("np8", 5.0, LLAMA_CPP, [1, 1])
+    out = outcome([ours, peer_1, peer_n], (), runs=1, max_tokens=4)
+    assert out["P6_rounds"] == [2.0, 2.0] and out["P7_rounds"] == [0.5, 1.0]
+    assert out["P6"] == 2.0 and out["P7"] == 0.75 and out["problems"] == []
