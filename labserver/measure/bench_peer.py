@@ -131,7 +131,8 @@ def problems(name: str, traces: list[Trace], max_tokens: int, prompt_tokens: Cal
 # ---- the run ----------------------------------------------------------------------------------------
 
 def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_tokens: int = MAX_TOKENS,
-             routes: tuple[str, ...] = ("w4a8", "float32"), threads: int = 2, log=print) -> dict:
+             routes: tuple[str, ...] = ("w4a8", "float32"), threads: int = 2, peer_binary: str | None = None,
+             log=print) -> dict:
     from ..config import EngineConfig
     from ..engine.engine import Engine
     from ..engine.loading import default_gguf_path
@@ -139,7 +140,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     from ..serve.background import UvicornServer
 
     gguf = default_gguf_path()
-    binary, build_note = ensure_server(gguf, log=log)
+    binary, build_note = (Path(peer_binary), "given") if peer_binary else ensure_server(gguf, log=log)
     engine = Engine.from_config(EngineConfig.from_env(threads=threads))
     ids = engine.encode  # the chat template's ids; llama-server gets exactly these tokens
     count = iter(range(10**9))
@@ -248,9 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--routes", default="w4a8,float32", help="further labserver routes ('' for none)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--peer-binary", help="a llama-server to use as it is (default: build one, cached)")
     args = parser.parse_args(argv)
     result = run_peer(args.prompt, args.repeats, args.runs, args.max_tokens,
-                      tuple(r for r in args.routes.split(",") if r))
+                      tuple(r for r in args.routes.split(",") if r), peer_binary=args.peer_binary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
