@@ -156,7 +156,8 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
         peer_n = Target(f"llama-server -np {STREAMS}", pn.url, LLAMA_CPP, ids, PEER_EXTRA)
         for target in (ours, peer_1, peer_n):  # warm-up: connections, first steps, a first batch of 8
             target.one(prompt, 8)
-            target.many([prompt] * STREAMS, 8)
+            if target is not peer_1:
+                target.many([prompt] * STREAMS, 8)
         texts = {t.name: t.one(prompt, max_tokens).text for t in (ours, peer_1)}
         for r in range(repeats):
             log(f"round {r + 1}/{repeats}: 1 stream x {runs} and {STREAMS} streams on each server")
@@ -164,6 +165,9 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
                 target.single += [target.one(p, max_tokens) for p in fresh(runs)]
                 if target is not peer_1:
                     target.rounds.append(target.many(fresh(STREAMS), max_tokens))
+                f = figures(target.single[-runs:], target.rounds[-1:])
+                log(f"  {target.name}: step {f['step_ms']} ms, prefill {f['prefill_ms']} ms, "
+                    f"{STREAMS} streams {f[f'tokens_per_s_{STREAMS}']} tokens/s")
         targets = [ours, peer_1, peer_n]
         for route in routes:  # further routes: 1 stream and the greedy text only
             log(f"labserver, {route} route ...")
