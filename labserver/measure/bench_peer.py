@@ -13,6 +13,10 @@ alternate between them so that the load of other processes on the machine falls 
     P6_prefill = our TTFT p50 with a fresh prompt / llama-server -np 1's           (goal <= 1.0)
     P7         = tokens/s of 8 concurrent streams through us / through -np 8       (goal >= 1.0)
 
+llama.cpp's threads spin at their barriers: on a CPU that other processes keep busy its step time
+collapses far more than ours (OpenMP threads sleep after a short spin), so the figures mean something
+only on an otherwise idle machine; the rounds show how steady they were.
+
 Our client is checked against llama-server's own per-response `timings` (`prompt_ms`,
 `predicted_per_token_ms`). The greedy text of each route is compared with llama.cpp's and float32's.
 Left out: other quantizations, llama.cpp's OpenAI endpoints, speculative decoding, GPUs.

@@ -5,9 +5,11 @@
 The sources are the llama.cpp vendored in the llama-cpp-python sdist (`pip download --no-binary`), so
 the version is pinned by one PyPI release. The build goes to a cache folder keyed by that version and
 by the CPU (machine, model name, SIMD flags): a `-DGGML_NATIVE=ON` binary is only valid on the CPU it
-was built for, and a home folder may be shared between machines. `start` runs the server on loopback
-and waits for `/health`. If a native binary dies at start (an AVX-512 build once crashed with AMX on),
-`ensure_server` rebuilds it with `-DGGML_AMX_INT8=OFF`, keeping AVX-512, and says so.
+was built for, and a home folder may be shared between machines. `PeerServer` runs the server on
+loopback and waits for `/health`. If a native binary dies at start or in its first prefill (on an Intel
+CPU with AMX, this version's AMX build segfaults in its start-up warm-up run), `ensure_server` rebuilds
+it with `-DGGML_AMX_INT8=OFF`, keeping AVX-512, and says so. (`llama-server --no-repack` also avoids
+that crash: it keeps the weights out of the AMX buffers.)
 
 Left out: GPU backends, other llama.cpp versions, downloading prebuilt binaries, Windows.
 """
@@ -33,8 +35,8 @@ VERSION = "0.3.36"  # llama-cpp-python release whose sdist vendors the llama.cpp
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
 NO_AMX = "-DGGML_AMX_INT8=OFF"
-# Flags that change what a native build emits; the rest of /proc/cpuinfo's list does not matter here.
 _say = partial(print, flush=True)  # progress lines must show while a build runs, also through a pipe
+# Flags that change what a native build emits; the rest of /proc/cpuinfo's list does not matter here.
 _SIMD = re.compile(r"^(avx|amx|fma|f16c|sse|ssse|bmi|vnni|asimd|neon|sve|i8mm|dotprod|fphp|asimdhp)")
 
 
