@@ -47,7 +47,7 @@ def test_cache_dir_names_the_version_and_the_cpu(tmp_path):
 
 
 def _sse(events):
-    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events)  # llama-server sends no [DONE] here
 
 
 TIMINGS = {"cache_n": 0, "prompt_n": 3, "prompt_ms": 20.0, "predicted_n": 3, "predicted_ms": 10.0,

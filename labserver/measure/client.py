@@ -137,10 +137,12 @@ class LlamaCppProtocol:
     `prompt` may be text or a list of token ids (then the server tokenizes nothing). Each token event
     carries the token's id in `tokens`; a token that ends inside a UTF-8 character sends no event (its
     text comes with the next one), so `usage.completion_tokens` is the server's count. The last event's
-    `timings` (`prompt_ms`, `predicted_per_token_ms`, `cache_n`) land in `Trace.timings`.
+    `timings` (`prompt_ms`, `predicted_per_token_ms`, `cache_n`) land in `Trace.timings`. That event
+    ends the stream: this format has no `data: [DONE]`.
     """
     path = "/completion"
-    done = "[DONE]"
+    done = "[DONE]"        # never sent here: the `stop: true` event is the last one
+    last_event_ends = True
     _FINISH = {"limit": "length", "eos": "stop", "word": "stop"}
 
     def request(self, prompt, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
@@ -259,6 +261,9 @@ class _Recorder:
             return True
         parsed = self.protocol.parse_event(json.loads(sse.data))
         self.trace._add(parsed, t_ms)
+        if getattr(self.protocol, "last_event_ends", False) and "finish_reason" in parsed.finish:
+            self.saw_done = True  # a stream that sends no [DONE] (llama-server's /completion)
+            return False
         if self.on_token is not None:
             for chunk in parsed.tokens:
                 self.on_token(chunk.text)
