@@ -29,20 +29,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m labserver bench
 
-# llama.cpp on the same GGUF, in its own environment: llama-cpp-python is compiled from source (~10 min
-# on 2 cores). The native build (AVX-512/AMX autodetected) crashed on this class of CPU; AVX2 is safe.
-PEER       := .venv-peer
-PEER_STAMP := $(PEER)/.installed
-PEER_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF
-
-$(PEER_STAMP):
-	$(PYTHON) -m venv $(PEER)
-	$(PEER)/bin/python -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(PEER_CMAKE)" $(PEER)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
-	touch $(PEER_STAMP)
-
-bench-peer: $(STAMP) $(PEER_STAMP)
-	$(PY) -m labserver.measure.bench_peer --peer-python $(PEER)/bin/python
+# llama.cpp's own C++ llama-server, built natively once per CPU into ~/.cache/labserver/peer/ (about
+# 12 minutes on 2 cores), then measured against labserver by the same client (out/bench_peer.json).
+bench-peer: $(STAMP)
+	@command -v cmake >/dev/null || { echo "bench-peer builds llama.cpp and needs cmake: apt-get install cmake"; exit 1; }
+	@command -v c++ >/dev/null || command -v clang++ >/dev/null || \
+		{ echo "bench-peer builds llama.cpp and needs a C++ compiler: apt-get install g++"; exit 1; }
+	$(PY) -m labserver.measure.peer
+	$(PY) -m labserver.measure.bench_peer
 
 serve: $(STAMP)
 	$(PY) -m labserver serve --port 5000
@@ -61,4 +55,4 @@ notebooks: $(STAMP)
 		--ExecutePreprocessor.timeout=600 notebooks/0*.ipynb
 
 clean:
-	rm -rf $(VENV) $(PEER) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache

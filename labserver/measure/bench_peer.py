@@ -1,142 +1,277 @@
-"""`make bench-peer`: labserver against llama.cpp on the same GGUF file, measured by the same client.
+"""`make bench-peer`: labserver against llama.cpp's own `llama-server`, same GGUF file, same client.
 
-    python -m labserver.measure.bench_peer --peer-python .venv-peer/bin/python [--out out/bench_peer.json]
+    python -m labserver.measure.bench_peer [--repeats 3] [--runs 5] [--out out/bench_peer.json]
 
-llama.cpp is what a CPU user would run instead. Its Python server (llama-cpp-python, built by the
-Makefile into its own environment) serves the very GGUF file our default model is converted from. Each
-server runs alone on the machine in turn, and each is measured by URL over ``/v1/chat/completions`` with
-the same prompt in the model's chat template (a raw prompt makes this instruct model stop at once),
-greedy, by ``bench.measure_url``: TTFT, ITL, TPOT and E2E as the client sees them. TTFT is measured
-twice: with a fresh prompt per request (a prefill on both servers) and with the same prompt again, where
-llama.cpp reuses the KV of its previous request and runs one token's forward (we keep no prefix cache).
+llama.cpp's C++ server, built natively for this CPU (`peer.py`), is what a CPU user runs instead. Both
+servers get the same prompt tokens (our chat template, sent to `/completion` as ids), greedy, a fresh
+prompt per request and `cache_prompt: false` on llama.cpp (no prefix-cache hits: every TTFT is a
+prefill), the same number of output tokens (`n_predict` + `ignore_eos` there). Each figure comes from
+one client (`client.py`); the servers run side by side but only one is busy at a time, in rounds that
+alternate between them so that the load of other processes on the machine falls on both alike.
 
-    P6 = our client ITL p50 / llama.cpp's client ITL p50 (goal <= 1.0), for the default runner and for
-    the w4a8 and int4 routes, with the greedy text of each compared with llama.cpp's and with our float32
-    route's (llama.cpp rounds activations to 8 bits, as w4a8 does: its text can part from float32's).
+    P6         = our decode step (client ITL p50) / llama-server -t 2 -np 1's      (goal <= 1.0)
+    P6_prefill = our TTFT p50 with a fresh prompt / llama-server -np 1's           (goal <= 1.0)
+    P7         = tokens/s of 8 concurrent streams through us / through -np 8       (goal >= 1.0)
 
-The figures go to ``out/bench_peer.json`` and, when ``out/bench.json`` exists, into it as ``P6``,
-``P6_w4a8`` and ``P6_int4``. llama-cpp-python's server has no ``/health`` (its probe figures are 404s:
-ignore them) and sends no usage chunk. Left out: llama.cpp's own C++ server (``llama-server``), other quantizations.
+llama.cpp's threads spin at their barriers: on a CPU that other processes keep busy its step time
+collapses far more than ours (OpenMP threads sleep after a short spin), so the figures mean something
+only on an otherwise idle machine; the rounds show how steady they were.
+
+Our client is checked against llama-server's own per-response `timings` (`prompt_ms`,
+`predicted_per_token_ms`). The greedy text of each route is compared with llama.cpp's and float32's.
+Left out: other quantizations, llama.cpp's OpenAI endpoints, speculative decoding, GPUs.
 """
-
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-import httpx
-
-from .bench import format_table, measure_url
-from .bench_speed import free_port
-from .client import DEFAULT_PROMPT, stream_generate
-from .protocols import openai_protocol
-from ..config import EngineConfig
-from ..engine.loading import default_gguf_path
+from .bench import format_table, fresh_prompt
+from .client import DEFAULT_PROMPT, run_concurrent, stream_generate
+from .peer import PeerServer, free_port, ensure_server, this_cpu
+from .protocols import LABSERVER, LLAMA_CPP
+from .stats import percentiles
+from .trace import Trace
 
 MAX_TOKENS = 64
+STREAMS = 8
+# One SSE event's trip from the server's write to our parse on loopback: well under 1 ms when the CPU is
+# free, up to one scheduler time slice (a few ms) when the 2 cores are busy. TPOT on either side spans
+# first to last token, so only the last event's delay minus the first's remains: within DELIVERY_MS /
+# (tokens - 1). TTFT adds the request's own trip and parse to prompt_ms: 0 to 2 * DELIVERY_MS more.
+DELIVERY_MS = 5.0
+PEER_EXTRA = {"ignore_eos": True, "cache_prompt": False}
+# Both servers are asked for exactly max_tokens: the answers never end early.
+OURS_EXTRA = {"ignore_eos": True}
 
 
-def start_llama_cpp(python: str, gguf: Path, port: int, threads: int, timeout_s: float = 120.0):
-    """llama-cpp-python's OpenAI-compatible server in a child process; returns it once /v1/models answers."""
-    # Its log goes to a file: llama.cpp writes a lot while loading, and a full pipe would stall it.
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
-                             # Its default lets each new request cut off the one in progress.
-                             "--interrupt_requests", "False"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout_s:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"llama.cpp's server exited with {proc.returncode}: {log.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc, time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"llama.cpp's server did not answer within {timeout_s} s")
+@dataclass
+class Target:
+    name: str
+    url: str
+    protocol: object
+    encode: Callable  # prompt text -> the body's "prompt"
+    extra: dict
+    single: list = field(default_factory=list)   # 1-stream traces, all rounds
+    rounds: list = field(default_factory=list)   # per round: the traces of STREAMS concurrent streams
+
+    def one(self, text: str, max_tokens: int) -> Trace:
+        return stream_generate(self.url, self.encode(text), max_tokens, 0.0, protocol=self.protocol, **self.extra)
+
+    def many(self, texts: list[str], max_tokens: int) -> list[Trace]:
+        return run_concurrent(self.url, [self.encode(t) for t in texts], max_tokens=max_tokens, temperature=0.0,
+                              protocol=self.protocol, **self.extra)
 
 
-def measure(url: str, prompt: str, runs: int) -> dict:
-    protocol = openai_protocol(url, chat=True)
-    figures = measure_url(url, protocol, prompt, MAX_TOKENS, runs, concurrency=2)
-    figures["greedy_text"] = stream_generate(url, prompt, MAX_TOKENS, 0.0, protocol=protocol).text
-    return figures
+# ---- pure parts: what the tests check -------------------------------------------------------------
+
+def aggregate_tokens_per_s(traces: list[Trace]) -> float | None:
+    """Tokens of all streams / (last token of any stream - first request sent)."""
+    done = [t for t in traces if t.ok and t.n_tokens]
+    if not done:
+        return None
+    start = min(t.sent_s for t in done)
+    end = max(t.sent_s + t.e2e_ms / 1000 for t in done)
+    return sum(t.n_tokens for t in done) / (end - start)
 
 
-def measure_labserver(config: EngineConfig, prompt: str, runs: int) -> dict:
-    from ..engine.engine import Engine
-    from ..serve.background import start_fastapi, stop_all
+def _p50(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return percentiles(values, (50,))[50] if values else None
 
-    engine = Engine.from_config(config)
-    server = start_fastapi(engine, name="bench-peer")
-    try:
-        out = measure(server.url, prompt, runs)
-    finally:
-        stop_all()
-    out["runner"] = engine.runner.name
+
+def figures(single: list[Trace], rounds: list[list[Trace]]) -> dict:
+    """Client p50s of the 1-stream requests (and the server's own, where it says), and tokens/s."""
+    rates = [aggregate_tokens_per_s(r) for r in rounds]
+    return {"step_ms": _p50([g for t in single for g in t.itl_ms]),
+            "prefill_ms": _p50([t.ttft_ms for t in single]),
+            "tokens_per_s_1": _p50([t.tokens_per_s for t in single]),
+            f"tokens_per_s_{STREAMS}": _p50(rates), f"tokens_per_s_{STREAMS}_rounds": rates,
+            "server_step_ms": _p50([t.timings.get("predicted_per_token_ms") for t in single]
+                                   + [s for t in single for s in t.decode_step_ms]),
+            "server_prefill_ms": _p50([t.timings.get("prompt_ms", t.prefill_time_ms) for t in single]),
+            "requests": len(single) + sum(len(r) for r in rounds)}
+
+
+def ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def ratios(ours: dict, peer_1: dict, peer_n: dict) -> dict:
+    return {"P6": ratio(ours["step_ms"], peer_1["step_ms"]),
+            "P6_prefill": ratio(ours["prefill_ms"], peer_1["prefill_ms"]),
+            "P6_prefill_server": ratio(ours["server_prefill_ms"], peer_1["server_prefill_ms"]),
+            "P7": ratio(ours[f"tokens_per_s_{STREAMS}"], peer_n[f"tokens_per_s_{STREAMS}"])}
+
+
+def timings_agreement(traces: list[Trace], delivery_ms: float = DELIVERY_MS) -> dict:
+    """Our client's TTFT and TPOT against llama-server's `prompt_ms` and `predicted_per_token_ms`."""
+    rows = [(t.ttft_ms - t.timings["prompt_ms"], t.tpot_ms - t.timings["predicted_per_token_ms"], t.n_tokens)
+            for t in traces if t.ok and t.n_tokens > 1 and "prompt_ms" in t.timings]
+    ttft_ok = [0.0 <= d <= 2 * delivery_ms for d, _, _ in rows]
+    tpot_ok = [abs(d) <= delivery_ms / (n - 1) for _, d, n in rows]
+    return {"requests": len(rows), "p50_ttft_minus_prompt_ms": _p50([d for d, _, _ in rows]),
+            "p50_tpot_minus_predicted_per_token_ms": _p50([d for _, d, _ in rows]),
+            "ttft_within": sum(ttft_ok), "tpot_within": sum(tpot_ok),
+            "tolerance": f"TTFT - prompt_ms in [0, {2 * delivery_ms:g}] ms; "
+                         f"|TPOT - predicted_per_token_ms| <= {delivery_ms:g} ms / (tokens - 1)"}
+
+
+def problems(name: str, traces: list[Trace], max_tokens: int, prompt_tokens: Callable | None = None) -> list[str]:
+    """Failed requests, answers cut short, llama.cpp reusing a cached prefix, a prompt tokenized otherwise."""
+    out = [f"{name}: {t.error}" for t in traces if not t.ok]
+    short = [t.n_tokens for t in traces if t.ok and t.n_tokens < max_tokens]
+    if short:
+        out.append(f"{name}: {len(short)} answers shorter than {max_tokens} tokens ({min(short)})")
+    if any(t.timings.get("cache_n") for t in traces):
+        out.append(f"{name}: prefix-cache hits (timings.cache_n > 0)")
+    if prompt_tokens and any(t.usage.get("prompt_tokens") not in (None, prompt_tokens(t.prompt)) for t in traces):
+        out.append(f"{name}: the server counted other prompt tokens than we sent")
     return out
 
 
-def run_peer(peer_python: str, prompt: str = DEFAULT_PROMPT, runs: int = 3, threads: int = 2, log=print) -> dict:
+# ---- the run ----------------------------------------------------------------------------------------
+
+def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_tokens: int = MAX_TOKENS,
+             routes: tuple[str, ...] = ("w4a8", "float32"), threads: int = 2, peer_binary: str | None = None,
+             log=print) -> dict:
+    from ..config import EngineConfig
+    from ..engine.engine import Engine
+    from ..engine.loading import default_gguf_path
+    from ..serve.app import create_app
+    from ..serve.background import UvicornServer
+
     gguf = default_gguf_path()
-    log(f"llama.cpp server on {gguf.name} ...")
-    proc, ready_s = start_llama_cpp(peer_python, gguf, free_port(), threads)
-    try:
-        port = proc.args[proc.args.index("--port") + 1]
-        peer = measure(f"http://127.0.0.1:{port}", prompt, runs)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    peer["ready_s"] = round(ready_s, 2)
-    ours = {}
-    for name, quant in (("default", "auto"), ("float32", "none"), ("w4a8", "w4a8"), ("int4", "int4")):
-        log(f"labserver, {name} route ...")
-        ours[name] = measure_labserver(EngineConfig.from_env(quant=quant, threads=threads), prompt, runs)
-    itl = peer["stream"]["p50_itl_ms"]
-    return {"P6": round(ours["default"]["stream"]["p50_itl_ms"] / itl, 3),
-            "P6_w4a8": round(ours["w4a8"]["stream"]["p50_itl_ms"] / itl, 3),
-            "P6_int4": round(ours["int4"]["stream"]["p50_itl_ms"] / itl, 3),
-            "raw_peer": {"llama_cpp": peer, "labserver": ours, "gguf": str(gguf), "prompt": prompt,
-                         "max_tokens": MAX_TOKENS, "threads": threads}}
+    binary, build_note = (Path(peer_binary), "given") if peer_binary else ensure_server(gguf, log=log)
+    engine = Engine.from_config(EngineConfig.from_env(threads=threads))
+    ids = engine.encode  # the chat template's ids; llama-server gets exactly these tokens
+    count = iter(range(10**9))
+
+    def fresh(n):
+        return [fresh_prompt(prompt, next(count)) for _ in range(n)]
+
+    with PeerServer(binary, gguf, free_port(), threads, parallel=1, ctx=2048) as p1, \
+         PeerServer(binary, gguf, free_port(), threads, parallel=STREAMS, ctx=1024 * STREAMS) as pn, \
+         UvicornServer(create_app(engine)) as ours_server:
+        ours = Target(f"labserver {engine.runner.name}", ours_server.url, LABSERVER, lambda t: t, OURS_EXTRA)
+        peer_1 = Target("llama-server -np 1", p1.url, LLAMA_CPP, ids, PEER_EXTRA)
+        peer_n = Target(f"llama-server -np {STREAMS}", pn.url, LLAMA_CPP, ids, PEER_EXTRA)
+        for target in (ours, peer_1, peer_n):  # warm-up: connections, first steps, a first batch of 8
+            target.one(prompt, 8)
+            if target is not peer_1:
+                target.many([prompt] * STREAMS, 8)
+        texts = {t.name: t.one(prompt, max_tokens).text for t in (ours, peer_1)}
+        for r in range(repeats):
+            log(f"round {r + 1}/{repeats}: 1 stream x {runs} and {STREAMS} streams on each server")
+            for target in (ours, peer_1, peer_n):
+                target.single += [target.one(p, max_tokens) for p in fresh(runs)]
+                if target is not peer_1:
+                    target.rounds.append(target.many(fresh(STREAMS), max_tokens))
+                f = figures(target.single[-runs:], target.rounds[-1:])
+                log(f"  {target.name}: step {f['step_ms']} ms, prefill {f['prefill_ms']} ms, "
+                    f"{STREAMS} streams {f[f'tokens_per_s_{STREAMS}']} tokens/s")
+        targets = [ours, peer_1, peer_n]
+        for route in routes:  # further routes: 1 stream and the greedy text only
+            log(f"labserver, {route} route ...")
+            quant = "none" if route == "float32" else route
+            other = Engine.from_config(EngineConfig.from_env(quant=quant, threads=threads))
+            with UvicornServer(create_app(other)) as server:
+                target = Target(f"labserver {route} ({other.runner.name})", server.url, LABSERVER, lambda t: t,
+                                OURS_EXTRA)
+                target.one(prompt, 8)
+                texts[target.name] = target.one(prompt, max_tokens).text
+                target.single = [target.one(p, max_tokens) for p in fresh(runs * repeats)]
+            targets.append(target)
+    setup = {"prompt": prompt, "prompt_tokens": len(ids(prompt)), "max_tokens": max_tokens, "repeats": repeats,
+             "runs": runs, "streams": STREAMS, "threads": threads, "gguf": str(gguf), "peer_extra": PEER_EXTRA,
+             "ours_extra": OURS_EXTRA}
+    return {**outcome(targets, routes, runs, max_tokens), "texts": texts, "cpu": this_cpu().describe(),
+            "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note}, "setup": setup}
 
 
-def _yes(same: bool) -> str:
-    return "yes" if same else "no"
+def outcome(targets: list[Target], routes, runs: int, max_tokens: int) -> dict:
+    """Ratios, per-round ratios, figures, timings agreement and problems: targets are ours, -np 1, -np N,
+    then one per further route."""
+    ours, peer_1, peer_n = targets[:3]
+    figs = {t.name: figures(t.single, t.rounds) for t in targets}
+    n = f"tokens_per_s_{STREAMS}"
+
+    def step(t, i):  # the client ITL p50 of round i's single requests
+        return _p50([g for trace in t.single[i * runs:(i + 1) * runs] for g in trace.itl_ms])
+
+    return {**ratios(figs[ours.name], figs[peer_1.name], figs[peer_n.name]),
+            **{f"P6_{r}": ratio(figs[t.name]["step_ms"], figs[peer_1.name]["step_ms"])
+               for r, t in zip(routes, targets[3:])},
+            "P6_rounds": [ratio(step(ours, i), step(peer_1, i)) for i in range(len(ours.rounds))],
+            "P7_rounds": [ratio(a, b) for a, b in zip(figs[ours.name][f"{n}_rounds"],
+                                                      figs[peer_n.name][f"{n}_rounds"])],
+            "timings_agreement": timings_agreement(peer_1.single + peer_n.single), "figures": figs,
+            "problems": [p for t in targets for p in problems(t.name, t.single + [x for r in t.rounds for x in r],
+                                                              max_tokens, len if t.protocol is LLAMA_CPP else None)]}
+
+
+def kernels_note() -> str:
+    """Which SIMD path our C kernels were built for: `-march=native`, so this CPU's flags say it."""
+    from ..model import kernels
+    ok, why = kernels.available()
+    return "C kernels, -march=native (the CPU's flags above)" if ok else f"no C kernels: {why}"
+
+
+def report(result: dict) -> str:
+    figs, texts = result["figures"], result["texts"]
+    f32 = next((k for k in texts if k.startswith("labserver float32")), None)
+    n = f"tokens_per_s_{STREAMS}"
+
+    def same(name, ref):  # blank for the reference itself, for a server without a greedy text
+        return None if name == ref or ref not in texts or name not in texts else \
+            ("yes" if texts[name] == texts[ref] else "no")
+
+    rows = [[name, f["step_ms"], f["prefill_ms"], f["server_step_ms"], f["server_prefill_ms"], f["tokens_per_s_1"],
+             f[n], same(name, "llama-server -np 1"), same(name, f32)] for name, f in figs.items()]
+    a, s = result["timings_agreement"], result["setup"]
+    lines = [f"CPU: {result['cpu']}", f"labserver: {result['kernels']}; llama-server: {result['peer']['build']}",
+             f"{s['prompt_tokens']}-token prompt, {s['max_tokens']} tokens out, greedy, {s['threads']} threads, "
+             f"{s['repeats']} rounds of {s['runs']} single requests and {STREAMS} concurrent streams", "",
+             format_table(["server", "step ms", "prefill ms", "server step", "server prefill", "1-stream tok/s",
+                           f"{STREAMS}-stream tok/s", "text = llama.cpp", "text = float32"], rows), "",
+             f"P6 = {result['P6']} (per round {result['P6_rounds']}), P6_prefill = {result['P6_prefill']} "
+             f"(server-side {result['P6_prefill_server']}), P7 = {result['P7']} (per round {result['P7_rounds']})"
+             + "".join(f", {k} = {v}" for k, v in result.items() if k.startswith("P6_") and k[3:] not in
+                       ("rounds", "prefill", "prefill_server")),
+             "goals: P6 <= 1, P6_prefill <= 1, P7 >= 1. The machine may be shared: compare the rounds.",
+             f"client vs llama-server timings, {a['requests']} requests: TTFT - prompt_ms p50 "
+             f"{a['p50_ttft_minus_prompt_ms']} ms ({a['ttft_within']} within), TPOT - predicted_per_token_ms p50 "
+             f"{a['p50_tpot_minus_predicted_per_token_ms']} ms ({a['tpot_within']} within); tolerance: "
+             f"{a['tolerance']} (one SSE event's trip; HTTP and SSE parsing on loopback)"]
+    lines += [f"warning: {p}" for p in result["problems"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m labserver.measure.bench_peer", description=__doc__.splitlines()[0])
-    parser.add_argument("--peer-python", default=".venv-peer/bin/python",
-                        help="a Python with llama-cpp-python[server] installed")
     parser.add_argument("--out", default="out/bench_peer.json")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all servers")
+    parser.add_argument("--runs", type=int, default=5, help="single-stream requests per server and round")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--routes", default="w4a8,float32", help="further labserver routes ('' for none)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--peer-binary", help="a llama-server to use as it is (default: build one, cached)")
     args = parser.parse_args(argv)
-    result = run_peer(args.peer_python, args.prompt, args.runs)
+    result = run_peer(args.prompt, args.repeats, args.runs, args.max_tokens,
+                      tuple(r for r in args.routes.split(",") if r), peer_binary=args.peer_binary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     bench = out.parent / "bench.json"
-    if bench.exists():  # P6 joins the other figures of `make bench`
+    if bench.exists():  # the P figures join the others of `make bench`
         merged = json.loads(bench.read_text())
-        merged.update({k: result[k] for k in ("P6", "P6_w4a8", "P6_int4")})
+        merged.update({k: v for k, v in result.items() if k.startswith(("P6", "P7")) and "rounds" not in k})
         bench.write_text(json.dumps(merged, indent=2) + "\n")
-    peer, ours = result["raw_peer"]["llama_cpp"], result["raw_peer"]["labserver"]
-    rows = [[name, r["stream"]["p50_ttft_ms"], r["stream_repeated"]["p50_ttft_ms"], r["stream"]["p50_itl_ms"],
-             None if r is peer else _yes(r["greedy_text"] == peer["greedy_text"]),
-             _yes(r["greedy_text"] == ours["float32"]["greedy_text"])]
-            for name, r in [("llama.cpp", peer)] + [(f"labserver {r['runner']}", r) for r in ours.values()]]
-    print(format_table(["server", "TTFT p50 ms", "same prompt again", "ITL p50 ms", "text = llama.cpp's",
-                        "text = float32's"], rows))
-    print(f"\nP6 = {result['P6']} (default runner), {result['P6_w4a8']} (w4a8), {result['P6_int4']} (int4); "
-          f"goal <= 1.0. Wrote {out}")
+    print(report(result))
+    print(f"Wrote {out}")
     return result
 
 

@@ -47,6 +47,9 @@ class _Recorder:
             return True
         parsed = self.protocol.parse_event(json.loads(sse.data))
         self.trace._add(parsed, t_ms)
+        if self.protocol.last_event_ends and "finish_reason" in parsed.finish:
+            self.saw_done = True  # a stream that sends no [DONE] (llama-server's /completion)
+            return False
         if self.on_token is not None:
             for chunk in parsed.tokens:
                 self.on_token(chunk.text)

@@ -42,6 +42,7 @@ class Protocol(typing.Protocol):
     """A wire format: where to POST, the body to send, and what each event or JSON body means."""
     path: str  # e.g. "/generate"; appended to the server's base URL
     done: str  # the `data:` payload that ends a stream
+    last_event_ends: bool  # the event that carries the finish ends the stream (a format without [DONE])
 
     def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict: ...
     def parse_event(self, data: dict) -> Parsed: ...
@@ -52,6 +53,7 @@ class LabserverProtocol:
     """labserver's POST /generate: one `data:` event per token, one summary event, `data: [DONE]`."""
     path = "/generate"
     done = "[DONE]"
+    last_event_ends = False
 
     def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
         return {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": stream, **extra}
@@ -82,6 +84,7 @@ class OpenAIProtocol:
     chunk, the final one) is not a token: TTFT counts from the first chunk with text.
     """
     done = "[DONE]"
+    last_event_ends = False
 
     def __init__(self, model: str, chat: bool = False, api_key: str | None = None):
         self.model, self.chat = model, chat
@@ -113,6 +116,42 @@ class OpenAIProtocol:
 
     def parse_body(self, body: dict) -> Parsed:
         return self.parse_event(body)
+
+
+class LlamaCppProtocol:
+    """llama.cpp's `llama-server` native POST /completion: one event per token, then a `stop: true` event.
+
+    `prompt` may be text or a list of token ids (then the server tokenizes nothing). Each token event
+    carries the token's id in `tokens`; a token that ends inside a UTF-8 character sends no event (its
+    text comes with the next one), so `usage.completion_tokens` is the server's count. The last event's
+    `timings` (`prompt_ms`, `predicted_per_token_ms`, `cache_n`) land in `Trace.timings`. That event
+    ends the stream: this format has no `data: [DONE]`.
+    """
+    path = "/completion"
+    done = "[DONE]"        # never sent here: the `stop: true` event is the last one
+    last_event_ends = True
+    _FINISH = {"limit": "length", "eos": "stop", "word": "stop"}
+
+    def request(self, prompt, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
+        return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "stream": stream, **extra}
+
+    def parse_event(self, data: dict) -> Parsed:
+        if "error" in data:
+            return Parsed(error=data["error"])
+        if not data.get("stop"):
+            ids = data.get("tokens") or []
+            return Parsed(tokens=[TokenChunk(data.get("content", ""), ids[-1] if ids else None)])
+        usage = {"prompt_tokens": data.get("tokens_evaluated"), "completion_tokens": data.get("tokens_predicted")}
+        return Parsed(finish={"finish_reason": self._FINISH.get(data.get("stop_type"), data.get("stop_type")),
+                              "usage": usage, "timings": data.get("timings") or {}})
+
+    def parse_body(self, body: dict) -> Parsed:
+        parsed = self.parse_event({**body, "stop": True})
+        parsed.tokens = [TokenChunk(body.get("content", ""))]
+        return parsed
+
+
+LLAMA_CPP = LlamaCppProtocol()
 
 
 def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
