@@ -7,7 +7,9 @@ import pytest
 
 from labserver.measure import peer
 from labserver.measure.bench_peer import (aggregate_tokens_per_s, figures, problems, ratios, timings_agreement)
-from labserver.measure.client import LLAMA_CPP, Trace, stream_generate
+from labserver.measure.client import stream_generate
+from labserver.measure.protocols import LLAMA_CPP
+from labserver.measure.trace import Trace
 
 X86 = """processor\t: 0
 vendor_id\t: GenuineIntel
