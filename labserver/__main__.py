@@ -20,8 +20,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (env LABSERVER_DTYPE)")
     p.add_argument("--impl", choices=list(IMPLS), help="forward pass: 'auto' (lean llama when it applies), "
                                                        "'lean' or 'transformers' (env LABSERVER_IMPL)")
-    p.add_argument("--quant", choices=list(QUANTS), help="weight format of the lean runner: q4_1 (GGUF blocks, "
-                                                         "the default where they are exact), w4a8 (those blocks "
+    p.add_argument("--quant", choices=list(QUANTS), help="weight format of the lean runner: auto (the default: "
+                                                         "the fastest exact one measured on this machine), q4_1 "
+                                                         "(GGUF blocks, exact), w4a8 (those blocks "
                                                          "times 8-bit activations: faster, not exact), fp16, int8, int4, "
                                                          "none (env LABSERVER_QUANT)")
     p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")

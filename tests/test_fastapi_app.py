@@ -73,6 +73,25 @@ def test_stream_order_and_text_with_the_real_model(default_engine):
     assert "prefill_time_ms" in tokens[0] and all("prefill_time_ms" not in t for t in tokens[1:])
 
 
+@pytest.mark.model
+def test_health_names_the_route_that_runs_and_why(default_engine):
+    from labserver.model import formats, kernels
+
+    with UvicornServer(create_app(default_engine)) as server:
+        health = httpx.get(server.url + "/health", timeout=30).json()
+    route = health["route"]
+    # auto picks an exact format, says why, and shows the step times it measured for the candidates
+    assert route["quant"] == default_engine.route["quant"] and formats.get(route["quant"]).exact
+    assert route["quant"] in route["why"] and route["measured_ms"][route["quant"]] > 0
+    assert route["kernels"] == kernels.path() and route["kernels"] in ("avx512", "avx2", "neon", "portable")
+
+
+def test_health_of_a_fake_engine_says_it_is_fake(fake_engine):
+    with UvicornServer(create_app(fake_engine)) as server:
+        route = httpx.get(server.url + "/health", timeout=30).json()["route"]
+    assert route["quant"] == "fake" and route["measured_ms"] == {}
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["thread", "executor"])
 def test_streamed_text_equals_the_engine_output_on_a_random_model(tiny_engine, backend):

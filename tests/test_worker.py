@@ -55,7 +55,7 @@ def spy_threads(engine) -> set[str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_stream_ends_with_finish_and_returns(fast_engine, backends, kind):
     backend = backends(fast_engine, kind)
-    items = asyncio.run(asyncio.wait_for(drain(backend), 10))  # the seed's StopIteration trap would hang
+    items = asyncio.run(asyncio.wait_for(drain(backend), 10))  # a StopIteration-based loop would hang
     assert [type(i) for i in items] == [TokenEvent] * 5 + [Finish]
     assert [i.index for i in items[:-1]] == list(range(5))
     assert "".join(i.token for i in items[:-1]) == " one two three four five"

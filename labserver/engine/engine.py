@@ -9,7 +9,7 @@ picks each next id. ``Engine.generate_stream`` strings them together for one seq
 
 The forward passes live in ``runners.py`` (the lean llama, or transformers for any other model); each
 enters ``torch.inference_mode`` itself, because grad mode is thread-local and a generator resumed on
-another thread (the seed's ``run_in_executor(next)`` pattern) would otherwise run later steps with
+another thread (the first streaming version's ``run_in_executor(next)`` pattern) would otherwise run later steps with
 autograd on.
 
 Left out on purpose: stop strings, repetition penalties, and any threading: whoever calls a phase runs

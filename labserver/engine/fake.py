@@ -21,6 +21,7 @@ import time
 import torch
 
 from ..config import EngineConfig
+from .calibrate import Route
 from .engine import Engine
 
 WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
@@ -62,6 +63,8 @@ class FakeRunner:
     lean runner has; ``fail_at=0`` fails the prefill, ``fail_at=2`` the decode step that makes the third
     token (the forward still takes its time, then raises ``RuntimeError("injected fault")``).
     """
+
+    route = Route("fake", "fixed sleeps, no weights")
 
     name = "fake"
 

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from ..config import EngineConfig
-from ..model import formats
+from ..model import formats, kernels
 from ..model.blocks import store_path
 from ..model.llama import LeanLlama, supports
 from . import calibrate
@@ -89,7 +89,8 @@ class LeanRunner:
         fmt = formats.get(self.route.quant)
         self.name = "lean-" + ("+".join(lean.formats()) if fmt.blocks else
                                config.dtype if fmt.name == "none" else fmt.name)
-        print(f"labserver: weights {self.route.quant} ({self.name}): {self.route.why}", file=sys.stderr, flush=True)
+        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}",
+              file=sys.stderr, flush=True)
 
     @property
     def free_slots(self) -> int:

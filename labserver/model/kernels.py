@@ -1,6 +1,6 @@
-"""The C kernels of ``kernels.c``: compiled once, loaded with ``ctypes``, and the fused decode step.
+"""The C kernels of ``csrc/``: compiled once per CPU and loaded with ``ctypes``.
 
-``kernels.c`` is built with the machine's C compiler (``cc``, or ``$CC``) the first time it is needed,
+The sources are built with the machine's C compiler (``cc``, or ``$CC``) the first time it is needed,
 for this CPU (``-march=native``, or the target in ``$LABSERVER_KERNEL_ARCH``, e.g. ``x86-64-v3`` to run
 the AVX2 code on an AVX-512 machine), into ``<cache_dir>/kernels/``; later processes load the cached
 library in milliseconds. ``path()`` says which vector code it was compiled to: "avx512", "avx2", "neon"
@@ -10,8 +10,7 @@ its thread team, so ``torch.set_num_threads`` on the calling thread also sets ho
 kernels use. ``ctypes`` releases the GIL for the length of each call, so a whole decode step runs
 without it.
 
-``FusedDecode`` is ``LeanLlama.decode_step`` (and its prefill) as one such call, for models whose
-matrices are all in ``blockquant`` blocks. Left out: a build without a compiler (``available()`` says
+The fused decode step that calls them is ``fused.FusedDecode``. Left out: a build without a compiler (``available()`` says
 why, and the lean model keeps its torch path), and Windows.
 """
 

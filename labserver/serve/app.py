@@ -28,6 +28,7 @@ from importlib.resources import files
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
+from ..model import kernels
 from . import openai_api, wire_generate
 from .limits import Admission, BodyLimit, ServerLimits, require_json, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -59,6 +60,9 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     ``limits`` defaults to ``ServerLimits()``.
     """
     limits = limits or ServerLimits()
+    # What /health tells about the engine: the weight format that runs and why, and the kernels' vector
+    # path on this CPU (None: no C compiler).
+    route = {**engine.route, "kernels": kernels.path()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,7 +95,8 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
         """Answers without touching the engine: it stalls only if something blocks the event loop."""
         current = request.app.state.backend
         return {"status": "ok", "running": current.running if current else 0,
-                "backend": current.kind if current else backend, "model": engine.config.model}
+                "backend": current.kind if current else backend, "model": engine.config.model,
+                "route": route}
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -1,7 +1,7 @@
 """The engine thread: one long-lived thread owns every torch call and runs one loop over the engine's phases.
 
 Why a dedicated thread: on a CPU, PyTorch keeps an OpenMP thread team per calling thread. Running each
-decode step on whichever pool thread is free (the seed's ``run_in_executor(None, next, gen)``) makes
+decode step on whichever pool thread is free (the first streaming version's ``run_in_executor(None, next, gen)``) makes
 every step ~1.6x slower on a 2-core machine and drops ``inference_mode``. SGLang runs its scheduler in
 its own thread for the same reason.
 

@@ -1,4 +1,4 @@
-"""The blocking baseline (Blog 1): a WSGI app that runs the whole generation inside the request.
+"""The blocking baseline: a WSGI app that runs the whole generation inside the request.
 
 Same request model, the same steps (``wire_generate.GenerateJob``: validate, encode), the same limits
 (``limits.ServerLimits``: 413 for a body over ``max_body_bytes``, 415 for a body not sent as JSON) and the

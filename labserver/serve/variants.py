@@ -1,9 +1,9 @@
 """Other places to run the engine from an async server, kept so the lab can measure them.
 
-- ``ExecutorBackend``: the seed's pattern, each ``next(gen)`` sent to a thread pool with
+- ``ExecutorBackend``: the first streaming version's pattern, each ``next(gen)`` sent to a thread pool with
   ``loop.run_in_executor``. The event loop stays free, but every step may land on a different thread
   (slower steps on a CPU: one OpenMP team per calling thread). It uses a sentinel (``next(gen, DONE)``):
-  the seed's ``except StopIteration`` hangs forever after the last token, because asyncio cannot put a
+  its original ``except StopIteration`` hangs forever after the last token, because asyncio cannot put a
   ``StopIteration`` into a Future.
 - ``BlockingBackend``: the naive one, calling the engine directly inside ``async def``. Tokens still
   trickle out, but the event loop is blocked during every step, so ``/health`` waits.
@@ -111,7 +111,7 @@ BACKENDS = {
 
 def make_backend(engine: EngineProtocol, kind: str = "auto") -> Backend:
     """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or taking
-    turns), ``"executor"`` (the seed's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
+    turns), ``"executor"`` (the first streaming version's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
 
     Nothing starts here: an ``EngineThread`` starts its thread in ``start()`` or on first use.
     """
