@@ -35,6 +35,7 @@ from .stats import aggregate_tokens_per_s, summarize
 from .tables import format_table
 from ..config import SamplingParams
 from ..engine.engine import Engine, off_thread
+from ..engine.runners import LeanRunner
 from ..serve.app import create_app
 from ..serve.background import UvicornServer
 
@@ -68,9 +69,8 @@ def read_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
 
 
 def weight_bytes(engine) -> int:
-    lean = getattr(engine.runner, "lean", None)
-    if lean is not None:
-        return lean.weight_bytes()
+    if isinstance(engine.runner, LeanRunner):
+        return engine.runner.lean.weight_bytes()
     return sum(p.numel() * p.element_size() for p in engine.model.parameters())  # tied weights count once
 
 
@@ -156,7 +156,7 @@ def agreement(reference: Engine, route: Engine, prompts=AGREEMENT_PROMPTS, n: in
 def routes(engine: Engine, bandwidth_gbs: float, log=print) -> dict:
     """Step, memory floor, P5 and quality of each lean weight format, built from the engine's model."""
     out = {}
-    if not hasattr(engine.runner, "lean"):
+    if not isinstance(engine.runner, LeanRunner):
         return out
     reference = None
     for dtype, quant in ROUTES:
@@ -246,7 +246,7 @@ def run_speed(engine, log=print) -> dict:
     hf_step = hf_generate_step_ms(engine)
     all_routes = routes(engine, bandwidth, log)
     log("(g) 8 concurrent streams: batched scheduler, then the interleaving thread backend ...")
-    batched = concurrency_gain(engine, "batched" if hasattr(engine, "decode_step") else "thread")
+    batched = concurrency_gain(engine, "batched")
     interleaved = concurrency_gain(engine, "thread")
     fast = None
     if engine.runner.name.startswith("lean-q4_1"):  # the same blocks with 8-bit activations, for comparison

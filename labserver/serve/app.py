@@ -145,7 +145,7 @@ async def get_model(model_id: str, request: Request) -> dict:
 def _card(request: Request) -> dict:
     state = request.app.state
     return {"id": state.engine.config.model, "object": "model", "created": state.started_at,
-            "owned_by": "labserver", "max_model_len": getattr(state.engine, "context_len", None)}
+            "owned_by": "labserver", "max_model_len": state.engine.context_len}
 
 
 @openai_router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM},

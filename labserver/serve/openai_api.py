@@ -172,7 +172,7 @@ class OpenAIJob:
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param=param) from exc
         # The engine generates at most what fits the context (as engine.Engine.begin caps it).
-        self.max_out = min(self.params.max_tokens, getattr(engine, "context_len", 1 << 62) - len(ids))
+        self.max_out = min(self.params.max_tokens, engine.context_len - len(ids))
         self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
         return ids
 
