@@ -50,11 +50,13 @@ import httpx
 from .bench_speed import run_speed, speed_tables
 from .tables import format_table
 from .client import DEFAULT_PROMPT, DEFAULT_TIMEOUT, blocking_generate, run_concurrent, stream_generate
+from .peer import this_cpu
 from .probes import HealthProbe
 from .protocols import LABSERVER, openai_protocol
 from .stats import summarize
 from ..config import EngineConfig, SamplingParams
 from ..engine.engine import Finish, off_thread
+from ..model import kernels
 from ..serve.app import create_app
 from ..serve.flask_app import create_flask_app
 from ..serve.background import FlaskServer, UvicornServer
@@ -202,7 +204,9 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     result["setup"] = {"model": engine.config.model, "runner": engine.runner.name,
                        "backend": thread["backend"], "threads": engine.config.threads, "max_tokens": max_tokens,
                        "runs": runs, "concurrency": concurrency, "prompt": prompt, "temperature": 0.0,
-                       "machine": platform.machine(), "python": platform.python_version(),
+                       "machine": platform.machine(), "cpu": this_cpu().describe(), "python": platform.python_version(),
+                       "kernels": " ".join(filter(None, (kernels.path(), kernels.features()))) or None,
+                       "route": engine.route if engine.source is not None else None,
                        "loadavg_1m_before": round(load_before, 2),
                        "loadavg_1m_after": round(os.getloadavg()[0], 2),
                        "duration_s": round(time.perf_counter() - start, 1)}
@@ -243,6 +247,10 @@ def report(result: dict) -> str:
     sections.append(format_table(["goal", "value", "target", "result"], [
         [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
     ] + [[name, result[name], "(compare)", None] for name in INFORMATIVE if name in result]))
+    setup = result["setup"]
+    route = setup.get("route") or {}
+    sections.append(f"CPU: {setup['cpu']}; kernels: {setup['kernels']}; weights: {route.get('quant')} "
+                    f"({route.get('why')})")
     return "\n\n".join(sections)
 
 

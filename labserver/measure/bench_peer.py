@@ -214,10 +214,10 @@ def outcome(targets: list[Target], routes, runs: int, max_tokens: int) -> dict:
 
 
 def kernels_note() -> str:
-    """Which SIMD path our C kernels were built for: `-march=native`, so this CPU's flags say it."""
+    """Which vector path our C kernels were built for, e.g. "avx2 (avxvnni fma openmp) kernels"."""
     from ..model import kernels
     ok, why = kernels.available()
-    return "C kernels, -march=native (the CPU's flags above)" if ok else f"no C kernels: {why}"
+    return f"{kernels.path()} ({kernels.features()}) kernels" if ok else f"no C kernels: {why}"
 
 
 def report(result: dict) -> str:
