@@ -133,15 +133,30 @@ def test_a_build_that_crashes_is_rebuilt_without_amx(monkeypatch, tmp_path):
         built.append(amx)
         return tmp_path / ("build" if amx else "build-noamx") / "llama-server"
 
-    def fake_smoke(binary, gguf):
+    def fake_smoke(binary, gguf, extra=()):
         if binary.parent.name == "build":
             raise peer.PeerCrashed(-4, "Illegal instruction")
 
     monkeypatch.setattr(peer, "build", fake_build)
     monkeypatch.setattr(peer, "_smoke", fake_smoke)
-    binary, note = peer.ensure_server(tmp_path / "m.gguf", log=logged.append)
-    assert built == [True, False] and binary.parent.name == "build-noamx"
+    binary, note, extra = peer.ensure_server(tmp_path / "m.gguf", log=logged.append)
+    assert built == [True, False] and binary.parent.name == "build-noamx" and extra == ()
     assert peer.NO_AMX in note and any(peer.NO_AMX in line for line in logged)
+
+
+def test_a_build_that_crashes_without_amx_too_runs_without_repacking(monkeypatch, tmp_path):
+    tried = []
+
+    def fake_smoke(binary, gguf, extra=()):
+        tried.append((binary.parent.name, extra))
+        if extra != peer.NO_REPACK:
+            raise peer.PeerCrashed(-11, "Segmentation fault")
+
+    monkeypatch.setattr(peer, "build", lambda amx=True, log=print: tmp_path / ("build" if amx else "build-noamx") / "x")
+    monkeypatch.setattr(peer, "_smoke", fake_smoke)
+    binary, note, extra = peer.ensure_server(tmp_path / "m.gguf", log=lambda *a: None)
+    assert tried == [("build", ()), ("build-noamx", ()), ("build-noamx", peer.NO_REPACK)]
+    assert extra == peer.NO_REPACK and "--no-repack" in note and "slower" in note
 
 
 def test_outcome_takes_p6_per_round_and_p7_from_the_n_stream_server():

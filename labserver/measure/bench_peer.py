@@ -145,7 +145,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     from ..serve.background import UvicornServer
 
     gguf = default_gguf_path()
-    binary, build_note = (Path(peer_binary), "given") if peer_binary else ensure_server(gguf, log=log)
+    binary, build_note, extra = (Path(peer_binary), "given", ()) if peer_binary else ensure_server(gguf, log=log)
     engine = Engine.from_config(EngineConfig.from_env(threads=threads))
     ids = engine.encode  # the chat template's ids; llama-server gets exactly these tokens
     count = iter(range(10**9))
@@ -153,8 +153,8 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     def fresh(n):
         return [fresh_prompt(prompt, next(count)) for _ in range(n)]
 
-    with PeerServer(binary, gguf, free_port(), threads, parallel=1, ctx=2048) as p1, \
-         PeerServer(binary, gguf, free_port(), threads, parallel=STREAMS, ctx=1024 * STREAMS) as pn, \
+    with PeerServer(binary, gguf, free_port(), threads, parallel=1, ctx=2048, extra=extra) as p1, \
+         PeerServer(binary, gguf, free_port(), threads, parallel=STREAMS, ctx=1024 * STREAMS, extra=extra) as pn, \
          UvicornServer(create_app(engine)) as ours_server:
         ours = Target(f"labserver {engine.runner.name}", ours_server.url, LABSERVER, lambda t: t, OURS_EXTRA)
         peer_1 = Target("llama-server -np 1", p1.url, LLAMA_CPP, ids, PEER_EXTRA)
@@ -189,7 +189,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
              "runs": runs, "streams": STREAMS, "threads": threads, "gguf": str(gguf), "peer_extra": PEER_EXTRA,
              "ours_extra": OURS_EXTRA}
     return {**outcome(targets, routes, runs, max_tokens), "texts": texts, "cpu": this_cpu().describe(),
-            "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note}, "setup": setup}
+            "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note, "args": list(extra)}, "setup": setup}
 
 
 def outcome(targets: list[Target], routes, runs: int, max_tokens: int) -> dict:

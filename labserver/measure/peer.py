@@ -144,10 +144,10 @@ class PeerServer:
     """A running llama-server on 127.0.0.1; `stop()` (or leaving the `with`) ends it."""
 
     def __init__(self, binary: Path, gguf: Path, port: int, threads: int = 2, parallel: int = 1,
-                 ctx: int = 2048, timeout_s: float = 120.0):
+                 ctx: int = 2048, timeout_s: float = 120.0, extra: tuple[str, ...] = ()):
         self.url = f"http://127.0.0.1:{port}"
         self.args = [str(binary), "-m", str(gguf), "-t", str(threads), "-np", str(parallel), "-c", str(ctx),
-                     "--host", "127.0.0.1", "--port", str(port)]
+                     "--host", "127.0.0.1", "--port", str(port), *extra]
         # Its log goes to a file: llama.cpp writes a lot while loading, and a full pipe would stall it.
         self._log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, text=True)
@@ -191,9 +191,9 @@ class PeerCrashed(RuntimeError):
         self.returncode = returncode
 
 
-def _smoke(binary: Path, gguf: Path) -> None:
+def _smoke(binary: Path, gguf: Path, extra: tuple[str, ...] = ()) -> None:
     """Start the server and run a prefill and a few steps: a bad instruction may only fault at compute."""
-    with PeerServer(binary, gguf, free_port(), parallel=1) as server:
+    with PeerServer(binary, gguf, free_port(), parallel=1, extra=extra) as server:
         try:  # ~100 prompt tokens: batched matrix products, where llama.cpp's AMX kernels run
             httpx.post(server.url + "/completion", json={"prompt": "Count: " + "one two " * 50, "n_predict": 4},
                        timeout=600).raise_for_status()  # minutes only on a CPU other work keeps busy
@@ -203,17 +203,30 @@ def _smoke(binary: Path, gguf: Path) -> None:
             raise
 
 
-def ensure_server(gguf: Path, log=_say) -> tuple[Path, str]:
-    """A llama-server binary that runs on this CPU, and a note on how it was built."""
+NO_REPACK = ("--no-repack",)
+
+
+def ensure_server(gguf: Path, log=_say) -> tuple[Path, str, tuple[str, ...]]:
+    """A llama-server binary that runs on this CPU, a note on how it was built, and the arguments it needs.
+
+    In order: the native build; without AMX (AVX-512 kept); that build started with ``--no-repack`` (its
+    weights then stay in the file's layout instead of the CPU-specific interleaved one, which costs
+    llama.cpp speed: the note says so, and so does the comparison's output)."""
     binary = build(log=log)
     try:
         _smoke(binary, gguf)
-        return binary, "native build (GGML_NATIVE=ON)"
+        return binary, "native build (GGML_NATIVE=ON)", ()
     except PeerCrashed as err:
         log(f"the native build crashed ({err.returncode}); rebuilding with {NO_AMX}, AVX-512 kept")
-        binary = build(amx=False, log=log)
+    binary = build(amx=False, log=log)
+    try:
         _smoke(binary, gguf)
-        return binary, f"native build with {NO_AMX} (the build with AMX crashed here)"
+        return binary, f"native build with {NO_AMX} (the build with AMX crashed here)", ()
+    except PeerCrashed as err:
+        log(f"the build without AMX crashed too ({err.returncode}); starting it with --no-repack")
+    _smoke(binary, gguf, NO_REPACK)
+    return (binary, f"native build with {NO_AMX}, run with --no-repack (weights not repacked for the CPU's "
+                    "wide kernels, slower for llama.cpp; both other setups crashed here)", NO_REPACK)
 
 
 def free_port() -> int:
