@@ -150,7 +150,7 @@ def route_key(model, config: EngineConfig) -> dict | None:
     if identity is None:
         return None
     ok, why = kernels.available()
-    return {"version": VERSION, "cpu": cpu_identity(), "kernels": str(kernels.build()) if ok else f"none: {why}",
+    return {"version": VERSION, "cpu": cpu_identity(), "kernels": kernels.library_file() if ok else f"none: {why}",
             "model": identity, "torch": torch.__version__, "threads": config.threads,
             "candidates": [f.name for f in formats.auto_candidates()]}
 

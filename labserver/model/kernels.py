@@ -133,6 +133,12 @@ def library() -> ctypes.CDLL | None:
     return _load()[0]
 
 
+def library_file() -> str | None:
+    """The file ``library()`` loaded (its name carries the hash of sources, flags and CPU), or None."""
+    lib = library()
+    return None if lib is None else lib._name  # ctypes keeps the path it was given
+
+
 def path() -> str | None:
     """The vector code the loaded kernels run: "avx512", "avx2", "neon" or "portable" (None: no kernels)."""
     lib = library()
