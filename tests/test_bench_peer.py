@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from labserver.measure import peer
-from labserver.measure.bench_peer import (aggregate_tokens_per_s, figures, problems, ratios, timings_agreement)
+from labserver.measure.bench_peer import figures, problems, ratios, timings_agreement
+from labserver.measure.stats import aggregate_tokens_per_s
 from labserver.measure.client import stream_generate
 from labserver.measure.protocols import LLAMA_CPP
 from labserver.measure.trace import Trace

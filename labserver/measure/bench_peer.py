@@ -33,7 +33,7 @@ from .bench import format_table, fresh_prompt
 from .client import DEFAULT_PROMPT, run_concurrent, stream_generate
 from .peer import PeerServer, free_port, ensure_server, this_cpu
 from .protocols import LABSERVER, LLAMA_CPP
-from .stats import percentiles
+from .stats import aggregate_tokens_per_s, percentiles
 from .trace import Trace
 
 MAX_TOKENS = 64
@@ -67,16 +67,6 @@ class Target:
 
 
 # ---- pure parts: what the tests check -------------------------------------------------------------
-
-def aggregate_tokens_per_s(traces: list[Trace]) -> float | None:
-    """Tokens of all streams / (last token of any stream - first request sent)."""
-    done = [t for t in traces if t.ok and t.n_tokens]
-    if not done:
-        return None
-    start = min(t.sent_s for t in done)
-    end = max(t.sent_s + t.e2e_ms / 1000 for t in done)
-    return sum(t.n_tokens for t in done) / (end - start)
-
 
 def _p50(values) -> float | None:
     values = [v for v in values if v is not None]
