@@ -25,7 +25,7 @@ from .rounds import drive, print_rounds
 
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
            "step_ms_by_batch", "prefill_groups", "decode_tokens_per_s", "engine_timing", "batch_step_ms",
-           "drive", "print_rounds"]
+           "drive", "print_rounds", "prefill_budget", "tokens_per_step", "health_p50_ms", "e2e_p50_ms"]
 
 
 @dataclass
@@ -128,6 +128,27 @@ def step_ms_by_batch(loads: Sequence[Load]) -> dict[int, float]:
                 if batch and step is not None:
                     steps.setdefault(batch, []).append(step)
     return {b: round(statistics.median(v), 2) for b, v in sorted(steps.items())}
+
+
+def prefill_budget() -> int:
+    """The batched policy's budget of prompt tokens per prefill forward (its default, as the server uses)."""
+    from ..serve.policies import Batched
+
+    return Batched().prefill_tokens
+
+
+def tokens_per_step(load: Load) -> float:
+    """All streams' tokens per second, in units of the server's median step: how many tokens the server
+    delivered per step-time (taking turns, one at most, whatever N)."""
+    return load.tokens_per_s * load.step_p50_ms / 1000
+
+
+def health_p50_ms(load: Load) -> float:
+    return load.probe.summary()["p50_ms"]
+
+
+def e2e_p50_ms(load: Load) -> float:
+    return statistics.median(t.e2e_ms for t in load.traces)
 
 
 def prefill_groups(load: Load) -> list[int]:
