@@ -24,7 +24,7 @@ from .display import PROMPT, median, print_table
 from .rounds import drive, print_rounds
 
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
-           "step_ms_by_batch", "prefill_groups", "decode_tokens_per_s", "engine_timing", "batch_step_ms",
+           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "decode_tokens_per_s", "engine_timing", "batch_step_ms",
            "drive", "print_rounds", "prefill_budget", "tokens_per_step", "health_p50_ms", "e2e_p50_ms"]
 
 
@@ -151,17 +151,22 @@ def e2e_p50_ms(load: Load) -> float:
     return statistics.median(t.e2e_ms for t in load.traces)
 
 
-def prefill_groups(load: Load) -> list[int]:
-    """How many prompts each prefill forward of the batched server carried, in order.
+def prefill_forwards(load: Load) -> list[tuple[int, float]]:
+    """(prompts, ms) of each prefill forward of the batched server, in order.
 
     Read from each stream's first event: ``batch`` (prompts that shared its prefill; absent for one) and
     its ``step_ms``, the time of that forward, the same for every prompt in it.
     """
     firsts: dict[tuple, list[float]] = {}
     for trace in load.traces:
-        key = (trace.step_ms[0], trace.batch[0] or 1)
+        key = (trace.batch[0] or 1, trace.step_ms[0])
         firsts.setdefault(key, []).append(trace.sent_s + trace.arrival_ms[0] / 1000)
-    return [key[1] for key, _ in sorted(firsts.items(), key=lambda item: min(item[1]))]
+    return [key for key, _ in sorted(firsts.items(), key=lambda item: min(item[1]))]
+
+
+def prefill_groups(load: Load) -> list[int]:
+    """How many prompts each prefill forward of the batched server carried, in order."""
+    return [size for size, _ in prefill_forwards(load)]
 
 
 def decode_tokens_per_s(load: Load, min_steps: int = 2) -> float | None:

@@ -106,8 +106,8 @@ lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 # %%
 budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
 for load in together:
-    print(f"N={load.n}: prefill groups {lab.prefill_groups(load)}; decode steps carried B = "
-          f"{sorted(lab.step_ms_by_batch([load]))}")
+    print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
+          f"decode steps carried B = {sorted(lab.step_ms_by_batch([load]))}")
 groups = lab.prefill_groups(together[-1])
 claim(f"the {together[-1].n} prompts were prefilled in groups {groups}, each within the budget of {budget} "
       f"prompt tokens ({prompt_tokens} per prompt)", sum(groups) == together[-1].n
@@ -142,11 +142,12 @@ lab.plot_sweep({"taking turns": turns, "batched": together})
 #   answers), both servers spend most of their time prefilling and the two lines may lie close together.
 # - **TTFT** grows with N on both. Taking turns, the prefills of requests that arrive together run one
 #   after another: the first user gets a token after one prefill, the last after N. Batched, a group's
-#   prompts share one forward, but a prompt of this length already gives the CPU plenty of arithmetic for
-#   each weight it reads, so that forward costs about as much as the group's prefills one by one, and
-#   everyone in the group gets the first token only when it ends. So the batched median TTFT may be
-#   higher than taking turns, while the worst one is about the same. (Splitting prompts into chunks that
-#   ride along with the decode steps, as vLLM does, is the next refinement.)
+#   prompts share one forward, and everyone in the group gets the first token only when it ends. Compare
+#   a group's forward with one prompt's (N=1) in section 2's output: a prompt of this length already gives
+#   a CPU plenty of arithmetic for each weight it reads, so on many CPUs a group costs not much less than
+#   its prompts one by one. Then the batched median TTFT can be higher than taking turns, while the worst
+#   one is about the same. (Splitting prompts into chunks that ride along with the decode steps, as vLLM
+#   does, is the next refinement.)
 # - **`/health`** stays in milliseconds at every N. Its odd spike comes from the shared GIL: the engine's
 #   Python code, the server and this notebook's client and probe all run in one process here.
 #
@@ -184,7 +185,8 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
 # - N streams on an engine thread that takes turns: a stream's gap is about N steps, the last first token
 #   comes after N prefills, and all streams together get at most one token per step.
 # - Continuous batching runs one step for all running sequences; a stream's gap is one step of B, which
-#   costs less than B steps of one, so the server delivers more tokens per second in total.
+#   costs less than B steps of one, so the server can deliver more tokens per second in total (how many
+#   more depends on your CPU and on how much time goes to prefills).
 # - Prompts join in prefill groups and sequences leave when they finish: B changes from step to step.
 # - The event loop stays free either way: `/health` answers in milliseconds at every N.
 #
