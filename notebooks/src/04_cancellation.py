@@ -130,8 +130,8 @@ for run in runs:
           f"{run.after_left * timing.step_ms / 1000:.2f} s of engine time")
 wasted_s = sum(run.after_left for run in blocking) * timing.step_ms / 1000
 claim(f"the two answers in one piece cost {wasted_s:.2f} s of engine time for nobody, over 10 times what "
-      f"the stream cost (tokens beyond what it read: {stream_left.wasted})", wasted_s > 10 * max(stream_left.wasted, 1) * timing.step_ms
-      / 1000)
+      f"the stream cost (tokens beyond what it read: {stream_left.wasted})",
+      wasted_s > 10 * max(stream_left.wasted, 1) * timing.step_ms / 1000)
 
 # %% [markdown]
 # ## Summary
