@@ -203,3 +203,16 @@ def test_batch_step_ms_times_every_size_in_turns():
     engine = fake_engine(prefill_ms=1, step_ms=4)
     steps = concurrency.batch_step_ms(engine, batches=(1, 3), repeats=3, prompt="go")
     assert set(steps) == {1, 3} and all(4 <= ms < 40 for ms in steps.values()) and engine.running == 0
+
+
+def test_the_aggregate_checker_compares_with_a_stopwatch(capsys):
+    s = solution("05_concurrency")
+    a = Trace(sent_s=1.0, arrival_ms=[100.0, 200.0, 300.0])
+    b = Trace(sent_s=1.0, arrival_ms=[150.0, 250.0, 350.0])
+    timed = concurrency.Load(2, [a, b], HealthProbe("http://unused"), wall_s=0.4)  # 6 tokens, >= 15 tokens/s
+    assert checks.check_aggregate_tokens_per_s(s.aggregate_tokens_per_s, [timed])
+    assert "stopwatch" in capsys.readouterr().out
+    per_stream = lambda traces: sum(len(t.arrival_ms) / (t.arrival_ms[-1] / 1000) for t in traces) / len(traces)
+    assert not checks.check_aggregate_tokens_per_s(per_stream, [timed])
+    too_slow = concurrency.Load(2, [a, b], HealthProbe("http://unused"), wall_s=0.2)  # faster than the window
+    assert not checks.check_aggregate_tokens_per_s(s.aggregate_tokens_per_s, [too_slow])

@@ -34,6 +34,7 @@ class Load:
     n: int
     traces: list[Trace]
     probe: HealthProbe
+    wall_s: float | None = None  # a stopwatch around the whole load: from before sending to after the last read
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -64,11 +65,13 @@ def sweep(url: str, ns: Sequence[int] = (1, 2, 4, 8), max_tokens: int = 32, prom
     loads = []
     for n in ns:
         with HealthProbe(url, interval_ms=interval_ms) as probe:
+            start = time.perf_counter()
             traces = run_concurrent(url, n, prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+            wall_s = time.perf_counter() - start
         failed = [t.error for t in traces if not t.ok]
         if failed:
             raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]}")
-        loads.append(Load(n, traces, probe))
+        loads.append(Load(n, traces, probe, wall_s))
     return loads
 
 
