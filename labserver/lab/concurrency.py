@@ -24,7 +24,8 @@ from .display import PROMPT, median, print_table
 from .rounds import drive, print_rounds
 
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
-           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "decode_tokens_per_s", "engine_timing", "batch_step_ms",
+           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "decode_tokens_per_s", "engine_timing",
+           "batch_step_ms",
            "drive", "print_rounds", "prefill_budget", "tokens_per_step", "health_p50_ms", "e2e_p50_ms"]
 
 

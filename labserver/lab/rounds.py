@@ -47,9 +47,10 @@ class RoundRecord:
         return [name for forward in self.prefills for name in forward]
 
     def row(self) -> dict:
+        decoded = [name for forward in self.decodes for name in forward]
         return {"round": self.index, "free slots": self.free_slots, "waiting": " ".join(self.waiting) or "-",
-                "prefilled": " ".join(self.admitted) or "-", "decoded": " ".join(n for d in self.decodes for n in d)
-                or "-", "retired": " ".join(self.ended) or "-"}
+                "prefilled": " ".join(self.admitted) or "-", "decoded": " ".join(decoded) or "-",
+                "retired": " ".join(self.ended) or "-"}
 
 
 class _Spy:
@@ -96,7 +97,8 @@ def drive(one_round: Callable, arrivals: dict[int, list[tuple[str, int]]], slots
     """Run ``one_round`` ``rounds`` times. ``arrivals[r]`` lists (name, max_tokens) that join the line before
     round ``r``. ``free_slots`` is ``slots`` minus the sequences holding one; the runner itself has more,
     so a round that admits too many is recorded, not crashed."""
-    engine = fake_engine(prefill_ms=0, step_ms=0, config=EngineConfig(model="fake", threads=1, max_batch=slots + 8))
+    config = EngineConfig(model="fake", threads=1, max_batch=slots + 8)
+    engine = fake_engine(prefill_ms=0, step_ms=0, config=config)
     names: dict[int, str] = {}
     spy, waiting, running = _Spy(engine, names), [], []
     seqs, finished_in, records = {}, {}, []

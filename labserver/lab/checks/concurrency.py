@@ -78,7 +78,8 @@ def check_itl_prediction(predict_itl_ms: Callable, loads: Sequence[Load]) -> boo
     the server taking turns)."""
     name = "predict_itl_ms"
     if not any(load.n > 1 for load in loads):
-        return say(False, name, f"nothing to compare with: loads with N = {[load.n for load in loads]} (need N > 1)")
+        return say(False, name, f"nothing to compare with: loads with N = {[load.n for load in loads]} "
+                                "(need N > 1)")
     ok = True
     for load in [load for load in loads if load.n > 1]:  # one stream alone: a gap is its step plus overhead
         pred = attempt(name, predict_itl_ms, load.step_p50_ms, load.n)
@@ -144,8 +145,10 @@ def check_one_round(one_round: Callable) -> bool:
         admitted_in.update({n: rec.index for n in rec.admitted})
     ok &= say(not over, name, "admits the first in line, as many as there are free slots"
                               + "".join(f"; {x}" for x in over))
-    ok &= say(not forwards, name, "at most one prefill and one decode forward a round" + "".join(f"; {x}" for x in forwards))
-    ok &= say(not late, name, "retires every finished sequence in the round it finished" + "".join(f"; {x}" for x in late))
+    ok &= say(not forwards, name, "at most one prefill and one decode forward a round"
+                                  + "".join(f"; {x}" for x in forwards))
+    ok &= say(not late, name, "retires every finished sequence in the round it finished"
+                              + "".join(f"; {x}" for x in late))
     wants = dict(seq for seqs in ARRIVALS.values() for seq in seqs)
     # Admitted in round a: the prefill gives token 1, the same round's decode token 2, each later round one.
     due = {n: admitted_in[n] + max(0, m - 2) for n, m in wants.items() if n in admitted_in}
