@@ -105,9 +105,10 @@ class CancelRun:
 
     @property
     def at_hangup(self) -> int:
-        """Tokens the engine had computed when the client left."""
+        """Tokens the engine had computed when the client left: the last sample before, or what the client
+        had read if more (the sampling runs every ``interval_ms``, the client read them all before leaving)."""
         before = [n for t, n, _ in self.samples if t <= self.hangup_ms]
-        return before[-1] if before else 0
+        return max(before[-1] if before else 0, self.received if self.stream else 0)
 
     @property
     def after_left(self) -> int:
