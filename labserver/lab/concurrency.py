@@ -1,14 +1,18 @@
-"""Notebook 5's experiments (concurrency): N streams at once while /health is probed, for N in a sweep,
-and what the batched scheduler's steps cost per batch size. The notebook reaches these names as ``lab.NAME``.
+"""Notebook 5's experiments (concurrency): N streams at once while /health is probed, for N in a sweep;
+what the batched scheduler did with them (``prefill_groups``, ``step_ms_by_batch``, ``decode_tokens_per_s``);
+and what a decode step costs per batch size, measured in turns (``batch_step_ms``). The notebook reaches
+these names as ``lab.NAME``, with the scheduler exercise's driver from ``rounds``.
 
 Left out: request-rate schedules (every stream of a load starts at once; ``vllm bench serve`` does rates).
 """
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from ..config import SamplingParams
 from ..measure.client import run_concurrent
 from ..measure.plotting import LabFigure, plot_arrivals
 from ..measure.probes import HealthProbe
@@ -17,8 +21,12 @@ from ..measure.tables import format_table
 from ..measure.trace import Trace
 from .display import PROMPT, median, print_table
 
+from .rounds import drive, print_rounds
+
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
-           "step_ms_by_batch"]
+           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "decode_tokens_per_s", "engine_timing",
+           "batch_step_ms",
+           "drive", "print_rounds", "prefill_budget", "tokens_per_step", "health_p50_ms", "e2e_p50_ms"]
 
 
 @dataclass
@@ -27,10 +35,19 @@ class Load:
     n: int
     traces: list[Trace]
     probe: HealthProbe
+    wall_s: float | None = None  # a stopwatch around the whole load: from before sending to after the last read
 
     @property
     def tokens_per_s(self) -> float | None:
         return aggregate_tokens_per_s(self.traces)
+
+    @property
+    def itl_p50_ms(self) -> float:
+        return percentiles([g for t in self.traces for g in t.itl_ms])[50]
+
+    @property
+    def step_p50_ms(self) -> float:
+        return percentiles([s for t in self.traces for s in t.decode_step_ms])[50]
 
     def row(self) -> dict:
         ttft = [t.ttft_ms for t in self.traces]
@@ -49,11 +66,13 @@ def sweep(url: str, ns: Sequence[int] = (1, 2, 4, 8), max_tokens: int = 32, prom
     loads = []
     for n in ns:
         with HealthProbe(url, interval_ms=interval_ms) as probe:
+            start = time.perf_counter()
             traces = run_concurrent(url, n, prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+            wall_s = time.perf_counter() - start
         failed = [t.error for t in traces if not t.ok]
         if failed:
             raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]}")
-        loads.append(Load(n, traces, probe))
+        loads.append(Load(n, traces, probe, wall_s))
     return loads
 
 
@@ -113,3 +132,85 @@ def step_ms_by_batch(loads: Sequence[Load]) -> dict[int, float]:
                 if batch and step is not None:
                     steps.setdefault(batch, []).append(step)
     return {b: round(statistics.median(v), 2) for b, v in sorted(steps.items())}
+
+
+def prefill_budget() -> int:
+    """The batched policy's budget of prompt tokens per prefill forward (its default, as the server uses)."""
+    from ..serve.policies import Batched
+
+    return Batched().prefill_tokens
+
+
+def tokens_per_step(load: Load) -> float:
+    """All streams' tokens per second, in units of the server's median step: how many tokens the server
+    delivered per step-time (taking turns, one at most, whatever N)."""
+    return load.tokens_per_s * load.step_p50_ms / 1000
+
+
+def health_p50_ms(load: Load) -> float:
+    return load.probe.summary()["p50_ms"]
+
+
+def e2e_p50_ms(load: Load) -> float:
+    return statistics.median(t.e2e_ms for t in load.traces)
+
+
+def prefill_forwards(load: Load) -> list[tuple[int, float]]:
+    """(prompts, ms) of each prefill forward of the batched server, in order.
+
+    Read from each stream's first event: ``batch`` (prompts that shared its prefill; absent for one) and
+    its ``step_ms``, the time of that forward, the same for every prompt in it.
+    """
+    firsts: dict[tuple, list[float]] = {}
+    for trace in load.traces:
+        key = (trace.batch[0] or 1, trace.step_ms[0])
+        firsts.setdefault(key, []).append(trace.sent_s + trace.arrival_ms[0] / 1000)
+    return [key for key, _ in sorted(firsts.items(), key=lambda item: min(item[1]))]
+
+
+def prefill_groups(load: Load) -> list[int]:
+    """How many prompts each prefill forward of the batched server carried, in order."""
+    return [size for size, _ in prefill_forwards(load)]
+
+
+def decode_tokens_per_s(load: Load, min_steps: int = 2) -> float | None:
+    """Tokens per second that all streams together received while every one of them was decoding: from
+    the last stream's first token to the first stream's last token (None if that window holds fewer than
+    ``min_steps`` tokens per stream)."""
+    first = max(t.sent_s + t.arrival_ms[0] / 1000 for t in load.traces)
+    last = min(t.sent_s + t.arrival_ms[-1] / 1000 for t in load.traces)
+    inside = sum(first < t.sent_s + a / 1000 <= last for t in load.traces for a in t.arrival_ms)
+    if last <= first or inside < min_steps * load.n:
+        return None
+    return inside / (last - first)
+
+
+def engine_timing(engine, prompt: str = PROMPT, max_tokens: int = 8) -> tuple[float, float]:
+    """(prefill ms, mean decode step ms) of one short greedy generation on the calling thread."""
+    timings = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                     ignore_eos=True)).finish.timings
+    return timings["prefill_time_ms"], timings["mean_step_ms"]
+
+
+def batch_step_ms(engine, batches: Sequence[int] = (1, 2, 4, 8), repeats: int = 5,
+                  prompt: str = PROMPT) -> dict[int, float]:
+    """Median time (ms) of one decode step for B sequences, for each B in ``batches``.
+
+    The sizes take turns (1, 2, 4, 8, 1, 2, ...), so a moment when other programs slow the machine down
+    slows every size alike instead of one of them. Runs the engine on the calling thread: no server may
+    use this engine meanwhile.
+    """
+    params = SamplingParams(max_tokens=repeats * len(batches) + 2, temperature=0.0, ignore_eos=True)
+    seqs = [engine.begin(prompt, params) for _ in range(max(batches))]
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    try:
+        engine.prefill_steps(seqs)
+        for _ in range(repeats):
+            for b in batches:
+                start = time.perf_counter()
+                engine.decode_step(seqs[:b], batched=True)
+                times[b].append((time.perf_counter() - start) * 1000)
+    finally:
+        for seq in seqs:
+            engine.end(seq)
+    return {b: round(statistics.median(v), 2) for b, v in times.items()}

@@ -2,6 +2,8 @@
 
     python notebooks/solutions/04_cancellation.py    # runs every checker against the default model
 """
+import asyncio
+
 import httpx
 from httpx_sse import connect_sse
 
@@ -34,6 +36,19 @@ def stream_until(url, prompt, stop):
     return text if cut < 0 else text[:cut + len(stop)]
 
 
+async def wait_or_cancel(request, work):
+    async def client_left():
+        # After the body has been read, the next ASGI message is http.disconnect, whenever the client goes.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_left())
+    done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (answer, gone):
+        task.cancel()  # cancelling the answer closes the engine's stream, which sets its cancel flag
+    return answer.result() if answer in done else None
+
+
 def run_checks(engine) -> bool:
     from labserver.lab import checks
     from labserver.measure.client import stream_generate
@@ -43,7 +58,8 @@ def run_checks(engine) -> bool:
     try:
         stream_generate(fastapi.url, "Hi", 2, temperature=0)  # warm-up
         return all([checks.check_hang_up(hang_up_after, engine, fastapi.url),
-                    checks.check_stop_string(stream_until, engine, fastapi.url)])
+                    checks.check_stop_string(stream_until, engine, fastapi.url),
+                    checks.check_wait_or_cancel(wait_or_cancel)])
     finally:
         stop("solutions-04")
 
