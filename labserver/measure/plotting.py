@@ -159,3 +159,37 @@ def plot_demo(stream_trace: Trace, blocking_trace: Trace, path=None,
     draw_token_timeline(axes[1, 1], stream_trace)
     fig.suptitle(f"Same prompt, same engine, {stream_trace.n_tokens} tokens: streaming vs blocking")
     return _save(fig, path)
+
+
+def draw_latency_vs_throughput(ax, summaries: Sequence[dict]) -> None:
+    """TTFT and ITL percentiles (log scale) against the output tokens/s each run achieved."""
+    x = [s["output_throughput"] for s in summaries]
+    for metric, color in (("ttft", "tab:blue"), ("itl", "tab:orange")):
+        for q, style in (("median", "o-"), ("p99", "s--")):
+            ax.plot(x, [s[f"{q}_{metric}_ms"] for s in summaries], style, color=color,
+                    label=f"{metric.upper()} {q if q == 'p99' else 'p50'}")
+    ax.set(xlabel="achieved output tokens/s", ylabel="ms (log)", yscale="log", title="Latency against load")
+    ax.legend(fontsize=8)
+
+
+def draw_goodput(ax, rates: Sequence[float], summaries: Sequence[dict], knee: float | None = None) -> None:
+    """Requests/s completed (and within the SLO, when there is one) against the offered rate."""
+    ax.plot(rates, rates, ":", color="tab:gray", label="offered")
+    ax.plot(rates, [s["request_throughput"] for s in summaries], "o-", color="tab:blue", label="completed")
+    if any(s.get("request_goodput") is not None for s in summaries):
+        ax.plot(rates, [s.get("request_goodput") or 0.0 for s in summaries], "s-", color="tab:green",
+                label="goodput (within SLO)")
+    if knee is not None:
+        ax.axvline(knee, color="tab:red", linewidth=1, label=f"knee {knee:.3g} req/s")
+    ax.set(xlabel="offered request rate (req/s)", ylabel="req/s", title="Throughput and goodput")
+    ax.legend(fontsize=8)
+
+
+def plot_sweep(rates: Sequence[float], summaries: Sequence[dict], knee: float | None = None, path=None) -> Figure:
+    """A rate sweep (`sweep.SweepResult`'s `rates`, `summaries`, `knee`): latency and goodput."""
+    fig = LabFigure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    draw_latency_vs_throughput(left, summaries)
+    draw_goodput(right, rates, summaries, knee)
+    fig.tight_layout()
+    return _save(fig, path)
