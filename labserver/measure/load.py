@@ -129,11 +129,11 @@ async def arun_load(url: str, requests: Sequence[RequestSpec], *, protocol: Prot
                     rate: float = math.inf, burstiness: float = 1.0, max_concurrency: int | None = None,
                     warmup: int = 1, slo: dict | None = None, ignore_eos: bool = True, temperature: float = 0.0,
                     seed: int | None = 0, count_tokens: Callable[[str], int] | None = None, progress: bool = False,
-                    timeout=DEFAULT_TIMEOUT) -> LoadResult:
+                    extra_body: dict | None = None, timeout=DEFAULT_TIMEOUT) -> LoadResult:
     """`run_load` on the caller's event loop."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    params = {"temperature": temperature, **({"ignore_eos": True} if ignore_eos else {})}
+    params = {"temperature": temperature, **({"ignore_eos": True} if ignore_eos else {}), **(extra_body or {})}
     arrivals = arrival_times(len(requests), rate, burstiness, seed)
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     # No pool limit: the open loop decides how many requests are in flight, not the connection pool.
@@ -178,7 +178,8 @@ def run_load(url: str, requests: Sequence[RequestSpec], **kwargs) -> LoadResult:
     """Send `requests` to `url` at `rate` requests/s (Poisson; gamma with `burstiness`; `inf` = all at once),
     at most `max_concurrency` in flight, after `warmup` requests that are not measured (the first ones
     of `requests`, sent again in the run). `ignore_eos` (on by default) makes every answer exactly its
-    asked length; `slo` (`goodput.parse_slo`) adds `request_goodput`. Works from a notebook cell too."""
+    asked length; `slo` (`goodput.parse_slo`) adds `request_goodput`; `extra_body` goes into every request
+    (vLLM's `--extra-body`). Works from a notebook cell too."""
     return run_sync(lambda: arun_load(url, requests, **kwargs))
 
 
