@@ -73,6 +73,8 @@ class _Recorder:
 def _http_error(response: httpx.Response) -> dict:
     """{"type", "message", "status"} from a 4xx/5xx: FastAPI's `detail` or the apps' `error` body."""
     error = {"type": f"http_{response.status_code}", "message": response.text, "status": response.status_code}
+    if "Retry-After" in response.headers:  # a 429 or 503 saying when to come back
+        error["retry_after"] = response.headers["Retry-After"]
     try:
         body = response.json()
     except ValueError:

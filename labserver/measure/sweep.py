@@ -2,16 +2,24 @@
 
 Below its capacity a server completes requests as fast as they arrive and its latencies stay flat;
 past it, a queue grows for as long as the run lasts and the latencies with it. The sweep runs `run_load`
-at rising rates and stops after the first rate the server could not keep up with. It calls that
-over-saturated when the completion rate (completions per second from the first to the last one) is
-below the offered rate by more than the arrivals' own noise: the sum of N - 1 gamma gaps has a relative
-standard deviation of cv / sqrt(N - 1) (cv = 1 for Poisson), so a stable server is flagged by chance with
-a probability of about 2.5% at `SIGMAS = 2` below the mean; `MIN_SHORTFALL` covers the drift of evenly
-spaced arrivals (cv = 0), whose completions still jitter by a step or two.
+at rising rates and stops after the first rate the server could not keep up with. It calls a run
+over-saturated on either of two signs:
+
+- the time in the system grew along the run: the last quarter of the requests took `GROWTH` (2) times
+  as long as the first quarter (medians). A stable server gives early and late requests the same time;
+  one that falls behind by (1/capacity - 1/rate) per request makes the last ones wait the most. This is
+  the sign a batching server shows: its completions come in bunches, but its requests wait ever longer.
+- the completion rate (completions per second from the first to the last one) is below the offered rate
+  by more than the arrivals' own noise: the sum of N - 1 gamma gaps has a relative standard deviation of
+  cv / sqrt(N - 1) (cv = 1 for Poisson), so a stable server falls `SIGMAS = 2` of those below by chance
+  about 2.5% of the time; `MIN_SHORTFALL` covers evenly spaced arrivals (cv = 0), whose completions still
+  jitter by a step or two. This is the sign of a server that serves one request at a time.
 
     >>> over_saturated({"completion_rate": 4.0, "request_rate": 10.0, "completed": 50}, burstiness=1.0)
     True
-    >>> over_saturated({"completion_rate": 9.0, "request_rate": 10.0, "completed": 50}, burstiness=1.0)
+    >>> over_saturated({"completion_rate": 9.0, "request_rate": 10.0, "completed": 50, "latency_growth": 2.5})
+    True
+    >>> over_saturated({"completion_rate": 9.0, "request_rate": 10.0, "completed": 50, "latency_growth": 1.1})
     False
 
 The knee is the highest rate that did not over-saturate the server. Left out: searching between two rates
@@ -29,12 +37,17 @@ from .load import LoadResult, run_load
 
 SIGMAS = 2.0
 MIN_SHORTFALL = 0.1
+GROWTH = 2.0
 
 
 def over_saturated(summary: dict, burstiness: float = 1.0) -> bool:
     """Whether the completions fell behind the arrivals by more than chance explains (see the module doc)."""
     rate, achieved, n = summary["request_rate"], summary["completion_rate"], summary["completed"]
-    if rate == "inf" or achieved is None or n < 3:
+    if rate == "inf" or n < 3:
+        return False
+    if (summary.get("latency_growth") or 0.0) >= GROWTH:
+        return True
+    if achieved is None:
         return False
     shortfall = max(MIN_SHORTFALL, SIGMAS * gap_cv(burstiness) / math.sqrt(n - 1))
     return achieved < rate * (1 - shortfall)
@@ -64,7 +77,7 @@ class SweepResult:
         return max(scored)[1] if scored else None
 
     def table(self) -> list[dict]:
-        keys = ("request_throughput", "completion_rate", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+        keys = ("request_throughput", "completion_rate", "latency_growth", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
                 "median_itl_ms", "p99_itl_ms", "request_goodput", "failed")
         return [{"rate": rate, **{k: s.get(k) for k in keys}, "over_saturated": sat}
                 for rate, s, sat in zip(self.rates, self.summaries, self.saturated)]
