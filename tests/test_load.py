@@ -153,8 +153,7 @@ def test_client_queue_grows_as_predicted_from_the_step_time(turns_url, interval_
     result = run_load(turns_url, random_requests(n, 4, TOKENS), rate=1000 / interval_ms, burstiness=EVEN,
                       max_concurrency=1, warmup=1)
     queue = [r["queue_ms"] for r in result.records]
-    service = np.mean([r["e2el_ms"] for r in result.records])
-    assert service >= SERVICE_MS
+    assert min(r["e2el_ms"] for r in result.records) >= SERVICE_MS
     if interval_ms > SERVICE_MS:
         # The overhead per request (HTTP, the engine thread's hand-offs) may eat into the slack of 50 ms.
         assert max(queue) < interval_ms - SERVICE_MS
@@ -162,8 +161,11 @@ def test_client_queue_grows_as_predicted_from_the_step_time(turns_url, interval_
     slope = np.polyfit(np.arange(n), queue, 1)[0]
     predicted = SERVICE_MS - interval_ms  # 40 ms per request from the sleeps alone
     assert slope >= predicted * 0.95  # the sleeps are a floor
-    # Above it only by the measured overhead per request (service - SERVICE_MS), plus 5 ms of jitter.
-    assert slope <= predicted + (service - SERVICE_MS) + 5
+    # Above it only by the overhead per request: once queued, a request is sent when the one before it
+    # was read to its end, so the time between sends is the service the client sees; 5 ms of jitter.
+    sent = [r["arrival_ms"] + r["queue_ms"] for r in result.records]
+    cycle = (sent[-1] - sent[1]) / (n - 2)
+    assert slope <= predicted + (cycle - SERVICE_MS) + 5
     assert queue[-1] >= (n - 1) * predicted * 0.95
 
 
