@@ -107,16 +107,15 @@ def test_summary_has_vllms_keys_and_exact_figures():
     assert (s["mean_ttft_ms"], s["median_ttft_ms"], s["p99_ttft_ms"]) == (200.0, 200.0, 298.0)
     assert s["mean_itl_ms"] == pytest.approx(80 / 3) and s["median_tpot_ms"] == 25.0
     assert s["mean_e2el_ms"] == 240.0 and s["mean_queue_ms"] == pytest.approx(100 / 3)
-    # Completions at 160 ms and 920 ms: one more completion in 0.76 s.
-    assert s["completion_rate"] == pytest.approx(1 / 0.76)
+    assert s["last_arrival_s"] == 0.8
     assert set(s) >= {"duration", "max_concurrency", "request_rate", "std_ttft_ms", "p99_tpot_ms", "p99_e2el_ms"}
 
 
-def test_over_saturated_allows_for_the_arrival_noise():
-    s = {"request_rate": 10.0, "completed": 26}  # Poisson: 2 * 1/sqrt(25) = 40% below the rate is chance
-    assert not over_saturated({**s, "completion_rate": 6.5}) and over_saturated({**s, "completion_rate": 5.9})
-    assert over_saturated({**s, "completion_rate": 8.9}, EVEN) and not over_saturated({**s, "completion_rate": 9.1}, EVEN)
-    assert not over_saturated({**s, "request_rate": "inf", "completion_rate": 1.0})
+def test_over_saturated_when_the_run_outlasts_arrivals_and_one_request_twice():
+    run = {"request_rate": 10.0, "last_arrival_s": 2.0, "duration": 5.0}  # 2 * (2.0 + 0.5) = 5.0 s
+    assert not over_saturated(run, 500.0) and over_saturated({**run, "duration": 5.01}, 500.0)
+    assert not over_saturated({**run, "request_rate": "inf", "duration": 99.0}, 500.0)
+    assert not over_saturated(run, None)
 
 
 # -- against the fake engine -------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def test_arrivals_at_a_known_rate(turns_url):
     assert all(r["output_tokens"] == 2 for r in result.records)
 
 
-@pytest.mark.parametrize("interval_ms", [60, 150])
+@pytest.mark.parametrize("interval_ms", [60, 250])
 def test_client_queue_grows_as_predicted_from_the_step_time(turns_url, interval_ms):
     """One request in flight at a time (max_concurrency=1), arrivals every interval_ms. Each request
     holds the server for at least SERVICE_MS, so request k waits k * (SERVICE_MS - interval_ms) when the
@@ -155,7 +154,7 @@ def test_client_queue_grows_as_predicted_from_the_step_time(turns_url, interval_
     queue = [r["queue_ms"] for r in result.records]
     assert min(r["e2el_ms"] for r in result.records) >= SERVICE_MS
     if interval_ms > SERVICE_MS:
-        # The overhead per request (HTTP, the engine thread's hand-offs) may eat into the slack of 50 ms.
+        # The overhead per request (HTTP, the engine thread's hand-offs) may eat into the slack of 150 ms.
         assert max(queue) < interval_ms - SERVICE_MS
         return
     slope = np.polyfit(np.arange(n), queue, 1)[0]

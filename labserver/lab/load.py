@@ -55,15 +55,15 @@ def slo_from(alone: Alone, factor: float = 4.0) -> dict:
 def knee(url: str, alone: Alone, slo: dict, tokenizer=None, factors=FACTORS) -> SweepResult:
     """Poisson arrivals at rising multiples of `alone.rate`, until the server falls behind."""
     return sweep(url, requests(REQUESTS_PER_RATE, tokenizer), rates_around(alone.e2el_ms, factors), slo=slo,
-                 warmup=1)
+                 warmup=1, baseline_e2el_ms=alone.e2el_ms)
 
 
 def sweep_table(result: SweepResult) -> str:
-    rows = [[f"{r['rate']:.2f}", r["request_throughput"], r["latency_growth"], r["output_throughput"],
+    rows = [[f"{r['rate']:.2f}", r["last_arrival_s"], r["duration"], r["request_throughput"], r["output_throughput"],
              r["median_ttft_ms"], r["p99_ttft_ms"], r["median_itl_ms"], r["request_goodput"],
              "yes" if r["over_saturated"] else ""] for r in result.table()]
-    return format_table(["rate req/s", "done req/s", "latency growth", "out tok/s", "TTFT p50", "TTFT p99",
-                         "ITL p50", "goodput req/s", "over-saturated"], rows)
+    return format_table(["rate req/s", "last arrival s", "run s", "done req/s", "out tok/s", "TTFT p50",
+                         "TTFT p99", "ITL p50", "goodput req/s", "over-saturated"], rows)
 
 
 def plot_knee(result: SweepResult) -> LabFigure:
@@ -94,3 +94,24 @@ def backpressure_table(results: dict[str, LoadResult]) -> str:
                      s["p99_ttft_ms"], s["p99_e2el_ms"]])
     return format_table(["server", "completed", "429s", "Retry-After s", "TTFT p50 ms", "TTFT p99 ms",
                          "E2E p99 ms"], rows)
+
+
+def plot_timelines(results: dict[str, LoadResult]) -> LabFigure:
+    """One row per request: waiting (arrival to first token, grey) then streaming (first to last token);
+    a refused request is a red tick at its arrival."""
+    fig = LabFigure(figsize=(11, 3.6))
+    axes = fig.subplots(1, len(results), sharex=True, squeeze=False)[0]
+    for ax, (label, result) in zip(axes, results.items()):
+        for r in result.records:
+            start = (r["arrival_ms"]) / 1000
+            if r["error"]:
+                ax.plot([start], [r["index"]], "|", color="tab:red", markersize=8)
+                continue
+            first = start + (r["queue_ms"] + r["ttft_ms"]) / 1000
+            ax.plot([start, first], [r["index"]] * 2, color="tab:gray", linewidth=3)
+            ax.plot([first, start + (r["queue_ms"] + r["e2el_ms"]) / 1000], [r["index"]] * 2, color="tab:blue",
+                    linewidth=3)
+        ax.set(title=label, xlabel="s since the first arrival", ylabel="request")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return fig

@@ -84,42 +84,28 @@ def _stats(out: dict, name: str, values: list[float]) -> None:
 def summarize_load(records: Sequence[dict], duration_s: float, *, rate: float = math.inf, burstiness: float = 1.0,
                    max_concurrency: int | None = None, slo: dict | None = None) -> dict:
     """The run in `vllm bench serve`'s terms. Per-request metrics over the completed requests with output;
-    ITL pools every gap. `completion_rate` (completions per second between the first and the last one) is
-    the throughput the server kept up, without the drain at the end that `request_throughput` includes;
-    `latency_growth` (`_growth`) says whether the time in the system grew along the run."""
+    ITL pools every gap. `last_arrival_s` is when the last request was due (the sweep compares the
+    duration with it)."""
     done = [r for r in records if not r["error"]]
     timed = [r for r in done if r["ttft_ms"] is not None]
     inputs = sum(r["input_tokens"] or 0 for r in done)
     outputs = sum(r["output_tokens"] for r in done)
-    ends = sorted(r["arrival_ms"] + r["queue_ms"] + r["e2el_ms"] for r in timed)
     out = {"duration": duration_s, "completed": len(done), "failed": len(records) - len(done),
            "request_rate": rate if math.isfinite(rate) else "inf", "burstiness": burstiness,
            "max_concurrency": max_concurrency, "total_input_tokens": inputs, "total_output_tokens": outputs,
            "request_throughput": len(done) / duration_s, "output_throughput": outputs / duration_s,
            "total_token_throughput": (inputs + outputs) / duration_s,
-           "completion_rate": (len(ends) - 1) / ((ends[-1] - ends[0]) / 1000) if len(ends) > 1 and ends[-1] > ends[0]
-           else None,
+           "last_arrival_s": max((r["arrival_ms"] for r in records), default=0.0) / 1000,
            "goodput_slo": dict(slo) if slo else None,
            "request_goodput": sum(bool(r["good"]) for r in done) / duration_s if slo else None}
     statuses = [r["error"].get("status") for r in records if r["error"]]
     out["failed_429"] = statuses.count(429)
-    out["latency_growth"] = _growth([r["queue_ms"] + r["e2el_ms"] for r in timed])
     _stats(out, "ttft", [r["ttft_ms"] for r in timed])
     _stats(out, "tpot", [r["tpot_ms"] for r in timed if r["tpot_ms"] is not None])
     _stats(out, "itl", [g for r in timed for g in r["itl_ms"]])
     _stats(out, "e2el", [r["e2el_ms"] for r in timed])
     _stats(out, "queue", [r["queue_ms"] for r in records])
     return out
-
-
-def _growth(sojourn_ms: list[float]) -> float | None:
-    """Median time in the system (queue + E2E) of the last quarter of the requests (in arrival order)
-    over that of the first quarter: about 1 when the server keeps up, growing with the run when not."""
-    q = len(sojourn_ms) // 4
-    if q < 2:
-        return None
-    first, last = float(np.median(sojourn_ms[:q])), float(np.median(sojourn_ms[-q:]))
-    return last / first if first > 0 else None
 
 
 async def _warm_up(url, specs, protocol, http, params) -> Protocol:

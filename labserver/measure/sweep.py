@@ -1,56 +1,36 @@
 """A sweep over request rates: latency against load, the knee, and a stop once the server is over-saturated.
 
-Below its capacity a server completes requests as fast as they arrive and its latencies stay flat;
-past it, a queue grows for as long as the run lasts and the latencies with it. The sweep runs `run_load`
-at rising rates and stops after the first rate the server could not keep up with. It calls a run
-over-saturated on either of two signs:
+Below its capacity a server completes requests about as fast as they arrive; past it, a backlog grows
+for as long as the run lasts (in the client's queue, the server's, or a batch whose steps slow down as
+it fills). The sweep runs `run_load` at rising rates and stops after the first rate the server could not
+keep up with. It calls a run over-saturated when it lasted more than `SLOWDOWN` (2) times what it would
+have if no request had waited: the last arrival plus one request's E2E at the lowest rate (the baseline).
+A server that keeps up finishes about one request time after the last arrival, that time growing only
+modestly with the load; a backlog adds its whole drain on top, more the longer the run.
 
-- the time in the system grew along the run: the last quarter of the requests took `GROWTH` (2) times
-  as long as the first quarter (medians). A stable server gives early and late requests the same time;
-  one that falls behind by (1/capacity - 1/rate) per request makes the last ones wait the most. This is
-  the sign a batching server shows: its completions come in bunches, but its requests wait ever longer.
-- the completion rate (completions per second from the first to the last one) is below the offered rate
-  by more than the arrivals' own noise: the sum of N - 1 gamma gaps has a relative standard deviation of
-  cv / sqrt(N - 1) (cv = 1 for Poisson), so a stable server falls `SIGMAS = 2` of those below by chance
-  about 2.5% of the time; `MIN_SHORTFALL` covers evenly spaced arrivals (cv = 0), whose completions still
-  jitter by a step or two. This is the sign of a server that serves one request at a time.
-
-    >>> over_saturated({"completion_rate": 4.0, "request_rate": 10.0, "completed": 50}, burstiness=1.0)
-    True
-    >>> over_saturated({"completion_rate": 9.0, "request_rate": 10.0, "completed": 50, "latency_growth": 2.5})
-    True
-    >>> over_saturated({"completion_rate": 9.0, "request_rate": 10.0, "completed": 50, "latency_growth": 1.1})
-    False
+    >>> run = {"request_rate": 10.0, "duration": 5.0, "last_arrival_s": 1.5}
+    >>> over_saturated(run, baseline_e2el_ms=1000.0), over_saturated({**run, "duration": 5.1}, 1000.0)
+    (False, True)
 
 The knee is the highest rate that did not over-saturate the server. Left out: searching between two rates
 (the caller can sweep again between the knee and the next rate), and rates that change within a run.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .arrivals import gap_cv
 from .datasets import RequestSpec
 from .load import LoadResult, run_load
 
-SIGMAS = 2.0
-MIN_SHORTFALL = 0.1
-GROWTH = 2.0
+SLOWDOWN = 2.0
 
 
-def over_saturated(summary: dict, burstiness: float = 1.0) -> bool:
-    """Whether the completions fell behind the arrivals by more than chance explains (see the module doc)."""
-    rate, achieved, n = summary["request_rate"], summary["completion_rate"], summary["completed"]
-    if rate == "inf" or n < 3:
+def over_saturated(summary: dict, baseline_e2el_ms: float | None) -> bool:
+    """Whether the run lasted over SLOWDOWN times (last arrival + baseline E2E): see the module doc."""
+    if summary["request_rate"] == "inf" or baseline_e2el_ms is None:
         return False
-    if (summary.get("latency_growth") or 0.0) >= GROWTH:
-        return True
-    if achieved is None:
-        return False
-    shortfall = max(MIN_SHORTFALL, SIGMAS * gap_cv(burstiness) / math.sqrt(n - 1))
-    return achieved < rate * (1 - shortfall)
+    return summary["duration"] > SLOWDOWN * (summary["last_arrival_s"] + baseline_e2el_ms / 1000)
 
 
 @dataclass
@@ -77,7 +57,7 @@ class SweepResult:
         return max(scored)[1] if scored else None
 
     def table(self) -> list[dict]:
-        keys = ("request_throughput", "completion_rate", "latency_growth", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+        keys = ("request_throughput", "duration", "last_arrival_s", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
                 "median_itl_ms", "p99_itl_ms", "request_goodput", "failed")
         return [{"rate": rate, **{k: s.get(k) for k in keys}, "over_saturated": sat}
                 for rate, s, sat in zip(self.rates, self.summaries, self.saturated)]
@@ -95,10 +75,11 @@ def rates_around(one_request_ms: float, factors: Sequence[float] = (0.5, 1, 2, 4
 
 def sweep(url: str, requests: Sequence[RequestSpec] | Callable[[float], Sequence[RequestSpec]],
           rates: Sequence[float], *, stop_when_saturated: bool = True, burstiness: float = 1.0,
-          on_result: Callable[[float, LoadResult], None] | None = None, **load_kwargs) -> SweepResult:
+          baseline_e2el_ms: float | None = None, on_result: Callable[[float, LoadResult], None] | None = None,
+          **load_kwargs) -> SweepResult:
     """`run_load` at each rate in rising order; stop after the first over-saturated one. `requests` is a
     list sent at every rate or a function of the rate (to size the run to the rate). Only the first run
-    warms up."""
+    warms up. The baseline E2E is the lowest rate's median unless given (one request alone, measured)."""
     out = SweepResult()
     warmup = load_kwargs.pop("warmup", 1)
     for i, rate in enumerate(sorted(rates)):
@@ -107,7 +88,9 @@ def sweep(url: str, requests: Sequence[RequestSpec] | Callable[[float], Sequence
                           **load_kwargs)
         out.rates.append(rate)
         out.results.append(result)
-        out.saturated.append(over_saturated(result.summary, burstiness))
+        if baseline_e2el_ms is None:
+            baseline_e2el_ms = result.summary["median_e2el_ms"]
+        out.saturated.append(over_saturated(result.summary, baseline_e2el_ms))
         if on_result is not None:
             on_result(rate, result)
         if stop_when_saturated and out.saturated[-1]:
