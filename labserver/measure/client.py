@@ -5,7 +5,8 @@ parsing) and records it into a `Trace`; the wire format is a `Protocol` (`protoc
 read with httpx-sse, synchronously or on an asyncio loop; `run_concurrent` sends many at once.
 
 Left out: retries, authentication beyond a bearer key and request-rate shaping (`run_concurrent`
-starts every request at once; `load.py` sends at a rate). The client never imports the engine: it measures any server over HTTP.
+starts every request at once; `load.py` sends at a rate). The client never imports the engine: it
+measures any server over HTTP.
 """
 from __future__ import annotations
 

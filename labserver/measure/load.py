@@ -21,6 +21,7 @@ the CLI (`load_cli.py`) and sweeps over rates (`sweep.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -127,7 +128,7 @@ async def arun_load(url: str, requests: Sequence[RequestSpec], *, protocol: Prot
                     rate: float = math.inf, burstiness: float = 1.0, max_concurrency: int | None = None,
                     warmup: int = 1, slo: dict | None = None, ignore_eos: bool = True, temperature: float = 0.0,
                     seed: int | None = 0, count_tokens: Callable[[str], int] | None = None, progress: bool = False,
-                    extra_body: dict | None = None, timeout=DEFAULT_TIMEOUT) -> LoadResult:
+                    extra_body: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT.read) -> LoadResult:
     """`run_load` on the caller's event loop."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -136,20 +137,16 @@ async def arun_load(url: str, requests: Sequence[RequestSpec], *, protocol: Prot
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     # No pool limit: the open loop decides how many requests are in flight, not the connection pool.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=max_concurrency or len(requests) or 1)
-    timeout = httpx.Timeout(timeout.read if isinstance(timeout, httpx.Timeout) else timeout, connect=10.0, pool=None)
+    timeout = httpx.Timeout(timeout_s, connect=10.0, pool=None)
     bar = _progress(len(requests), progress)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         protocol = await _warm_up(url, list(requests[:warmup]) or [], protocol, http, params)
         t0 = time.perf_counter()
 
         async def one(spec: RequestSpec, arrival_s: float) -> tuple[Trace, float]:
-            if gate is None:
+            async with gate or contextlib.nullcontext():
                 trace = await astream_generate(url, spec.prompt, spec.output_tokens, client=http, protocol=protocol,
                                                **params)
-            else:
-                async with gate:
-                    trace = await astream_generate(url, spec.prompt, spec.output_tokens, client=http,
-                                                   protocol=protocol, **params)
             bar.update(1)
             return trace, arrival_s
 

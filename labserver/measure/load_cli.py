@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "llama-server's native /completion (default %(default)s)")
     p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--api-key")
-    p.add_argument("--tokenizer", help="a folder with tokenizer.json or a cached Hugging Face id to build prompts "
-                                       "of exact token lengths (default: the served model's, if found here; else words)")
+    p.add_argument("--tokenizer", help="a folder with tokenizer.json or a cached Hugging Face id, to build prompts "
+                                       "of exact token lengths (default: the served model's if found here, else "
+                                       "words)")
     p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)

@@ -57,8 +57,8 @@ class SweepResult:
         return max(scored)[1] if scored else None
 
     def table(self) -> list[dict]:
-        keys = ("request_throughput", "duration", "last_arrival_s", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
-                "median_itl_ms", "p99_itl_ms", "request_goodput", "failed")
+        keys = ("request_throughput", "duration", "last_arrival_s", "output_throughput", "median_ttft_ms",
+                "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "request_goodput", "failed")
         return [{"rate": rate, **{k: s.get(k) for k in keys}, "over_saturated": sat}
                 for rate, s, sat in zip(self.rates, self.summaries, self.saturated)]
 

@@ -43,7 +43,8 @@ def check_poisson_arrivals(poisson_arrivals: Callable) -> bool:
         ok &= say(abs(g.mean() - 1 / rate) < tol_mean, name,
                   f"rate {rate}: mean gap {g.mean():.4f} s (expected {1 / rate:.4f} +- {tol_mean:.4f})")
         cv, tol_cv = g.std() / g.mean(), 4 * math.sqrt(8) / (2 * math.sqrt(len(g)))
-        ok &= say(abs(cv - 1) < tol_cv, name, f"rate {rate}: std/mean of the gaps {cv:.3f} (expected 1 +- {tol_cv:.3f})")
+        ok &= say(abs(cv - 1) < tol_cv, name,
+                  f"rate {rate}: std/mean of the gaps {cv:.3f} (expected 1 +- {tol_cv:.3f})")
     again = attempt(name, poisson_arrivals, 5, 2.0, 7)
     ok &= say(list(again) == list(attempt(name, poisson_arrivals, 5, 2.0, 7)), name, "the same seed, the same times")
     return ok
