@@ -46,9 +46,10 @@ async def chat(request):
             k = min(PACK, n - made)
             made += k
             key = "reasoning_content" if reasoning and made == k else "content"
-            usage = {"prompt_tokens": 3, "completion_tokens": made} if options.get("continuous_usage_stats") else None
+            continuous = options.get("continuous_usage_stats") and not request.query_params.get("nousage")
+            usage = {"prompt_tokens": 3, "completion_tokens": made} if continuous else None
             yield _chunk({key: " t" * k}, usage, "length" if made == n else None)
-        if options.get("include_usage"):
+        if options.get("include_usage") and not request.query_params.get("nousage"):
             yield _chunk(None, {"prompt_tokens": 3, "completion_tokens": made, "total_tokens": 3 + made})
         yield b"data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -105,3 +106,17 @@ def test_without_usage_the_caller_counts_tokens():
     assert t.output_tokens == 2  # chunks, the last resort
     t.counted_tokens = 3  # a tokenizer's count of " a b c"
     assert (t.output_tokens, t.tpot_ms) == (3, 20.0)
+
+
+def test_load_counts_tokens_with_a_tokenizer_when_the_server_sends_no_usage(url):
+    from labserver.measure.datasets import random_requests
+    from labserver.measure.load import run_load
+
+    specs = random_requests(2, 3, 10)
+    protocol = OpenAIProtocol("m", chat=True)
+    chunks = run_load(url + "/v1/chat/completions?nousage=1", specs, protocol=protocol)
+    assert [r["output_tokens"] for r in chunks.records] == [3, 3]  # chunks of 4, 4, 2: all it can count
+    counted = run_load(url + "/v1/chat/completions?nousage=1", specs, protocol=protocol,
+                       count_tokens=lambda text: len(text.split()))  # " t" per token: one word each
+    assert [r["output_tokens"] for r in counted.records] == [10, 10]
+    assert counted.summary["total_output_tokens"] == 20

@@ -88,15 +88,12 @@ def token_text(n: int, tokenizer, rng: np.random.Generator) -> tuple[str, int | 
     decoding and encoding again may merge or split tokens, so the count is measured, not assumed)."""
     if tokenizer is None:
         return " ".join(rng.choice(WORDS, size=n).tolist()), None
-    vocab = len(tokenizer)
-    text = _decode(tokenizer, rng.integers(0, vocab, size=n).tolist())
-    ids = _encode(tokenizer, text)[:n]
-    for _ in range(4):  # pad a prompt that came back short (special ids decode to nothing)
+    text = ""
+    for _ in range(5):  # more random text while it comes back short (special ids decode to nothing)
+        ids = _encode(tokenizer, text + _decode(tokenizer, rng.integers(0, len(tokenizer), size=n).tolist()))[:n]
+        text = _decode(tokenizer, ids)
         if len(ids) >= n:
             break
-        ids = _encode(tokenizer, text + _decode(tokenizer, rng.integers(0, vocab, size=n - len(ids)).tolist()))[:n]
-        text = _decode(tokenizer, ids)
-    text = _decode(tokenizer, ids)
     return text, len(_encode(tokenizer, text))
 
 

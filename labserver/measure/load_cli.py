@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "words)")
     p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (shared-prefix: after the prefix)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--range-ratio", type=float, default=0.0, help="random lengths in len*(1 -/+ ratio); 0 = fixed")
     p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens of the common prefix")
