@@ -173,15 +173,22 @@ def draw_latency_vs_throughput(ax, summaries: Sequence[dict]) -> None:
 
 
 def draw_goodput(ax, rates: Sequence[float], summaries: Sequence[dict], knee: float | None = None) -> None:
-    """Requests/s completed (and within the SLO, when there is one) against the offered rate."""
-    ax.plot(rates, rates, ":", color="tab:gray", label="offered")
-    ax.plot(rates, [s["request_throughput"] for s in summaries], "o-", color="tab:blue", label="completed")
-    if any(s.get("request_goodput") is not None for s in summaries):
-        ax.plot(rates, [s.get("request_goodput") or 0.0 for s in summaries], "s-", color="tab:green",
-                label="goodput (within SLO)")
-    if knee is not None:
-        ax.axvline(knee, color="tab:red", linewidth=1, label=f"knee {knee:.3g} req/s")
-    ax.set(xlabel="offered request rate (req/s)", ylabel="req/s", title="Throughput and goodput")
+    """Requests/s within the SLO against requests/s completed, one point per offered rate: on the diagonal
+    every completed request met the SLO; a server past its knee still completes, too late to count."""
+    done = [s["request_throughput"] for s in summaries]
+    good = [s.get("request_goodput") for s in summaries]
+    top = max(done, default=1.0) * 1.05
+    ax.plot([0, top], [0, top], ":", color="tab:gray", label="all within the SLO")
+    if any(g is not None for g in good):
+        ax.plot(done, [g or 0.0 for g in good], "s-", color="tab:green", label="goodput")
+        for rate, x, y in zip(rates, done, good):
+            ax.annotate(f"{rate:.3g}/s", (x, y or 0.0), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if knee in rates:
+            i = list(rates).index(knee)
+            ax.plot([done[i]], [good[i] or 0.0], "o", color="tab:red", markersize=10, fillstyle="none",
+                    label=f"knee: offered {knee:.3g} req/s")
+    ax.set(xlabel="achieved requests/s (offered rate at each point)", ylabel="requests/s within the SLO",
+           title="Goodput against throughput")
     ax.legend(fontsize=8)
 
 
