@@ -70,7 +70,7 @@ def rates_around(one_request_ms: float, factors: Sequence[float] = (0.5, 1, 2, 4
     >>> rates_around(500.0, (0.5, 1, 2))
     [1.0, 2.0, 4.0]
     """
-    return [round(f * 1000.0 / one_request_ms, 6) for f in factors]
+    return [round(f * 1000.0 / one_request_ms, 3) for f in factors]
 
 
 def sweep(url: str, requests: Sequence[RequestSpec] | Callable[[float], Sequence[RequestSpec]],
