@@ -60,7 +60,7 @@ def test_knee_and_backpressure_on_the_fake_engine():
         slo = lab.slo_from(alone)
         assert slo == {"ttft": round(4 * alone.ttft_ms, 1), "e2el": round(4 * alone.e2el_ms, 1)}
         knee = lab.knee(server.url, alone, slo, factors=(2, 4, 1000))
-        assert len(knee.rates) == 3 and knee.rates[0] == pytest.approx(2 * alone.rate, rel=1e-5)
+        assert len(knee.rates) == 3 and knee.rates[0] == pytest.approx(2 * alone.rate, abs=1e-3)
         assert "over-saturated" in lab.sweep_table(knee) and lab.plot_knee(knee) is not None
     finally:
         stop("test-load-lab")
