@@ -1,8 +1,9 @@
-"""Command line: ``python -m labserver serve | flask | demo | bench``.
+"""Command line: ``python -m labserver serve | flask | demo | bench | load``.
 
 ``serve`` runs the streaming FastAPI server in the foreground, ``flask`` the blocking baseline; both bind
 127.0.0.1 unless ``--host`` says otherwise. ``demo`` and ``bench`` are the scripts behind ``make demo``
-and ``make bench``. This module only parses arguments; each command lives in its own module.
+and ``make bench``; ``load`` sends open-loop load to any OpenAI-compatible server (``measure/load_cli.py``).
+This module only parses arguments; each command lives in its own module.
 """
 
 from __future__ import annotations
@@ -104,16 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
     sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
     sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)
+    sub.add_parser("load", help="open-loop load at a request rate, goodput, rate sweeps (as vllm bench serve)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("demo", "bench"):
+    if args.command in ("demo", "bench", "load"):
         from importlib import import_module
 
-        return import_module(f"labserver.measure.{args.command}").main(rest)
+        module = {"load": "load_cli"}.get(args.command, args.command)
+        return import_module(f"labserver.measure.{module}").main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     {"serve": serve, "flask": flask}[args.command](args)

@@ -5,7 +5,8 @@ parsing) and records it into a `Trace`; the wire format is a `Protocol` (`protoc
 read with httpx-sse, synchronously or on an asyncio loop; `run_concurrent` sends many at once.
 
 Left out: retries, authentication beyond a bearer key and request-rate shaping (`run_concurrent`
-starts every request at once). The client never imports the engine: it measures any server over HTTP.
+starts every request at once; `load.py` sends at a rate). The client never imports the engine: it
+measures any server over HTTP.
 """
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
 
-from .protocols import LABSERVER, Protocol
+from .protocols import LABSERVER, Protocol, base_url
 from .trace import Trace
 
 # Long read timeout: a blocking server answers only once the whole generation is done.
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+T = TypeVar("T")
 
 class _Recorder:
     """Times and records one streamed response; shared by the sync and async loops."""
@@ -72,6 +74,8 @@ class _Recorder:
 def _http_error(response: httpx.Response) -> dict:
     """{"type", "message", "status"} from a 4xx/5xx: FastAPI's `detail` or the apps' `error` body."""
     error = {"type": f"http_{response.status_code}", "message": response.text, "status": response.status_code}
+    if "Retry-After" in response.headers:  # a 429 or 503 saying when to come back
+        error["retry_after"] = response.headers["Retry-After"]
     try:
         body = response.json()
     except ValueError:
@@ -89,7 +93,7 @@ def _headers(protocol: Protocol) -> dict:
 
 def _endpoint(url: str, protocol: Protocol) -> str:
     url = url.rstrip("/")
-    return url if url.endswith(protocol.path) else url + protocol.path
+    return url if url.endswith(protocol.path) else base_url(url) + protocol.path
 
 
 @contextmanager
@@ -198,7 +202,12 @@ async def arun_concurrent(url: str, prompts: int | Sequence[str], *, prompt: str
 
 
 def run_concurrent(url: str, prompts: int | Sequence[str], **kwargs) -> list[Trace]:
-    """Send all `prompts` (or `prompts` copies of `prompt=`) at once; one Trace each, in order.
+    """Send all `prompts` (or `prompts` copies of `prompt=`) at once; one Trace each, in order."""
+    return run_sync(lambda: arun_concurrent(url, prompts, **kwargs))
+
+
+def run_sync(make_coroutine: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to its end from synchronous code, also from inside a running event loop.
 
     Inside Jupyter an event loop is already running on this thread, so the requests get their own
     loop on a helper thread (no nest_asyncio). The server must not be on the caller's loop. That thread
@@ -207,6 +216,6 @@ def run_concurrent(url: str, prompts: int | Sequence[str], **kwargs) -> list[Tra
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(arun_concurrent(url, prompts, **kwargs))
+        return asyncio.run(make_coroutine())
     with ThreadPoolExecutor(1, thread_name_prefix="labserver-client") as pool:
-        return pool.submit(lambda: asyncio.run(arun_concurrent(url, prompts, **kwargs))).result()
+        return pool.submit(lambda: asyncio.run(make_coroutine())).result()

@@ -159,3 +159,44 @@ def plot_demo(stream_trace: Trace, blocking_trace: Trace, path=None,
     draw_token_timeline(axes[1, 1], stream_trace)
     fig.suptitle(f"Same prompt, same engine, {stream_trace.n_tokens} tokens: streaming vs blocking")
     return _save(fig, path)
+
+
+def draw_latency_vs_throughput(ax, summaries: Sequence[dict]) -> None:
+    """TTFT and ITL percentiles (log scale) against the output tokens/s each run achieved."""
+    x = [s["output_throughput"] for s in summaries]
+    for metric, color in (("ttft", "tab:blue"), ("itl", "tab:orange")):
+        for q, style in (("median", "o-"), ("p99", "s--")):
+            ax.plot(x, [s[f"{q}_{metric}_ms"] for s in summaries], style, color=color,
+                    label=f"{metric.upper()} {q if q == 'p99' else 'p50'}")
+    ax.set(xlabel="achieved output tokens/s", ylabel="ms (log)", yscale="log", title="Latency against load")
+    ax.legend(fontsize=8)
+
+
+def draw_goodput(ax, rates: Sequence[float], summaries: Sequence[dict], knee: float | None = None) -> None:
+    """Requests/s within the SLO against requests/s completed, one point per offered rate: on the diagonal
+    every completed request met the SLO; a server past its knee still completes, too late to count."""
+    done = [s["request_throughput"] for s in summaries]
+    good = [s.get("request_goodput") for s in summaries]
+    top = max(done, default=1.0) * 1.05
+    ax.plot([0, top], [0, top], ":", color="tab:gray", label="all within the SLO")
+    if any(g is not None for g in good):
+        ax.plot(done, [g or 0.0 for g in good], "s-", color="tab:green", label="goodput")
+        for rate, x, y in zip(rates, done, good):
+            ax.annotate(f"{rate:.3g}/s", (x, y or 0.0), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if knee in rates:
+            i = list(rates).index(knee)
+            ax.plot([done[i]], [good[i] or 0.0], "o", color="tab:red", markersize=10, fillstyle="none",
+                    label=f"knee: offered {knee:.3g} req/s")
+    ax.set(xlabel="achieved requests/s (offered rate at each point)", ylabel="requests/s within the SLO",
+           title="Goodput against throughput")
+    ax.legend(fontsize=8)
+
+
+def plot_sweep(rates: Sequence[float], summaries: Sequence[dict], knee: float | None = None, path=None) -> Figure:
+    """A rate sweep (`sweep.SweepResult`'s `rates`, `summaries`, `knee`): latency and goodput."""
+    fig = LabFigure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    draw_latency_vs_throughput(left, summaries)
+    draw_goodput(right, rates, summaries, knee)
+    fig.tight_layout()
+    return _save(fig, path)

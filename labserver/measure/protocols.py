@@ -77,30 +77,39 @@ LABSERVER = LabserverProtocol()
 
 
 class OpenAIProtocol:
-    """OpenAI's streaming completions: one chunk per token (vLLM, SGLang, llama.cpp and our /v1).
+    """OpenAI's streaming completions (vLLM, SGLang, llama.cpp and our /v1): chunks of one or more tokens.
 
-    `chat=True` sends the prompt as one user message to /v1/chat/completions. The usage chunk
-    (`stream_options.include_usage`) fills `Trace.usage`. A chunk that carries no text (the chat role
-    chunk, the final one) is not a token: TTFT counts from the first chunk with text.
+    `chat=True` sends the prompt as one user message to /v1/chat/completions. A stream asks for the usage
+    chunk (`stream_options.include_usage`), which fills `Trace.usage`: a server may pack several tokens
+    into one chunk, so the token count comes from `usage.completion_tokens`, not from counting chunks.
+    `continuous_usage=True` also asks for vLLM's `continuous_usage_stats` (usage on every chunk); a strict
+    server refuses that field, so turn it off there (`without_continuous_usage`). A chunk that carries no
+    text (the chat role chunk, the usage chunk) is not output: TTFT counts from the first chunk with
+    content, reasoning content included (vLLM's `reasoning_content`, llama.cpp's and SGLang's `reasoning`).
     """
     done = "[DONE]"
     last_event_ends = False
 
-    def __init__(self, model: str, chat: bool = False, api_key: str | None = None):
-        self.model, self.chat = model, chat
+    def __init__(self, model: str, chat: bool = False, api_key: str | None = None, continuous_usage: bool = False):
+        self.model, self.chat, self.api_key, self.continuous_usage = model, chat, api_key, continuous_usage
         self.path = "/v1/chat/completions" if chat else "/v1/completions"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def without_continuous_usage(self) -> "OpenAIProtocol":
+        return OpenAIProtocol(self.model, self.chat, self.api_key, continuous_usage=False)
 
     def request(self, prompt: str, max_tokens: int, temperature: float, stream: bool, **extra) -> dict:
         body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream,
                 **({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})}
         if stream:
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = {"include_usage": True, **({"continuous_usage_stats": True}
+                                                                 if self.continuous_usage else {})}
         return {**body, **extra}
 
     def _text(self, choice: dict) -> str | None:
         if self.chat:
-            return (choice.get("delta") or choice.get("message") or {}).get("content")
+            delta = choice.get("delta") or choice.get("message") or {}
+            return "".join(delta.get(k) or "" for k in ("reasoning_content", "reasoning", "content"))
         return choice.get("text")
 
     def parse_event(self, data: dict) -> Parsed:
@@ -154,8 +163,21 @@ class LlamaCppProtocol:
 LLAMA_CPP = LlamaCppProtocol()
 
 
-def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0) -> OpenAIProtocol:
-    """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
+def base_url(url: str) -> str:
+    """The server's root: `http://h:8000/v1` (how OpenAI clients name a server) becomes `http://h:8000`."""
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def served_model(url: str, api_key: str | None = None, timeout: float = 10.0) -> str:
+    """The id of the first model the server lists at GET /v1/models."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    models = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout).raise_for_status().json()
-    return OpenAIProtocol(models["data"][0]["id"], chat=chat, api_key=api_key)
+    models = httpx.get(base_url(url) + "/v1/models", headers=headers, timeout=timeout).raise_for_status().json()
+    return models["data"][0]["id"]
+
+
+def openai_protocol(url: str, chat: bool = False, api_key: str | None = None, timeout: float = 10.0,
+                    continuous_usage: bool = False) -> OpenAIProtocol:
+    """An `OpenAIProtocol` for the first model the server lists at GET /v1/models."""
+    return OpenAIProtocol(served_model(url, api_key, timeout), chat=chat, api_key=api_key,
+                          continuous_usage=continuous_usage)

@@ -23,8 +23,9 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> 
 
 def summarize(traces: Sequence[Trace], qs: Sequence[float] = (50, 90, 99)) -> dict:
     """`mean_X_ms` and `pQ_X_ms` for X in ttft, itl, tpot, e2e (client) and step, prefill (server).
-    ITL pools the gaps of all requests; the others take one value per request. Failed traces are
-    counted in `failed` and left out of the figures."""
+    ITL pools the gaps of all requests; the others take one value per request. A failed request is one
+    that errored (an HTTP error, an error event, a cut stream), not one that ended early: it is counted
+    in `failed` and left out of the figures."""
     done = [t for t in traces if t.ok and t.n_tokens]
     series = {
         "ttft": [t.ttft_ms for t in done],
@@ -34,8 +35,8 @@ def summarize(traces: Sequence[Trace], qs: Sequence[float] = (50, 90, 99)) -> di
         "step": [s for t in done for s in t.decode_step_ms],
         "prefill": [t.prefill_time_ms for t in done if t.prefill_time_ms is not None],
     }
-    out = {"completed": len(done), "failed": len(traces) - len(done),
-           "total_output_tokens": sum(t.n_tokens for t in done)}
+    ok = sum(t.ok for t in traces)
+    out = {"completed": ok, "failed": len(traces) - ok, "total_output_tokens": sum(t.output_tokens for t in done)}
     for name, values in series.items():
         out[f"mean_{name}_ms"] = float(np.mean(values)) if values else None
         for q, v in percentiles(values, qs).items():
@@ -57,5 +58,5 @@ def aggregate_tokens_per_s(traces: Sequence[Trace]) -> float | None:
         return None
     start = min(t.sent_s for t in traces)
     end = max(t.sent_s + t.e2e_ms / 1000 for t in done)
-    return sum(t.n_tokens for t in done) / (end - start)
+    return sum(t.output_tokens for t in done) / (end - start)
 

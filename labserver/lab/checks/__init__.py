@@ -14,3 +14,4 @@ from .event_loop import check_stream_tokens, check_one_thread
 from .cancellation import check_hang_up, check_stop_string, check_wait_or_cancel
 from .concurrency import (check_aggregate_tokens_per_s, check_itl_prediction, check_batched_tokens_per_s,
                           check_one_round)
+from .load import check_poisson_arrivals, check_queue_prediction

