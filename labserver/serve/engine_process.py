@@ -194,12 +194,13 @@ class EngineCore:
                 except queue.Empty:
                     break
             batches: dict[bytes, frames.Outputs] = {}
+            new = lambda: frames.Outputs(0, 0, 0.0, [], [])  # noqa: E731
             for key, item in items:
                 if isinstance(item, (frames.Hello, frames.Bye)):
                     self._connect(pushes, key, item)
                     continue
                 client, rid = key
-                batch = batches.setdefault(client, frames.Outputs(0, 0, [], []))
+                batch = batches.setdefault(client, new())
                 if isinstance(item, TokenEvent):
                     batch.tokens.append(frames.Token(rid, item.token_id, item.index, item.step_ms,
                                                      item.prefill_time_ms, item.batch))
@@ -212,11 +213,10 @@ class EngineCore:
                     fin = finishes.pop(key, None)
                     batch.ends.append(frames.End(rid) if fin is None else
                                       frames.End(rid, fin.finish_reason, fin.usage, fin.timings))
-            running = self.engine.running
-            waiting = max(0, len(self.thread.policy) - running)
+            health = self.thread.health()
             for client, push in list(pushes.items()):
-                batch = batches.get(client) or frames.Outputs(0, 0, [], [])
-                batch.running, batch.waiting = running, waiting
+                batch = batches.get(client) or new()
+                batch.running, batch.waiting, batch.no_progress_s = health.running, health.waiting, health.no_progress_s
                 try:
                     push.send(frames.encode(batch), zmq.NOBLOCK)
                 except zmq.Again:  # its API process is gone (or stopped reading): it would block us all
