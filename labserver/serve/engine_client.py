@@ -1,30 +1,24 @@
 """The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` and
 ``AsyncMPClient`` in one small class; its ``OutputProcessor`` is ``engine_outputs``).
 
-``EngineClient`` offers the doors every backend offers (``stream``, ``complete``, ``generate``,
-``running``, ``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run
-unchanged. What happens behind them:
+``EngineClient`` has every backend's doors (``stream``, ``complete``, ``generate``, ``running``,
+``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run unchanged:
 
-- ``start()`` starts an engine process (``engine_supervisor.EngineProcess``) unless the frontend names
-  one that already runs, binds a PULL socket for its outputs, connects a DEALER (with an identity of its
-  own) to the engine's ROUTER, says ``Hello`` and waits for ``Ready``.
-- ``stream()`` tokenizes in this process (``Frontend.encode``, when given text), sends ``Add`` with the
-  token ids, and awaits a per-request ``asyncio.Queue``. Closing the generator (the client left) sends
-  ``Abort``: the engine stops the sequence before its next forward.
-- A receiving thread pulls ``Outputs`` and turns each token id into the same ``TokenEvent`` the thread
-  backend yields (``engine_outputs.RequestState``: the text made here, the step times and the
-  ``Finish`` numbers the engine's). Events go to the request's queue with
-  ``loop.call_soon_threadsafe``, as the engine thread hands them over. (vLLM pulls in an asyncio task;
-  a thread serves any event loop and the blocking ``generate`` too, and costs the loop the same GIL.)
-  Stop strings stay where they are for every backend: in the wire format (``openai_api``), on this
-  text, in this process.
-- The engine's death is noticed at once when this process supervises it (the supervisor's sentinel), and
-  otherwise within ``CHECK_S`` by checking its pid (or after ``SILENT_S`` without a word): every open
-  stream ends with ``EngineDeadError``, ``submit`` refuses new requests with it, and ``Hello`` is repeated
-  until a restarted engine answers ``Ready``; then it serves again.
+- ``start()`` starts an engine process (``engine_supervisor``) unless the frontend names one that runs,
+  binds a PULL socket for its outputs, connects a DEALER (an identity of its own) to the engine's ROUTER,
+  says ``Hello`` and waits for ``Ready``.
+- ``stream()`` tokenizes here (when given text), sends ``Add`` with the ids and awaits a per-request
+  ``asyncio.Queue``; closing it (the client left) sends ``Abort``, and the engine stops the sequence
+  before its next forward. Stop strings stay in the wire format, on this process's text.
+- A receiving thread pulls ``Outputs``, makes each id into the ``TokenEvent`` the engine thread would
+  have made (``engine_outputs.RequestState``) and hands it over with ``loop.call_soon_threadsafe``.
+  (vLLM pulls in an asyncio task; a thread serves any loop and the blocking ``generate`` alike.)
+- A dead engine is noticed at once by its supervisor in this process, else within ``CHECK_S`` (its pid is
+  gone) or ``SILENT_S`` (no beat): open streams end with ``EngineDeadError``, ``submit`` raises it, and
+  ``Hello`` is repeated until a restarted engine answers ``Ready``.
 
 Left out: retrying the requests a dead engine was running (they fail; the client may retry), and
-streaming ``logprobs`` (nothing asks for them).
+holding back a stream whose reader is behind (the web layer's send timeout drops such a client).
 """
 
 from __future__ import annotations
