@@ -196,3 +196,45 @@ def test_a_reader_that_stops_reading_stops_costing_decode_steps():
         assert [e.index for e in tokens] == list(range(1000)) and rest[-1].finish_reason == "length"
     finally:
         backend.close()
+
+
+CLIENT_THAT_DIES = """
+import asyncio, json, sys
+from labserver import SamplingParams
+from labserver.serve.engine_client import EngineClient
+from labserver.serve.engine_frontend import Frontend
+from labserver.serve.engine_process import EngineSpec
+spec, info, address = EngineSpec.of(__import__("labserver").fake_engine()), *json.loads(sys.argv[1])
+client = EngineClient(Frontend.for_engine_process(spec, info, address)).start()
+async def main():
+    async for event in client.stream("hi", SamplingParams(max_tokens=100_000)):
+        if event.index == 2:
+            print("streaming", flush=True)
+asyncio.run(main())
+"""
+
+
+def test_an_api_process_killed_without_a_word_loses_its_requests_in_the_engine():
+    import json
+    import subprocess
+    import sys
+
+    from labserver.serve.engine_process import EngineSpec
+    from labserver.serve.engine_supervisor import EngineProcess
+
+    engine = EngineProcess(EngineSpec.of(fake_engine(prefill_ms=1, step_ms=5))).start()
+    watcher = EngineClient(Frontend.for_engine_process(engine.spec, engine.info, engine.address)).start()
+    other = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, json.dumps([engine.info, engine.address])],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert other.stdout.readline().strip() == "streaming"
+        assert wait_for(lambda: watcher.running == 1, timeout_s=5) < 5  # the engine runs its request
+        other.kill()  # no Bye, no Abort: the engine notices that its pid is gone
+        other.wait()
+        waited = wait_for(lambda: watcher.running == 0, timeout_s=3)
+        assert watcher.running == 0, f"the engine still runs a dead process's request {waited:.2f} s later"
+        assert watcher.generate("hi", SamplingParams(max_tokens=2)).text == " one two"
+    finally:
+        other.kill()
+        watcher.close()
+        engine.close()

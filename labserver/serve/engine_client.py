@@ -42,6 +42,7 @@ from ..engine.engine import Completion, collect
 from . import zmq_frames as frames
 from .engine_frontend import Frontend
 from .engine_outputs import RequestState
+from .engine_process import pid_exists
 from .engine_supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
 from .engine_thread import DONE
 from .health import EngineDeadError, EngineHealth
@@ -51,14 +52,6 @@ CHECK_S = 0.1  # how often it checks that the engine's pid still exists
 SILENT_S = 20 * frames.BEAT_S  # an engine that sends nothing (not even its beat) this long is dead
 HELLO_S = 0.2  # while no engine answers, say Hello again this often
 READY_TIMEOUT_S = 30.0
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True  # PermissionError too: it exists
 
 
 class EngineClient:
@@ -132,7 +125,7 @@ class EngineClient:
         self.frontend.client = self
         self._thread = threading.Thread(target=self._receive, name="labserver-engine-client", daemon=True)
         self._thread.start()
-        self._send(frames.Hello(self._output))
+        self._send(frames.Hello(self._output, os.getpid()))
 
     def close(self, timeout: float = 5.0) -> None:
         """Say ``Bye`` (the engine aborts this process's requests), stop the engine process if it is ours;
@@ -202,13 +195,13 @@ class EngineClient:
 
     def _check(self, now: float) -> None:
         if self._up:
-            if not _pid_exists(self._pid):
+            if not pid_exists(self._pid):
                 self._engine_died(f"the engine process (pid {self._pid}) is gone")
             elif now - self._heard > SILENT_S:
                 self._engine_died(f"the engine process (pid {self._pid}) has said nothing for {SILENT_S} s")
         elif now - self._heard > HELLO_S and not self._closed:
             self._heard = now  # ask again later: a restarted engine answers the next Hello with Ready
-            self._send(frames.Hello(self._output))
+            self._send(frames.Hello(self._output, os.getpid()))
 
     def _engine_died(self, reason: str) -> None:
         """Fail every open request with ``EngineDeadError``; refuse new ones until an engine is ``Ready``."""

@@ -27,6 +27,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 
 import zmq
@@ -80,6 +81,14 @@ class EngineSpec:
         from ..engine.tokenizer import load_tokenizer
 
         return load_tokenizer(model_folder(self.config))
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True  # PermissionError too: it exists
 
 
 class _NoText:
@@ -189,7 +198,15 @@ class EngineCore:
     def _send_loop(self) -> None:
         pushes: dict[bytes, zmq.Socket] = {}
         finishes: dict[tuple[bytes, int], Finish] = {}
+        pids: dict[bytes, int] = {}  # the API processes' pids, from their Hello
+        checked = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - checked > frames.BEAT_S:  # an API process killed without a Bye
+                checked = time.monotonic()
+                for client in [c for c, pid in pids.items() if pid and not pid_exists(pid)]:
+                    pushes.pop(client).close(linger=0)
+                    del pids[client]
+                    self._forget(client)
             try:
                 items = [self.out.get(timeout=frames.BEAT_S)]
             except queue.Empty:
@@ -204,6 +221,10 @@ class EngineCore:
             for key, item in items:
                 if isinstance(item, (frames.Hello, frames.Bye)):
                     self._connect(pushes, key, item)
+                    if key in pushes:
+                        pids[key] = item.pid
+                    else:
+                        pids.pop(key, None)
                     continue
                 client, rid = key
                 batch = batches.setdefault(client, new())
@@ -227,6 +248,7 @@ class EngineCore:
                     push.send(frames.encode(batch), zmq.NOBLOCK)
                 except zmq.Again:  # its API process is gone (or stopped reading): it would block us all
                     pushes.pop(client).close(linger=0)
+                    pids.pop(client, None)
                     self._forget(client)  # it hears nothing more, so it counts us dead and says Hello
         for push in pushes.values():
             push.close(linger=0)

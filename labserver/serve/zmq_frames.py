@@ -6,7 +6,8 @@ never crosses: the API process tokenizes before and detokenizes after (``engine_
 
 In, from an API process's DEALER to the engine's ROUTER (which prefixes the sender's identity):
 
-- ``Hello(output)``: "send my outputs to the PULL socket at this address"; answered with ``Ready``.
+- ``Hello(output, pid)``: "send my outputs to the PULL socket at this address" (and "I am this process":
+  if it dies, its requests stop); answered with ``Ready``.
 - ``Add(rid, prompt, params)``: a request; ``rid`` is unique per API process.
 - ``Abort(rids)``: the clients of these requests left: stop them before the next forward.
 - ``Taken(rid, taken)``: the request's reader has taken this many events (sent every ``ACK_EVERY``): a
@@ -43,6 +44,7 @@ class _Frame(msgspec.Struct, array_like=True, tag=True, omit_defaults=True):
 
 class Hello(_Frame):
     output: str
+    pid: int = 0
 
 
 class Add(_Frame):
