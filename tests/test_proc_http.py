@@ -243,3 +243,18 @@ def test_two_api_processes_survive_a_killed_engine_process():
         assert seen == set(servers.api_pids) and servers.engine_pid != first_pid
     finally:
         stop("proc-test-api-kill")
+
+
+def test_the_openai_client_streams_from_the_engine_process(servers):
+    from openai import OpenAI
+
+    thread, process = servers
+    answers = []
+    for server in (thread, process):
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        stream = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=6, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        answers.append(("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                        chunks[-1].usage.completion_tokens))
+    assert answers[1] == answers[0] == (" one two three four five six", 6)
