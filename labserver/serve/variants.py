@@ -9,13 +9,14 @@
   trickle out, but the event loop is blocked during every step, so ``/health`` waits.
 
 Both offer what ``engine.protocols.Backend`` says, as ``engine_thread.EngineThread`` does (``stream``,
-``complete``, ``generate``, ``running``, ``start``, ``close``). Neither is meant for serving;
+``complete``, ``generate``, ``running``, ``health``, ``start``, ``close``). Neither is meant for serving;
 ``make_backend`` picks a backend by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Executor
 
@@ -23,6 +24,7 @@ from ..config import SamplingParams
 from ..engine.engine import Completion, collect
 from ..engine.protocols import Backend, EngineProtocol
 from .engine_thread import DONE, EngineThread
+from .health import EngineHealth
 from .policies import Batched, TurnTaking
 
 
@@ -39,6 +41,11 @@ class _DirectBackend:
     @property
     def alive(self) -> bool:
         return True  # no thread of its own: it runs wherever its caller does
+
+    def health(self) -> EngineHealth:
+        """Always alive: the engine runs in the caller's own process and thread, so it dies with it."""
+        return EngineHealth(alive=True, pid=os.getpid(), backend=self.kind, route=self.engine.route["quant"],
+                            running=self.engine.running)
 
     def start(self) -> "_DirectBackend":
         return self
@@ -101,8 +108,16 @@ class BlockingBackend(_DirectBackend):
             gen.close()
 
 
+def _process(engine) -> Backend:
+    from .engine_client import EngineClient  # zmq and msgspec only for those who ask for a process
+    from .engine_frontend import Frontend
+
+    return EngineClient(Frontend.of(engine))
+
+
 BACKENDS = {
     "batched": lambda engine: EngineThread(engine, Batched(max_batch=engine.config.max_batch)),
+    "process": _process,
     "thread": lambda engine: EngineThread(engine, TurnTaking()),
     "executor": ExecutorBackend,
     "blocking": BlockingBackend,
@@ -111,9 +126,11 @@ BACKENDS = {
 
 def make_backend(engine: EngineProtocol, kind: str = "auto") -> Backend:
     """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or taking
-    turns), ``"executor"`` (the first streaming version's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
+    turns), ``"process"`` (the batched engine in a process of its own, ``engine_client.EngineClient``),
+    ``"executor"`` (the first streaming version's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
 
-    Nothing starts here: an ``EngineThread`` starts its thread in ``start()`` or on first use.
+    Nothing starts here: an ``EngineThread`` starts its thread, an ``EngineClient`` its engine process,
+    in ``start()`` or on first use.
     """
     try:
         make = BACKENDS["batched" if kind == "auto" else kind]
