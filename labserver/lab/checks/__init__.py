@@ -13,3 +13,4 @@ from .streaming import check_parse_sse_line, check_itl_tpot, check_my_stream
 from .event_loop import check_stream_tokens, check_one_thread
 from .cancellation import check_hang_up, check_stop_string
 from .concurrency import check_aggregate_tokens_per_s, check_itl_prediction, check_batched_tokens_per_s
+from .process import check_sse_from_ids, check_should_restart
