@@ -207,11 +207,28 @@ def start_server(name: str, server: BackgroundServer) -> BackgroundServer:
 
 def start_fastapi(engine, port: int = 0, backend: str = "auto", name: str = "fastapi",
                   host: str = "127.0.0.1", limits=None) -> UvicornServer:
-    """Serve ``engine`` with the FastAPI app in the background; re-running replaces the old one."""
+    """Serve ``engine`` with the FastAPI app in the background; re-running replaces the old one.
+
+    ``backend="process"`` runs the engine in a process of its own: the app gets a ``Frontend`` (the
+    engine's tokenizer and limits) and the engine process is started here, before the server, since
+    loading a model there may take longer than a server may take to start.
+    """
     from .app import create_app
 
     stop(name)  # first, so a fixed port is free again before we bind it
-    return start_server(name, UvicornServer(create_app(engine, backend, limits=limits), host, port))
+    if backend == "process":
+        from .engine_frontend import Frontend
+
+        engine = Frontend.of(engine)
+    app = create_app(engine, backend, limits=limits)
+    if backend == "process":
+        app.state.backend.start()
+    try:
+        return start_server(name, UvicornServer(app, host, port))
+    except BaseException:
+        if app.state.backend is not None:
+            app.state.backend.close()
+        raise
 
 
 def start_flask(engine, port: int = 0, name: str = "flask", host: str = "127.0.0.1") -> FlaskServer:

@@ -101,8 +101,16 @@ class BlockingBackend(_DirectBackend):
             gen.close()
 
 
+def _process(engine) -> Backend:
+    from .engine_client import EngineClient  # zmq and msgspec only for those who ask for a process
+    from .engine_frontend import Frontend
+
+    return EngineClient(Frontend.of(engine))
+
+
 BACKENDS = {
     "batched": lambda engine: EngineThread(engine, Batched(max_batch=engine.config.max_batch)),
+    "process": _process,
     "thread": lambda engine: EngineThread(engine, TurnTaking()),
     "executor": ExecutorBackend,
     "blocking": BlockingBackend,
@@ -111,9 +119,11 @@ BACKENDS = {
 
 def make_backend(engine: EngineProtocol, kind: str = "auto") -> Backend:
     """``"batched"`` or ``"thread"`` (the server's designs: one engine thread, streams batched or taking
-    turns), ``"executor"`` (the first streaming version's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
+    turns), ``"process"`` (the batched engine in a process of its own, ``engine_client.EngineClient``),
+    ``"executor"`` (the first streaming version's) or ``"blocking"`` (naive); ``"auto"`` is ``"batched"``.
 
-    Nothing starts here: an ``EngineThread`` starts its thread in ``start()`` or on first use.
+    Nothing starts here: an ``EngineThread`` starts its thread, an ``EngineClient`` its engine process,
+    in ``start()`` or on first use.
     """
     try:
         make = BACKENDS["batched" if kind == "auto" else kind]

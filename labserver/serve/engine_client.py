@@ -1,0 +1,321 @@
+"""The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` with
+its ``OutputProcessor`` and ``AsyncMPClient``, in one small class).
+
+``EngineClient`` offers the doors every backend offers (``stream``, ``complete``, ``generate``,
+``running``, ``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run
+unchanged. What happens behind them:
+
+- ``start()`` starts an engine process (``engine_supervisor.EngineProcess``) unless the frontend names
+  one that already runs, binds a PULL socket for its outputs, connects a DEALER (with an identity of its
+  own) to the engine's ROUTER, says ``Hello`` and waits for ``Ready``.
+- ``stream()`` tokenizes in this process (``Frontend.encode``, when given text), sends ``Add`` with the
+  token ids, and awaits a per-request ``asyncio.Queue``. Closing the generator (the client left) sends
+  ``Abort``: the engine stops the sequence before its next forward.
+- A receiving thread pulls ``Outputs`` and turns each token id into the same ``TokenEvent`` the thread
+  backend yields: the text comes from this process's incremental detokenizer (``_RequestState``, vLLM's
+  ``RequestState``), with the final flush on the last token as ``Sequence.append`` does it; step times
+  and the ``Finish`` numbers are the engine's. Events go to the request's queue with
+  ``loop.call_soon_threadsafe``, as the engine thread hands them over. (vLLM pulls in an asyncio task;
+  a thread serves any event loop and the blocking ``generate`` too, and costs the loop the same GIL.)
+  Stop strings stay where they are for every backend: in the wire format (``openai_api``), on this
+  text, in this process.
+- The engine's death is noticed at once when this process supervises it (the supervisor's sentinel), and
+  otherwise within ``CHECK_S`` by checking its pid (or after ``SILENT_S`` without a word): every open
+  stream ends with ``EngineDeadError``, ``submit`` refuses new requests with it, and ``Hello`` is repeated
+  until a restarted engine answers ``Ready``; then it serves again.
+
+Left out: retrying the requests a dead engine was running (they fail; the client may retry), and
+streaming ``logprobs`` (nothing asks for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import zmq
+
+from ..config import SamplingParams
+from ..engine.detokenize import IncrementalDetokenizer
+from ..engine.engine import Completion, PromptTooLong, collect
+from ..engine.sequence import Finish, TokenEvent
+from . import zmq_frames as frames
+from .engine_frontend import Frontend
+from .engine_supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
+from .engine_thread import DONE
+from .health import EngineDeadError, EngineHealth
+
+POLL_MS = 50  # the receiving thread wakes at least this often
+CHECK_S = 0.1  # how often it checks that the engine's pid still exists
+SILENT_S = 20 * frames.BEAT_S  # an engine that sends nothing (not even its beat) this long is dead
+HELLO_S = 0.2  # while no engine answers, say Hello again this often
+READY_TIMEOUT_S = 30.0
+ERRORS = {"PromptTooLong": PromptTooLong, "ValueError": ValueError, "EngineDeadError": EngineDeadError}
+
+
+class _RequestState:
+    """One request's text, made here from the ids the engine sends (vLLM's ``RequestState``)."""
+
+    def __init__(self, rid: int, sink: Callable[[Any], None], tokenizer, max_tokens: int):
+        self.rid, self.sink = rid, sink
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.last_index = max_tokens - 1  # the engine caps max_tokens by the context the same way
+
+    def token(self, t: frames.Token) -> TokenEvent:
+        text = self.detok.step(t.token_id) + (self.detok.flush() if t.index == self.last_index else "")
+        return TokenEvent(text, t.token_id, t.index, t.step_ms, t.prefill_time_ms, t.batch)
+
+    def end(self, e: frames.End) -> list:
+        if e.error_type is not None:
+            return [ERRORS.get(e.error_type, RuntimeError)(e.error)]
+        if e.finish_reason is not None:
+            return [Finish(e.finish_reason, e.usage, e.timings), DONE]
+        return [DONE]  # cancelled: no Finish, as on the engine thread
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EngineClient:
+    """The ``"process"`` backend: an engine process (its own, or ``frontend.address``'s) behind ZMQ."""
+
+    kind = "process"
+
+    def __init__(self, frontend: Frontend, max_restarts: int = MAX_RESTARTS):
+        self.frontend = self.engine = frontend
+        self.process = None if frontend.address else EngineProcess(frontend.spec, max_restarts)
+        self._requests: dict[int, _RequestState] = {}
+        self._rids = itertools.count()
+        self._lock = threading.Lock()  # start, close, the engine's state and the DEALER socket
+        self._started = self._closed = False
+        self._ready = threading.Event()
+        self._alive, self._reason = False, "not started"
+        self._pid: int | None = None
+        self._restarts = self._running = self._waiting = 0
+        self._heard = 0.0
+        self._thread: threading.Thread | None = None
+
+    # -- state ------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def health(self) -> EngineHealth:
+        reason = None if self._alive else self._reason
+        restarts = self._restarts
+        if self.process is not None:
+            reason = reason and (self.process.reason or reason)  # the supervisor knows restarts, give-ups
+            restarts = max(restarts, self.process.restarts)
+        return EngineHealth(alive=self._alive, pid=self._pid, backend=self.kind,
+                            route=str(self.frontend.route.get("quant")), reason=reason,
+                            running=self._running, waiting=self._waiting, restarts=restarts)
+
+    # -- start and close --------------------------------------------------------------------------------
+    def start(self) -> "EngineClient":
+        """Start (or join) the engine process and wait for its ``Ready``; later calls do nothing."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine client is closed")
+            if not self._started:
+                self._connect()
+                self._started = True
+        if not self._ready.wait(READY_TIMEOUT_S):
+            raise EngineStartError(f"the engine process did not answer within {READY_TIMEOUT_S:.0f} s")
+        return self
+
+    def _connect(self) -> None:
+        if self.process is not None:
+            self.process.on_death(self._engine_died)
+            self.process.start()
+        self._dir = tempfile.mkdtemp(prefix="labserver-api-")
+        self._output = f"ipc://{self._dir}/output"
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(self._output)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.IDENTITY, f"api-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode())
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(self.process.address if self.process is not None else self.frontend.address)
+        self.frontend.client = self
+        self._thread = threading.Thread(target=self._receive, name="labserver-engine-client", daemon=True)
+        self._thread.start()
+        self._send(frames.Hello(self._output))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say ``Bye`` (the engine aborts this process's requests), stop the engine process if it is ours;
+        every request still open ends with ``DONE``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            started, self._alive, self._reason = self._started, False, "closed"
+            if started:
+                self._send(frames.Bye())
+            pending = list(self._requests.values())
+            self._requests.clear()
+        for state in pending:
+            state.sink(DONE)
+        if not started:
+            return
+        self._thread.join(timeout)
+        self._ctx.destroy(linger=0)
+        if self.process is not None:
+            self.process.close(timeout)
+        if self.frontend.client is self:
+            self.frontend.client = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- the receiving thread ---------------------------------------------------------------------------
+    def _receive(self) -> None:
+        next_check = 0.0
+        while not self._closed:
+            if self._pull.poll(POLL_MS):
+                msg = frames.decode_out(self._pull.recv())
+                self._heard = time.monotonic()
+                if isinstance(msg, frames.Ready):
+                    self._engine_ready(msg)
+                else:
+                    self._deliver(msg)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_S
+                self._check(now)
+
+    def _engine_ready(self, msg: frames.Ready) -> None:
+        with self._lock:
+            self._pid, self._restarts = msg.pid, msg.restarts
+            self._alive, self._reason = True, None
+        self._ready.set()
+
+    def _deliver(self, msg: frames.Outputs) -> None:
+        self._running, self._waiting = msg.running, msg.waiting
+        strays = set()
+        for t in msg.tokens:
+            state = self._requests.get(t.rid)
+            if state is None:  # aborted here, or sent to an engine that died: the engine must stop it
+                strays.add(t.rid)
+                continue
+            state.sink(state.token(t))
+        for e in msg.ends:
+            state = self._requests.pop(e.rid, None)
+            if state is not None:
+                for item in state.end(e):
+                    state.sink(item)
+        if strays:
+            with self._lock:
+                self._send(frames.Abort(sorted(strays)))
+
+    def _check(self, now: float) -> None:
+        if self._alive:
+            if not _pid_exists(self._pid):
+                self._engine_died(f"the engine process (pid {self._pid}) is gone")
+            elif now - self._heard > SILENT_S:
+                self._engine_died(f"the engine process (pid {self._pid}) has said nothing for {SILENT_S} s")
+        elif now - self._heard > HELLO_S and not self._closed:
+            self._heard = now  # ask again later: a restarted engine answers the next Hello with Ready
+            with self._lock:
+                self._send(frames.Hello(self._output))
+
+    def _engine_died(self, reason: str) -> None:
+        """Fail every open request with ``EngineDeadError``; refuse new ones until an engine is ``Ready``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._alive, self._reason, self._running, self._waiting = False, reason, 0, 0
+            self._ready.clear()
+            doomed = list(self._requests.values())
+            self._requests.clear()
+        for state in doomed:
+            state.sink(EngineDeadError(reason))
+
+    def _send(self, msg) -> bool:
+        """Send on the DEALER (the caller holds ``_lock``); False when ZMQ cannot queue it."""
+        try:
+            self._dealer.send(frames.encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    # -- the doors --------------------------------------------------------------------------------------
+    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> _RequestState:
+        """Send one request to the engine (starting it on first use); ``sink`` gets its items.
+
+        Raises ``EngineDeadError`` when no engine is alive (it died, and is restarting or gave up).
+        """
+        if not self._started:
+            self.start()
+        ids = prompt if isinstance(prompt, list) else self.frontend.encode(prompt)
+        max_tokens = min(params.max_tokens, self.frontend.context_len - len(ids))
+        with self._lock:
+            if not self._alive:
+                raise EngineDeadError(self._reason or "the engine process is not running")
+            state = _RequestState(next(self._rids), sink, self.frontend.tokenizer, max_tokens)
+            self._requests[state.rid] = state
+            if not self._send(frames.Add(state.rid, ids, params)):
+                del self._requests[state.rid]
+                raise EngineDeadError("the engine process takes no requests")
+        return state
+
+    def _abort(self, state: _RequestState) -> None:
+        with self._lock:
+            if self._requests.pop(state.rid, None) is not None and self._alive:
+                self._send(frames.Abort([state.rid]))
+
+    async def stream(self, prompt, params: SamplingParams):
+        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(item):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
+
+        state = self.submit(prompt, params, sink)
+        try:
+            while (item := await events.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._abort(state)
+
+    async def complete(self, prompt, params: SamplingParams) -> Completion:
+        return collect([item async for item in self.stream(prompt, params)])
+
+    def generate(self, prompt, params: SamplingParams) -> Completion:
+        """Blocking form for threads that are not an event loop (scripts)."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        state = self.submit(prompt, params, events.put)
+
+        def items():
+            while (item := events.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        try:
+            return collect(items())
+        finally:
+            self._abort(state)

@@ -1,0 +1,225 @@
+"""The engine core in its own process: the model, the scheduler and batching, fed over ZMQ.
+
+This is the process side of vLLM V1's split (``EngineCoreProc`` in vllm/v1/engine/core.py). The process
+loads the model itself from an ``EngineSpec`` (a config, or the fake runner's delays: something that
+pickles, never a loaded model), runs the same ``engine_thread.EngineThread`` with the ``Batched`` policy
+the thread backend runs, and puts two sockets beside it:
+
+- the main thread reads a ROUTER socket bound at ``address``: every API process's DEALER connects there
+  (vLLM's API processes bind and the engine connects; here the engine binds, so a restarted engine and
+  any number of API processes meet at one fixed address). ``Add`` becomes ``EngineThread.submit`` with
+  the prompt's token ids, ``Abort`` sets the request's cancel flag (the engine thread drops it before its
+  next forward, so at most one more token is computed);
+- an output thread owns one PUSH socket per API process (connected to the PULL address its ``Hello``
+  named) and sends what the engine thread's sinks queued, grouped per API process, one message per
+  wake-up, with the engine's running and waiting counts; idle, it sends an empty ``Outputs`` every
+  ``BEAT_S`` seconds.
+
+The engine here never makes text: its sequences get a tokenizer that decodes nothing (``_NoText``), and
+only ids and step times leave the process. If the engine thread dies, the process exits (code 3), so its
+supervisor (``engine_supervisor``) sees it and restarts it. Left out: data parallelism (several engine
+processes), and shared memory for large inputs (prompts here are small).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass, replace
+
+import zmq
+
+from ..config import QUANTS, EngineConfig
+from ..engine.engine import Engine
+from ..engine.sequence import Finish, TokenEvent
+from . import zmq_frames as frames
+from .engine_thread import DONE, EngineThread
+from .policies import Batched
+
+ENGINE_THREAD_DIED = 3  # the exit code when the engine thread stops under the process
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build the engine in another process: a config, or ``fake`` (``FakeRunner``'s delays)."""
+
+    config: EngineConfig
+    fake: dict | None = None  # {"prefill_ms", "step_ms", "fail_at"}
+
+    @classmethod
+    def of(cls, engine) -> "EngineSpec":
+        """The spec that rebuilds ``engine``: the same fake delays, or the same config and weight format."""
+        from ..engine.fake import FakeRunner
+
+        runner = engine.runner
+        if isinstance(runner, FakeRunner):
+            return cls(engine.config, {"prefill_ms": runner.prefill_ms, "step_ms": runner.step_ms,
+                                       "fail_at": runner.fail_at})
+        quant = engine.route.get("quant")
+        config = engine.config
+        if config.quant == "auto" and quant in QUANTS:  # the route already measured: do not measure again
+            config = replace(config, quant=quant)
+        return cls(config)
+
+    def build(self) -> Engine:
+        if self.fake is not None:
+            from ..engine.fake import fake_engine
+
+            return fake_engine(config=self.config, **self.fake)
+        return Engine.from_config(self.config)
+
+    def tokenizer(self):
+        """The engine's tokenizer, loaded without its weights (for the API processes)."""
+        if self.fake is not None:
+            from ..engine.fake import WordTokenizer
+
+            return WordTokenizer()
+        from ..engine.loading import model_folder
+        from ..engine.tokenizer import load_tokenizer
+
+        return load_tokenizer(model_folder(self.config))
+
+
+class _NoText:
+    """The tokenizer the engine process's sequences get: text is the API process's job."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def run_engine_core(spec: EngineSpec, address: str, restarts: int, ready) -> None:
+    """The engine process's main: load, bind, tell the supervisor through ``ready`` (a Pipe end), serve."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes us in order
+    try:
+        engine = spec.build()
+    except Exception as exc:  # e.g. ModelNotFound: the supervisor raises it in the parent
+        ready.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    info = frames.Ready(os.getpid(), engine.context_len, engine.route, restarts)
+    engine.tokenizer = _NoText()
+    core = EngineCore(engine, address, info)
+    ready.send(("ready", {"pid": info.pid, "context_len": info.context_len, "route": info.route}))
+    ready.close()
+    raise SystemExit(core.serve())
+
+
+class EngineCore:
+    """The engine thread with its input loop (this thread) and its output thread."""
+
+    def __init__(self, engine: Engine, address: str, info: frames.Ready):
+        self.engine, self.info = engine, info
+        self.thread = EngineThread(engine, Batched(max_batch=engine.config.max_batch), name="labserver-core")
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(address)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()  # (client, rid, item) from sinks; commands
+        self.requests: dict[tuple[bytes, int], object] = {}  # (client, rid) -> engine_thread.Request
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # a request may end (on the engine thread) before submit returns
+
+    def serve(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        self.thread.start()
+        sender = threading.Thread(target=self._send_loop, name="labserver-core-out", daemon=True)
+        sender.start()
+        code = 0
+        while not self._stop.is_set():
+            if self.router.poll(100):
+                client, payload = self.router.recv_multipart()
+                self._handle(client, frames.decode_in(payload))
+            if not self.thread.alive:
+                code = ENGINE_THREAD_DIED
+                break
+        self.thread.close()
+        self._stop.set()
+        sender.join(2)
+        self.ctx.destroy(linger=0)
+        return code
+
+    def _handle(self, client: bytes, msg) -> None:
+        if isinstance(msg, frames.Add):
+            key = (client, msg.rid)
+
+            def sink(item, key=key):
+                if item is DONE or isinstance(item, BaseException):
+                    with self._lock:
+                        self.requests.pop(key, None)
+                self.out.put((key, item))
+
+            with self._lock:
+                try:
+                    self.requests[key] = self.thread.submit(msg.prompt, msg.params, sink)
+                except Exception as exc:  # the engine thread has stopped: this process is about to exit
+                    self.out.put((key, exc))
+        elif isinstance(msg, frames.Abort):
+            for rid in msg.rids:
+                req = self.requests.get((client, rid))
+                if req is not None:
+                    req.cancel.set()
+        elif isinstance(msg, frames.Hello):
+            self.out.put((client, msg))
+        elif isinstance(msg, frames.Bye):
+            with self._lock:
+                mine = [req for (owner, _), req in self.requests.items() if owner == client]
+            for req in mine:
+                req.cancel.set()
+            self.out.put((client, msg))
+
+    # -- the output thread: the only user of the PUSH sockets ------------------------------------------
+    def _send_loop(self) -> None:
+        pushes: dict[bytes, zmq.Socket] = {}
+        finishes: dict[tuple[bytes, int], Finish] = {}
+        while not self._stop.is_set():
+            try:
+                items = [self.out.get(timeout=frames.BEAT_S)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self.out.get_nowait())
+                except queue.Empty:
+                    break
+            batches: dict[bytes, frames.Outputs] = {}
+            for key, item in items:
+                if isinstance(item, (frames.Hello, frames.Bye)):
+                    self._connect(pushes, key, item)
+                    continue
+                client, rid = key
+                batch = batches.setdefault(client, frames.Outputs(0, 0, [], []))
+                if isinstance(item, TokenEvent):
+                    batch.tokens.append(frames.Token(rid, item.token_id, item.index, item.step_ms,
+                                                     item.prefill_time_ms, item.batch))
+                elif isinstance(item, Finish):
+                    finishes[key] = item
+                elif isinstance(item, BaseException):
+                    finishes.pop(key, None)
+                    batch.ends.append(frames.End(rid, error_type=type(item).__name__, error=str(item)))
+                else:  # DONE: after its Finish, if it finished; cancelled requests have none
+                    fin = finishes.pop(key, None)
+                    batch.ends.append(frames.End(rid) if fin is None else
+                                      frames.End(rid, fin.finish_reason, fin.usage, fin.timings))
+            running = self.engine.running
+            waiting = max(0, len(self.thread.policy) - running)
+            for client, push in pushes.items():
+                batch = batches.get(client) or frames.Outputs(0, 0, [], [])
+                batch.running, batch.waiting = running, waiting
+                push.send(frames.encode(batch))
+        for push in pushes.values():
+            push.close(linger=0)
+
+    def _connect(self, pushes: dict, client: bytes, msg) -> None:
+        """``Hello``: connect a PUSH to the client's PULL (again only if the address changed: a repeated
+        Hello must not drop what is in flight) and answer ``Ready``. ``Bye``: close it."""
+        push = pushes.get(client)
+        if push is not None and (isinstance(msg, frames.Bye) or push.last_endpoint != msg.output.encode()):
+            pushes.pop(client).close(linger=0)
+            push = None
+        if isinstance(msg, frames.Hello):
+            if push is None:
+                push = pushes[client] = self.ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 0)
+                push.connect(msg.output)
+            push.send(frames.encode(self.info))
