@@ -64,7 +64,7 @@ def serve(args) -> None:
 
     from .serve.app import create_app
 
-    limits = _limits(args, max_concurrent=args.max_concurrent)
+    limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout)
     app = create_app(_load_engine(args), backend=args.backend, limits=limits)
     print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
           f"OpenAI API: /v1  metrics: /metrics", flush=True)
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'thread', streams interleaved one step at a time), or the lab's variants")
     p.add_argument("--max-concurrent", type=int, default=ServerLimits.max_concurrent,
                    help="generations at once; one more gets a 429 (default %(default)s)")
+    p.add_argument("--send-timeout", type=float, default=ServerLimits.send_timeout_s,
+                   help="seconds a stream's client may read nothing before it is dropped (default %(default)s)")
     _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
     sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
     sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)

@@ -2,7 +2,8 @@
 
 Callers rely on these names and nothing else, so there is no need to probe an object with ``hasattr``:
 every engine is an ``engine.Engine`` (on the model's runner or on ``fake.FakeRunner``), and every backend
-(``serve.engine_thread.EngineThread``, the lab's ``serve.variants``) offers all of ``Backend``.
+(``serve.engine_thread.EngineThread``, the lab's ``serve.variants``) offers all of ``Backend``. A stream
+whose engine died raises ``serve.health.EngineDeadError``.
 
 Left out: any implementation, and runtime checks (the protocols are for readers and type checkers).
 """
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from ..config import EngineConfig, SamplingParams
     from .engine import Completion
     from .sequence import Finish, Sequence, TokenEvent
+    from ..serve.health import EngineHealth
 
 
 class Runner(Protocol):
@@ -41,6 +43,7 @@ class EngineProtocol(Protocol):
     context_len: int  # prompt + output tokens one sequence may hold
     running: int  # sequences between their prefill and ``end``
     tokens_generated: int
+    route: dict  # the weight format that runs and why: {"quant", "why", ...}
 
     def encode(self, prompt: str, chat: bool | None = None) -> list[int]: ...
     def encode_messages(self, messages: list[dict]) -> list[int]: ...
@@ -57,7 +60,7 @@ class EngineProtocol(Protocol):
 class Backend(Protocol):
     """Where the web apps run an engine from (``serve.variants.make_backend`` makes one by name)."""
 
-    kind: str  # "batched", "thread", "executor" or "blocking"
+    kind: str  # "batched", "thread", "process", "executor" or "blocking"
     engine: EngineProtocol
 
     @property
@@ -65,6 +68,7 @@ class Backend(Protocol):
     @property
     def alive(self) -> bool: ...  # able to take requests (started, or starting on first use)
 
+    def health(self) -> "EngineHealth": ...  # alive, where, why not (cheap: /health and every request ask)
     def start(self) -> "Backend": ...  # idempotent; the FastAPI lifespan calls it
     def stream(self, prompt: str | list[int],
                params: "SamplingParams") -> AsyncIterator["TokenEvent | Finish"]: ...  # re-raises engine errors

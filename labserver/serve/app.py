@@ -12,11 +12,13 @@ Every generating route is one line into ``pipeline.run`` with its wire format's 
     data: {"finish_reason": "length", "usage": {...}, "timings": {...}}
     data: [DONE]
 
-A client that leaves mid-stream cancels its generation (Starlette notices on the next send or receive).
-A client that leaves a non-streaming request does not: nothing is sent before the end, so nothing
-notices. Limits (``limits.ServerLimits``): body size (413), JSON content type (415), concurrent
-generations (429). Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's ``{"detail": ...}``.
-Left out: authentication, TLS, request queues.
+A client that leaves cancels its generation: mid-stream Starlette notices on the next send or receive;
+a non-streaming request listens for the disconnect while it waits (``pipeline``). ``/health`` reports the
+engine (``backend.health()``, ``health.EngineHealth``) and answers 503 with a ``reason`` when it is dead
+or wedged; generating requests get the same 503 then. Limits (``limits.ServerLimits``): body size (413),
+JSON content type (415), concurrent generations (429), a client that reads nothing (dropped), a stream
+kept alive with SSE comments. Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's
+``{"detail": ...}``. Left out: authentication, TLS, request queues.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..model import kernels
 from . import openai_api, wire_generate
@@ -38,6 +40,7 @@ from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, Comp
 from .pipeline import install_error_handlers, run
 from .schemas import SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse
 from .generation import SSE_HEADERS, ClosingStreamingResponse
+from .health import unavailable
 from .variants import make_backend
 from .wire_generate import GenerateJob
 
@@ -90,13 +93,18 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
-    @app.get("/health")
-    async def health(request: Request) -> dict:
-        """Answers without touching the engine: it stalls only if something blocks the event loop."""
+    @app.get("/health", responses={503: {"description": "the engine is dead or wedged: see `reason`"}})
+    async def health(request: Request):
+        """Asks the backend what it knows (no engine work): it stalls only if something blocks the event loop."""
         current = request.app.state.backend
-        return {"status": "ok", "running": current.running if current else 0,
-                "backend": current.kind if current else backend, "model": engine.config.model,
-                "route": route}
+        if current is None:  # the server is shutting down
+            return JSONResponse({"status": "unavailable", "reason": "the server is stopping", "running": 0,
+                                 "backend": backend, "model": engine.config.model, "route": route}, 503)
+        state = current.health()
+        reason = unavailable(state, limits.wedged_after_s)
+        body = {"status": "ok" if reason is None else "unavailable", "engine": state.to_dict(),
+                "running": current.running, "backend": current.kind, "model": engine.config.model, "route": route}
+        return body if reason is None else JSONResponse({**body, "reason": reason}, status_code=503)
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
@@ -116,6 +124,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
             415: {"description": "the body is not sent as application/json"},
             429: {"description": "max_concurrent generations are running; retry after Retry-After"},
             500: {"description": "generation failed: {\"error\": {\"message\", \"type\"}}"},
+            503: {"description": "the engine is dead or wedged (also a non-streaming request whose engine died)"},
         },
     )
     async def generate(body: GenerateRequest, request: Request):
@@ -125,7 +134,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
 
 
 # -- /v1: the OpenAI-compatible API --------------------------------------------------------------------
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 429, 500)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 429, 500, 503)}
 STREAM = {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
           "description": "JSON, or with stream=true one chunk per token, then [DONE]"}
 openai_router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])

@@ -6,7 +6,7 @@ every step ~1.6x slower on a 2-core machine and drops ``inference_mode``. SGLang
 its own thread for the same reason.
 
 How requests flow: ``stream()`` puts a ``Request`` on a thread-safe inbox and awaits a per-request
-``asyncio.Queue``. Between two forwards the loop (``EngineThread._run``) takes what arrived
+``asyncio.Queue``. Between two forwards the loop (``EngineThread._loop``) takes what arrived
 (``Engine.begin`` encodes it; a bad prompt goes straight back as its error), drops the cancelled requests,
 asks its *policy* (``policies.TurnTaking`` or ``policies.Batched``) which sequences run next, runs that
 forward (``Engine.prefill_steps`` or ``Engine.decode_step``), hands each event back with
@@ -16,18 +16,29 @@ before the next forward, so at most one more token is computed, and a request ca
 is never prefilled. A failed forward fails the sequences in it; the loop goes on. ``close()`` releases
 everyone with ``DONE``.
 
+The failure model: a stream's queue is bounded: a request whose consumer leaves ``max_backlog`` events
+unread (a client that stopped reading) is left out of the decode steps until it reads again, so it costs
+no compute and no memory while the web layer decides to drop it. A failure of the loop itself (outside
+any forward) kills the engine: every open request, running, waiting or still in the inbox, gets
+``health.EngineDeadError`` at once, and every later ``submit`` raises it. ``health()`` reports whether the
+thread lives and how long its loop has not come round while it has work (a forward that never ends).
+
 The thread starts in ``start()``, never in the constructor, so an app that is never served leaves no
 thread behind: the FastAPI lifespan calls it, and ``submit`` (so ``stream``, ``generate``) calls it on
 first use, for the Flask app's callers and scripts.
 
-Left out: admission limits (``limits.py``), priorities, an engine in another process.
+Left out: admission limits (``limits.py``), priorities, restarting a dead engine, an engine in another
+process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,11 +46,17 @@ from ..config import SamplingParams
 from ..engine.engine import Completion, collect
 from ..engine.protocols import EngineProtocol
 from ..engine.sequence import Sequence
+from .health import EngineDeadError, EngineHealth
 from .policies import Policy, Step, TurnTaking
+
+logger = logging.getLogger(__name__)
 
 DONE = object()  # end-of-stream marker; a sentinel, never StopIteration (asyncio cannot carry that)
 _STOP = object()
 STALLED_WAIT_S = 0.005  # requests wait but none can run (no free slot): look at the inbox this often
+# Events a stream may leave unread before its request sits out the decode steps. By then the web layer's
+# own buffers (the socket's and the transport's, ~64 KiB or more) are full too: the client is not reading.
+MAX_BACKLOG = 64
 
 
 @dataclass(eq=False)  # compared by identity: two requests for the same prompt are two requests
@@ -49,19 +66,32 @@ class Request:
     sink: Callable[[Any], None]  # called on the engine thread with each event, an exception, or DONE
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: Sequence | None = None  # made on the engine thread by ``Engine.begin``
+    max_backlog: int | None = None  # None: the consumer keeps up by itself (a blocking ``generate``)
+    sent: int = 0  # items given to ``sink``; written by the engine thread only
+    taken: int = 0  # items the consumer has read; written by the consumer only
+
+    @property
+    def held(self) -> bool:
+        """The consumer has left ``max_backlog`` items unread: the request sits out decode steps."""
+        return self.max_backlog is not None and self.sent - self.taken >= self.max_backlog
 
 
 class EngineThread:
     """Owns ``engine`` on one thread that runs ``policy`` (default ``TurnTaking``); the backend doors are
-    ``stream`` (async), ``complete``, ``generate`` (blocking), ``running``, ``start``, ``close``."""
+    ``stream`` (async), ``complete``, ``generate`` (blocking), ``running``, ``health``, ``start``, ``close``."""
 
-    def __init__(self, engine: EngineProtocol, policy: Policy | None = None, name: str = "labserver-engine"):
-        self.engine, self.name = engine, name
+    def __init__(self, engine: EngineProtocol, policy: Policy | None = None, name: str = "labserver-engine",
+                 max_backlog: int = MAX_BACKLOG):
+        self.engine, self.name, self.max_backlog = engine, name, max_backlog
         self.policy = policy if policy is not None else TurnTaking()  # an empty policy is falsy (len 0)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._lock = threading.Lock()  # orders start, submit and close
+        self._dead: str | None = None  # why the loop died, once it has
+        self._open: set[Request] = set()  # submitted and not yet given their last item
+        self._lock = threading.Lock()  # orders start, submit, close and death
+        self._idle = True  # the loop is blocked on an empty inbox with nothing to do
+        self._beat_at = time.monotonic()  # when the loop last came round
 
     @property
     def kind(self) -> str:
@@ -75,6 +105,19 @@ class EngineThread:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def health(self) -> EngineHealth:
+        """Alive (running, or startable on first use), where, and how long the loop has not come round."""
+        thread, reason = self._thread, self._dead
+        if reason is None and self._closed:
+            reason = "the engine thread has stopped (the server is shutting down)"
+        elif reason is None and thread is not None and not thread.is_alive():
+            reason = "the engine thread is not running"
+        requests = list(self.policy.requests)
+        waiting = self._inbox.qsize() + sum(r.seq is not None and not r.seq.running for r in requests)
+        return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind,
+                            route=self.engine.route["quant"], reason=reason, running=self.engine.running,
+                            waiting=waiting, no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at)
+
     def start(self) -> "EngineThread":
         """Start the engine thread (once; later calls do nothing). A closed backend cannot start again."""
         with self._lock:
@@ -82,6 +125,8 @@ class EngineThread:
         return self
 
     def _start_locked(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
         if self._closed:
             raise RuntimeError("the engine thread has stopped")
         if self._thread is None:
@@ -90,15 +135,27 @@ class EngineThread:
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # outside any forward: the engine itself is broken
+            logger.exception("the engine thread failed")
+            self._die(f"the engine thread died: {type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         import torch
 
         torch.set_num_threads(self.engine.config.threads)  # the setting is per calling thread
         wait: float | None = None  # idle: block until a request arrives
-        while self._take_arrivals(wait):
+        while True:
+            self._idle = wait is None
+            more = self._take_arrivals(wait)
+            self._idle, self._beat_at = False, time.monotonic()
+            if not more:
+                break
             for req in self.policy:
                 if req.cancel.is_set():
                     self._retire(req, DONE)
-            step = self.policy.schedule(self.engine.runner.free_slots)
+            step = self._next_step()
             if step is not None:
                 self._forward(step)
             wait = 0 if step is not None else STALLED_WAIT_S if len(self.policy) else None
@@ -119,12 +176,24 @@ class EngineThread:
 
     def _admit(self, req: Request) -> None:
         if req.cancel.is_set():
-            return req.sink(DONE)
+            return self._send(req, DONE)
         try:
             req.seq = self.engine.begin(req.prompt, req.params, req.cancel)
         except Exception as exc:  # e.g. PromptTooLong: the caller re-raises it
-            return req.sink(exc)
+            return self._send(req, exc)
         self.policy.add(req)
+
+    def _next_step(self) -> Step | None:
+        """The policy's next step without the requests whose readers are behind (``Request.held``); asks
+        again, up to once per request, when a decode step is left with nobody."""
+        for _ in range(max(1, len(self.policy))):
+            step = self.policy.schedule(self.engine.runner.free_slots)
+            if step is None or step.prefill:
+                return step
+            step.requests = [req for req in step.requests if not req.held]
+            if step.requests:
+                return step
+        return None
 
     def _forward(self, step: Step) -> None:
         seqs = [req.seq for req in step.requests]
@@ -139,7 +208,7 @@ class EngineThread:
             return
         for req, event in zip(step.requests, events):
             if event is not None:
-                req.sink(event)
+                self._send(req, event)
             if req.seq.finished:
                 self._retire(req, DONE)
 
@@ -147,30 +216,58 @@ class EngineThread:
         self.policy.remove(req)
         finish = self.engine.end(req.seq)  # frees its cache slot before the next forward
         if last is DONE and req.seq.finished:
-            req.sink(finish)
-        req.sink(last)
+            self._send(req, finish)
+        self._send(req, last)
+
+    def _send(self, req: Request, item: Any) -> None:
+        req.sent += 1
+        if item is DONE or isinstance(item, BaseException):
+            with self._lock:
+                self._open.discard(req)
+        req.sink(item)
 
     def _shutdown(self) -> None:
         for req in self.policy:
             self.policy.remove(req)
             self.engine.end(req.seq)
-            req.sink(DONE)
+            self._send(req, DONE)
+
+    def _die(self, reason: str) -> None:
+        """Tell every open request the engine is dead (first), then free what can still be freed."""
+        with self._lock:
+            self._dead = reason
+            open_requests, self._open = list(self._open), set()
+        for req in open_requests:
+            try:
+                req.sink(EngineDeadError(reason))
+            except Exception:  # one broken sink must not keep the others waiting
+                logger.exception("could not tell a request that the engine died")
+        for req in open_requests:
+            try:
+                if req.seq is not None:
+                    self.engine.end(req.seq)
+            except Exception:
+                pass  # the engine is broken anyway; its slots matter no more
 
     # -- the doors, called from other threads -------------------------------------------------------
     def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> Request:
         """Queue a request for the engine thread (starting it on first use); ``sink`` gets its items."""
-        req = Request(prompt, params, sink)
+        return self._submit(Request(prompt, params, sink))
+
+    def _submit(self, req: Request) -> Request:
         with self._lock:
             self._start_locked()
             if not self._thread.is_alive():
-                raise RuntimeError("the engine thread has stopped")
+                raise EngineDeadError("the engine thread is not running")
+            self._open.add(req)
             self._inbox.put(req)
         return req
 
     async def stream(self, prompt, params: SamplingParams):
-        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors."""
+        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors
+        (``EngineDeadError`` when the engine died)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()  # bounded in effect: see Request.held
 
         def sink(item):
             try:
@@ -178,9 +275,11 @@ class EngineThread:
             except RuntimeError:  # the loop is closed: nobody listens any more
                 req.cancel.set()
 
-        req = self.submit(prompt, params, sink)
+        req = Request(prompt, params, sink, max_backlog=self.max_backlog)
+        self._submit(req)
         try:
             while (item := await events.get()) is not DONE:
+                req.taken += 1
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -1,16 +1,21 @@
 """What a backend says about its engine: alive or not, where it runs, and why it cannot serve.
 
 Every backend (the engine thread, the engine process, the lab's variants) answers ``health()`` with an
-``EngineHealth``; ``/health`` shows it under ``"engine"`` and answers 503 with its ``reason`` when the
-engine cannot serve. A stream whose engine died ends with ``EngineDeadError`` (an error event, then
-``[DONE]``); a request that arrives meanwhile gets a 503.
+``EngineHealth``; ``/health`` shows it under ``"engine"`` and answers 503 with the reason ``unavailable``
+gives when the engine cannot serve: it is dead (``reason`` says why), or *wedged*: it has work but its
+loop has not come round (ended a forward, looked at its queue) for longer than the app's limit. A stream
+whose engine died ends with ``EngineDeadError`` (an error event, then ``[DONE]``); a request that
+arrives meanwhile gets a 503.
 
     >>> EngineHealth(alive=True, pid=1234, backend="process", route="q4_1").to_dict()["alive"]
     True
     >>> EngineHealth(alive=False, pid=None, backend="thread", route="q4_1", reason="the engine thread died").ok
     False
+    >>> unavailable(EngineHealth(True, 1, "batched", "fake", running=2, no_progress_s=9.0), wedged_after_s=5)
+    'the engine is wedged: no progress for 9.0 s with 2 running and 0 waiting'
 
-Left out: deciding when an engine is wedged (each backend knows its own progress counter) and restarts.
+Left out: restarting a dead engine (the process backend's supervisor does; a dead engine thread stays
+dead and the server answers 503 until it is restarted).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineHealth:
-    alive: bool
+    alive: bool  # the engine runs, or will start on first use
     pid: int | None  # the process that runs the engine
     backend: str  # "thread", "batched", "process", "executor", "blocking", ...
     route: str  # the weight format that runs ("q4_1", "fp16", "none", "fake")
@@ -32,6 +37,7 @@ class EngineHealth:
     running: int = 0
     waiting: int = 0
     restarts: int = 0
+    no_progress_s: float = 0.0  # since the engine loop last came round while it had work; 0 when idle
 
     @property
     def ok(self) -> bool:
@@ -39,3 +45,15 @@ class EngineHealth:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def unavailable(health: EngineHealth, wedged_after_s: float) -> str | None:
+    """Why the engine cannot serve now (dead, or wedged for longer than ``wedged_after_s``); None if it can."""
+    if not health.alive:
+        return health.reason or "the engine is not running"
+    if health.reason is not None:
+        return health.reason
+    if health.no_progress_s > wedged_after_s:
+        return (f"the engine is wedged: no progress for {health.no_progress_s:.1f} s with "
+                f"{health.running} running and {health.waiting} waiting")
+    return None

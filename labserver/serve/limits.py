@@ -1,4 +1,5 @@
-"""What the server accepts before any work starts: body size, content type and concurrent generations.
+"""What the server accepts before any work starts (body size, content type, concurrent generations), and
+how long it waits for a client or an engine that makes no progress.
 
 A shared classroom server meets every kind of client: a script in a loop, a paste of a whole book, a
 browser tab left streaming. Each limit here turns such a client into a fast, clear 4xx instead of a
@@ -15,7 +16,15 @@ pile-up that slows everyone:
   the one engine thread, so each extra stream slows all the others. (The Flask baseline serves one
   request at a time by design: it has no use for this one.)
 
-Left out: per-client quotas, authentication, queueing with a wait limit, and limits on time spent.
+- ``send_timeout_s``: a stream whose client reads nothing for this long (one send stuck that long: the
+  socket's buffers are full) is dropped, its generation cancelled and its slot freed (``generation``).
+- ``keepalive_s``: a stream that has sent nothing for this long (waiting for its first token behind
+  other prompts) sends an SSE comment, ``: keep-alive``, so no proxy closes it as idle.
+- ``wedged_after_s``: the engine is reported wedged (``/health`` and new requests: 503) when its loop has
+  work but has not come round for this long (``health.unavailable``).
+
+Left out: per-client quotas, authentication, queueing with a wait limit, and limits on a request's
+total time.
 """
 
 from __future__ import annotations
@@ -40,12 +49,21 @@ class ServerLimits:
     # that several times (e.g. "\u00e9"), and 1 MiB still leaves ample room.
     max_body_bytes: int = 1024 * 1024
     retry_after_s: int = 1
+    send_timeout_s: float = 30.0
+    keepalive_s: float = 5.0  # well under the 60 s idle timeout of common proxies (nginx, AWS ALB)
+    # Longer than the longest forward the engine limits allow: a 4,096-token prompt prefilled alone takes
+    # ~4.5 min at the 65 ms per prompt token measured on the slowest machine (AVX2, the q4_1 route).
+    wedged_after_s: float = 300.0
 
     def __post_init__(self):
         for name in ("max_concurrent", "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("send_timeout_s", "keepalive_s", "wedged_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
 
 
 class Slot:
@@ -85,6 +103,10 @@ def too_many_requests(limits: ServerLimits) -> HTTPException:
     message = (f"the server is busy: {limits.max_concurrent} generations are already running "
                f"(its max_concurrent limit). Retry in {limits.retry_after_s} s.")
     return HTTPException(429, detail=message, headers={"Retry-After": str(limits.retry_after_s)})
+
+
+def engine_unavailable(reason: str) -> HTTPException:
+    return HTTPException(503, detail=f"the engine cannot serve requests now: {reason}")
 
 
 def too_large_message(limits: ServerLimits) -> str:

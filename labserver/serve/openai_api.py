@@ -37,7 +37,7 @@ from ..config import SamplingParams
 from ..engine.engine import Finish, PromptTooLong, TokenEvent
 from .stop_strings import StopMatcher
 
-OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error"}
+OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
 
 
 class OpenAIError(HTTPException):

@@ -13,15 +13,20 @@ becomes a prompt and ``SamplingParams`` and how events become its payloads and i
 - ``body(gen)``: the whole non-streaming answer;
 - ``fault(exc)``: the payload that reports a fault during generation, in that format's shape.
 
-Everything else happens here, once: a concurrency slot or a 429 (``generation.start_generation``), the
-SSE framing, the fault logged and reported (an error event in a stream, a 500 otherwise), ``[DONE]`` at
-the end of every stream, the slot and the metrics released however the request ends. Errors raised
-before a response starts (bad input, 404, 413, 415, 429) are shaped by the format's exception handlers
-(``install_error_handlers``). Left out: routing (``app``) and the formats themselves.
+Everything else happens here, once: a 503 when the engine cannot serve, a concurrency slot or a 429
+(``generation.start_generation``), the SSE framing with its keep-alive comments and its send timeout
+(``generation.sse_response``), the fault logged and reported (an error event in a stream; otherwise a
+500, or a 503 when the engine died: ``EngineDeadError``), ``[DONE]`` at the end of every stream, the
+slot and the metrics released however the request ends. A client that leaves cancels its generation:
+a stream notices on its next send; a non-streaming request listens for ``http.disconnect`` while it
+waits for its body (as vLLM's ``with_cancellation``), since nothing is sent before the end. Errors
+raised before a response starts (bad input, 404, 413, 415, 429, 503) are shaped by the format's
+exception handlers (``install_error_handlers``). Left out: routing (``app``) and the formats themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import aclosing
 from typing import Callable, Protocol
@@ -33,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from .generation import Generation, sse_response, start_generation
+from .health import EngineDeadError
 from .schemas import DONE_FRAME, sse_frame
 
 logger = logging.getLogger(__name__)
@@ -56,8 +62,8 @@ async def run(request: Request, job: Job) -> Response:
     ids = job.encode(engine)
     gen = start_generation(request, ids, job.params, len(ids))  # a slot, or the 429
     if job.stream:
-        return sse_response(_sse(job, gen), gen)
-    return await _complete(job, gen)
+        return sse_response(_sse(job, gen), gen, request.app.state.limits)
+    return await _complete(request, job, gen)
 
 
 async def _sse(job: Job, gen: Generation):
@@ -76,15 +82,45 @@ async def _sse(job: Job, gen: Generation):
     yield DONE_FRAME
 
 
-async def _complete(job: Job, gen: Generation) -> JSONResponse:
+async def _complete(request: Request, job: Job, gen: Generation) -> Response:
     try:
-        body = await job.body(gen)
+        body = await _unless_client_leaves(request, job.body(gen))
+    except ClientLeft:
+        return Response(status_code=204)  # nobody reads it: the server only drops it
+    except EngineDeadError as exc:
+        logger.error("generation lost with the engine: %s", exc)
+        return JSONResponse(job.fault(exc), status_code=503)
     except Exception as exc:
         logger.exception("generation failed")
         return JSONResponse(job.fault(exc), status_code=500)
     finally:
         gen.close()
     return JSONResponse(body)
+
+
+class ClientLeft(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, work):
+    """Await ``work`` unless an ``http.disconnect`` comes first: then cancel it (which cancels the
+    generation) and raise ``ClientLeft``. The body has been read by then, so only the disconnect can come."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watch):
+            pending.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)  # the generation's own cleanup runs now
+    if not task.cancelled():
+        return task.result()
+    raise ClientLeft
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ErrorShapes(Protocol):

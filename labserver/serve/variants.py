@@ -9,13 +9,14 @@
   trickle out, but the event loop is blocked during every step, so ``/health`` waits.
 
 Both offer what ``engine.protocols.Backend`` says, as ``engine_thread.EngineThread`` does (``stream``,
-``complete``, ``generate``, ``running``, ``start``, ``close``). Neither is meant for serving;
+``complete``, ``generate``, ``running``, ``health``, ``start``, ``close``). Neither is meant for serving;
 ``make_backend`` picks a backend by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Executor
 
@@ -23,6 +24,7 @@ from ..config import SamplingParams
 from ..engine.engine import Completion, collect
 from ..engine.protocols import Backend, EngineProtocol
 from .engine_thread import DONE, EngineThread
+from .health import EngineHealth
 from .policies import Batched, TurnTaking
 
 
@@ -39,6 +41,11 @@ class _DirectBackend:
     @property
     def alive(self) -> bool:
         return True  # no thread of its own: it runs wherever its caller does
+
+    def health(self) -> EngineHealth:
+        """Always alive: the engine runs in the caller's own process and thread, so it dies with it."""
+        return EngineHealth(alive=True, pid=os.getpid(), backend=self.kind, route=self.engine.route["quant"],
+                            running=self.engine.running)
 
     def start(self) -> "_DirectBackend":
         return self
