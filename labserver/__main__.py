@@ -65,10 +65,46 @@ def serve(args) -> None:
     from .serve.app import create_app
 
     limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout)
+    if args.backend == "process":
+        return serve_processes(args, limits)
+    if args.api_servers != 1:
+        sys.exit("error: --api-servers needs --backend process (API processes share one engine process)")
     app = create_app(_load_engine(args), backend=args.backend, limits=limits)
     print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
           f"OpenAI API: /v1  metrics: /metrics", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def serve_processes(args, limits) -> None:
+    """The engine in its own process, ``--api-servers`` API processes in front of it; the model is loaded
+    there only (this process supervises: it restarts the engine process if it dies)."""
+    import signal
+
+    from .config import EngineConfig
+    from .serve.api_servers import ApiServers
+    from .serve.background import ServerStartError
+    from .serve.engine_process import EngineSpec
+    from .serve.engine_supervisor import EngineStartError
+
+    try:
+        spec = EngineSpec(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,
+                                                quant=args.quant, threads=args.threads))
+        servers = ApiServers(spec, args.api_servers, args.host, args.port, limits, log_level="info").start()
+    except (ValueError, EngineStartError, ServerStartError) as exc:
+        sys.exit(f"error: {exc}")
+
+    def terminate(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    print(f"labserver (FastAPI, streaming) on {servers.url}: {args.api_servers} API process(es) "
+          f"{servers.api_pids}, engine process {servers.engine_pid}", flush=True)
+    try:
+        while servers.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    servers.stop()
 
 
 def flask(args) -> None:
@@ -96,9 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="the streaming FastAPI server (SSE)")
     _server_args(p, 5000)
-    p.add_argument("--backend", default="auto", choices=["auto", "batched", "thread", "executor", "blocking"],
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "batched", "thread", "process", "executor", "blocking"],
                    help="where inference runs: 'auto' = the batched scheduler on the engine thread (or "
-                        "'thread', streams interleaved one step at a time), or the lab's variants")
+                        "'thread', streams interleaved one step at a time), 'process' = the batched "
+                        "scheduler in an engine process of its own (over ZMQ), or the lab's variants")
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="with --backend process: API server processes sharing the one engine process "
+                        "(default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=ServerLimits.max_concurrent,
                    help="generations at once; one more gets a 429 (default %(default)s)")
     p.add_argument("--send-timeout", type=float, default=ServerLimits.send_timeout_s,

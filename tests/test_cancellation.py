@@ -59,7 +59,7 @@ def check_disconnect_stops_generation(engine, backend_kind: str, max_tokens: int
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["batched", "thread", "executor"])
+@pytest.mark.parametrize("backend", ["batched", "thread", "executor", "process"])
 def test_disconnect_cancels_fake_generation(backend):
     check_disconnect_stops_generation(fake_engine(prefill_ms=20, step_ms=20), backend, max_tokens=1000)
 

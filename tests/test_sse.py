@@ -71,7 +71,7 @@ def test_stream_bytes_are_exact(fake_engine):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["batched", "thread", "executor", "blocking"])
+@pytest.mark.parametrize("backend", ["batched", "thread", "executor", "blocking", "process"])
 def test_done_follows_the_last_token_at_once(backend):
     # The seed awaited run_in_executor(next) and caught StopIteration: the stream hung after its last
     # token forever. Here [DONE] must follow the summary straight away for every backend.
@@ -87,7 +87,7 @@ def test_done_follows_the_last_token_at_once(backend):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("backend", ["batched", "thread", "executor"])
+@pytest.mark.parametrize("backend", ["batched", "thread", "executor", "process"])
 def test_error_mid_stream_is_an_event_then_done_and_the_server_lives(backend):
     engine = fake_engine(prefill_ms=5, step_ms=5, fail_at=3)
     with UvicornServer(create_app(engine, backend)) as server:

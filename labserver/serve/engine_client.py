@@ -1,5 +1,5 @@
-"""The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` with
-its ``OutputProcessor`` and ``AsyncMPClient``, in one small class).
+"""The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` and
+``AsyncMPClient`` in one small class; its ``OutputProcessor`` is ``engine_outputs``).
 
 ``EngineClient`` offers the doors every backend offers (``stream``, ``complete``, ``generate``,
 ``running``, ``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run
@@ -12,9 +12,8 @@ unchanged. What happens behind them:
   token ids, and awaits a per-request ``asyncio.Queue``. Closing the generator (the client left) sends
   ``Abort``: the engine stops the sequence before its next forward.
 - A receiving thread pulls ``Outputs`` and turns each token id into the same ``TokenEvent`` the thread
-  backend yields: the text comes from this process's incremental detokenizer (``_RequestState``, vLLM's
-  ``RequestState``), with the final flush on the last token as ``Sequence.append`` does it; step times
-  and the ``Finish`` numbers are the engine's. Events go to the request's queue with
+  backend yields (``engine_outputs.RequestState``: the text made here, the step times and the
+  ``Finish`` numbers the engine's). Events go to the request's queue with
   ``loop.call_soon_threadsafe``, as the engine thread hands them over. (vLLM pulls in an asyncio task;
   a thread serves any event loop and the blocking ``generate`` too, and costs the loop the same GIL.)
   Stop strings stay where they are for every backend: in the wire format (``openai_api``), on this
@@ -44,11 +43,10 @@ from typing import Any, Callable
 import zmq
 
 from ..config import SamplingParams
-from ..engine.detokenize import IncrementalDetokenizer
-from ..engine.engine import Completion, PromptTooLong, collect
-from ..engine.sequence import Finish, TokenEvent
+from ..engine.engine import Completion, collect
 from . import zmq_frames as frames
 from .engine_frontend import Frontend
+from .engine_outputs import RequestState
 from .engine_supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
 from .engine_thread import DONE
 from .health import EngineDeadError, EngineHealth
@@ -58,27 +56,6 @@ CHECK_S = 0.1  # how often it checks that the engine's pid still exists
 SILENT_S = 20 * frames.BEAT_S  # an engine that sends nothing (not even its beat) this long is dead
 HELLO_S = 0.2  # while no engine answers, say Hello again this often
 READY_TIMEOUT_S = 30.0
-ERRORS = {"PromptTooLong": PromptTooLong, "ValueError": ValueError, "EngineDeadError": EngineDeadError}
-
-
-class _RequestState:
-    """One request's text, made here from the ids the engine sends (vLLM's ``RequestState``)."""
-
-    def __init__(self, rid: int, sink: Callable[[Any], None], tokenizer, max_tokens: int):
-        self.rid, self.sink = rid, sink
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.last_index = max_tokens - 1  # the engine caps max_tokens by the context the same way
-
-    def token(self, t: frames.Token) -> TokenEvent:
-        text = self.detok.step(t.token_id) + (self.detok.flush() if t.index == self.last_index else "")
-        return TokenEvent(text, t.token_id, t.index, t.step_ms, t.prefill_time_ms, t.batch)
-
-    def end(self, e: frames.End) -> list:
-        if e.error_type is not None:
-            return [ERRORS.get(e.error_type, RuntimeError)(e.error)]
-        if e.finish_reason is not None:
-            return [Finish(e.finish_reason, e.usage, e.timings), DONE]
-        return [DONE]  # cancelled: no Finish, as on the engine thread
 
 
 def _pid_exists(pid: int) -> bool:
@@ -99,7 +76,7 @@ class EngineClient:
     def __init__(self, frontend: Frontend, max_restarts: int = MAX_RESTARTS):
         self.frontend = self.engine = frontend
         self.process = None if frontend.address else EngineProcess(frontend.spec, max_restarts)
-        self._requests: dict[int, _RequestState] = {}
+        self._requests: dict[int, RequestState] = {}
         self._rids = itertools.count()
         self._lock = threading.Lock()  # start, close, the engine's state and the DEALER socket
         self._started = self._closed = False
@@ -257,7 +234,7 @@ class EngineClient:
             return False
 
     # -- the doors --------------------------------------------------------------------------------------
-    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> _RequestState:
+    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> RequestState:
         """Send one request to the engine (starting it on first use); ``sink`` gets its items.
 
         Raises ``EngineDeadError`` when no engine is alive (it died, and is restarting or gave up).
@@ -269,14 +246,14 @@ class EngineClient:
         with self._lock:
             if not self._alive:
                 raise EngineDeadError(self._reason or "the engine process is not running")
-            state = _RequestState(next(self._rids), sink, self.frontend.tokenizer, max_tokens)
+            state = RequestState(next(self._rids), sink, self.frontend.tokenizer, max_tokens)
             self._requests[state.rid] = state
             if not self._send(frames.Add(state.rid, ids, params)):
                 del self._requests[state.rid]
                 raise EngineDeadError("the engine process takes no requests")
         return state
 
-    def _abort(self, state: _RequestState) -> None:
+    def _abort(self, state: RequestState) -> None:
         with self._lock:
             if self._requests.pop(state.rid, None) is not None and self._alive:
                 self._send(frames.Abort([state.rid]))

@@ -1,0 +1,156 @@
+"""The process backend over HTTP on the fake runner: the same SSE as the engine thread on /generate and
+/v1, stop strings applied in the API process, a killed engine process, several API processes."""
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from labserver import fake_engine
+from labserver.serve.api_servers import API_SERVER_HEADER, start_api_servers
+from labserver.serve.background import start_fastapi, stop
+
+TIMED = ("step_ms", "prefill_time_ms", "timings", "id", "created")
+
+
+def untimed(data: str):
+    """An SSE payload without what differs from run to run (times, ids)."""
+    if data == "[DONE]":
+        return data
+    d = json.loads(data)
+    return {k: v for k, v in d.items() if k not in TIMED}
+
+
+def events(url: str, path: str, body: dict, client: httpx.Client | None = None) -> list[str]:
+    with httpx.Client(timeout=60) as own:
+        with connect_sse(client or own, "POST", url + path, json=body) as source:
+            assert source.response.status_code == 200
+            return [event.data for event in source.iter_sse()]
+
+
+def wait_for(predicate, timeout_s: float) -> float:
+    start = time.perf_counter()
+    while not predicate() and time.perf_counter() - start < timeout_s:
+        time.sleep(0.01)
+    return time.perf_counter() - start
+
+
+def check_disconnect_aborts(server, body: dict) -> None:
+    """Read three token events, leave; the engine process's running count is 0 a step or two later."""
+    backend = server.app.state.backend
+    with httpx.Client(timeout=60) as client, connect_sse(client, "POST", server.url + "/generate", json=body) as src:
+        received = []
+        for event in src.iter_sse():
+            received.append(event.json())
+            if len(received) == 3:
+                break
+    assert backend.running == 1 or backend.running == 0  # nothing else runs on this server
+    slowest_step_s = max(e["step_ms"] for e in received[1:]) / 1000
+    # One second, or two decode steps on a machine so busy that a step takes longer than that.
+    waited = wait_for(lambda: backend.running == 0, timeout_s=max(1.0, 2 * slowest_step_s))
+    assert backend.running == 0, f"the engine process still runs it {waited:.2f} s after the client left"
+
+
+def check_kill_mid_stream(server, body: dict, ok_body: dict) -> None:
+    """kill -9 the engine process mid-stream: an error event then [DONE] within 2 s; a request meanwhile
+    is refused; the supervisor restarts the engine and a request succeeds."""
+    backend = server.app.state.backend
+    first_pid = backend.health().pid
+    with httpx.Client(timeout=60) as client, connect_sse(client, "POST", server.url + "/generate", json=body) as src:
+        stream = src.iter_sse()
+        for _ in range(3):
+            next(stream)
+        os.kill(first_pid, signal.SIGKILL)
+        killed_at = time.perf_counter()
+        rest = [event.data for event in stream]
+        ended_s = time.perf_counter() - killed_at
+    assert ended_s < 2.0, f"the stream ended {ended_s:.2f} s after the engine died"
+    assert json.loads(rest[-2])["error"]["type"] == "EngineDeadError" and rest[-1] == "[DONE]"
+    # A restart needs a fresh interpreter to import torch (seconds): this request comes before it.
+    meanwhile = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
+    assert meanwhile.status_code in (500, 503) and "EngineDeadError" in meanwhile.text, meanwhile.text
+    wait_for(lambda: backend.health().ok, timeout_s=180)
+    health = backend.health()
+    assert health.ok and health.restarts == 1 and health.pid != first_pid
+    again = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
+    assert again.status_code == 200 and again.json()["text"]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """The same fake engine behind the engine thread and behind an engine process."""
+    thread = start_fastapi(fake_engine(prefill_ms=10, step_ms=10), backend="batched", name="proc-test-thread")
+    process = start_fastapi(fake_engine(prefill_ms=10, step_ms=10), backend="process", name="proc-test-process")
+    yield thread, process
+    stop("proc-test-thread"), stop("proc-test-process")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate", {"prompt": "hi", "max_tokens": 5, "stream": True}),
+    ("/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 5, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                              "stop": ["four five"], "stream": True}),
+])
+def test_sse_equals_the_engine_thread(servers, path, body):
+    thread, process = servers
+    expected = events(thread.url, path, body)
+    got = events(process.url, path, body)
+    assert [untimed(d) for d in got] == [untimed(d) for d in expected]
+    assert got[-1] == "[DONE]" and len(got) > 3
+
+
+def test_stop_strings_are_cut_in_the_api_process(servers):
+    _, process = servers
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stop": ["four"]}
+    response = httpx.post(process.url + "/v1/chat/completions", json=body, timeout=30).json()
+    assert response["choices"][0]["message"]["content"] == " one two three "
+    assert response["choices"][0]["finish_reason"] == "stop"
+
+
+def test_disconnect_aborts_across_the_boundary(servers):
+    _, process = servers
+    check_disconnect_aborts(process, {"prompt": "hi", "max_tokens": 1000, "stream": True})
+
+
+def test_a_killed_engine_process_over_http():
+    server = start_fastapi(fake_engine(prefill_ms=5, step_ms=20), backend="process", name="proc-test-kill")
+    try:
+        check_kill_mid_stream(server, {"prompt": "hi", "max_tokens": 2000, "stream": True},
+                              {"prompt": "hi", "max_tokens": 2})
+    finally:
+        stop("proc-test-kill")
+
+
+def test_two_api_processes_share_one_engine_process():
+    servers = start_api_servers(fake_engine(prefill_ms=20, step_ms=50), 2, name="proc-test-api")
+    try:
+        assert len(set(servers.api_pids)) == 2 and servers.engine_pid not in servers.api_pids
+
+        def one(_):
+            with httpx.Client(timeout=60) as client:  # a connection of its own: the kernel picks a process
+                with connect_sse(client, "POST", servers.url + "/generate",
+                                 json={"prompt": "hi", "max_tokens": 8, "stream": True}) as source:
+                    pid = int(source.response.headers[API_SERVER_HEADER])
+                    return pid, [event.data for event in source.iter_sse()]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(16)))
+        assert {pid for pid, _ in answers} == set(servers.api_pids)  # both API processes answered
+        for _, data in answers:
+            assert "".join(json.loads(d)["token"] for d in data[:8]) == " one two three four five six seven eight"
+            assert data[-1] == "[DONE]"
+        # One engine: streams that came in through different API processes shared its forwards.
+        batches = {pid: max(json.loads(d).get("batch") or 0 for d in data[:8]) for pid, data in answers}
+        assert all(b > 1 for b in batches.values())
+        for _ in range(4):  # /health, once it reports the engine, names the same engine process
+            health = httpx.get(servers.url + "/health", timeout=10).json()
+            if "engine" in health:
+                assert health["engine"]["pid"] == servers.engine_pid
+    finally:
+        stop("proc-test-api")
