@@ -196,7 +196,8 @@ stop("engine-thread")
 # become one; on a match, send the summary `{"finish_reason": "stop"}` and read no further. Text still
 # held back when the finish arrives goes out in one more `{"token": ...}` event before it. End with
 # `data: [DONE]`. The checker feeds it byte tokens (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and
-# the real engine's ids on the fake runner.
+# the real engine's ids on the fake runner. (The server's own loop is split between
+# `serve/engine_outputs.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them afterwards.)
 
 # %%
 def sse_from_ids(outputs, tokenizer, stop):
