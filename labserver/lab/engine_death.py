@@ -147,8 +147,9 @@ class Death:
 
     @property
     def pid_after(self) -> int | None:
-        ok = [pid for t, status, pid, _ in self.watch.samples if status == 200 and t > self.kill_ms]
-        return ok[-1] if ok else None
+        """The engine's pid in /health's last answer, if that answer was 200 (an engine that serves)."""
+        last = self.watch.samples[-1] if self.watch.samples else None
+        return last[2] if last is not None and last[1] == 200 else None
 
     def statuses_after(self) -> list[int]:
         return [status for t, status, _, _ in self.watch.samples if t > self.kill_ms]
@@ -234,12 +235,13 @@ def plot_death(deaths: Sequence[Death]) -> LabFigure:
     fig = LabFigure(figsize=(6 * len(deaths), 3.4), layout="constrained")
     for ax, death in zip(fig.subplots(1, len(deaths), squeeze=False)[0], deaths):
         t_s = [(t - death.kill_ms) / 1000 for t, *_ in death.watch.samples]
-        ax.plot(t_s, [status for _, status, _, _ in death.watch.samples], ".", color="tab:gray",
-                label="/health status")
+        statuses = [status for _, status, _, _ in death.watch.samples]
+        ax.scatter(t_s, statuses, s=8, c=["tab:green" if s == 200 else "tab:red" for s in statuses],
+                   label="/health status (200 green, else red)")
         for i, end in enumerate(death.ended_ms):
             if end is not None:
-                ax.axvline(end / 1000, color=f"C{i + 2}", linestyle=":", label=f"stream {i + 1} ended")
-        ax.axvline(0, color="tab:red", linestyle="--", label=death.how)
+                ax.axvline(end / 1000, color="tab:blue", linestyle=":", label="a stream ended" if i == 0 else None)
+        ax.axvline(0, color="black", linestyle="--", label=death.how)
         ax.set(title=f"{death.backend}: the engine dies", xlabel="s after the kill", ylabel="HTTP status",
                ylim=(0, 600))
         ax.legend(fontsize=7, loc="lower right")
