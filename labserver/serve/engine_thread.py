@@ -235,8 +235,9 @@ class EngineThread:
     def _die(self, reason: str) -> None:
         """Tell every open request the engine is dead (first), then free what can still be freed."""
         with self._lock:
-            self._dead = reason
+            self._dead, self._idle = reason, True
             open_requests, self._open = list(self._open), set()
+        self.policy.requests.clear()
         for req in open_requests:
             try:
                 req.sink(EngineDeadError(reason))
