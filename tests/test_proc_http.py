@@ -71,14 +71,18 @@ def check_kill_mid_stream(server, body: dict, ok_body: dict) -> None:
         ended_s = time.perf_counter() - killed_at
     assert ended_s < 2.0, f"the stream ended {ended_s:.2f} s after the engine died"
     assert json.loads(rest[-2])["error"]["type"] == "EngineDeadError" and rest[-1] == "[DONE]"
-    # A restart needs a fresh interpreter to import torch (seconds): this request comes before it.
+    # A restart needs a fresh interpreter to import torch (seconds): these requests come before it.
+    health = httpx.get(server.url + "/health", timeout=10)
+    assert health.status_code == 503 and str(first_pid) in health.json()["reason"]
     meanwhile = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
-    assert meanwhile.status_code in (500, 503) and "EngineDeadError" in meanwhile.text, meanwhile.text
+    assert meanwhile.status_code == 503 and str(first_pid) in meanwhile.text, meanwhile.text
     wait_for(lambda: backend.health().ok, timeout_s=180)
     health = backend.health()
     assert health.ok and health.restarts == 1 and health.pid != first_pid
     again = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
     assert again.status_code == 200 and again.json()["text"]
+    engine = httpx.get(server.url + "/health", timeout=10).json()["engine"]
+    assert engine["pid"] == health.pid and engine["restarts"] == 1 and engine["backend"] == "process"
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +152,31 @@ def test_two_api_processes_share_one_engine_process():
         # One engine: streams that came in through different API processes shared its forwards.
         batches = {pid: max(json.loads(d).get("batch") or 0 for d in data[:8]) for pid, data in answers}
         assert all(b > 1 for b in batches.values())
-        for _ in range(4):  # /health, once it reports the engine, names the same engine process
+        for _ in range(4):  # whichever API process answers, /health names the one engine process
             health = httpx.get(servers.url + "/health", timeout=10).json()
-            if "engine" in health:
-                assert health["engine"]["pid"] == servers.engine_pid
+            assert health["engine"]["pid"] == servers.engine_pid and health["status"] == "ok"
     finally:
         stop("proc-test-api")
+
+
+def test_health_reports_a_wedged_engine_process():
+    # A prefill of 3 s stands for a forward that does not return: the engine process's loop does not come
+    # round, its beats say so, and /health answers 503 "wedged" past the limit, then 200 again.
+    from labserver.serve.limits import ServerLimits
+
+    server = start_fastapi(fake_engine(prefill_ms=3000, step_ms=1), backend="process", name="proc-test-wedge",
+                           limits=ServerLimits(wedged_after_s=1.0))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, server.url + "/generate", json={"prompt": "hi", "max_tokens": 2},
+                                 timeout=60)
+            time.sleep(2.0)
+            wedged = httpx.get(server.url + "/health", timeout=10)
+            done = answer.result()
+        after = httpx.get(server.url + "/health", timeout=10)
+        assert wedged.status_code == 503 and "wedged" in wedged.json()["reason"]
+        assert wedged.json()["engine"]["alive"] is True and wedged.json()["engine"]["pid"] != os.getpid()
+        assert done.status_code == 200 and done.json()["text"] == " one two"
+        assert after.status_code == 200 and after.json()["engine"]["no_progress_s"] < 1.0
+    finally:
+        stop("proc-test-wedge")

@@ -118,8 +118,7 @@ def test_command_line_two_api_processes_one_engine(thread_completion):
         assert {pid for pid, _ in answers} == api_pids
         assert all(text == thread_completion.text for _, text in answers)
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
-        if "engine" in health:
-            assert health["engine"]["pid"] == engine_pid
+        assert health["engine"]["pid"] == engine_pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

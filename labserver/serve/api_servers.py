@@ -24,6 +24,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 from multiprocessing.connection import wait
 
 from .background import BackgroundServer, _bind, start_server, stop
@@ -63,12 +64,17 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     server = uvicorn.Server(uvicorn.Config(_Tagged(app), log_level=log_level, lifespan="on",
                                            timeout_graceful_shutdown=2))
 
-    def tell_started():
+    def watch():
+        """Say when the server accepts connections; stop it if the parent process dies."""
+        parent = os.getppid()
         while not server.started and not server.should_exit:
-            threading.Event().wait(0.02)
+            time.sleep(0.02)
         started.set()
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        server.should_exit = True
 
-    threading.Thread(target=tell_started, daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
     server.run(sockets=[sock])
 
 

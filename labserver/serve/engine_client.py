@@ -81,9 +81,11 @@ class EngineClient:
         self._lock = threading.Lock()  # start, close, the engine's state and the DEALER socket
         self._started = self._closed = False
         self._ready = threading.Event()
-        self._alive, self._reason = False, "not started"
+        self._reason: str | None = None  # why it cannot serve (dead, closed); None: it can, or can start
+        self._up = False  # an engine answered Ready and has not died since
         self._pid: int | None = None
         self._restarts = self._running = self._waiting = 0
+        self._no_progress_s = 0.0
         self._heard = 0.0
         self._thread: threading.Thread | None = None
 
@@ -94,17 +96,18 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
-        return self._alive
+        """Serving, or able to start on first use (as every backend); False once dead or closed."""
+        return self._reason is None
 
     def health(self) -> EngineHealth:
-        reason = None if self._alive else self._reason
-        restarts = self._restarts
+        reason, restarts = self._reason, self._restarts
         if self.process is not None:
             reason = reason and (self.process.reason or reason)  # the supervisor knows restarts, give-ups
             restarts = max(restarts, self.process.restarts)
-        return EngineHealth(alive=self._alive, pid=self._pid, backend=self.kind,
+        return EngineHealth(alive=reason is None, pid=self._pid, backend=self.kind,
                             route=str(self.frontend.route.get("quant")), reason=reason,
-                            running=self._running, waiting=self._waiting, restarts=restarts)
+                            running=self._running, waiting=self._waiting, restarts=restarts,
+                            no_progress_s=self._no_progress_s if self._up else 0.0)
 
     # -- start and close --------------------------------------------------------------------------------
     def start(self) -> "EngineClient":
@@ -145,7 +148,7 @@ class EngineClient:
             if self._closed:
                 return
             self._closed = True
-            started, self._alive, self._reason = self._started, False, "closed"
+            started, self._up, self._reason = self._started, False, "the engine client is closed"
             if started:
                 self._send(frames.Bye())
             pending = list(self._requests.values())
@@ -155,6 +158,7 @@ class EngineClient:
         if not started:
             return
         self._thread.join(timeout)
+        self._dealer.close(linger=500)  # Bye gets 0.5 s to reach a live engine; a dead one costs that wait
         self._ctx.destroy(linger=0)
         if self.process is not None:
             self.process.close(timeout)
@@ -180,12 +184,14 @@ class EngineClient:
 
     def _engine_ready(self, msg: frames.Ready) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._pid, self._restarts = msg.pid, msg.restarts
-            self._alive, self._reason = True, None
+            self._up, self._reason = True, None
         self._ready.set()
 
     def _deliver(self, msg: frames.Outputs) -> None:
-        self._running, self._waiting = msg.running, msg.waiting
+        self._running, self._waiting, self._no_progress_s = msg.running, msg.waiting, msg.no_progress_s
         strays = set()
         for t in msg.tokens:
             state = self._requests.get(t.rid)
@@ -203,7 +209,7 @@ class EngineClient:
                 self._send(frames.Abort(sorted(strays)))
 
     def _check(self, now: float) -> None:
-        if self._alive:
+        if self._up:
             if not _pid_exists(self._pid):
                 self._engine_died(f"the engine process (pid {self._pid}) is gone")
             elif now - self._heard > SILENT_S:
@@ -218,7 +224,7 @@ class EngineClient:
         with self._lock:
             if self._closed:
                 return
-            self._alive, self._reason, self._running, self._waiting = False, reason, 0, 0
+            self._up, self._reason, self._running, self._waiting = False, reason, 0, 0
             self._ready.clear()
             doomed = list(self._requests.values())
             self._requests.clear()
@@ -244,8 +250,8 @@ class EngineClient:
         ids = prompt if isinstance(prompt, list) else self.frontend.encode(prompt)
         max_tokens = min(params.max_tokens, self.frontend.context_len - len(ids))
         with self._lock:
-            if not self._alive:
-                raise EngineDeadError(self._reason or "the engine process is not running")
+            if not self._up:
+                raise EngineDeadError(self.health().reason or "the engine process is not running")
             state = RequestState(next(self._rids), sink, self.frontend.tokenizer, max_tokens)
             self._requests[state.rid] = state
             if not self._send(frames.Add(state.rid, ids, params)):
@@ -255,7 +261,7 @@ class EngineClient:
 
     def _abort(self, state: RequestState) -> None:
         with self._lock:
-            if self._requests.pop(state.rid, None) is not None and self._alive:
+            if self._requests.pop(state.rid, None) is not None and self._up:
                 self._send(frames.Abort([state.rid]))
 
     async def stream(self, prompt, params: SamplingParams):

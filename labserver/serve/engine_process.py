@@ -117,6 +117,7 @@ class EngineCore:
         self.router.bind(address)
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # (client, rid, item) from sinks; commands
         self.requests: dict[tuple[bytes, int], object] = {}  # (client, rid) -> engine_thread.Request
+        self.clients: set[bytes] = set()  # the API processes that said Hello to this engine
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a request may end (on the engine thread) before submit returns
 
@@ -125,13 +126,15 @@ class EngineCore:
         self.thread.start()
         sender = threading.Thread(target=self._send_loop, name="labserver-core-out", daemon=True)
         sender.start()
-        code = 0
+        code, parent = 0, os.getppid()
         while not self._stop.is_set():
             if self.router.poll(100):
                 client, payload = self.router.recv_multipart()
                 self._handle(client, frames.decode_in(payload))
             if not self.thread.alive:
                 code = ENGINE_THREAD_DIED
+                break
+            if os.getppid() != parent:  # the supervisor is gone (killed): nobody would ever stop us
                 break
         self.thread.close()
         self._stop.set()
@@ -141,6 +144,8 @@ class EngineCore:
 
     def _handle(self, client: bytes, msg) -> None:
         if isinstance(msg, frames.Add):
+            if client not in self.clients:  # sent to an engine that died, before this one: long failed
+                return
             key = (client, msg.rid)
 
             def sink(item, key=key):
@@ -160,13 +165,19 @@ class EngineCore:
                 if req is not None:
                     req.cancel.set()
         elif isinstance(msg, frames.Hello):
+            self.clients.add(client)
             self.out.put((client, msg))
         elif isinstance(msg, frames.Bye):
-            with self._lock:
-                mine = [req for (owner, _), req in self.requests.items() if owner == client]
-            for req in mine:
-                req.cancel.set()
+            self._forget(client)
             self.out.put((client, msg))
+
+    def _forget(self, client: bytes) -> None:
+        """Cancel every request of ``client``; it must say Hello again before it sends more."""
+        self.clients.discard(client)
+        with self._lock:
+            mine = [req for (owner, _), req in self.requests.items() if owner == client]
+        for req in mine:
+            req.cancel.set()
 
     # -- the output thread: the only user of the PUSH sockets ------------------------------------------
     def _send_loop(self) -> None:
@@ -183,12 +194,13 @@ class EngineCore:
                 except queue.Empty:
                     break
             batches: dict[bytes, frames.Outputs] = {}
+            new = lambda: frames.Outputs(0, 0, 0.0, [], [])  # noqa: E731
             for key, item in items:
                 if isinstance(item, (frames.Hello, frames.Bye)):
                     self._connect(pushes, key, item)
                     continue
                 client, rid = key
-                batch = batches.setdefault(client, frames.Outputs(0, 0, [], []))
+                batch = batches.setdefault(client, new())
                 if isinstance(item, TokenEvent):
                     batch.tokens.append(frames.Token(rid, item.token_id, item.index, item.step_ms,
                                                      item.prefill_time_ms, item.batch))
@@ -201,12 +213,15 @@ class EngineCore:
                     fin = finishes.pop(key, None)
                     batch.ends.append(frames.End(rid) if fin is None else
                                       frames.End(rid, fin.finish_reason, fin.usage, fin.timings))
-            running = self.engine.running
-            waiting = max(0, len(self.thread.policy) - running)
-            for client, push in pushes.items():
-                batch = batches.get(client) or frames.Outputs(0, 0, [], [])
-                batch.running, batch.waiting = running, waiting
-                push.send(frames.encode(batch))
+            health = self.thread.health()
+            for client, push in list(pushes.items()):
+                batch = batches.get(client) or new()
+                batch.running, batch.waiting, batch.no_progress_s = health.running, health.waiting, health.no_progress_s
+                try:
+                    push.send(frames.encode(batch), zmq.NOBLOCK)
+                except zmq.Again:  # its API process is gone (or stopped reading): it would block us all
+                    pushes.pop(client).close(linger=0)
+                    self._forget(client)  # it hears nothing more, so it counts us dead and says Hello
         for push in pushes.values():
             push.close(linger=0)
 
@@ -222,4 +237,4 @@ class EngineCore:
                 push = pushes[client] = self.ctx.socket(zmq.PUSH)
                 push.setsockopt(zmq.LINGER, 0)
                 push.connect(msg.output)
-            push.send(frames.encode(self.info))
+            push.send(frames.encode(self.info), zmq.NOBLOCK)

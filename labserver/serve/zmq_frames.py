@@ -14,8 +14,9 @@ In, from an API process's DEALER to the engine's ROUTER (which prefixes the send
 Out, from the engine's PUSH (one per API process) to that process's PULL:
 
 - ``Ready(pid, context_len, route, restarts)``: who answers, and how often it has been restarted.
-- ``Outputs(running, waiting, tokens, ends)``: what one or more engine steps produced for this API
-  process, and the engine's counts; an empty one every ``BEAT_S`` seconds says "still alive".
+- ``Outputs(running, waiting, no_progress_s, tokens, ends)``: what one or more engine steps produced
+  for this API process, and the engine's counts and progress (``EngineThread.health``); an empty one
+  every ``BEAT_S`` seconds says "still alive".
   A request's ``End`` always comes after its tokens.
 
 Every struct is ``array_like`` (packed as a list, not a map: no field names on the wire) and tagged, so
@@ -85,6 +86,7 @@ class End(msgspec.Struct, array_like=True):
 class Outputs(_Frame):
     running: int
     waiting: int
+    no_progress_s: float = 0.0  # since the engine loop last came round while it had work (0: idle)
     tokens: list[Token] = []
     ends: list[End] = []
 
