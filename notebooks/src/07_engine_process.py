@@ -127,15 +127,17 @@ lab.plot_isolation({**{(k, "quiet"): r for k, r in quiet.items()}, **{(k, "loade
 # - **`/health`** slows down with either design. It is answered by the API process's event loop, and that
 #   loop now parses and tokenizes large prompts: a probe waits for the work ahead of it. Moving the engine
 #   out does not help here; more API processes would (`--api-servers`), or tokenizing off the loop.
-# - **The engine's steps and the client's gaps.** With the engine on a thread, every step needs the GIL
-#   back many times (after each C kernel and each torch call), and a thread that runs Python without
-#   pause keeps it for up to 5 ms each time (`sys.getswitchinterval()`): the steps stretch, often several
-#   times. The engine process has a GIL of its own, so its steps lose only the CPU that the API process
-#   takes from them. Usually the process's loaded steps stay much closer to its quiet ones than the
-#   thread's do. On a machine shared with other busy programs (a hub, a laptop compiling something) the
-#   steps of both vary a lot from run to run, and one run can show the opposite: compare the quiet rows
-#   first, and run the cell again before you conclude. The client's gaps (ITL) carry the API process's
-#   delays too, whatever the design: each token still leaves through that busy event loop.
+# - **The engine's steps and the client's gaps.** Both designs lose CPU to the API process: on 2 cores,
+#   a core busy parsing and tokenizing is a core the model's OpenMP team waits for. With the engine on a
+#   thread they also share the GIL: the model's C code runs without it, but the Python around every step
+#   (sampling, the scheduler, detokenizing, handing events to the loop) needs it back, and a thread that
+#   wants the GIL from one that runs Python without pause waits up to 5 ms for it
+#   (`sys.getswitchinterval()`), several times a step. The engine process has a GIL of its own. So the
+#   engine thread's steps usually stretch more under the same load than the engine process's. On a
+#   machine shared with other busy programs (a hub, a laptop compiling something) the steps of both vary
+#   a lot from run to run, and one run can show the opposite: compare the quiet rows first, and run the
+#   cell again before you conclude. The client's gaps (ITL) carry the API process's delays too, whatever
+#   the design: each token still leaves through that busy event loop.
 #
 # ## 4. When the engine dies
 #
@@ -168,10 +170,10 @@ stop("engine-thread")
 # What differs is what comes next. A thread that died took the engine with it, inside a process that may
 # now be in any state: only restarting the whole server helps, and every client of it sees that. A
 # process that died left the API process untouched: the supervisor starts a new engine process (a
-# bounded number of times, exercise 2), the API process says `Hello` again, and the server answers again
-# without a restart, on the same port, with the same open connections for `/health`. The requests that
-# were running are lost either way (the client may retry them); vLLM does the same and leaves restarts to
-# whatever runs the server (Kubernetes, systemd).
+# bounded number of times, exercise 2), the API process says `Hello` again, and the same server, on the
+# same port, serves again. The requests that were running are lost either way (the client may retry
+# them). vLLM fails them too, and rather than restart its engine core it shuts the server down and leaves
+# the restart to whatever runs it (Kubernetes, systemd).
 #
 # ## Summary
 #
