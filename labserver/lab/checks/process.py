@@ -92,8 +92,10 @@ def _case(name, fn, label, outputs, tokenizer, stop, text, finish_reason, one_pe
     ok = say(got == text and REPLACEMENT not in got, name, f"{label}: text {got!r} (expected {text!r})")
     ids = [o["token_id"] for o in outputs if "token_id" in o]
     if one_per_token:
-        ok &= say([p.get("token_id") for p in tokens] == ids and [p.get("index") for p in tokens] == list(range(len(ids))),
-                  name, f"{label}: one event per token id, in order, with its index ({len(tokens)} for {len(ids)})")
+        in_order = ([p.get("token_id") for p in tokens] == ids
+                    and [p.get("index") for p in tokens] == list(range(len(ids))))
+        ok &= say(in_order, name, f"{label}: one event per token id, in order, with its index "
+                                  f"({len(tokens)} for {len(ids)})")
     last = _stop_index(ids, tokenizer, stop) if finish_reason == "stop" else None
     if last is not None:
         ok &= say(read[0] <= last + 1, name, f"{label}: stopped reading the engine at the token that completed "
@@ -101,7 +103,8 @@ def _case(name, fn, label, outputs, tokenizer, stop, text, finish_reason, one_pe
     reason = summaries[-1].get("finish_reason") if summaries else None
     ok &= say(len(summaries) == 1 and payloads[-1] is summaries[0] and reason == finish_reason, name,
               f"{label}: one summary after the tokens, finish_reason {reason!r} (expected {finish_reason!r})")
-    return ok & say(done and not problem, name, f"{label}: ends with data: [DONE]" + (f" ({problem})" if problem else ""))
+    ending = f"{label}: ends with data: [DONE]" + (f" ({problem})" if problem else "")
+    return ok & say(done and not problem, name, ending)
 
 
 @checker
