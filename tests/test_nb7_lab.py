@@ -27,6 +27,8 @@ def test_the_api_load_is_refused_before_the_engine(fake):
         assert run.trace.n_tokens == 8 and fake.tokens_generated == 8 + 2 + 0  # the stream and its warm-up
         row = lab.loaded_row("batched", "3 clients", run, load)
         assert row["refused/s"] > 0 and row["step p50 ms"] >= 5.0
+        fig = lab.plot_isolation({("batched", "loaded"): run})
+        assert [len(ax.lines) for ax in fig.axes] == [1, 1, 1]  # steps, gaps, /health
     finally:
         stop("nb7-load")
 
@@ -51,7 +53,8 @@ def test_the_engine_thread_dies_and_stays_dead(fake):
     assert all(s.error_then_done and "injected fault" in s.error for s in death.streams)
     assert all(s.tokens >= 4 for s in death.streams)  # killed mid-way, as asked
     assert death.last_end_ms < 2000 and death.during_status == 503
-    assert death.statuses_after()[-1] == 503 and death.back_ms is None
+    assert death.statuses_after()[-1] == 503 and death.back_ms is None and death.pid_after is None
+    assert "loop fault" in [t.get_text() for t in lab.plot_death([death]).axes[0].get_legend().get_texts()]
 
 
 @pytest.mark.timeout(120)
