@@ -102,7 +102,7 @@ def test_figures_and_ratios():
     peer_1 = {"step_ms": 5.0, "prefill_ms": 30.0, "server_prefill_ms": 25.0, "tokens_per_s_8": None}
     peer_8 = {"tokens_per_s_8": 40.0}
     ours["server_prefill_ms"] = 50.0
-    assert ratios(ours, peer_1, peer_8) == {"P6": 2.0, "P6_prefill": 2.0, "P6_prefill_server": 2.0, "P7": 0.5}
+    assert ratios(ours, peer_1, peer_8) == {"P6": 2.0, "P6_prefill": 2.0, "P6_prefill_server": 2.0, "P7_peer": 0.5}
 
 
 def test_timings_agreement_counts_only_requests_within_the_tolerance():
@@ -175,5 +175,5 @@ def test_outcome_takes_p6_per_round_and_p7_from_the_n_stream_server():
     peer_1 = target("np1", 5.0, LLAMA_CPP, [])
     peer_n = target("np8", 5.0, LLAMA_CPP, [1, 1])
     out = outcome([ours, peer_1, peer_n], (), runs=1, max_tokens=4)
-    assert out["P6_rounds"] == [2.0, 2.0] and out["P7_rounds"] == [0.5, 1.0]
-    assert out["P6"] == 2.0 and out["P7"] == 0.75 and out["problems"] == []
+    assert out["P6_rounds"] == [2.0, 2.0] and out["P7_peer_rounds"] == [0.5, 1.0]
+    assert out["P6"] == 2.0 and out["P7_peer"] == 0.75 and out["problems"] == []
