@@ -166,3 +166,33 @@ def test_a_killed_engine_process_fails_open_streams_refuses_then_restarts():
             backend.generate("hi", SamplingParams(max_tokens=2))
     finally:
         backend.close()
+
+
+def test_a_reader_that_stops_reading_stops_costing_decode_steps():
+    # The reader is in this process, the engine in another: every ACK_EVERY events the client says how
+    # far it has read, and a request MAX_BACKLOG events ahead of its reader sits out the decode steps.
+    from labserver.serve.engine_thread import MAX_BACKLOG
+
+    backend = make_backend(fake_engine(prefill_ms=1, step_ms=1), "process").start()
+    try:
+        async def read_pause_read():
+            stream = backend.stream("hi", SamplingParams(max_tokens=1000))
+            first = [await stream.__anext__() for _ in range(5)]
+            await asyncio.sleep(2.0)  # ~1000 steps of 1 ms: the whole generation, were it not held
+            held = backend.running
+            buffered, last = 0, time.perf_counter()
+            rest = []
+            async for item in stream:
+                now = time.perf_counter()
+                buffered += now - last < 0.001 and len(rest) == buffered  # items that were already here
+                last = now
+                rest.append(item)
+            return first, held, buffered, rest
+
+        first, held, buffered, rest = asyncio.run(read_pause_read())
+        assert held == 1  # still running (not finished, not cancelled), only held
+        assert 5 <= buffered <= MAX_BACKLOG + frames.ACK_EVERY, buffered
+        tokens = first + rest[:-1]
+        assert [e.index for e in tokens] == list(range(1000)) and rest[-1].finish_reason == "length"
+    finally:
+        backend.close()

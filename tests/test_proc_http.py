@@ -180,3 +180,15 @@ def test_health_reports_a_wedged_engine_process():
         assert after.status_code == 200 and after.json()["engine"]["no_progress_s"] < 1.0
     finally:
         stop("proc-test-wedge")
+
+
+@pytest.mark.parametrize("path,body", [("/generate", {"prompt": "hi"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_a_non_streaming_client_that_leaves_aborts_across_the_boundary(servers, path, body):
+    _, process = servers
+    backend = process.app.state.backend
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
+        httpx.post(process.url + path, json={**body, "max_tokens": 2000}, timeout=httpx.Timeout(10, read=0.5))
+    # 2000 steps of 10 ms: unnoticed, the generation would go on for ~20 s.
+    waited = wait_for(lambda: backend.running == 0, timeout_s=1.0)
+    assert backend.running == 0, f"the engine process still runs it {waited:.2f} s after the client left"

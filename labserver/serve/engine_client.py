@@ -1,30 +1,25 @@
 """The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` and
 ``AsyncMPClient`` in one small class; its ``OutputProcessor`` is ``engine_outputs``).
 
-``EngineClient`` offers the doors every backend offers (``stream``, ``complete``, ``generate``,
-``running``, ``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run
-unchanged. What happens behind them:
+``EngineClient`` has every backend's doors (``stream``, ``complete``, ``generate``, ``running``,
+``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run unchanged:
 
-- ``start()`` starts an engine process (``engine_supervisor.EngineProcess``) unless the frontend names
-  one that already runs, binds a PULL socket for its outputs, connects a DEALER (with an identity of its
-  own) to the engine's ROUTER, says ``Hello`` and waits for ``Ready``.
-- ``stream()`` tokenizes in this process (``Frontend.encode``, when given text), sends ``Add`` with the
-  token ids, and awaits a per-request ``asyncio.Queue``. Closing the generator (the client left) sends
-  ``Abort``: the engine stops the sequence before its next forward.
-- A receiving thread pulls ``Outputs`` and turns each token id into the same ``TokenEvent`` the thread
-  backend yields (``engine_outputs.RequestState``: the text made here, the step times and the
-  ``Finish`` numbers the engine's). Events go to the request's queue with
-  ``loop.call_soon_threadsafe``, as the engine thread hands them over. (vLLM pulls in an asyncio task;
-  a thread serves any event loop and the blocking ``generate`` too, and costs the loop the same GIL.)
-  Stop strings stay where they are for every backend: in the wire format (``openai_api``), on this
-  text, in this process.
-- The engine's death is noticed at once when this process supervises it (the supervisor's sentinel), and
-  otherwise within ``CHECK_S`` by checking its pid (or after ``SILENT_S`` without a word): every open
-  stream ends with ``EngineDeadError``, ``submit`` refuses new requests with it, and ``Hello`` is repeated
-  until a restarted engine answers ``Ready``; then it serves again.
+- ``start()`` starts an engine process (``engine_supervisor``) unless the frontend names one that runs,
+  binds a PULL socket for its outputs, connects a DEALER (an identity of its own) to the engine's ROUTER,
+  says ``Hello`` and waits for ``Ready``.
+- ``stream()`` tokenizes here (when given text), sends ``Add`` with the ids and awaits a per-request
+  ``asyncio.Queue``; closing it (the client left) sends ``Abort``, and the engine stops the sequence
+  before its next forward. Every ``ACK_EVERY`` events read it sends ``Taken``: a reader that stops
+  reading stops costing decode steps ``MAX_BACKLOG`` events later, as on the engine thread. Stop strings
+  stay in the wire format, on this process's text.
+- A receiving thread pulls ``Outputs``, makes each id into the ``TokenEvent`` the engine thread would
+  have made (``engine_outputs.RequestState``) and hands it over with ``loop.call_soon_threadsafe``.
+  (vLLM pulls in an asyncio task; a thread serves any loop and the blocking ``generate`` alike.)
+- A dead engine is noticed at once by its supervisor in this process, else within ``CHECK_S`` (its pid is
+  gone) or ``SILENT_S`` (no beat): open streams end with ``EngineDeadError``, ``submit`` raises it, and
+  ``Hello`` is repeated until a restarted engine answers ``Ready``.
 
-Left out: retrying the requests a dead engine was running (they fail; the client may retry), and
-streaming ``logprobs`` (nothing asks for them).
+Left out: retrying the requests a dead engine was running (they fail; the client may retry).
 """
 
 from __future__ import annotations
@@ -63,9 +58,7 @@ def _pid_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True  # PermissionError too: it exists
 
 
 class EngineClient:
@@ -78,7 +71,7 @@ class EngineClient:
         self.process = None if frontend.address else EngineProcess(frontend.spec, max_restarts)
         self._requests: dict[int, RequestState] = {}
         self._rids = itertools.count()
-        self._lock = threading.Lock()  # start, close, the engine's state and the DEALER socket
+        self._lock = threading.RLock()  # start, close, the engine's state and the DEALER socket
         self._started = self._closed = False
         self._ready = threading.Event()
         self._reason: str | None = None  # why it cannot serve (dead, closed); None: it can, or can start
@@ -205,8 +198,7 @@ class EngineClient:
                 for item in state.end(e):
                     state.sink(item)
         if strays:
-            with self._lock:
-                self._send(frames.Abort(sorted(strays)))
+            self._send(frames.Abort(sorted(strays)))
 
     def _check(self, now: float) -> None:
         if self._up:
@@ -216,8 +208,7 @@ class EngineClient:
                 self._engine_died(f"the engine process (pid {self._pid}) has said nothing for {SILENT_S} s")
         elif now - self._heard > HELLO_S and not self._closed:
             self._heard = now  # ask again later: a restarted engine answers the next Hello with Ready
-            with self._lock:
-                self._send(frames.Hello(self._output))
+            self._send(frames.Hello(self._output))
 
     def _engine_died(self, reason: str) -> None:
         """Fail every open request with ``EngineDeadError``; refuse new ones until an engine is ``Ready``."""
@@ -232,12 +223,12 @@ class EngineClient:
             state.sink(EngineDeadError(reason))
 
     def _send(self, msg) -> bool:
-        """Send on the DEALER (the caller holds ``_lock``); False when ZMQ cannot queue it."""
-        try:
-            self._dealer.send(frames.encode(msg), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+        """Send ``msg`` (if any) on the DEALER; False when ZMQ cannot queue it (no engine for long)."""
+        with self._lock:  # a ZMQ socket is not thread-safe
+            try:
+                return msg is None or self._dealer.send(frames.encode(msg), zmq.NOBLOCK) is None
+            except zmq.Again:
+                return False
 
     # -- the doors --------------------------------------------------------------------------------------
     def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> RequestState:
@@ -280,6 +271,7 @@ class EngineClient:
             while (item := await events.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
+                self._send(state.took())
                 yield item
         finally:
             self._abort(state)
@@ -296,6 +288,7 @@ class EngineClient:
             while (item := events.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
+                self._send(state.took())
                 yield item
 
         try:

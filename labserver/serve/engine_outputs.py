@@ -37,6 +37,12 @@ class RequestState:
         self.rid, self.sink = rid, sink
         self.detok = IncrementalDetokenizer(tokenizer)
         self.last_index = max_tokens - 1
+        self.taken = 0  # events the reader has taken (told to the engine every ACK_EVERY)
+
+    def took(self) -> frames.Taken | None:
+        """Count one event read; every ``ACK_EVERY`` the message that tells the engine."""
+        self.taken += 1
+        return frames.Taken(self.rid, self.taken) if self.taken % frames.ACK_EVERY == 0 else None
 
     def token(self, t: frames.Token) -> TokenEvent:
         text = self.detok.step(t.token_id) + (self.detok.flush() if t.index == self.last_index else "")

@@ -35,7 +35,7 @@ from ..config import QUANTS, EngineConfig
 from ..engine.engine import Engine
 from ..engine.sequence import Finish, TokenEvent
 from . import zmq_frames as frames
-from .engine_thread import DONE, EngineThread
+from .engine_thread import DONE, MAX_BACKLOG, EngineThread
 from .policies import Batched
 
 ENGINE_THREAD_DIED = 3  # the exit code when the engine thread stops under the process
@@ -156,9 +156,15 @@ class EngineCore:
 
             with self._lock:
                 try:
-                    self.requests[key] = self.thread.submit(msg.prompt, msg.params, sink)
+                    req = self.requests[key] = self.thread.submit(msg.prompt, msg.params, sink)
                 except Exception as exc:  # the engine thread has stopped: this process is about to exit
                     self.out.put((key, exc))
+                else:  # its reader is in another process: it tells how far it has read with Taken
+                    req.max_backlog = MAX_BACKLOG
+        elif isinstance(msg, frames.Taken):
+            req = self.requests.get((client, msg.rid))
+            if req is not None:
+                req.taken = msg.taken
         elif isinstance(msg, frames.Abort):
             for rid in msg.rids:
                 req = self.requests.get((client, rid))

@@ -9,6 +9,8 @@ In, from an API process's DEALER to the engine's ROUTER (which prefixes the send
 - ``Hello(output)``: "send my outputs to the PULL socket at this address"; answered with ``Ready``.
 - ``Add(rid, prompt, params)``: a request; ``rid`` is unique per API process.
 - ``Abort(rids)``: the clients of these requests left: stop them before the next forward.
+- ``Taken(rid, taken)``: the request's reader has taken this many events (sent every ``ACK_EVERY``): a
+  request whose reader is ``engine_thread.MAX_BACKLOG`` events behind sits out the decode steps.
 - ``Bye()``: this API process is closing; its requests are aborted.
 
 Out, from the engine's PUSH (one per API process) to that process's PULL:
@@ -32,6 +34,7 @@ import msgspec
 from ..config import SamplingParams
 
 BEAT_S = 0.25  # an idle engine still says it is alive this often
+ACK_EVERY = 16  # a reader says how far it has read this often (in events): well under MAX_BACKLOG
 
 
 class _Frame(msgspec.Struct, array_like=True, tag=True, omit_defaults=True):
@@ -50,6 +53,11 @@ class Add(_Frame):
 
 class Abort(_Frame):
     rids: list[int]
+
+
+class Taken(_Frame):
+    rid: int
+    taken: int
 
 
 class Bye(_Frame):
@@ -92,5 +100,5 @@ class Outputs(_Frame):
 
 
 encode = msgspec.msgpack.Encoder().encode
-decode_in = msgspec.msgpack.Decoder(Union[Hello, Add, Abort, Bye]).decode
+decode_in = msgspec.msgpack.Decoder(Union[Hello, Add, Abort, Taken, Bye]).decode
 decode_out = msgspec.msgpack.Decoder(Union[Ready, Outputs]).decode
