@@ -81,13 +81,16 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
-def backend_figures(served: dict, alone: dict, suffix: str = "") -> dict:
-    """P0, P1, P2 and P4 of one FastAPI backend (``measure_fastapi``'s result); ``suffix`` names its column."""
+def backend_figures(served: dict | None, alone: dict, suffix: str = "") -> dict:
+    """P0, P1, P2 and P4 of one FastAPI backend (``measure_fastapi``'s result, None if it could not be
+    measured); ``suffix`` names its column."""
+    names = (f"P0{suffix}", f"P1{suffix}", f"P2{suffix}", f"P4_{suffix[1:] or 'fastapi'}_p99_ms")
+    if served is None:
+        return dict.fromkeys(names)
     fast = served["stream"]
-    return {f"P0{suffix}": _ratio(fast["p50_step_ms"], alone["p50_step_ms"]),
-            f"P1{suffix}": _ratio(fast["p50_itl_ms"], fast["p50_step_ms"]),
-            f"P2{suffix}": _ratio(fast["p50_ttft_ms"], fast["p50_prefill_ms"]),
-            f"P4_{suffix[1:] or 'fastapi'}_p99_ms": served["health"]["p99_ms"]}
+    return dict(zip(names, (_ratio(fast["p50_step_ms"], alone["p50_step_ms"]),
+                            _ratio(fast["p50_itl_ms"], fast["p50_step_ms"]),
+                            _ratio(fast["p50_ttft_ms"], fast["p50_prefill_ms"]), served["health"]["p99_ms"])))
 
 
 def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4, prompt: str = DEFAULT_PROMPT,
@@ -105,7 +108,11 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     thread = measure_fastapi(engine, "auto", prompt, max_tokens, runs, concurrency)
     if process:
         log("(b') FastAPI, backend 'process' ...")
-        proc = measure_fastapi(engine, "process", prompt, max_tokens, runs, concurrency)
+        try:
+            proc = measure_fastapi(engine, "process", prompt, max_tokens, runs, concurrency)
+        except RuntimeError as exc:  # no engine process (it failed to start): its goals fail, unmeasured
+            log(f"(b') not measured: {exc}")
+            proc = None
     log("(c) FastAPI, backend 'executor' ...")
     executor = measure_fastapi(engine, "executor", prompt, max_tokens, runs)
     log("(d, e) Flask baseline ...")
