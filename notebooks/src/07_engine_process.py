@@ -23,7 +23,7 @@
 # %% [markdown]
 # ## Setup
 #
-# Two FastAPI servers on one model. Backend `"batched"` is the design of notebooks 3-5: the batched
+# Two FastAPI servers on one model. Backend `"batched"` is the server's default (notebook 5): the batched
 # scheduler on an engine thread of this kernel's process. Backend `"process"` runs the same scheduler in
 # an engine process that loads the same weights (the route measured here) and listens on a ZMQ socket;
 # the server keeps only the tokenizer (`serve/engine_frontend.py`) and an `EngineClient`
@@ -147,6 +147,7 @@ lab.plot_isolation({**{(k, "quiet"): r for k, r in quiet.items()}, **{(k, "loade
 # 20 ms, and once the streams have ended a new request is sent.
 
 # %% tags=["nbval-ignore-output"]
+thread = start_fastapi(engine, backend="batched", name="engine-thread")  # a fresh one: this cell can run again
 deaths = [lab.kill_engine(thread, "batched", step_ms), lab.kill_engine(process, "process", step_ms)]
 lab.print_table([d.row() for d in deaths])
 lab.plot_death(deaths)
