@@ -192,3 +192,49 @@ def test_a_non_streaming_client_that_leaves_aborts_across_the_boundary(servers, 
     # 2000 steps of 10 ms: unnoticed, the generation would go on for ~20 s.
     waited = wait_for(lambda: backend.running == 0, timeout_s=1.0)
     assert backend.running == 0, f"the engine process still runs it {waited:.2f} s after the client left"
+
+
+def test_two_api_processes_survive_a_killed_engine_process():
+    # Neither API process is the engine's parent: each notices the death by its pid, fails its streams,
+    # refuses new work with a 503, and says Hello until the restarted engine (same address) answers.
+    servers = start_api_servers(fake_engine(prefill_ms=5, step_ms=20), 2, name="proc-test-api-kill")
+    try:
+        first_pid = servers.engine_pid
+
+        def stream_until_the_end(_):
+            with httpx.Client(timeout=60) as client:
+                with connect_sse(client, "POST", servers.url + "/generate",
+                                 json={"prompt": "hi", "max_tokens": 2000, "stream": True}) as source:
+                    api = int(source.response.headers[API_SERVER_HEADER])
+                    data = [event.data for event in source.iter_sse()]
+                    return api, data, time.perf_counter()
+
+        with ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream_until_the_end, i) for i in range(8)]
+            time.sleep(1.0)  # every stream is running now
+            os.kill(first_pid, signal.SIGKILL)
+            killed_at = time.perf_counter()
+            answers = [s.result() for s in streams]
+        assert {api for api, _, _ in answers} == set(servers.api_pids)  # streams through both processes
+        for _, data, ended_at in answers:
+            assert ended_at - killed_at < 2.0
+            assert json.loads(data[-2])["error"]["type"] == "EngineDeadError" and data[-1] == "[DONE]"
+        refused = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503
+        # The supervisor restarts the engine; each API process serves again against the new pid.
+        def healthy():
+            health = httpx.get(servers.url + "/health", timeout=10)
+            return health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
+        assert wait_for(healthy, timeout_s=120) < 120
+        seen = set()
+        for _ in range(40):
+            response = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+            if response.status_code == 200:  # the other process may still wait for its Ready
+                assert response.json()["text"] == " one two"
+                seen.add(int(response.headers[API_SERVER_HEADER]))
+            if seen == set(servers.api_pids):
+                break
+            time.sleep(0.05)
+        assert seen == set(servers.api_pids) and servers.engine_pid != first_pid
+    finally:
+        stop("proc-test-api-kill")
