@@ -118,11 +118,13 @@ def boundary_bytes(token_id: int = 28723, text: str = " Paris", step_ms: float =
 
 
 def loaded_row(backend: str, load: str, run: Run, api: ApiLoad | None = None) -> dict:
-    """One line of the isolation table: the server's steps, the client's gaps, ``/health``."""
+    """One line of the isolation table: the server's steps, the client's gaps (and their ratio, P1 of
+    ``make bench``), ``/health``."""
     steps, gaps = percentiles(run.trace.decode_step_ms), percentiles(run.trace.itl_ms)
     health = run.probe.summary()
     return {"backend": backend, "API load": load, "step p50 ms": steps[50], "step p99 ms": steps[99],
-            "ITL p50 ms": gaps[50], "ITL p99 ms": gaps[99], "/health p50 ms": health["p50_ms"],
+            "ITL p50 ms": gaps[50], "ITL p99 ms": gaps[99], "ITL/step p50": gaps[50] / steps[50],
+            "/health p50 ms": health["p50_ms"],
             "/health p99 ms": health["p99_ms"], "refused/s": api.per_s if api else None}
 
 

@@ -93,7 +93,8 @@ claim(f"the process boundary added less than half a step per token: client ITL p
 
 # %% [markdown]
 # Per token, the boundary costs a small part of a step: packing a few numbers, one message through a
-# local socket, and a detokenizer step that the engine thread did before anyway. The steps themselves
+# local socket, and a detokenizer step that the engine thread did before anyway. (The `ITL/step p50`
+# column is `make bench`'s P1, which it reports for both designs, with P0, P2 and P4, in one table.) The steps themselves
 # may differ a little between the two columns: the engine process runs its own OpenMP team, and on a
 # busy machine it competes with other processes for the cores.
 #
