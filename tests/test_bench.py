@@ -6,16 +6,16 @@ import json
 import pytest
 
 from labserver import fake_engine
-from labserver.measure.bench import GOALS, INFORMATIVE, SPEED_GOALS, judge, report, run_bench
+from labserver.measure.bench import GOALS, INFORMATIVE, PROCESS_GOALS, SPEED_GOALS, judge, report, run_bench
 from labserver.measure.tables import format_table
 from labserver.measure.demo import run_demo
 
 KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")
 
 
-def check_result(result: dict, path) -> None:
-    assert all(result[k] is not None for k in KEYS)
-    assert set(result["goals"]) == set(GOALS)
+def check_result(result: dict, path, process: bool = False) -> None:
+    assert all(result[k] is not None for k in KEYS + (tuple(PROCESS_GOALS) if process else ()))
+    assert set(result["goals"]) == set(GOALS) | (set(PROCESS_GOALS) if process else set())
     assert all(isinstance(g["pass"], bool) for g in result["goals"].values())
     assert json.loads(path.read_text())["P3"] == result["P3"]
     assert "P4_fastapi_p99_ms" in report(result)
@@ -25,9 +25,12 @@ def test_bench_on_the_fake_engine(tmp_path):
     engine = fake_engine(prefill_ms=20, step_ms=5)
     result = run_bench(engine, max_tokens=6, runs=1, concurrency=2, out=tmp_path / "bench.json",
                        log=lambda *a: None, speed=False)  # the speed figures measure a model's weights
-    check_result(result, tmp_path / "bench.json")
+    check_result(result, tmp_path / "bench.json", process=True)
     assert 5.0 <= result["raw"]["engine_alone"]["p50_step_ms"] < 10  # the fake's 5 ms sleep, timed
     assert result["P0"] == pytest.approx(1.0, abs=0.1)  # the fake's step is its sleep, wherever it runs
+    process = result["raw"]["fastapi_process"]
+    assert process["backend"] == "process" and process["stream"]["p50_step_ms"] >= 5.0  # timed in its process
+    assert "engine process" in report(result)
     assert result["P3"] > 1.5  # blocking waits for 6 tokens, streaming for 1
     assert result["raw"]["flask"]["health"]["max_ms"] > 20  # /health queued behind a generation
     assert engine.running == 0
@@ -35,12 +38,13 @@ def test_bench_on_the_fake_engine(tmp_path):
 
 @pytest.mark.model
 def test_bench_on_the_tiny_model(tmp_path, tiny_engine):
+    # process=False: random weights held only in memory cannot be rebuilt in an engine process.
     result = run_bench(tiny_engine, max_tokens=4, runs=1, concurrency=2, out=tmp_path / "bench.json",
-                       log=lambda *a: None, speed=False)  # the speed figures: the tests below
+                       log=lambda *a: None, speed=False, process=False)  # the speed figures: the tests below
     check_result(result, tmp_path / "bench.json")
 
 
-ALL_GOALS = {**GOALS, **SPEED_GOALS}
+ALL_GOALS = {**GOALS, **PROCESS_GOALS, **SPEED_GOALS}
 
 
 def figures_at_their_targets() -> dict:

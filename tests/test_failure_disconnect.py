@@ -54,6 +54,8 @@ def check_leaving_stops_a_non_streaming_generation(engine, backend: str, path: s
         time.sleep(0.3)  # a generation that had kept going would show up here
         after = engine.tokens_generated - before
         ok = httpx.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+    print(f"\n[failure] {path} on {backend} ({engine.runner.name}): generation stopped {waited_s * 1000:.0f} ms "
+          f"after the client left; {stopped - made_at_close} tokens made after that", flush=True)
     assert waited_s < 1.0, f"still generating {waited_s:.2f} s after the client left"
     assert stopped == after, "tokens kept coming for a client that had left"
     assert stopped - made_at_close <= 2, f"{stopped - made_at_close} tokens made after the client left"

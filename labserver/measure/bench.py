@@ -5,7 +5,8 @@
 Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs compare:
   (a) the engine alone on one thread: median decode step_ms;
   (b) FastAPI streaming, the server's default backend (the batched scheduler on the engine thread):
-      server step_ms, client ITL, TTFT vs prefill_time_ms;
+      server step_ms, client ITL, TTFT vs prefill_time_ms; then the same with the engine in a process
+      of its own (backend "process": token ids over ZMQ, text made in the API process);
   (c) the same with backend "executor" (each `next(gen)` sent to a thread pool with
       `run_in_executor`, the pattern of the first streaming version);
   (d) the Flask baseline, blocking: TTFT is the whole response;
@@ -21,6 +22,8 @@ others are printed to compare:
   P2  client TTFT / server prefill_time_ms                                  goal <= 1.05
   P3  Flask TTFT / streaming TTFT (grows with the length: ~1 + (max_tokens - 1) * step / prefill)
   P4  /health p99 while `concurrency` streams run: FastAPI (goal <= 10 ms), Flask alongside
+      (P0_process, P1_process, P2_process, P4_process_p99_ms: (b) with the engine in its own process,
+      backend "process", against the same goals)
   P5  engine decode step / memory floor of its weight format                goal <= 1.5
   P6  our client ITL / llama.cpp's on the same GGUF: ``bench_peer.py`` (with the prefill and
       concurrency figures against llama.cpp); here P6_hf = step / transformers' generate() step, goal <= 0.5
@@ -41,25 +44,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
-import httpx
-
+from .bench_backends import (_sequential, engine_alone, fresh_prompt, measure_fastapi,  # noqa: F401 (API)
+                             measure_flask, measure_url)
 from .bench_speed import run_speed, speed_tables
 from .tables import format_table
-from .client import DEFAULT_PROMPT, DEFAULT_TIMEOUT, blocking_generate, run_concurrent, stream_generate
+from .client import DEFAULT_PROMPT
 from .peer import this_cpu
-from .probes import HealthProbe
 from .protocols import LABSERVER, openai_protocol
-from .stats import summarize
-from ..config import EngineConfig, SamplingParams
-from ..engine.engine import Finish, off_thread
+from ..config import EngineConfig
 from ..model import kernels
-from ..serve.app import create_app
-from ..serve.flask_app import create_flask_app
-from ..serve.background import FlaskServer, UvicornServer
 
 # figure -> (comparison, target): the goals the project commits to (see the module docstring).
 GOALS = {
@@ -68,6 +64,9 @@ GOALS = {
     "P2": ("<=", 1.05),
     "P4_fastapi_p99_ms": ("<=", 10.0),
 }
+# The same goals for the engine in its own process (backend "process"), measured beside the thread's.
+PROCESS_GOALS = {"P0_process": ("<=", 1.05), "P1_process": ("<=", 1.02), "P2_process": ("<=", 1.05),
+                 "P4_process_p99_ms": ("<=", 10.0)}
 SPEED_GOALS = {
     "P5": ("<=", 1.5),
     "P6_hf": ("<=", 0.5),
@@ -78,101 +77,28 @@ INFORMATIVE = ("P0_executor", "P3", "P4_flask_p99_ms", "P7", "P7_w4a8", "P7_per_
                "P7_health_p99_ms", "P8_first_token_s")
 
 
-def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
-    """Warm-up plus `runs` generations, all on one fresh long-lived thread, as the engine thread does."""
-    def work():
-        import torch
-        torch.set_num_threads(engine.config.threads)  # per calling thread, as in worker.py
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        engine.generate(prompt, params)  # warm-up
-        steps, prefills, n_tokens = [], [], []
-        for _ in range(runs):
-            events = list(engine.generate_stream(prompt, params))
-            tokens = [e for e in events if not isinstance(e, Finish)]
-            steps += [e.step_ms for e in tokens[1:]]
-            prefills += [e.prefill_time_ms for e in tokens[:1]]
-            n_tokens.append(len(tokens))
-        return {"p50_step_ms": statistics.median(steps), "mean_step_ms": statistics.fmean(steps),
-                "p50_prefill_ms": statistics.median(prefills), "n_tokens": n_tokens}
-    return off_thread(work)
-
-
-def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:
-    """Warm-up plus `runs` requests one after another; with `fresh`, each prompt opens with its own tag."""
-    # One keep-alive connection for all requests, as `vllm bench serve` keeps one session: TTFT then
-    # measures the server, not a TCP handshake and a new client per request.
-    with httpx.Client(timeout=DEFAULT_TIMEOUT) as http:
-        generate(url, prompt, max_tokens, 0.0, client=http)  # warm-up: the connection, the first step
-        traces = [generate(url, fresh_prompt(prompt, i) if fresh else prompt, max_tokens, 0.0, client=http)
-                  for i in range(runs)]
-    failed = [t.error or "no tokens (the model stopped at once, or the server cut the stream)"
-              for t in traces if not t.ok or not t.n_tokens]
-    if failed:
-        raise RuntimeError(f"requests to {url} failed: {failed[0]}")
-    return traces
-
-
-def fresh_prompt(prompt: str, i: int) -> str:
-    """`prompt` with a tag in front that no earlier request had.
-
-    Servers with a prefix cache (llama.cpp, vLLM, SGLang) keep the KV of earlier prompts: sent the same
-    prompt again, they run one token's forward instead of a prefill, and TTFT measures the cache. A new
-    first word makes them compute the prompt again (past a chat template's fixed opening, which they may
-    still reuse).
-    """
-    return f"Request {i + 1}. {prompt}"
-
-
-def _under_load(url: str, prompt: str, max_tokens: int, concurrency: int, stream: bool,
-                protocol=LABSERVER) -> tuple[dict, dict]:
-    """Probe /health while `concurrency` requests run at once (on Flask they queue one behind another)."""
-    with HealthProbe(url, interval_ms=20) as probe:
-        traces = run_concurrent(url, concurrency, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                stream=stream, protocol=protocol)
-    return probe.summary(), summarize(traces)
-
-
-def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, runs: int = 3,
-                concurrency: int = 4) -> dict:
-    """Client-side figures for a running server: TTFT/ITL/TPOT/E2E alone and under load, /health.
-
-    "stream" sends a fresh prompt each time (`fresh_prompt`), so its TTFT includes a prefill on any
-    server; "stream_repeated" sends the same prompt each time, which a prefix cache answers from memory.
-    """
-    def one(u, p, n, t, client=None):
-        return stream_generate(u, p, n, t, protocol=protocol, client=client)
-
-    alone = summarize(_sequential(one, url, prompt, max_tokens, runs, fresh=True))
-    repeated = summarize(_sequential(one, url, prompt, max_tokens, runs))
-    health, loaded = _under_load(url, prompt, max_tokens, concurrency, True, protocol)
-    return {"url": url, "protocol": type(protocol).__name__, "model": getattr(protocol, "model", None),
-            "stream": alone, "stream_repeated": repeated, "concurrent": loaded, "health": health,
-            "setup": {"max_tokens": max_tokens, "runs": runs, "concurrency": concurrency, "prompt": prompt}}
-
-
-def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0) -> dict:
-    app = create_app(engine, backend=backend)
-    with UvicornServer(app) as server:
-        out = {"backend": app.state.backend.kind, "stream": summarize(_sequential(stream_generate, server.url, prompt, max_tokens, runs))}
-        if concurrency:
-            out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, True)
-    return out
-
-
-def measure_flask(engine, prompt: str, max_tokens: int, runs: int, concurrency: int) -> dict:
-    with FlaskServer(create_flask_app(engine)) as server:
-        out = {"blocking": summarize(_sequential(blocking_generate, server.url, prompt, max_tokens, runs))}
-        out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, False)
-    return out
-
-
 def _ratio(a, b) -> float | None:
     return round(a / b, 4) if a is not None and b else None
 
 
+def backend_figures(served: dict | None, alone: dict, suffix: str = "") -> dict:
+    """P0, P1, P2 and P4 of one FastAPI backend (``measure_fastapi``'s result, None if it could not be
+    measured); ``suffix`` names its column."""
+    names = (f"P0{suffix}", f"P1{suffix}", f"P2{suffix}", f"P4_{suffix[1:] or 'fastapi'}_p99_ms")
+    if served is None:
+        return dict.fromkeys(names)
+    fast = served["stream"]
+    return dict(zip(names, (_ratio(fast["p50_step_ms"], alone["p50_step_ms"]),
+                            _ratio(fast["p50_itl_ms"], fast["p50_step_ms"]),
+                            _ratio(fast["p50_ttft_ms"], fast["p50_prefill_ms"]), served["health"]["p99_ms"])))
+
+
 def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4, prompt: str = DEFAULT_PROMPT,
-              out: str | Path | None = None, log=print, speed: bool = True) -> dict:
-    """Measure (a)-(e) on `engine`; return (and write to `out`, if given) the figures and goals."""
+              out: str | Path | None = None, log=print, speed: bool = True, process: bool = True) -> dict:
+    """Measure (a)-(e) on `engine`; return (and write to `out`, if given) the figures and goals.
+
+    `process`: also measure (b) with the engine in its own process (backend "process", which rebuilds
+    the engine there from its config or fake delays: not for a model that exists only in memory)."""
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     if load_before > 0.5:  # other processes on these cores skew every figure below
         log(f"note: 1-minute load average is {load_before:.1f} before starting; figures may be noisy")
@@ -180,6 +106,13 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     alone = engine_alone(engine, prompt, max_tokens, runs)
     log("(b) FastAPI, default backend ...")
     thread = measure_fastapi(engine, "auto", prompt, max_tokens, runs, concurrency)
+    if process:
+        log("(b') FastAPI, backend 'process' ...")
+        try:
+            proc = measure_fastapi(engine, "process", prompt, max_tokens, runs, concurrency)
+        except RuntimeError as exc:  # no engine process (it failed to start): its goals fail, unmeasured
+            log(f"(b') not measured: {exc}")
+            proc = None
     log("(c) FastAPI, backend 'executor' ...")
     executor = measure_fastapi(engine, "executor", prompt, max_tokens, runs)
     log("(d, e) Flask baseline ...")
@@ -187,20 +120,22 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
 
     fast = thread["stream"]
     result = {
-        "P0": _ratio(fast["p50_step_ms"], alone["p50_step_ms"]),
+        **backend_figures(thread, alone),
         "P0_executor": _ratio(executor["stream"]["p50_step_ms"], alone["p50_step_ms"]),
-        "P1": _ratio(fast["p50_itl_ms"], fast["p50_step_ms"]),
-        "P2": _ratio(fast["p50_ttft_ms"], fast["p50_prefill_ms"]),
         "P3": _ratio(flask["blocking"]["p50_ttft_ms"], fast["p50_ttft_ms"]),
-        "P4_fastapi_p99_ms": thread["health"]["p99_ms"],
         "P4_flask_p99_ms": flask["health"]["p99_ms"],
     }
     goals = dict(GOALS)
+    if process:
+        result.update(backend_figures(proc, alone, "_process"))
+        goals.update(PROCESS_GOALS)
     if speed and engine.source is not None:  # the speed figures measure a model's weights; a fake has none
         result.update(run_speed(engine, log))
         goals.update(SPEED_GOALS)
     result["goals"], result["all_pass"] = judge(result, goals)
     result["raw"] = {"engine_alone": alone, "fastapi": thread, "fastapi_executor": executor, "flask": flask}
+    if process:
+        result["raw"]["fastapi_process"] = proc
     result["setup"] = {"model": engine.config.model, "runner": engine.runner.name,
                        "backend": thread["backend"], "threads": engine.config.threads, "max_tokens": max_tokens,
                        "runs": runs, "concurrency": concurrency, "prompt": prompt, "temperature": 0.0,
@@ -229,19 +164,24 @@ def judge(figures: dict, goals: dict) -> tuple[dict, bool]:
 
 def report(result: dict) -> str:
     raw = result["raw"]
-    fast, flask, kind = raw["fastapi"]["stream"], raw["flask"]["blocking"], raw["fastapi"]["backend"]
+    flask, kind = raw["flask"]["blocking"], raw["fastapi"]["backend"]
+    served = [raw["fastapi"], raw.get("fastapi_process")]  # the engine on a thread, in its own process
+
+    def both(key: str) -> list:
+        return [None if s is None else (s["health"]["p99_ms"] if key == "health" else s["stream"][key]) for s in served]
+
     rows = [
-        ["engine alone: decode step", raw["engine_alone"]["p50_step_ms"]],
-        [f"FastAPI {kind}: server step", fast["p50_step_ms"]],
-        ["FastAPI executor: server step", raw["fastapi_executor"]["stream"]["p50_step_ms"]],
-        [f"FastAPI {kind}: client ITL", fast["p50_itl_ms"]],
-        [f"FastAPI {kind}: server prefill", fast["p50_prefill_ms"]],
-        [f"FastAPI {kind}: client TTFT", fast["p50_ttft_ms"]],
-        ["Flask: client TTFT (whole response)", flask["p50_ttft_ms"]],
-        ["/health p99 under load: FastAPI", result["P4_fastapi_p99_ms"]],
-        ["/health p99 under load: Flask", result["P4_flask_p99_ms"]],
+        ["engine alone: decode step", raw["engine_alone"]["p50_step_ms"], None],
+        ["FastAPI: server step", *both("p50_step_ms")],
+        ["FastAPI: client ITL", *both("p50_itl_ms")],
+        ["FastAPI: server prefill", *both("p50_prefill_ms")],
+        ["FastAPI: client TTFT", *both("p50_ttft_ms")],
+        ["FastAPI: /health p99 under load", *both("health")],
+        ["FastAPI executor: server step", raw["fastapi_executor"]["stream"]["p50_step_ms"], None],
+        ["Flask: client TTFT (whole response)", flask["p50_ttft_ms"], None],
+        ["Flask: /health p99 under load", result["P4_flask_p99_ms"], None],
     ]
-    sections = [format_table(["figure (p50, ms)", "value"], rows)]
+    sections = [format_table(["figure (p50, ms)", f"engine thread ({kind})", "engine process"], rows)]
     if "raw_speed" in result:
         sections += speed_tables(result["raw_speed"])
     sections.append(format_table(["goal", "value", "target", "result"], [

@@ -16,19 +16,16 @@ before the next forward, so at most one more token is computed, and a request ca
 is never prefilled. A failed forward fails the sequences in it; the loop goes on. ``close()`` releases
 everyone with ``DONE``.
 
-The failure model: a stream's queue is bounded: a request whose consumer leaves ``max_backlog`` events
-unread (a client that stopped reading) is left out of the decode steps until it reads again, so it costs
-no compute and no memory while the web layer decides to drop it. A failure of the loop itself (outside
-any forward) kills the engine: every open request, running, waiting or still in the inbox, gets
-``health.EngineDeadError`` at once, and every later ``submit`` raises it. ``health()`` reports whether the
-thread lives and how long its loop has not come round while it has work (a forward that never ends).
+Failures: a stream whose consumer leaves ``max_backlog`` events unread (its client stopped reading) sits
+out the decode steps until it reads again, so its queue stays bounded. A failure of the loop itself
+(outside any forward) kills the engine: every open request gets ``health.EngineDeadError`` at once, and
+so does every later ``submit``. ``health()`` says whether the thread lives and how long its loop has not
+come round while it has work (a forward that never ends).
 
-The thread starts in ``start()``, never in the constructor, so an app that is never served leaves no
-thread behind: the FastAPI lifespan calls it, and ``submit`` (so ``stream``, ``generate``) calls it on
-first use, for the Flask app's callers and scripts.
+The thread starts in ``start()`` (the FastAPI lifespan) or on first use, never in the constructor, so an
+app that is never served leaves no thread behind.
 
-Left out: admission limits (``limits.py``), priorities, restarting a dead engine, an engine in another
-process.
+Left out: admission limits (``limits.py``), priorities, restarting a dead engine (see the process backend).
 """
 
 from __future__ import annotations
@@ -54,8 +51,7 @@ logger = logging.getLogger(__name__)
 DONE = object()  # end-of-stream marker; a sentinel, never StopIteration (asyncio cannot carry that)
 _STOP = object()
 STALLED_WAIT_S = 0.005  # requests wait but none can run (no free slot): look at the inbox this often
-# Events a stream may leave unread before its request sits out the decode steps. By then the web layer's
-# own buffers (the socket's and the transport's, ~64 KiB or more) are full too: the client is not reading.
+# Unread events before a stream sits out decode steps: the web layer's buffers (64 KiB and more) are full by then.
 MAX_BACKLOG = 64
 
 
@@ -71,9 +67,15 @@ class Request:
     taken: int = 0  # items the consumer has read; written by the consumer only
 
     @property
-    def held(self) -> bool:
-        """The consumer has left ``max_backlog`` items unread: the request sits out decode steps."""
+    def held(self) -> bool:  # its consumer is ``max_backlog`` items behind: it sits out decode steps
         return self.max_backlog is not None and self.sent - self.taken >= self.max_backlog
+
+
+def _checked(item):
+    """An item from the engine thread; an exception it sent is raised here, in the caller's thread."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 class EngineThread:
@@ -86,12 +88,11 @@ class EngineThread:
         self.policy = policy if policy is not None else TurnTaking()  # an empty policy is falsy (len 0)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._closed = False
-        self._dead: str | None = None  # why the loop died, once it has
+        self._closed, self._dead = False, None  # _dead: why the loop died, once it has
         self._open: set[Request] = set()  # submitted and not yet given their last item
         self._lock = threading.Lock()  # orders start, submit, close and death
-        self._idle = True  # the loop is blocked on an empty inbox with nothing to do
-        self._beat_at = time.monotonic()  # when the loop last came round
+        # Whether the loop is blocked on an empty inbox with nothing to do; when it last came round.
+        self._idle, self._beat_at = True, time.monotonic()
 
     @property
     def kind(self) -> str:
@@ -107,13 +108,11 @@ class EngineThread:
 
     def health(self) -> EngineHealth:
         """Alive (running, or startable on first use), where, and how long the loop has not come round."""
-        thread, reason = self._thread, self._dead
-        if reason is None and self._closed:
-            reason = "the engine thread has stopped (the server is shutting down)"
-        elif reason is None and thread is not None and not thread.is_alive():
+        reason = self._dead or ("the engine thread has stopped" if self._closed else None)
+        if reason is None and self._thread is not None and not self._thread.is_alive():
             reason = "the engine thread is not running"
-        requests = list(self.policy.requests)
-        waiting = self._inbox.qsize() + sum(r.seq is not None and not r.seq.running for r in requests)
+        queued = [r for r in list(self.policy.requests) if r.seq is not None and not r.seq.running]
+        waiting = self._inbox.qsize() + len(queued)
         return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind,
                             route=self.engine.route["quant"], reason=reason, running=self.engine.running,
                             waiting=waiting, no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at)
@@ -184,8 +183,7 @@ class EngineThread:
         self.policy.add(req)
 
     def _next_step(self) -> Step | None:
-        """The policy's next step without the requests whose readers are behind (``Request.held``); asks
-        again, up to once per request, when a decode step is left with nobody."""
+        """The policy's next step without held requests; asks again (once per request) if none is left."""
         for _ in range(max(1, len(self.policy))):
             step = self.policy.schedule(self.engine.runner.free_slots)
             if step is None or step.prefill:
@@ -232,8 +230,7 @@ class EngineThread:
             self.engine.end(req.seq)
             self._send(req, DONE)
 
-    def _die(self, reason: str) -> None:
-        """Tell every open request the engine is dead (first), then free what can still be freed."""
+    def _die(self, reason: str) -> None:  # every open request hears it: running, waiting or in the inbox
         with self._lock:
             self._dead, self._idle = reason, True
             open_requests, self._open = list(self._open), set()
@@ -243,12 +240,6 @@ class EngineThread:
                 req.sink(EngineDeadError(reason))
             except Exception:  # one broken sink must not keep the others waiting
                 logger.exception("could not tell a request that the engine died")
-        for req in open_requests:
-            try:
-                if req.seq is not None:
-                    self.engine.end(req.seq)
-            except Exception:
-                pass  # the engine is broken anyway; its slots matter no more
 
     # -- the doors, called from other threads -------------------------------------------------------
     def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> Request:
@@ -265,8 +256,7 @@ class EngineThread:
         return req
 
     async def stream(self, prompt, params: SamplingParams):
-        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors
-        (``EngineDeadError`` when the engine died)."""
+        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors (``EngineDeadError``)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()  # bounded in effect: see Request.held
 
@@ -281,9 +271,7 @@ class EngineThread:
         try:
             while (item := await events.get()) is not DONE:
                 req.taken += 1
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield _checked(item)
         finally:
             req.cancel.set()
 
@@ -294,15 +282,8 @@ class EngineThread:
         """Blocking form for threads that are not an event loop (the Flask baseline, scripts)."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self.submit(prompt, params, events.put)
-
-        def items():
-            while (item := events.get()) is not DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
         try:
-            return collect(items())
+            return collect(_checked(item) for item in iter(events.get, DONE))
         finally:
             req.cancel.set()
 

@@ -8,113 +8,29 @@ raises the 429), starts a ``RequestRecord`` for ``/metrics``, and returns a ``Ge
 ``events()`` wraps the backend's stream. However the request ends (finished, failed, client gone,
 never started), ``Generation.close`` runs exactly once: it gives the slot back and books the metrics.
 
-Why closing needs care: when a client leaves, Starlette cancels the task that sends the body, and a
-body generator suspended at ``yield`` is not closed until garbage collection; one never started is not
-closed at all. ``ClosingStreamingResponse`` closes it (shielded from the cancellation) and then calls
-its ``on_close`` callbacks, so the engine stops and the slot is free within a step.
-
-The same response keeps slow ends apart: a task pulls the body into a one-chunk buffer while the
-response sends. When nothing has been sent for ``keepalive_s`` (no token yet) it sends an SSE comment,
-``: keep-alive``, which SSE clients skip; a send that stays stuck for ``send_timeout_s`` (the client has
-read nothing while its socket buffers filled) drops the client: the body is closed, which cancels the
-generation and frees the slot, and the connection is closed. This module leaves out SSE framing
-(``schemas``), the request path (``pipeline``) and the wire formats of the routes. It cannot reset the
-TCP connection of a dropped client (ASGI gives the app no socket): the server closes it once the bytes
-already written are read, or the client goes.
+The response that sends a stream (``streaming_response.ClosingStreamingResponse``) closes the body
+however the response ends, so the generation is cancelled and the slot freed within a step; it sends
+keep-alive comments while a stream waits and drops a client that reads nothing for ``send_timeout_s``.
+This module leaves out SSE framing (``schemas``), the request path (``pipeline``) and the wire formats
+of the routes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from contextlib import aclosing
-from typing import Callable
 
 import anyio
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from ..config import SamplingParams
 from .health import unavailable
 from .limits import ServerLimits, Slot, engine_unavailable, too_many_requests
 from .metrics import RequestRecord
+from .streaming_response import KEEPALIVE_FRAME, ClosingStreamingResponse
 
-logger = logging.getLogger(__name__)
+__all__ = ["ClosingStreamingResponse", "Generation", "KEEPALIVE_FRAME", "sse_response", "start_generation"]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer the stream
-KEEPALIVE_FRAME = b": keep-alive\n\n"  # an SSE comment: every SSE parser skips it
-_END = object()
-
-
-class ClientTooSlow(Exception):  # not an OSError: Starlette would take that for a disconnect
-    """The client read nothing for ``send_timeout_s``: one send stayed stuck that long."""
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """A ``StreamingResponse`` that closes its body generator however the response ends.
-
-    ``on_close`` callbacks run after that, also when the body was never started. ``keepalive_s``: send
-    ``KEEPALIVE_FRAME`` after that long without a chunk; ``send_timeout_s``: drop a client whose send
-    stays stuck that long. None turns either off.
-    """
-
-    def __init__(self, content, *args, on_close: Callable[[], None] | None = None,
-                 keepalive_s: float | None = None, send_timeout_s: float | None = None, **kwargs):
-        super().__init__(content, *args, **kwargs)
-        self._on_close = on_close
-        self.keepalive_s, self.send_timeout_s = keepalive_s, send_timeout_s
-
-    async def stream_response(self, send) -> None:
-        chunks: asyncio.Queue = asyncio.Queue(maxsize=1)
-        pump = asyncio.ensure_future(self._pump(chunks))
-        try:
-            await self._send(send, {"type": "http.response.start", "status": self.status_code,
-                                    "headers": self.raw_headers})
-            while (chunk := await self._next(chunks, send)) is not _END:
-                await self._send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
-            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            pump.cancel()  # stuck at a send or gone: stop pulling the body (its generator ends here)
-            with anyio.CancelScope(shield=True):
-                await asyncio.gather(pump, return_exceptions=True)
-                await self.body_iterator.aclose()
-
-    async def _pump(self, chunks: asyncio.Queue) -> None:
-        try:
-            async for chunk in self.body_iterator:
-                await chunks.put(chunk if isinstance(chunk, (bytes, memoryview)) else chunk.encode(self.charset))
-        except Exception as exc:  # re-raised by the sending side, as a plain StreamingResponse would
-            await chunks.put(exc)
-            return
-        await chunks.put(_END)
-
-    async def _next(self, chunks: asyncio.Queue, send):
-        """The next chunk; a keep-alive comment each time ``keepalive_s`` passes without one."""
-        while True:
-            with anyio.move_on_after(self.keepalive_s) as waited:
-                item = await chunks.get()
-            if not waited.cancelled_caught:
-                if isinstance(item, BaseException):
-                    raise item
-                return item
-            await self._send(send, {"type": "http.response.body", "body": KEEPALIVE_FRAME, "more_body": True})
-
-    async def _send(self, send, message: dict) -> None:
-        with anyio.move_on_after(self.send_timeout_s) as waited:
-            await send(message)
-        if waited.cancelled_caught:
-            raise ClientTooSlow(f"the client read nothing for {self.send_timeout_s} s")
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except ClientTooSlow as exc:  # the connection is closed when this returns unfinished
-            logger.warning("dropped a stream: %s", exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # a no-op when stream_response already closed it
-            if self._on_close is not None:
-                self._on_close()
 
 
 def sse_response(body, generation: "Generation", limits: ServerLimits) -> ClosingStreamingResponse:

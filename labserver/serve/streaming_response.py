@@ -1,0 +1,128 @@
+"""The response that sends a stream: it closes its body however it ends, keeps a waiting stream alive and
+drops a client that reads nothing.
+
+Closing: when a client leaves, Starlette cancels the task that sends the body, and a body generator
+suspended at ``yield`` is not closed until garbage collection; one never started is not closed at all.
+``ClosingStreamingResponse`` closes it (shielded from the cancellation) and then calls its ``on_close``
+callbacks, so the engine stops and the slot is free within a step.
+
+Slow ends: a task pulls the body into a one-chunk buffer while the response sends it, and one timer per
+response looks at both ends every ``keepalive_s`` (or a quarter of ``send_timeout_s``):
+
+- nothing was sent since its last look and nothing waits to be sent (no token yet): it puts an SSE
+  comment, ``: keep-alive``, in the buffer; SSE clients skip it, proxies see a live connection;
+- one send has been stuck longer than ``send_timeout_s`` (the socket's buffers are full: the client has
+  read nothing meanwhile): it cancels the sending task, which drops the client. The body is closed (its
+  generation cancelled, its slot freed) and the connection is closed.
+
+A timer rather than a timeout around every send and every wait: the work per token stays what a plain
+``StreamingResponse`` does (a timeout scope per await costs ~15-30 us a token on the event loop).
+
+Left out: resetting the TCP connection of a dropped client (ASGI gives the app no socket): the server
+closes it once the bytes already written are read, or the client goes. Keep-alive during a long silence
+is at most two ``keepalive_s`` apart, not exactly one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import anyio
+from fastapi.responses import StreamingResponse
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE_FRAME = b": keep-alive\n\n"  # an SSE comment: every SSE parser skips it
+_END = object()
+
+
+class ClientTooSlow(Exception):  # not an OSError: Starlette would take that for a disconnect
+    """The client read nothing for ``send_timeout_s``: one send stayed stuck that long."""
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that closes its body generator however the response ends.
+
+    ``on_close`` callbacks run after that, also when the body was never started. ``keepalive_s``: send
+    ``KEEPALIVE_FRAME`` when nothing was sent for that long; ``send_timeout_s``: drop a client whose send
+    stays stuck that long. None turns either off.
+    """
+
+    def __init__(self, content, *args, on_close: Callable[[], None] | None = None,
+                 keepalive_s: float | None = None, send_timeout_s: float | None = None, **kwargs):
+        super().__init__(content, *args, **kwargs)
+        self._on_close = on_close
+        self.keepalive_s, self.send_timeout_s = keepalive_s, send_timeout_s
+        self._sending_since: float | None = None  # loop time at which the send in progress began
+        self._sent = False  # something was sent since the timer last looked
+        self._too_slow = False
+        self._timer: asyncio.TimerHandle | None = None  # the next look at both ends
+
+    async def stream_response(self, send) -> None:
+        chunks: asyncio.Queue = asyncio.Queue(maxsize=1)
+        pump = asyncio.ensure_future(self._pump(chunks))
+        self._start_timer(asyncio.current_task(), chunks)
+        try:
+            await self._send(send, {"type": "http.response.start", "status": self.status_code,
+                                    "headers": self.raw_headers})
+            while (item := await chunks.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                await self._send(send, {"type": "http.response.body", "body": item, "more_body": True})
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._too_slow:
+                raise
+            asyncio.current_task().uncancel()  # this cancellation was ours: it becomes the error below
+            raise ClientTooSlow(f"the client read nothing for {self.send_timeout_s} s") from None
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            pump.cancel()  # gone or stuck: stop pulling the body (its generator ends here)
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(pump, return_exceptions=True)
+                await self.body_iterator.aclose()
+
+    async def _pump(self, chunks: asyncio.Queue) -> None:
+        try:
+            async for chunk in self.body_iterator:
+                await chunks.put(chunk if isinstance(chunk, (bytes, memoryview)) else chunk.encode(self.charset))
+        except Exception as exc:  # re-raised by the sending side, as a plain StreamingResponse would
+            await chunks.put(exc)
+            return
+        await chunks.put(_END)
+
+    async def _send(self, send, message: dict) -> None:
+        self._sending_since = asyncio.get_running_loop().time()
+        await send(message)
+        self._sending_since, self._sent = None, True
+
+    def _start_timer(self, task: asyncio.Task, chunks: asyncio.Queue) -> None:
+        periods = [p for p in (self.keepalive_s, self.send_timeout_s and self.send_timeout_s / 4) if p]
+        if periods:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(min(periods), self._look, loop, min(periods), task, chunks)
+
+    def _look(self, loop, period: float, task: asyncio.Task, chunks: asyncio.Queue) -> None:
+        since = self._sending_since
+        if self.send_timeout_s and since is not None and loop.time() - since > self.send_timeout_s:
+            self._too_slow = True
+            task.cancel()
+            return
+        if self.keepalive_s and not self._sent and since is None and chunks.empty():
+            chunks.put_nowait(KEEPALIVE_FRAME)
+        self._sent = False
+        self._timer = loop.call_later(period, self._look, loop, period, task, chunks)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientTooSlow as exc:  # the connection is closed when this returns unfinished
+            logger.warning("dropped a stream: %s", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # a no-op when stream_response already closed it
+            if self._on_close is not None:
+                self._on_close()
