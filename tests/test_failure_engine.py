@@ -153,6 +153,8 @@ def test_engine_death_ends_every_stream_and_later_requests_get_503(kind, breakin
         assert "engine thread died" in error["message"] and "injected loop fault" in error["message"], error
         assert stream.ended_at - broke_at < 2.0
     assert blocking["r"].status_code == 503 and "engine thread died" in blocking["r"].json()["error"]["message"]
+    if breaking is break_the_policy:  # the engine itself still works: the dead loop freed every slot
+        assert engine.running == 0 and engine.runner.free_slots == 2
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
     assert "injected loop fault" in health.json()["reason"] and health.json()["engine"]["alive"] is False
     for path, response in {**later, "stream": later_stream}.items():
@@ -205,3 +207,28 @@ def test_a_wedged_engine_is_reported_and_refused_until_it_moves_again():
     assert refused.status_code == 503 and "wedged" in refused.json()["detail"]
     assert after.status_code == 200 and after.json()["engine"]["no_progress_s"] == 0.0
     assert stream.events[-1] == "[DONE]" and stream.events[-2]["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_engine_death_with_the_real_model(default_engine):
+    # The policy belongs to this app's backend only: the shared engine is left as it was.
+    app = create_app(default_engine, "batched")
+    with UvicornServer(app) as server:
+        streams = [Stream(server.url, path, {**body, "max_tokens": 500, "stream": True, "temperature": 0})
+                   for path, body in ROUTES.items()]
+        for stream in streams:
+            stream.start()
+        assert wait_for(lambda: default_engine.running == 3, 120)
+        break_the_policy(app.state.backend)
+        broke_at = time.monotonic()
+        for stream in streams:
+            stream.join(10)
+        health = httpx.get(server.url + "/health", timeout=5)
+        later = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=5)
+    for stream in streams:
+        assert stream.events[-1] == "[DONE]" and "injected loop fault" in stream.events[-2]["error"]["message"]
+        assert stream.ended_at - broke_at < 2.0
+    assert health.status_code == 503 and later.status_code == 503
+    assert later.json()["error"]["type"] == "service_unavailable_error"
+    assert default_engine.running == 0  # the dead loop freed its sequences' cache slots on the way out

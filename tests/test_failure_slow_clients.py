@@ -6,6 +6,7 @@ Keep-alive comments are checked on the bytes and through the two clients that mu
 httpx-sse, and the ``openai`` package).
 """
 
+import asyncio
 import json
 import socket
 import threading
@@ -20,7 +21,7 @@ from labserver import EngineConfig, fake_engine
 from labserver.measure.client import stream_generate
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
-from labserver.serve.generation import KEEPALIVE_FRAME
+from labserver.serve.generation import KEEPALIVE_FRAME, ClosingStreamingResponse
 from labserver.serve.limits import ServerLimits
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,6 +101,42 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_go_on(backend):
     assert [e["index"] for e in other[:-2]] == list(range(50))
     assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received  # cut off, not finished
     assert ok.status_code == 200
+
+
+async def send_stuck_after_first_chunk(send_timeout_s: float) -> tuple[list, float]:
+    """An ASGI client that never reads past the first chunk of an endless body: its second send never returns."""
+    seen, never = [], asyncio.Event()
+
+    async def body():
+        try:
+            while True:
+                yield b"x"
+                seen.append("x")  # the chunk before was taken
+        finally:
+            seen.append("closed")
+
+    async def send(message):
+        if message.get("body") == b"x" and "x" in seen:
+            await never.wait()  # the socket's buffers are full and nobody reads
+
+    async def receive():
+        await never.wait()  # the client stays connected
+
+    response = ClosingStreamingResponse(body(), send_timeout_s=send_timeout_s,
+                                        on_close=lambda: seen.append("on_close"))
+    start = asyncio.get_running_loop().time()
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    return seen, asyncio.get_running_loop().time() - start
+
+
+@pytest.mark.timeout(30)
+def test_a_send_stuck_for_send_timeout_drops_the_client():
+    seen, took_s = asyncio.run(send_stuck_after_first_chunk(send_timeout_s=0.2))
+    # The body is pulled no further than the chunk stuck in its send, the one in the one-chunk buffer and
+    # the one waiting to go in (each "x" marks a chunk taken before it); then it was closed and the
+    # callbacks ran. The timer looks every quarter of the timeout: dropped by 0.25 s (bound: a busy machine).
+    assert seen[-2:] == ["closed", "on_close"] and 1 <= seen.count("x") <= 3, seen
+    assert 0.2 <= took_s < 5
 
 
 def test_send_timeout_is_a_cli_flag():

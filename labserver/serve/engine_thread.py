@@ -109,8 +109,6 @@ class EngineThread:
     def health(self) -> EngineHealth:
         """Alive (running, or startable on first use), where, and how long the loop has not come round."""
         reason = self._dead or ("the engine thread has stopped" if self._closed else None)
-        if reason is None and self._thread is not None and not self._thread.is_alive():
-            reason = "the engine thread is not running"
         queued = [r for r in list(self.policy.requests) if r.seq is not None and not r.seq.running]
         waiting = self._inbox.qsize() + len(queued)
         return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind,
@@ -236,10 +234,12 @@ class EngineThread:
             open_requests, self._open = list(self._open), set()
         self.policy.requests.clear()
         for req in open_requests:
-            try:
+            try:  # tell it first; then free its slot if the engine still can (the loop failed, maybe not it)
                 req.sink(EngineDeadError(reason))
-            except Exception:  # one broken sink must not keep the others waiting
-                logger.exception("could not tell a request that the engine died")
+                if req.seq is not None:
+                    self.engine.end(req.seq)
+            except Exception:  # one failure must not keep the others waiting
+                logger.exception("could not end a request of the dead engine thread")
 
     # -- the doors, called from other threads -------------------------------------------------------
     def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> Request:

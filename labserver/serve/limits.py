@@ -15,9 +15,9 @@ pile-up that slows everyone:
   is refused at once with a 429 and ``Retry-After`` instead of queueing: every admitted stream shares
   the one engine thread, so each extra stream slows all the others. (The Flask baseline serves one
   request at a time by design: it has no use for this one.)
-
 - ``send_timeout_s``: a stream whose client reads nothing for this long (one send stuck that long: the
-  socket's buffers are full) is dropped, its generation cancelled and its slot freed (``generation``).
+  socket's buffers are full) is dropped, its generation cancelled and its slot freed
+  (``streaming_response``).
 - ``keepalive_s``: a stream that has sent nothing for this long (waiting for its first token behind
   other prompts) sends an SSE comment, ``: keep-alive``, so no proxy closes it as idle.
 - ``wedged_after_s``: the engine is reported wedged (``/health`` and new requests: 503) when its loop has

@@ -76,6 +76,9 @@ async def _sse(job: Job, gen: Generation):
         async with aclosing(job.frames(gen)) as payloads:
             async for payload in payloads:
                 yield sse_frame(payload)
+    except EngineDeadError as exc:  # one line per stream: the engine's own failure is logged where it died
+        logger.error("stream lost with the engine: %s", exc)
+        yield sse_frame(job.fault(exc))
     except Exception as exc:  # a fault mid-generation: report it inside the stream, keep the protocol
         logger.exception("generation failed mid-stream")
         yield sse_frame(job.fault(exc))
