@@ -9,18 +9,23 @@ from ..checking import attempt, checker, near, say
 
 @checker
 def check_blocking_prediction(predict_blocking_ttft_ms: Callable, trace: Trace) -> bool:
-    """``predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens)``: when does a blocking client see token one?"""
+    """``predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens)``: when does a blocking client see token one?
+
+    By hand first (a formula off by one step fails there), then against what the client measured: the
+    prediction from the server's own numbers must not exceed the measured TTFT (the server cannot send
+    before it has computed) and must account for most of it (the rest is HTTP, JSON and tokenizing).
+    """
     name = "predict_blocking_ttft_ms"
     hand = attempt(name, predict_blocking_ttft_ms, 60.0, 30.0, 5)
     ok = say(near(hand, 180.0), name, f"prefill 60 ms, steps of 30 ms, 5 tokens -> {hand} (expected 180)")
     steps = trace.decode_step_ms
     step = sum(steps) / len(steps)
-    pred = attempt(name, predict_blocking_ttft_ms, trace.prefill_time_ms, step, trace.n_tokens)
-    ref = trace.prefill_time_ms + (trace.n_tokens - 1) * step
-    ok &= say(near(pred, ref), name, f"from your trace -> {pred:.0f} ms (expected {ref:.0f}); the client "
-                                        f"measured TTFT {trace.ttft_ms:.0f} ms, {trace.ttft_ms - ref:+.0f} ms "
-                                        "more for HTTP and JSON")
-    return ok
+    pred = float(attempt(name, predict_blocking_ttft_ms, trace.prefill_time_ms, step, trace.n_tokens))
+    # The client's clock spans the server's: TTFT >= the sum of step_ms, which the right formula gives
+    # (1 % for float rounding of the mean). "Most of it": over half, since every step is in both.
+    fits = pred <= 1.01 * trace.ttft_ms and pred >= 0.5 * trace.ttft_ms
+    return ok & say(fits, name, f"from your trace -> {pred:.0f} ms; the client measured TTFT {trace.ttft_ms:.0f} "
+                                f"ms (expected between half of it and all of it)")
 
 
 @checker
