@@ -72,7 +72,7 @@ def test_sse_endpoint_checker_passes_the_reference(capsys):
 def test_sse_endpoint_checker_fails_a_wrong_endpoint(mistake, says, capsys):
     assert not checks.check_sse_endpoint(lambda engine: sse_app(engine, **mistake))
     out = capsys.readouterr().out
-    assert f"FAIL" in out and says in [line for line in out.splitlines() if line.startswith("FAIL")][0], out
+    assert "FAIL" in out and says in [line for line in out.splitlines() if line.startswith("FAIL")][0], out
 
 
 def test_sse_endpoint_checker_says_todo_for_the_stub(capsys):

@@ -11,9 +11,8 @@ from typing import Callable
 
 from ...engine.fake import WORDS, fake_engine
 from ...measure.client import stream_generate
-from ...measure.trace import Trace
 from ...serve.background import start_fastapi, stop
-from ..checking import attempt, checker, near, say
+from ..checking import attempt, checker, say
 from ..harness import read_sse, serve_student_app, stop_student_app
 from ..streaming import raw_sse
 
@@ -44,19 +43,6 @@ def check_parse_sse_line(parse_sse_line: Callable, url: str | None = None) -> bo
         expected = "".join(json.loads(line[5:])["token"] for line in lines if line.startswith("data: {\"token"))
         ok &= say(text == expected and text != "", name, f"a live stream of {len(lines)} lines -> {text!r}")
     return ok
-
-
-@checker
-def check_itl_tpot(itl_and_tpot: Callable, trace: Trace) -> bool:
-    """``itl_and_tpot(arrival_ms)``: (list of gaps, TPOT) as vllm bench serve defines them."""
-    name = "itl_and_tpot"
-    itl, tpot = attempt(name, itl_and_tpot, [100.0, 130.0, 170.0])
-    ok = say(list(itl) == [30.0, 40.0] and near(tpot, 35.0), name,
-              f"[100, 130, 170] -> ({list(itl)}, {tpot}) (expected ([30.0, 40.0], 35.0))")
-    itl, tpot = attempt(name, itl_and_tpot, list(trace.arrival_ms))
-    same = len(itl) == len(trace.itl_ms) and all(near(a, b) for a, b in zip(itl, trace.itl_ms))
-    return ok & say(same and near(tpot, trace.tpot_ms), name,
-                     f"your trace -> TPOT {tpot:.1f} ms (Trace says {trace.tpot_ms:.1f} ms), {len(itl)} gaps")
 
 
 def _one_by_one(times: list[float], step_ms: float) -> tuple[bool, str]:
