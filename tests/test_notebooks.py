@@ -181,3 +181,16 @@ def test_claims_count_and_failures_are_read_from_printed_lines(tmp_path):
     assert runs["bad"].returncode != 0 and "CLAIM FAILS: four (arithmetic)" in runs["bad"].stdout
     assert runs["few"].returncode != 0 and "printed 2 'CLAIM holds' lines" in runs["few"].stdout
     assert json.loads(good.read_text())  # nbval leaves the notebook itself alone
+
+
+def test_cell_tags_in_a_source_header_reach_the_notebook(tmp_path):
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    source = tmp_path / "99_x.py"
+    source.write_text('# %% [markdown]\n# # Title\n\n# %% tags=["nbval-ignore-output"]\nprint(1)\n\n# %%\nx = 2\n')
+    nb = build.build(source)
+    assert [c.metadata.get("tags", []) for c in nb.cells] == [[], ["nbval-ignore-output"], []]
+    assert [c.source for c in nb.cells] == ["# Title", "print(1)", "x = 2"]
