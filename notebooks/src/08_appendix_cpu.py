@@ -148,7 +148,7 @@ claim(f"8 rows cost {ratio(cost[8], cost[1])} one row's product, not 8x: the blo
 # How far below 8x depends on the vector width: with narrow registers the float32 multiply-adds of 8
 # rows take longer than reading the weights, with wide ones less. Rounding the activations to 8 bits
 # (`EngineConfig(quant="w4a8")`, what llama.cpp does with these weights) turns the multiply-adds into
-# integer dot products, four times as many per instruction; the logits then move by about 1 % and some
+# integer dot products, four times as many per instruction; the logits then move a little and some
 # greedy tokens change (`make bench` prints both routes side by side).
 #
 # ## Summary
