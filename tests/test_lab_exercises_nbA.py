@@ -75,6 +75,11 @@ def test_sse_endpoint_checker_fails_a_wrong_endpoint(mistake, says, capsys):
     assert "FAIL" in out and says in [line for line in out.splitlines() if line.startswith("FAIL")][0], out
 
 
+def test_sse_endpoint_checker_fails_a_function_that_returns_no_app(capsys):
+    assert not checks.check_sse_endpoint(lambda engine: None)
+    assert "not an app" in capsys.readouterr().out
+
+
 def test_sse_endpoint_checker_says_todo_for_the_stub(capsys):
     def stub(engine):
         raise NotImplementedError

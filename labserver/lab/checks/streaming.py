@@ -11,7 +11,7 @@ from typing import Callable
 
 from ...engine.fake import WORDS, fake_engine
 from ...measure.client import stream_generate
-from ...serve.background import start_fastapi, stop
+from ...serve.background import ServerStartError, start_fastapi, stop
 from ..checking import attempt, checker, say
 from ..harness import read_sse, serve_student_app, stop_student_app
 from ..streaming import raw_sse
@@ -93,9 +93,13 @@ def check_sse_endpoint(make_sse_app: Callable) -> bool:
     """
     name = "make_sse_app"
     app = attempt(name, make_sse_app, fake_engine(prefill_ms=FAKE_STEP_MS, step_ms=FAKE_STEP_MS))
-    server = serve_student_app(app)
+    if not callable(app):
+        return say(False, name, f"make_sse_app returned {app!r}, not an app (return the FastAPI object)")
     try:
+        server = serve_student_app(app)
         reading = read_sse(server.url, {"prompt": "go", "max_tokens": 6}, timeout_s=10)
+    except ServerStartError as exc:
+        return say(False, name, f"the app did not start: {exc}")
     finally:
         stop_student_app()
     if not say(reading.status == 200 and reading.error is None, name,
