@@ -101,8 +101,8 @@ lab.plot_runs(runs)
 #
 # A coroutine that wakes every 5 ms and notes the time is a heartbeat: while the loop is free, the beats
 # are 5 ms apart. `lab.heartbeat_gaps` runs one on a fresh event loop while the loop also runs a short
-# generation (sized to last several beats here), either called directly inside a coroutine or sent to a thread with
-# `asyncio.to_thread`. (It uses a loop of its own on a helper thread: the notebook's kernel is already
+# generation (sized to last many beats here), either called directly inside a coroutine or sent to a
+# thread with `asyncio.to_thread`. (It uses a loop of its own on a helper thread: the notebook's kernel is already
 # running a loop on this one.)
 
 # %% tags=["nbval-ignore-output"]
@@ -197,8 +197,8 @@ claim("with every step on one thread, no step recorded a graph",
 # ## 5. Where the engine should run
 #
 # Put together: the model must not run on the event loop (sections 1 and 2), and its steps must not be
-# spread over several threads (section 4, and the appendix on CPU threads). So this server gives the engine **one long-lived thread** that owns
-# every torch call. Requests reach it through a thread-safe queue; it advances each active generation
+# spread over several threads (section 4, and the appendix on CPU threads). So this server gives the
+# engine **one long-lived thread** that owns every torch call. Requests reach it through a thread-safe queue; it advances each active generation
 # by one step in turn and hands each token back to the event loop with `loop.call_soon_threadsafe` into
 # a per-request `asyncio.Queue`. SGLang runs its scheduler in its own thread for the same reasons; vLLM
 # V1 goes one step further and runs it in a separate process (notebook 5).

@@ -93,7 +93,8 @@ table = cpu.block_table()
 print_table(table)
 bits = {row["type"]: row["bits per weight"] for row in table}
 claim(f"a Q4_1 weight takes {bits['Q4_1']} bits in the file (4 for q, and 16 + 16 bits of d and m per 32 "
-      f"weights) and a Q8_0 weight {bits['Q8_0']} (8, and a 16-bit scale per 32)", (bits["Q4_1"], bits["Q8_0"]) == (5.0, 8.5));
+      f"weights) and a Q8_0 weight {bits['Q8_0']} (8, and a 16-bit scale per 32)",
+      (bits["Q4_1"], bits["Q8_0"]) == (5.0, 8.5));
 
 # %% [markdown]
 # One block by hand: 20 bytes, `d` and `m` first, then 16 bytes of which each holds two weights (the low
