@@ -64,6 +64,26 @@ def test_sse_endpoint_checker_passes_the_reference(capsys):
     assert checks.check_sse_endpoint(SOL2.make_sse_app), capsys.readouterr().out
 
 
+def test_sse_endpoint_checker_passes_fastapis_own_sse_response(capsys):
+    """The checker tests what the client sees, not how the frames were written."""
+    from fastapi import FastAPI
+    from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+    def make(engine):
+        app = FastAPI()
+
+        @app.post("/generate", response_class=EventSourceResponse)
+        def generate(body: dict):
+            for item in engine.generate_stream(body["prompt"], SamplingParams(body["max_tokens"], 0.0)):
+                if isinstance(item, TokenEvent):
+                    yield {"token": item.token}
+            yield ServerSentEvent(raw_data="[DONE]")
+
+        return app
+
+    assert checks.check_sse_endpoint(make), capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mistake, says", [
     (dict(done=False), "expected '[DONE]'"),
     (dict(media_type="application/json"), "expected text/event-stream"),
@@ -147,7 +167,7 @@ def test_one_thread_checker_passes_the_reference_and_fails_the_default_pool(caps
 # -- notebook 1: the blocking server --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fake_flask():
-    yield start_flask(fake_engine(prefill_ms=40, step_ms=20), name="test-nbA-flask")
+    yield start_flask(fake_engine(prefill_ms=40, step_ms=30), name="test-nbA-flask")
     stop("test-nbA-flask")
 
 
@@ -162,6 +182,15 @@ def test_blocking_prediction_is_checked_against_the_measured_ttft(fake_flask, ca
 def test_queued_checker_passes_the_reference_and_fails_an_unsorted_answer(fake_flask, capsys):
     assert checks.check_queued(SOL1.queued, fake_flask.url), capsys.readouterr().out
     assert not checks.check_queued(lambda url, n, m: SOL1.queued(url, n, m)[::-1], fake_flask.url)
+
+
+def test_queued_checker_fails_requests_sent_one_after_another(fake_flask, capsys):
+    def one_by_one(url, n, max_tokens):
+        traces = [blocking_generate(url, "go", max_tokens, temperature=0) for _ in range(n)]
+        return sorted(traces, key=lambda t: t.ttft_ms)
+
+    assert not checks.check_queued(one_by_one, fake_flask.url)
+    assert "FAIL  queued: the 3 requests left within" in capsys.readouterr().out
 
 
 # -- the notebooks' servers -----------------------------------------------------------------------------

@@ -206,8 +206,9 @@ _ = checks.check_my_stream(my_stream, fastapi.url)
 # `data: {"token": "<text>"}` event per token (each event ends with a blank line), then `data: [DONE]`.
 # `engine.generate_stream(prompt, SamplingParams(max_tokens=..., temperature=0))` yields a `TokenEvent`
 # (its text is `.token`) per token, then a `Finish`. Starlette's `StreamingResponse` sends whatever an
-# iterator yields, as it yields it. The checker serves your app on `fake_engine` and fails it if the
-# tokens all arrive at the end, if `[DONE]` is missing, or if the content type is wrong.
+# iterator yields, as it yields it (FastAPI's own `fastapi.sse.EventSourceResponse` writes the frames
+# for you: either way is fine). The checker serves your app on `fake_engine` and fails it if the tokens
+# all arrive at the end, if `[DONE]` is missing, or if the content type is wrong.
 
 # %%
 from fastapi import FastAPI
