@@ -4,8 +4,9 @@
   ``second_thread_team`` counts the process's OS threads around a second thread's generation.
 - GGUF's 4-bit blocks: ``block_table`` reads the model file's tensor types and their bits per weight;
   ``dequantize_q4_1_block`` undoes one 20-byte Q4_1 block by hand.
-- SIMD: ``VECTOR_BYTES`` of each kernel path, and ``rows_cost`` times one block-quantized product of 1
-  and of B rows (the weights are read once either way).
+- SIMD: ``VECTOR_BYTES`` of each kernel path; ``rows_cost`` times one block-quantized product of 1 and
+  of B rows (the weights are read once either way); ``float32_sum_bound``, how far a float32 product may
+  differ from another by rounding alone.
 
 Left out: anything the server uses (the kernels are ``model.kernels``/``model.blocks``), and other block
 types than Q4_1 and Q8_0.
@@ -99,6 +100,15 @@ def on_grid_matrix(kind: str = "Q4_1", rows: int = 16384, path=None) -> torch.Te
                 parts.append(w)
                 total += w.shape[0]
     return torch.from_numpy(np.concatenate(parts)[:rows]).contiguous()
+
+
+def float32_sum_bound(x: torch.Tensor, w: torch.Tensor) -> float:
+    """How far any float32 evaluation of ``x @ w.T`` may stray from the exact product, whatever the order of
+    its sums: each of the K - 1 additions rounds once, by at most eps of the running sum, which is at most
+    the sum of the terms' sizes (the classic bound ``(K - 1) * eps * sum_k |x_k w_k|``), largest over outputs.
+    """
+    k = x.shape[1]
+    return (k - 1) * torch.finfo(torch.float32).eps * float((x.abs() @ w.abs().T).max())
 
 
 def rows_cost(layer, in_features: int, batches=(1, 8), repeats: int = 15) -> dict[int, float]:
