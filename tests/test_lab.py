@@ -234,7 +234,7 @@ def test_sweep_on_the_batched_server(default_engine):
 # -- checkers: reference solutions pass, wrong answers and stubs do not -------------------------------
 def test_blocking_prediction_checker(capsys):
     ok = solution("01_blocking_baseline").predict_blocking_ttft_ms
-    trace = Trace(arrival_ms=[1000.0] * 4, step_ms=[100.0, 30.0, 30.0, 30.0], prefill_time_ms=100.0)
+    trace = Trace(arrival_ms=[200.0] * 4, step_ms=[100.0, 30.0, 30.0, 30.0], prefill_time_ms=100.0)
     assert checks.check_blocking_prediction(ok, trace)
     assert not checks.check_blocking_prediction(lambda p, s, n: p + n * s, trace)
     assert not checks.check_blocking_prediction(stub, trace)
@@ -253,9 +253,6 @@ def test_streaming_checkers(fastapi):
     s = solution("02_streaming_sse")
     assert checks.check_parse_sse_line(s.parse_sse_line, fastapi.url)
     assert not checks.check_parse_sse_line(lambda line: None)
-    trace = stream_generate(fastapi.url, "x", 5, 0.0)
-    assert checks.check_itl_tpot(s.itl_and_tpot, trace)
-    assert not checks.check_itl_tpot(lambda a: ([], 0.0), trace)
     assert checks.check_my_stream(s.my_stream, fastapi.url)
     assert not checks.check_my_stream(lambda url, p, n: [(100.0, t) for t in stream_generate(url, p, n, 0).tokens],
                                       fastapi.url)  # all at the same time: not streamed

@@ -1,5 +1,6 @@
 """Notebook 1's experiments (the blocking baseline): what the engine computes against what the client
-receives. The notebook reaches these names as ``lab.NAME``; ``PROMPT`` and ``median`` come from ``display``.
+receives. The notebook reaches these names as ``lab.NAME``; ``PROMPT`` and ``median`` come from ``display``,
+``measure_speed``, ``tokens_for`` and ``probe_interval_ms`` from ``sizing``.
 
 Left out: the servers (``serve``) and the measurements every notebook shares (``measure``).
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 from ..measure.plotting import LabFigure
 from ..measure.trace import Trace
 from .display import PROMPT, median
+from .sizing import measure_speed, probe_interval_ms, tokens_for
 
-__all__ = ["PROMPT", "median", "plot_engine_steps", "produced_trace"]
+__all__ = ["PROMPT", "median", "measure_speed", "tokens_for", "probe_interval_ms", "plot_engine_steps",
+           "produced_trace"]
 
 
 def plot_engine_steps(completion) -> LabFigure:

@@ -25,11 +25,12 @@ from ..config import SamplingParams
 from ..engine.engine import off_thread
 from .display import LABELS, PROMPT, print_table, show_source
 from .runs import ThreadRecorder, measure, plot_runs, runs_table
+from .sizing import measure_speed, probe_interval_ms, tokens_for
 
 __all__ = ["LABELS", "PROMPT", "print_table", "show_source", "measure", "plot_runs", "runs_table",
            "heartbeat_gaps", "stop_iteration_stream", "sentinel_stream", "DONE", "TrapResult", "try_stream",
            "inference_mode_stream", "InferenceModeDemo", "inference_mode_steps", "ThreadRecorder",
-           "two_streams_with_heartbeat"]
+           "two_streams_with_heartbeat", "measure_speed", "probe_interval_ms", "tokens_for"]
 
 DONE = object()  # the sentinel of `sentinel_stream`
 
@@ -166,7 +167,10 @@ def inference_mode_steps(engine, prompt: str = PROMPT, steps: int = 6, hop: bool
     An error inside a step ends the demo and is recorded in that step's row.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # engine.model may load the transformers model now: no widget in a notebook
+    _ = engine.model  # loaded here, outside the steps it would otherwise slow down
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"pool-{i}") for i in range(2 if hop else 1)]
     gen = inference_mode_stream(engine, prompt, steps)
     rows = []

@@ -15,7 +15,10 @@ from ..measure.tables import format_table
 from ..measure.trace import Trace
 from .display import PROMPT, median
 
-__all__ = ["PROMPT", "compare_table", "raw_sse"]
+from .sizing import measure_speed, probe_interval_ms, tokens_for
+
+__all__ = ["PROMPT", "median", "measure_speed", "tokens_for", "probe_interval_ms", "compare_table", "raw_sse",
+           "raw_spread"]
 
 
 def compare_table(traces_by_label: Mapping[str, Sequence[Trace]]) -> str:
@@ -50,3 +53,11 @@ def raw_sse(url: str, prompt: str = PROMPT, max_tokens: int = 6, *, show: bool =
                     text = line if len(line) <= width else line[:width - 3] + "..."
                     print(f"{t_ms:7.1f} ms | {text}")
     return lines
+
+
+def raw_spread(lines: Sequence[tuple[float, str]]) -> tuple[float, float]:
+    """(ms between the first and the last token line's arrival, the server's step_ms summed between them)."""
+    import json
+
+    tokens = [(t, json.loads(line[5:])) for t, line in lines if line.startswith('data: {"token"')]
+    return tokens[-1][0] - tokens[0][0], sum(event["step_ms"] for _, event in tokens[1:])

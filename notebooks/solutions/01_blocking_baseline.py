@@ -2,7 +2,11 @@
 
     python notebooks/solutions/01_blocking_baseline.py    # runs every checker against the default model
 """
-from labserver.measure.client import run_concurrent
+from concurrent.futures import ThreadPoolExecutor
+
+from labserver.measure.client import blocking_generate
+
+STORY = "Write a short story about a robot who learns to paint."  # long answers: no early end
 
 
 def predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens):
@@ -11,13 +15,14 @@ def predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens):
 
 
 def queued(url, n, max_tokens):
-    traces = run_concurrent(url, n, max_tokens=max_tokens, temperature=0, stream=False)
+    # n threads, each one blocked in its own request: all n are sent at (about) the same instant.
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        traces = list(pool.map(lambda _: blocking_generate(url, STORY, max_tokens, temperature=0), range(n)))
     return sorted(traces, key=lambda t: t.ttft_ms)
 
 
 def run_checks(engine) -> bool:
     from labserver.lab import checks, baseline as lab
-    from labserver.measure.client import blocking_generate
     from labserver.serve.background import start_flask, stop
 
     flask = start_flask(engine, name="solutions-01")

@@ -14,30 +14,34 @@
 #    second user.
 # 4. The names the rest of the lab uses: TTFT, ITL, E2E and `step_ms`.
 #
-# **Run time:** about 1 minute on 2 CPU cores (a few short generations of 32 tokens).
+# **Run time:** about a minute on a 2-core laptop CPU; a few minutes on a slow one.
 #
 # Everything here is measured on this machine with the default model, SmolLM2-135M-Instruct, decoding
-# greedily (temperature 0) so the text is the same on every run. The timings are not: other programs on
-# the machine make them noisy. Read the shapes and the rough sizes, not the last digit.
+# greedily (temperature 0). The timings are noisy: other programs on the machine slow some steps down.
+# Sentences that depend on this machine's numbers are printed by the run itself, as `CLAIM holds: ...`
+# with the numbers measured here (or `CLAIM FAILS: ...` with the reason, if this run contradicts them).
 
 # %% [markdown]
 # ## Setup
 #
-# The engine is the model, its tokenizer and a generation loop, in this Python process. Loading takes
-# about a second (the very first time ~15 s, to convert the model file once).
+# The engine is the model, its tokenizer and a generation loop, in this Python process. `measure_speed`
+# times one short generation; the demos below choose their length from it, so that a generation lasts
+# long enough to see on a fast CPU and not forever on a slow one.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 from labserver import Engine, EngineConfig, SamplingParams
 from labserver.lab import checks, baseline as lab
+from labserver.lab.claims import claim, ratio
 from labserver.measure import plotting
 from labserver.measure.client import blocking_generate, run_concurrent
 from labserver.measure.probes import HealthProbe
 from labserver.serve.background import start_flask, stop_all
 
-engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU, 2 threads
-PROMPT, MAX_TOKENS = lab.PROMPT, 32
+engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU
+speed = lab.measure_speed(engine)
+MAX_TOKENS = lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)  # about a second of generation here
 params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)  # greedy: the same text every run
-print(PROMPT)
+print(f"{speed}; the demos generate {MAX_TOKENS} tokens")
 
 # %% [markdown]
 # **Setup ends here.** Every cell below runs an experiment.
@@ -46,11 +50,11 @@ print(PROMPT)
 #
 # `engine.generate_stream(prompt, params)` is a Python generator. Each `next()` runs the model once and
 # yields a `TokenEvent`: the text this token adds, its id, its position, and `step_ms`, how long that
-# step took. The first step is the *prefill*: the whole prompt (here ~40 tokens, inside the chat
-# template) goes through the model in one forward pass, and the first token comes out of it.
+# step took. The first step is the *prefill*: the whole prompt (inside the model's chat template) goes
+# through the model in one forward pass, and the first token comes out of it.
 
-# %%
-for event in engine.generate_stream(PROMPT, params):
+# %% tags=["nbval-ignore-output"]
+for event in engine.generate_stream(lab.PROMPT, params):
     print(event)
     if event.index == 3:
         break  # leaving the loop closes the generator: the engine stops here
@@ -59,56 +63,51 @@ for event in engine.generate_stream(PROMPT, params):
 # Now the whole answer, one bar per token. The first (orange) bar is the prefill; every later bar is one
 # decode step: one token in, the cached keys and values of all earlier tokens reused, one token out.
 
-# %%
-completion = engine.generate(PROMPT, params)
+# %% tags=["nbval-ignore-output"]
+completion = engine.generate(lab.PROMPT, params)
 print(repr(completion.text))
-print(completion.finish.timings)
+prefill, step = completion.events[0].step_ms, lab.median(e.step_ms for e in completion.events[1:])
+claim(f"the prefill of {completion.finish.usage['prompt_tokens']} prompt tokens ({prefill:.1f} ms) costs more "
+      f"than a decode step ({step:.1f} ms, median): {ratio(prefill, step)}", prefill > step)
 lab.plot_engine_steps(completion)
 
 # %% [markdown]
-# The decode steps are all about the same size: each one reads all 135M weights once, whatever the
-# token. So an answer of *n* tokens costs about `prefill + (n - 1) * step`. Whoever waits for the
-# complete answer waits for the sum of all these bars.
+# The decode steps are about the same size (a busy machine adds spikes): each one reads all 135M weights
+# once, whatever the token. So an answer of *n* tokens costs about `prefill + (n - 1) * step`. Whoever
+# waits for the complete answer waits for the sum of all these bars.
 #
 # ## 2. The same engine behind Flask
 #
 # `start_flask` serves the engine with the Flask app in a background thread, one request at a time (as
 # WSGI does). Re-running the cell replaces the server instead of starting a second one.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 flask = start_flask(engine)
-blocking_generate(flask.url, PROMPT, 2, temperature=0)  # warm-up: first connection, first steps
-trace = blocking_generate(flask.url, PROMPT, MAX_TOKENS, temperature=0)
-print(flask)
+blocking_generate(flask.url, lab.PROMPT, 2, temperature=0)  # warm-up: first connection, first steps
+trace = blocking_generate(flask.url, lab.PROMPT, MAX_TOKENS, temperature=0)
+computed = sum(trace.step_ms)
 print(f"TTFT {trace.ttft_ms:.0f} ms   E2E {trace.e2e_ms:.0f} ms   {trace.n_tokens} tokens")
-print(repr(trace.text))
+claim(f"a blocking client sees its first token only after the whole generation: TTFT {trace.ttft_ms:.0f} ms, "
+      f"the server computed for {computed:.0f} ms", trace.ttft_ms >= computed)
+claim(f"all {trace.n_tokens} tokens arrived in the same instant: the longest gap between two was "
+      f"{max(trace.itl_ms):.1f} ms", max(trace.itl_ms) < 1.0);
 
 # %% [markdown]
-# Compare the median decode step with the engine's own in section 1:
-
-# %%
-print(f"engine alone (this thread):   step p50 {lab.median(e.step_ms for e in completion.events[1:]):.1f} ms")
-print(f"behind Flask (its own thread): step p50 {lab.median(trace.decode_step_ms):.1f} ms")
-
-# %% [markdown]
-# The steps behind Flask take about as long as alone (a few ms either way is noise), though a second
-# thread of this process now runs the model. With PyTorch's own path (`EngineConfig(quant="none")`)
-# that alone would make every step slower, in both threads; this model's default route runs each
-# decode step as one call into a C kernel built to be spared it. Notebook 3 measures the effect and
-# why; here it would only change how long the wait is.
-#
 # The client records a `Trace`: when each token arrived, in ms after the request was sent, and what the
 # server says it spent on it (`step_ms`, from the JSON body). The names follow `vllm bench serve`:
 #
 # - **TTFT** (time to first token): the first token's arrival. For a blocking server: the whole response.
-# - **ITL** (inter-token latency): the gaps between consecutive tokens' arrivals.
+# - **ITL** (inter-token latency): the gaps between consecutive tokens' arrivals. Here all zero.
 # - **E2E** (end to end): the last token's arrival.
 #
-# Every token of a blocking response arrives in the same instant, so all the gaps are zero:
+# The steps behind Flask ran on the server's thread, not this one. Compare their median with the
+# engine's own in section 1; whether they differ, and why, is the subject of the appendix notebook
+# (`08_appendix_cpu`): a second thread running the model can change the step time, in either direction,
+# depending on the CPU and how busy it is.
 
-# %%
-print("arrival (ms) of the first 5 tokens:", [round(t) for t in trace.arrival_ms[:5]])
-print("gaps between them (ITL, ms):       ", [round(g) for g in trace.itl_ms[:4]])
+# %% tags=["nbval-ignore-output"]
+print(f"engine alone (this thread):    step p50 {step:.1f} ms")
+print(f"behind Flask (its own thread): step p50 {lab.median(trace.decode_step_ms):.1f} ms")
 plotting.plot_arrivals({"ready on the server (running sum of step_ms)": lab.produced_trace(trace),
                         "received by the client (Flask)": trace},
                        title="The server had the first token long before the client saw it")
@@ -120,37 +119,43 @@ plotting.plot_arrivals({"ready on the server (running sum of step_ms)": lab.prod
 # ## 3. Is the server still there? Probing `/health`
 #
 # A load balancer asks `/health` every few seconds and takes a server out of rotation when it does not
-# answer in time. `HealthProbe` asks every 20 ms from its own thread and records how long each answer
-# took, while the main thread sends one generation.
+# answer in time. `HealthProbe` asks about once per decode step from its own thread and records how long
+# each answer took, while the main thread sends one generation.
 
-# %%
-with HealthProbe(flask.url, interval_ms=20) as probe:
-    trace = blocking_generate(flask.url, PROMPT, MAX_TOKENS, temperature=0)
-print(f"generation: {trace.e2e_ms:.0f} ms;  /health: {probe.summary()}")
+# %% tags=["nbval-ignore-output"]
+with HealthProbe(flask.url, interval_ms=lab.probe_interval_ms(step)) as probe:
+    trace = blocking_generate(flask.url, lab.PROMPT, MAX_TOKENS, temperature=0)
+longest = max(latency for _, latency in probe.samples)
+claim(f"while Flask generated for {trace.e2e_ms:.0f} ms, one /health probe waited {longest:.0f} ms, more than "
+      f"half of it", longest > 0.5 * trace.e2e_ms)
 plotting.plot_health({"Flask": probe})
 
 # %% [markdown]
 # A probe sent while the generation runs waits in the listen queue until the generation is over: one
-# sample as long as the whole generation (note the log scale). The server is alive but looks dead.
+# sample about as long as the whole generation (note the log scale). The server is alive but looks dead.
 #
 # ## 4. Two users at once
 #
 # `run_concurrent` sends both requests at the same instant.
 
-# %%
-traces = run_concurrent(flask.url, 2, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=False)
-for i, t in enumerate(sorted(traces, key=lambda t: t.ttft_ms)):
-    print(f"served {'first ' if i == 0 else 'second'}: TTFT {t.ttft_ms:.0f} ms")
+# %% tags=["nbval-ignore-output"]
+first, second = sorted(run_concurrent(flask.url, 2, prompt=lab.PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                      stream=False), key=lambda t: t.ttft_ms)
+own = second.timings["total_ms"]  # the server's time for the second answer alone
+print(f"served first: TTFT {first.ttft_ms:.0f} ms;  served second: TTFT {second.ttft_ms:.0f} ms")
+# Half of its own generation: the client's and the server's clocks differ by HTTP and thread wake-ups.
+claim(f"the second user waited for the first user's answer, then for their own: {second.ttft_ms:.0f} ms, "
+      f"{ratio(second.ttft_ms, first.ttft_ms)} the first user's TTFT",
+      second.ttft_ms > first.ttft_ms + 0.5 * own);
 
 # %% [markdown]
-# The second user waits for the first user's whole answer, then for their own: about twice the TTFT.
 # Production WSGI servers (gunicorn) run several worker *processes* for this, and each one needs its own
 # copy of the model.
 #
 # ## Summary
 #
-# - The engine produces tokens one by one: a prefill (here ~50 ms), then a decode step of several ms
-#   per token (~7-10 ms here).
+# - The engine produces tokens one by one: a prefill over the whole prompt, then one decode step per
+#   token, each far cheaper than the prefill.
 # - A blocking server sends nothing until the last token: **TTFT = E2E ≈ prefill + (n - 1) × step**, and
 #   all ITLs are 0. The user stares at nothing for the whole generation.
 # - While it generates, a one-request-at-a-time server answers nothing: `/health` and a second user wait
@@ -160,12 +165,12 @@ for i, t in enumerate(sorted(traces, key=lambda t: t.ttft_ms)):
 #
 # ## Exercises
 #
-# Each exercise ends with a checker that prints PASS or FAIL with the numbers it compared. Reference
-# solutions are in `notebooks/solutions/01_blocking_baseline.py`.
+# Each coding exercise ends with a checker that prints PASS or FAIL with the numbers it compared.
+# Reference solutions are in `notebooks/solutions/01_blocking_baseline.py`.
 #
 # **1.** From the server's numbers alone (the prefill time, the mean decode step and the number of
-# tokens), predict when a blocking client gets its first token. The checker compares your formula on
-# the last trace with the TTFT that trace measured.
+# tokens), predict when a blocking client gets its first token. The checker tries a case by hand, then
+# compares your prediction for the last trace with the TTFT the client measured.
 
 # %%
 def predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens):
@@ -173,13 +178,18 @@ def predict_blocking_ttft_ms(prefill_ms, step_ms, n_tokens):
     raise NotImplementedError  # your code here
 
 
-checks.check_blocking_prediction(predict_blocking_ttft_ms, trace)
+_ = checks.check_blocking_prediction(predict_blocking_ttft_ms, trace)
 
 # %% [markdown]
-# **2.** Send `n` greedy blocking requests of `max_tokens` tokens at the same time and return their
-# `Trace`s, sorted from the first served to the last (by TTFT). (Hint: `run_concurrent(..., stream=False)`.)
-# If the server really serves one request at a time, each answer arrives at least its own generation time
-# (`trace.timings["total_ms"]`, measured by the server) after the one before it. The checker checks that.
+# **2.** *Explain your number.* Your TTFT in section 2 was a little longer than the server's own
+# compute time (the sum of `step_ms`). Print the difference for your trace. Which work does it contain
+# that no `step_ms` counts? Would it grow with the number of tokens? Check with a longer request.
+#
+# **3.** Write `queued(url, n, max_tokens)` without `run_concurrent`: send `n` greedy blocking requests
+# at the same time from `n` threads (`concurrent.futures.ThreadPoolExecutor` and `blocking_generate`),
+# and return their `Trace`s sorted from the first served to the last (by TTFT). If the server serves one
+# request at a time, each answer arrives at least its own generation time (`trace.timings["total_ms"]`,
+# measured by the server) after the one before it. The checker checks that.
 
 # %%
 def queued(url, n, max_tokens):
@@ -187,9 +197,14 @@ def queued(url, n, max_tokens):
     raise NotImplementedError  # your code here
 
 
-checks.check_queued(queued, flask.url)
+_ = checks.check_queued(queued, flask.url)
 
 # %% [markdown]
+# **4.** *Explain your number.* In section 3, count the `/health` probes that were sent while the
+# generation ran (`probe.samples` holds `(sent at ms, latency ms)`). Why so few, when the probe asks
+# about once per decode step? What would a load balancer that allows a health check one second conclude
+# about this server with an answer of 500 tokens on your machine?
+#
 # ## Clean up
 #
 # Stop the servers this notebook started (re-running the notebook starts fresh ones).

@@ -12,35 +12,35 @@
 #    per-token `step_ms` for Flask, a naive `async def`, the `run_in_executor(next)` loop of this
 #    server's first streaming version, and the dedicated engine thread.
 # 2. What "blocking the event loop" means, seen from `/health` and from a heartbeat coroutine.
-# 3. Why the step time depends on how many threads run the model (OpenMP thread teams).
-# 4. Two traps in that first version's `run_in_executor(next)` loop: the `StopIteration` hang (shown safely, with a
-#    timeout) and `inference_mode` lost when a step changes threads.
+# 3. Two traps in that first version's `run_in_executor(next)` loop: the `StopIteration` hang (shown
+#    safely, with a timeout) and `inference_mode` lost when a step changes threads.
+# 4. How to write the bridge from the engine's blocking generator to the event loop yourself.
 #
-# **Run time:** about 1-2 minutes on 2 CPU cores.
+# **Run time:** about a minute on a 2-core laptop CPU; a few minutes on a slow one.
 
 # %% [markdown]
 # ## Setup
 #
 # Four servers on one engine. `ThreadRecorder` wraps the engine and notes which thread ran each step of
-# each generation; everything else passes straight through to the engine.
-#
-# This notebook runs the model's float32 weights through PyTorch (`quant="none"`), the path any model
-# takes: a decode step is a few hundred PyTorch operations. (The server's default for this model runs
-# the whole step as one call into a C kernel; section 2 says why that one is spared the effect measured
-# there.)
+# each generation; everything else passes straight through to the engine. The demos' lengths come from
+# the engine's speed, measured first.
 
-# %%
+# %% tags=["nbval-ignore-output"]
+import time
+
 from labserver import Engine, EngineConfig, SamplingParams
 from labserver.lab import checks, event_loop as lab
+from labserver.lab.claims import claim
 from labserver.serve.background import start_fastapi, start_flask, stop_all
 
-engine = Engine.from_config(EngineConfig(quant="none"))
+engine = Engine.from_config(EngineConfig())
+speed = lab.measure_speed(engine)
 recorder = lab.ThreadRecorder(engine)
-PROMPT, MAX_TOKENS = lab.PROMPT, 32
+PROMPT, MAX_TOKENS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)
 servers = {"flask": start_flask(recorder)}
 for kind in ("blocking", "executor", "thread"):  # the FastAPI app with each backend
     servers[kind] = start_fastapi(recorder, backend=kind, name=f"fastapi-{kind}")
-servers
+print(f"{speed}; the demos generate {MAX_TOKENS} tokens")
 
 # %% [markdown]
 # **Setup ends here.** Every cell below runs an experiment.
@@ -53,19 +53,27 @@ servers
 # |---|---|---|
 # | Flask (WSGI) | the server's only thread | `return engine.generate(...)` |
 # | async, engine on the loop | the event loop | `async def ...: for item in gen: yield item` |
-# | `run_in_executor(next)` (the first streaming version) | whichever pool thread is free | `await loop.run_in_executor(None, next, gen, DONE)` |
+# | `run_in_executor(next)` (the first streaming version) | whichever pool thread is free | each `next(gen)` sent to the default thread pool |
 # | engine thread (this server) | one long-lived thread that owns all torch calls | `queue.put(request)`; tokens come back with `loop.call_soon_threadsafe` |
 #
-# `lab.measure` warms a server up, then sends one greedy request of 32 tokens while `/health` is probed
-# every 20 ms. The engine thread goes first: so far, no thread of this process has run the model.
+# `lab.measure` warms a server up, then sends one greedy request while `/health` is probed about once per
+# decode step.
 
-# %%
-order = ("thread", "blocking", "executor", "flask")
-runs = {kind: lab.measure(servers[kind].url, PROMPT, MAX_TOKENS, stream=kind != "flask",
+# %% tags=["nbval-ignore-output"]
+order, every = ("thread", "blocking", "executor", "flask"), lab.probe_interval_ms(speed.step_ms)
+runs = {kind: lab.measure(servers[kind].url, PROMPT, MAX_TOKENS, stream=kind != "flask", interval_ms=every,
                           label=lab.LABELS[kind], recorder=recorder) for kind in order}
 print(lab.runs_table(runs))
+worst = {kind: run.probe.summary()["max_ms"] for kind, run in runs.items()}
+claim(f"Flask held /health for most of its generation: longest answer {worst['flask']:.0f} ms of "
+      f"{runs['flask'].trace.e2e_ms:.0f} ms", worst["flask"] > 0.5 * runs["flask"].trace.e2e_ms)
+claim(f"with the engine on the loop a probe waited longer than a decode step: {worst['blocking']:.0f} ms "
+      f"against a step of {runs['blocking'].step_p50_ms:.0f} ms", worst["blocking"] > runs["blocking"].step_p50_ms)
+typical = {kind: run.probe.summary()["p50_ms"] for kind, run in runs.items()}  # the median: spikes aside
+claim(f"the engine thread kept the loop free: /health p50 {typical['thread']:.1f} ms, against "
+      f"{typical['blocking']:.1f} ms with the engine on the loop", typical["thread"] < typical["blocking"]);
 
-# %%
+# %% tags=["nbval-ignore-output"]
 lab.plot_runs(runs)
 
 # %% [markdown]
@@ -75,8 +83,8 @@ lab.plot_runs(runs)
 #   generation is long.
 # - **async, engine on the loop**: tokens do stream (its TTFT is short), but every model step holds the
 #   loop. The loop gets one turn between two steps, and answering a request takes it several turns
-#   (accept the connection, read the request, run the handler, send the answer), so each probe waits
-#   several steps. `/health` is never dead, always late.
+#   (accept the connection, read the request, run the handler, send the answer), so a probe waits for
+#   one step or several. `/health` is late by steps, not by the whole generation.
 # - **`run_in_executor(next)`** and **engine thread**: the loop only moves bytes, and `/health` answers in
 #   a few ms during the whole generation.
 #
@@ -85,62 +93,32 @@ lab.plot_runs(runs)
 # last column counts the threads of this process that had run the model before each request (its own
 # warm-up included).
 #
-# ## 2. Why do the steps take longer?
+# The "step p50" column differs between the variants too. How fast a step runs depends on which thread
+# runs it and on how many threads of the process have run the model: the optional appendix notebook
+# (`08_appendix_cpu`) measures that. This notebook is about the event loop.
 #
-# Compare the engine thread's "step p50" with the others'. Is the engine thread simply better code?
-# Measure it again, now that three other threads have run the model:
-
-# %%
-again = lab.measure(servers["thread"].url, PROMPT, MAX_TOKENS, label="engine thread, again", recorder=recorder)
-print(f"engine thread, first: step p50 {runs['thread'].step_p50_ms:.1f} ms")
-print(f"engine thread, again: step p50 {again.step_p50_ms:.1f} ms  "
-      f"({again.torch_threads_before} threads had run the model before it)")
-
-# %% [markdown]
-# Same thread, same code: on a quiet 2-core machine its steps take ~33 ms the first time and ~50 ms
-# now (on a busy one the noise can hide part of it). On the CPU, PyTorch parallelizes each operation with
-# OpenMP, and OpenMP keeps one team of worker threads *per calling thread*. One team of 2 threads fits
-# the 2 cores, and its workers wait for the next operation by spinning, so the hundreds of small
-# operations of a decode step start at once. Once a second thread has run the model there are more OpenMP threads
-# than cores, and libgomp (the OpenMP runtime in PyTorch's CPU wheels) then spins only briefly before
-# putting its workers to sleep (see `GOMP_SPINCOUNT` in its manual). From then on every operation pays
-# to wake them up, in every thread, for the rest of the process's life.
-#
-# The default route's C kernel (`labserver/kernels.c`) is built around this: its whole decode step is
-# *one* OpenMP parallel region, whose threads meet at barriers that spin instead of sleeping, so it wakes
-# the team once per step instead of once per operation.
-#
-# If other programs were busy on the same cores while this ran, your numbers may show the opposite:
-# the first measurement many times *slower*. Spinning is fast only while the team has the cores to
-# itself. When another process needs them, a spinning thread burns its time slice waiting for a teammate
-# that the OS has paused, and each of the step's hundreds of operations can cost milliseconds. Sleeping
-# workers are slower but steady. Production servers avoid both by giving the engine cores of its own.
-#
-# So the rule is stronger than "don't hop threads": **one thread in the process runs every torch call**.
-# The first streaming version's executor breaks it with its pool threads, even with a pool of one; the Flask baseline and
-# the naive variant break it as soon as they share a process with another user of the model, as in this
-# notebook. The server's engine thread keeps it, as long as nothing else in the process runs the model.
-# A thread that ends takes its team with it, which is why `Engine.from_config` loads and converts the
-# weights on a short-lived thread: done on this notebook's own (long-lived) thread, that work alone
-# would leave a second team behind and slow every step of the engine thread that follows.
-#
-# ## 3. A closer look at the event loop: a heartbeat
+# ## 2. A closer look at the event loop: a heartbeat
 #
 # A coroutine that wakes every 5 ms and notes the time is a heartbeat: while the loop is free, the beats
-# are 5 ms apart. `lab.heartbeat_gaps` runs one on a fresh event loop while the loop also runs 8 tokens
-# of generation, either called directly inside a coroutine or sent to a thread with
-# `asyncio.to_thread`. (It uses a loop of its own on a helper thread: the notebook's kernel is already
+# are 5 ms apart. `lab.heartbeat_gaps` runs one on a fresh event loop while the loop also runs a short
+# generation (sized to last many beats here), either called directly inside a coroutine or sent to a
+# thread with `asyncio.to_thread`. (It uses a loop of its own on a helper thread: the notebook's kernel is already
 # running a loop on this one.)
 
-# %%
-def work():
-    return engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))
+# %% tags=["nbval-ignore-output"]
+tokens, took = lab.tokens_for(300, speed.prefill_ms, speed.step_ms, lo=8), []
 
 
-on_loop = lab.heartbeat_gaps(work, offload=False)
-in_thread = lab.heartbeat_gaps(work, offload=True)
-print(f"engine on the loop:    {len(on_loop):3d} beats, longest gap {max(on_loop):6.0f} ms")
-print(f"engine in a thread:    {len(in_thread):3d} beats, longest gap {max(in_thread):6.0f} ms")
+def work():  # a short greedy generation that notes how long it ran
+    start = time.perf_counter()
+    engine.generate(PROMPT, SamplingParams(max_tokens=tokens, temperature=0))
+    took.append((time.perf_counter() - start) * 1000)
+
+
+on_loop, in_thread = lab.heartbeat_gaps(work, offload=False), lab.heartbeat_gaps(work, offload=True)
+print(f"engine on the loop: {len(on_loop):3d} beats;  in a thread: {len(in_thread):3d} beats")
+claim(f"on the loop the heartbeat stopped for {max(on_loop):.0f} ms, as long as the generation ran ({took[0]:.0f} ms); "
+      f"in a thread its longest gap was {max(in_thread):.0f} ms", max(on_loop) >= took[0] > max(in_thread));
 
 # %% [markdown]
 # Called on the loop, the generation stops the heartbeat for its whole duration: no other coroutine
@@ -149,11 +127,11 @@ print(f"engine in a thread:    {len(in_thread):3d} beats, longest gap {max(in_th
 # (sampling, detokenizing; the default model's forward itself runs in C and lets go of it) holds it now
 # and then. That costs milliseconds, not whole generations.
 #
-# ## 4. Trap 1: the first version's loop never ends
+# ## 3. Trap 1: the first version's loop never ends
 #
 # This is how the first streaming version consumed the engine's generator from an async endpoint:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 lab.show_source(lab.stop_iteration_stream)
 
 # %% [markdown]
@@ -166,36 +144,37 @@ lab.show_source(lab.stop_iteration_stream)
 # `lab.try_stream` runs such a loop on its own event loop in a helper thread, gives up after `timeout_s`
 # and reports what asyncio logged, so this notebook cannot hang. Three real tokens from the engine:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 def three_tokens():
     return engine.generate_stream(PROMPT, SamplingParams(max_tokens=3, temperature=0))
 
 
-print("StopIteration:", lab.try_stream(lab.stop_iteration_stream, three_tokens, timeout_s=3))
+wait_s = 2 + 5 * (speed.prefill_ms + 2 * speed.step_ms) / 1000  # several times what 3 tokens take here
+trap = lab.try_stream(lab.stop_iteration_stream, three_tokens, timeout_s=wait_s)
+print("StopIteration:", trap)
+claim(f"the loop received all {len(trap.items)} items (3 tokens and the Finish) and then never returned: "
+      f"{trap.outcome} after {trap.elapsed_s:.1f} s", trap.outcome == "hung" and len(trap.items) == 4);
 
 # %% [markdown]
-# It received the three tokens and the `Finish`, and then waited until the timeout. The fix is a
-# sentinel: `next(gen, DONE)` returns `DONE` at the end instead of raising.
-
-# %%
-lab.show_source(lab.sentinel_stream)
-print("sentinel:     ", lab.try_stream(lab.sentinel_stream, three_tokens, timeout_s=30))
-
-# %% [markdown]
-# (Starlette's `iterate_in_threadpool` does the same for you. The engine thread never has this problem:
-# it calls `next(gen, DONE)` on its own thread and hands items over through a queue.)
+# It received the three tokens and the `Finish`, and then waited until the timeout. A server with this
+# loop keeps every finished request open forever (and a client that waits for the end of the stream
+# waits with it). Exercise 1 asks you to write a loop that ends; the engine thread never has the
+# problem, because it hands items to the event loop through a queue, on its own thread.
 #
-# ## 5. Trap 2: `inference_mode` stays behind on the thread
+# ## 4. Trap 2: `inference_mode` stays behind on the thread
 #
 # The first version's generator wrapped its whole loop in `with torch.inference_mode():`. Grad mode is
 # *thread-local* state: entering the `with` switches it on for the thread that runs that line, not for
 # the generator. `lab.inference_mode_steps` drives such a generator (the real model) with `next()` calls
 # sent to worker threads, as `run_in_executor` does, and records the mode in each step.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 demo = lab.inference_mode_steps(engine, steps=6, hop=True)
 lab.print_table(demo.steps)
 print("in inference mode while the generator waits:", demo.left_in_inference_mode)
+hopped = [row for row in demo.steps if row.get("thread", "").startswith("pool-1")]
+claim(f"every one of the {len(hopped)} steps run on the other pool thread ran with autograd on and recorded "
+      f"a graph", bool(hopped) and all(row["grad_enabled"] and row["graph_recorded"] for row in hopped));
 
 # %% [markdown]
 # Every step that lands on the other thread runs with autograd on: it records a graph for the logits
@@ -205,18 +184,21 @@ print("in inference mode while the generator waits:", demo.left_in_inference_mod
 # thread runs meanwhile inherits it (and which thread finally leaves the block is up to the pool). With
 # every step on one thread, the mode is what the code says:
 
-# %%
-lab.print_table(lab.inference_mode_steps(engine, steps=6, hop=False).steps)
+# %% tags=["nbval-ignore-output"]
+steady = lab.inference_mode_steps(engine, steps=6, hop=False).steps
+lab.print_table(steady)
+claim("with every step on one thread, no step recorded a graph",
+      all(row.get("inference_mode") and not row.get("graph_recorded") for row in steady));
 
 # %% [markdown]
 # This engine avoids the trap twice: each phase (`prefill`, `decode_one_token`) enters
 # `inference_mode` itself, and all its steps run on one thread anyway.
 #
-# ## 6. Where the engine should run
+# ## 5. Where the engine should run
 #
-# Put together: the model must not run on the event loop (sections 1 and 3), and its steps must not be
-# spread over several threads (sections 2 and 5). So this server gives the engine **one long-lived thread** that owns
-# every torch call. Requests reach it through a thread-safe queue; it advances each active generation
+# Put together: the model must not run on the event loop (sections 1 and 2), and its steps must not be
+# spread over several threads (section 4, and the appendix on CPU threads). So this server gives the
+# engine **one long-lived thread** that owns every torch call. Requests reach it through a thread-safe queue; it advances each active generation
 # by one step in turn and hands each token back to the event loop with `loop.call_soon_threadsafe` into
 # a per-request `asyncio.Queue`. SGLang runs its scheduler in its own thread for the same reasons; vLLM
 # V1 goes one step further and runs it in a separate process (notebook 5).
@@ -227,19 +209,21 @@ lab.print_table(lab.inference_mode_steps(engine, steps=6, hop=False).steps)
 #   await: called on the loop, they stall every other request for a step at a time.
 # - Flask stalls `/health` for a whole generation, the naive async variant for one step at a time; the
 #   executor and the engine thread keep it at milliseconds.
-# - The first version's `except StopIteration` loop hangs after the last token: use a sentinel,
-#   `next(gen, DONE)`.
-# - Every thread that runs the model gets its own OpenMP team; more teams than cores make every step
-#   slower, in every thread. Grad mode is thread-local too and follows the thread, not the generator.
-#   One dedicated engine thread that owns every torch call keeps both right.
+# - The first version's `except StopIteration` loop hangs after the last token: asyncio cannot carry
+#   `StopIteration` through a Future.
+# - Grad mode is thread-local: it follows the thread, not the generator. One dedicated engine thread
+#   that owns every torch call keeps it right (and keeps the CPU's thread teams stable: appendix).
 #
 # ## Exercises
 #
 # The checkers here use `fake_engine` (fixed sleeps instead of the model), so their verdict does not
 # depend on how busy the machine is. Reference solutions: `notebooks/solutions/03_event_loop.py`.
 #
-# **1.** Write `stream_tokens(gen)`, an async generator that yields every item of the (synchronous)
-# generator `gen`, running each `next` in a thread pool, and that *finishes* after the last item.
+# **1.** Write the bridge from the engine's blocking generator to the event loop: `stream_tokens(gen)`,
+# an async generator that yields every item of the (synchronous) generator `gen`, running each `next`
+# in a thread pool, and that *finishes* after the last item. The checker runs it on small iterators (a
+# bridge that hangs at the end fails after a timeout), then serves it in a FastAPI app on `fake_engine`
+# and probes `/health` during a stream: a bridge that runs the steps on the loop fails there.
 
 # %%
 async def stream_tokens(gen):
@@ -248,7 +232,7 @@ async def stream_tokens(gen):
     yield
 
 
-checks.check_stream_tokens(stream_tokens)
+_ = checks.check_stream_tokens(stream_tokens)
 
 # %% [markdown]
 # **2.** Write `stream_on_one_thread(gen)`: the same, but every step of every stream runs on the *same*
@@ -263,7 +247,15 @@ async def stream_on_one_thread(gen):
     yield
 
 
-checks.check_one_thread(stream_on_one_thread)
+_ = checks.check_one_thread(stream_on_one_thread)
+
+# %% [markdown]
+# **3.** *Explain your number.* In section 1, how many `/health` probes did the "engine on the loop"
+# variant answer during its generation, and how many did the engine thread answer? Explain both counts
+# from the probe interval, this run's step time and the number of loop turns a request needs.
+#
+# **4.** *Explain your number.* In section 2, the heartbeat in a thread still had gaps longer than 5 ms.
+# Which work of the generation holds the GIL? Would a faster model make those gaps shorter or longer?
 
 # %% [markdown]
 # ## Clean up

@@ -9,7 +9,7 @@ length) instead of the model and says so. Reference solutions: ``notebooks/solut
 
 # One module per notebook; a notebook reads them all as ``checks.check_...``.
 from .baseline import check_blocking_prediction, check_queued
-from .streaming import check_parse_sse_line, check_itl_tpot, check_my_stream
+from .streaming import check_parse_sse_line, check_my_stream, check_sse_endpoint
 from .event_loop import check_stream_tokens, check_one_thread
 from .cancellation import check_hang_up, check_stop_string, check_wait_or_cancel
 from .concurrency import (check_aggregate_tokens_per_s, check_itl_prediction, check_batched_tokens_per_s,

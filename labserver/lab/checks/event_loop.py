@@ -8,12 +8,21 @@ from ...engine.engine import Finish, TokenEvent
 from ...engine.fake import fake_engine
 from ..checking import checker, say
 from ..event_loop import try_stream, two_streams_with_heartbeat
+from ..harness import watch_bridge
 from ..runs import ThreadRecorder
+
+BRIDGE_STEP_MS = 100.0  # the fake engine's steps when a bridge is served: /health must answer well within one
 
 
 @checker
 def check_stream_tokens(stream_tokens: Callable) -> bool:
-    """``async def stream_tokens(gen)``: yield every item of ``gen``, each ``next`` in a thread, and finish."""
+    """``async def stream_tokens(gen)``: the bridge from a blocking generator to the event loop.
+
+    It must yield every item and then *finish* (a loop that waits for ``StopIteration`` hangs: it FAILS
+    after a timeout), and it must keep the loop free: served on ``fake_engine`` (steps of BRIDGE_STEP_MS),
+    ``/health`` probed every 10 ms during a stream must never wait much longer than a step. A bridge that
+    calls ``next(gen)`` on the loop makes a probe wait for the step in progress, or for the whole stream.
+    """
     name = "stream_tokens"
     ok = True
     cases = [("a list iterator", lambda: iter(range(5)), list(range(5))),
@@ -25,9 +34,21 @@ def check_stream_tokens(stream_tokens: Callable) -> bool:
             print(f"TODO  {name}: not written yet (it raises NotImplementedError)")
             return False
         good = result.outcome == "completed" and (result.items == expected if expected is not None else
-                                                  isinstance(result.items[-1], Finish))
+                                                  bool(result.items) and isinstance(result.items[-1], Finish))
         ok &= say(good, name, f"{label}: {result}")
-    return ok
+    if not ok:
+        return False
+    run = watch_bridge(stream_tokens, step_ms=BRIDGE_STEP_MS, max_tokens=8, timeout_s=5.0)
+    tokens = len(run.reading.tokens)
+    ok &= say(run.reading.error is None and tokens == 8, name,
+              f"served on fake_engine: {tokens} tokens streamed" + (f"; {run.reading.error}" if run.reading.error else ""))
+    # A loop held by the steps keeps a probe waiting for at least the step in progress (with this harness,
+    # for the whole stream: 8 steps); a free loop answers in ~1 ms, and a busy machine's spikes stay well
+    # under the 2.5 steps allowed.
+    worst, limit = max(run.health_ms, default=0.0), 2.5 * BRIDGE_STEP_MS
+    return ok & say(bool(run.health_ms) and worst < limit, name,
+                    f"/health during the stream: longest answer {worst:.0f} ms over {len(run.health_ms)} probes "
+                    f"(expected < {limit:.0f} ms, 2.5 steps of {BRIDGE_STEP_MS:.0f} ms)")
 
 
 @checker

@@ -1,13 +1,22 @@
-"""Checkers for notebook 02 streaming SSE; see ``checks/__init__.py`` for how checkers report."""
+"""Checkers for notebook 02 streaming SSE; see ``checks/__init__.py`` for how checkers report.
+
+Where a verdict depends on timing (do the tokens arrive one by one?), the checker serves ``fake_engine``,
+whose steps are sleeps of a known length: a sleep never ends early, so tokens that really stream arrive
+at least a step apart on any machine, however fast or busy, and a buffered answer arrives all at once.
+"""
 from __future__ import annotations
 
 import json
 from typing import Callable
 
+from ...engine.fake import WORDS, fake_engine
 from ...measure.client import stream_generate
-from ...measure.trace import Trace
-from ..checking import attempt, checker, near, say
+from ...serve.background import ServerStartError, start_fastapi, stop
+from ..checking import attempt, checker, say
+from ..harness import read_sse, serve_student_app, stop_student_app
 from ..streaming import raw_sse
+
+FAKE_STEP_MS = 60.0  # the fake engine's prefill and decode sleeps in these checks
 
 
 SSE_CASES = [
@@ -36,22 +45,23 @@ def check_parse_sse_line(parse_sse_line: Callable, url: str | None = None) -> bo
     return ok
 
 
-@checker
-def check_itl_tpot(itl_and_tpot: Callable, trace: Trace) -> bool:
-    """``itl_and_tpot(arrival_ms)``: (list of gaps, TPOT) as vllm bench serve defines them."""
-    name = "itl_and_tpot"
-    itl, tpot = attempt(name, itl_and_tpot, [100.0, 130.0, 170.0])
-    ok = say(list(itl) == [30.0, 40.0] and near(tpot, 35.0), name,
-              f"[100, 130, 170] -> ({list(itl)}, {tpot}) (expected ([30.0, 40.0], 35.0))")
-    itl, tpot = attempt(name, itl_and_tpot, list(trace.arrival_ms))
-    same = len(itl) == len(trace.itl_ms) and all(near(a, b) for a, b in zip(itl, trace.itl_ms))
-    return ok & say(same and near(tpot, trace.tpot_ms), name,
-                     f"your trace -> TPOT {tpot:.1f} ms (Trace says {trace.tpot_ms:.1f} ms), {len(itl)} gaps")
+def _one_by_one(times: list[float], step_ms: float) -> tuple[bool, str]:
+    """Did tokens made ``step_ms`` apart arrive apart? The sleeps between the first token and the last
+    add up to ``(n - 1) * step_ms``; the client may see the first token late (a busy machine), which
+    shortens the spread, so half of it is required: a buffered answer has a spread of ~0."""
+    spread, needed = times[-1] - times[0], 0.5 * (len(times) - 1) * step_ms
+    return spread >= needed, (f"first token at {times[0]:.0f} ms, last at {times[-1]:.0f} ms: {spread:.0f} ms "
+                              f"apart, and the server slept {(len(times) - 1) * step_ms:.0f} ms between them "
+                              f"(streamed: at least {needed:.0f} ms)")
 
 
 @checker
 def check_my_stream(my_stream: Callable, url: str, prompt: str = "What is the capital of France?") -> bool:
-    """``my_stream(url, prompt, max_tokens)``: [(ms after sending, token text), ...] with plain httpx, greedy."""
+    """``my_stream(url, prompt, max_tokens)``: [(ms after sending, token text), ...] with plain httpx, greedy.
+
+    First against ``url`` (the real model: the same text as ``stream_generate``), then against a server of
+    ``fake_engine`` with steps of FAKE_STEP_MS: the tokens must arrive as they are made.
+    """
     name = "my_stream"
     got = attempt(name, my_stream, url, prompt, 16)
     ref = stream_generate(url, prompt, 16, 0.0)
@@ -59,9 +69,50 @@ def check_my_stream(my_stream: Callable, url: str, prompt: str = "What is the ca
     ok = say(text == ref.text, name, f"{len(got)} tokens, text {text!r} (expected {ref.text!r})")
     times = [t for t, _ in got]
     ok &= say(times == sorted(times) and len(times) > 1, name, "arrival times increase")
-    if ok:
-        # A decode step takes well over 5 ms on any CPU; a buffered answer arrives all in one instant.
-        spread = times[-1] - times[0]
-        ok &= say(spread >= 5 * (len(times) - 1), name, f"first token at {times[0]:.0f} ms, last at "
-                                                        f"{times[-1]:.0f} ms: they arrived one by one")
+    fake = start_fastapi(fake_engine(prefill_ms=FAKE_STEP_MS, step_ms=FAKE_STEP_MS), name="check-my-stream")
+    try:
+        got = attempt(name, my_stream, fake.url, "go", 6)
+    finally:
+        stop("check-my-stream")
+    expected = "".join(" " + w for w in WORDS[:6])
+    text = "".join(token for _, token in got)
+    ok &= say(text == expected, name, f"fake engine: {text!r} (expected {expected!r})")
+    if len(got) > 1:
+        streamed, detail = _one_by_one([t for t, _ in got], FAKE_STEP_MS)
+        ok &= say(streamed, name, "fake engine: " + detail)
+    return ok
+
+
+@checker
+def check_sse_endpoint(make_sse_app: Callable) -> bool:
+    """``make_sse_app(engine)``: a FastAPI app whose ``POST /generate`` streams SSE.
+
+    Served (uvicorn, background thread) on ``fake_engine`` with steps of FAKE_STEP_MS and asked for 6
+    tokens: ``text/event-stream``; one ``data: {"token": ...}`` frame per token, in order; ``data: [DONE]``
+    last; and the tokens arrive as the engine makes them, not all at the end.
+    """
+    name = "make_sse_app"
+    app = attempt(name, make_sse_app, fake_engine(prefill_ms=FAKE_STEP_MS, step_ms=FAKE_STEP_MS))
+    if not callable(app):
+        return say(False, name, f"make_sse_app returned {app!r}, not an app (return the FastAPI object)")
+    try:
+        server = serve_student_app(app)
+        reading = read_sse(server.url, {"prompt": "go", "max_tokens": 6}, timeout_s=10)
+    except ServerStartError as exc:
+        return say(False, name, f"the app did not start: {exc}")
+    finally:
+        stop_student_app()
+    if not say(reading.status == 200 and reading.error is None, name,
+               f"POST /generate answered {reading.status}" + (f"; {reading.error}" if reading.error else "")):
+        return False
+    ok = say(reading.content_type.startswith("text/event-stream"), name,
+             f"content-type {reading.content_type!r} (expected text/event-stream)")
+    tokens, expected = reading.tokens, [" " + w for w in WORDS[:6]]
+    ok &= say([t for _, t in tokens] == expected, name,
+              f"{len(tokens)} token frames {[t for _, t in tokens]} (expected one per token: {expected})")
+    last = reading.data[-1][1] if reading.data else None
+    ok &= say(last == "[DONE]", name, f"last data line {last!r} (expected '[DONE]')")
+    if len(tokens) > 1:
+        streamed, detail = _one_by_one([t for t, _ in tokens], FAKE_STEP_MS)
+        ok &= say(streamed, name, detail)
     return ok
