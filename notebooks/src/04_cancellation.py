@@ -25,7 +25,7 @@
 # process, so the notebook can read the engine's own counters: `engine.running` (generations in
 # progress) and `engine.tokens_generated` (a running total).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 from labserver import Engine, EngineConfig
 from labserver.lab import checks, cancellation as lab
 from labserver.lab.claims import claim
@@ -47,7 +47,7 @@ print(fastapi, flask, "running:", engine.running, "tokens so far:", engine.token
 # measured when it first started on this machine: if other programs slow the machine down now, the
 # client leaves earlier in the answer, never after it.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 timing = lab.measure_timing(fastapi.url, engine)
 n_block, give_up_s = lab.blocking_plan(timing)
 print(f"now: prefill {timing.prefill_ms:.0f} ms, step {timing.step_ms:.1f} ms; "
@@ -64,14 +64,14 @@ print(f"blocking demo: {n_block} tokens, {timing.fastest().generation_ms(n_block
 # and closes the connection. A watcher thread samples the engine's counters meanwhile, and keeps watching
 # until the engine is idle and a little longer.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 watch_ms = min(20.0, max(1.0, timing.step_ms / 3))  # a few samples per step
 stream_left = lab.hang_up(engine, fastapi.url, after_tokens=5, max_tokens=128, label="FastAPI, stream",
                           interval_ms=watch_ms)
 lab.print_table([stream_left.row()])
 claim(f"the engine computed {stream_left.generated} tokens for a client that read {stream_left.received} "
       f"of the 128 it asked for: at most 3 more than it read", stream_left.wasted <= 3,
-      why="the cancel flag reached the engine late; a very busy machine can delay the event loop")
+      why="the cancel flag reached the engine late; a very busy machine can delay the event loop");
 
 # %% [markdown]
 # The engine stopped within a step or two of the client leaving, instead of running the remaining
@@ -93,7 +93,7 @@ claim(f"the engine computed {stream_left.generated} tokens for a client that rea
 # (`lab.start_json_app`) whose handler does what most handlers do: `await` the answer, listening for
 # nobody (`lab.just_wait`).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 naive = lab.start_json_app(engine, lab.just_wait)
 blocking = [lab.hang_up(engine, server.url, stream=False, after_s=give_up_s, max_tokens=n_block, label=label,
                         interval_ms=watch_ms)
@@ -107,7 +107,7 @@ for run in blocking:
     claim(f"{run.label}: the engine computed all {run.generated} of {n_block} tokens, {run.after_left} of "
           "them after the client had left", run.generated == n_block and run.after_left > n_block / 2)
 
-# %%
+# %% tags=["nbval-ignore-output"]
 lab.plot_cancel(runs)
 
 # %% [markdown]
@@ -124,14 +124,14 @@ lab.plot_cancel(runs)
 # Each token computed after the client left is one decode step that another user's request could have
 # used. In engine time, with the step measured at the top:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 for run in runs:
     print(f"{run.label:18s} {run.after_left:4d} tokens after the client left = "
           f"{run.after_left * timing.step_ms / 1000:.2f} s of engine time")
 wasted_s = sum(run.after_left for run in blocking) * timing.step_ms / 1000
 claim(f"the two answers in one piece cost {wasted_s:.2f} s of engine time for nobody, over 10 times what "
       f"the stream cost (tokens beyond what it read: {stream_left.wasted})",
-      wasted_s > 10 * max(stream_left.wasted, 1) * timing.step_ms / 1000)
+      wasted_s > 10 * max(stream_left.wasted, 1) * timing.step_ms / 1000);
 
 # %% [markdown]
 # ## Summary
@@ -158,7 +158,7 @@ def hang_up_after(url, n):
     raise NotImplementedError  # your code here
 
 
-checks.check_hang_up(hang_up_after, engine, fastapi.url)
+_ = checks.check_hang_up(hang_up_after, engine, fastapi.url)
 
 # %% [markdown]
 # **2.** A client-side stop string: write `stream_until(url, prompt, stop)` that streams a greedy
@@ -172,7 +172,7 @@ def stream_until(url, prompt, stop):
     raise NotImplementedError  # your code here
 
 
-checks.check_stop_string(stream_until, engine, fastapi.url)
+_ = checks.check_stop_string(stream_until, engine, fastapi.url)
 
 # %% [markdown]
 # **3. Server code: cancel an answer in one piece.** Write the part of a non-streaming handler that waits:
@@ -190,7 +190,7 @@ async def wait_or_cancel(request, work):
     raise NotImplementedError  # your code here
 
 
-checks.check_wait_or_cancel(wait_or_cancel)
+_ = checks.check_wait_or_cancel(wait_or_cancel)
 
 # %% [markdown]
 # **4. Explain your numbers.** (a) In section 1 the engine computed a few tokens more than the client read,

@@ -25,12 +25,12 @@
 # Two FastAPI servers on one engine, one after the other: backend `"thread"` interleaves streams step by
 # step (`policies.TurnTaking`), backend `"batched"` is the server's default (`policies.Batched`).
 # Each has its own engine thread, so the first is stopped before the second starts: two live threads that
-# both run torch would make each other's steps slower (OpenMP worker teams, notebook 3).
+# both run torch would make each other's steps slower (OpenMP worker teams, appendix `08_appendix_cpu`).
 #
 # The length of the answers and how often `/health` is probed come from this machine's prefill and step
 # times, measured first: enough decode steps that decoding is not hidden behind the prefills.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 import math
 
 from labserver import Engine, EngineConfig
@@ -53,7 +53,7 @@ print(f"{engine.runner.name}, {engine.config.max_batch} cache slots; prefill {pr
 #
 # For each N: N greedy streams sent together to the `"thread"` server, while `/health` is probed.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
 turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
 stop("fastapi-thread")  # its engine thread ends with it
@@ -65,7 +65,7 @@ lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine threa
 # every fourth step. The first tokens are staggered: a request's first turn is its prefill, so the
 # prefills of requests that arrive together run one after another.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 last = turns[-1]
 claim(f"taking turns, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
       f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): about one step per stream",
@@ -76,7 +76,7 @@ claim("taking turns, all streams together get at most one token per step: "
 ttft_max, prefill = max(t.ttft_ms for t in last.traces), min(t.prefill_time_ms for t in last.traces)
 claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill:.1f} times one prefill "
       f"({ttft_max:.0f} ms against {prefill:.0f} ms): it waited for the prefills before it",
-      ttft_max >= last.n / 2 * prefill)
+      ttft_max >= last.n / 2 * prefill);
 
 # %% [markdown]
 # ## 2. The same N streams, batched
@@ -88,7 +88,7 @@ claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill
 # (finished, cancelled or new), so nobody waits for a batch to fill or drain: *continuous* batching, as
 # in vLLM, SGLang and nano-vllm.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 batched = start_fastapi(engine, backend="batched", name="fastapi-batched")
 together = lab.sweep(batched.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
 stop("fastapi-batched")
@@ -104,7 +104,7 @@ lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 # arrived between two forwards. Each group that joins makes B bigger; each stream that finishes makes it
 # smaller. That is where odd sizes such as B = 3 or 6 come from.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
 for load in together:
     print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
@@ -116,20 +116,20 @@ claim(f"the {together[-1].n} prompts were prefilled in groups {groups}, each wit
 last = together[-1]
 claim(f"batched, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
       f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): one step carries them all",
-      last.itl_p50_ms / last.step_p50_ms < 1.6)
+      last.itl_p50_ms / last.step_p50_ms < 1.6);
 
 # %% [markdown]
 # ## 3. TTFT, ITL, throughput and `/health` against N
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print("taking turns"); print(lab.sweep_table(turns))
 print("\nbatched"); print(lab.sweep_table(together))
 health = max(lab.health_p50_ms(load) for load in turns + together)
 e2e = min(lab.e2e_p50_ms(turns[-1]), lab.e2e_p50_ms(together[-1]))
 claim(f"/health answered in {health:.1f} ms (p50) or less at every N on both servers, while a stream at "
-      f"N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10)
+      f"N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10);
 
-# %%
+# %% tags=["nbval-ignore-output"]
 lab.plot_sweep({"taking turns": turns, "batched": together})
 
 # %% [markdown]
@@ -157,11 +157,11 @@ lab.plot_sweep({"taking turns": turns, "batched": together})
 # A decode step with B sequences, timed directly on the engine for B = 1, 2, 4 and 8 in turns (so that a
 # moment when other programs use the CPU slows every size alike):
 
-# %%
+# %% tags=["nbval-ignore-output"]
 steps = lab.batch_step_ms(engine, prompt="Count to ten.")
 lab.print_table([{"batch B": b, "step ms": ms, "step vs B=1": ms / steps[1]} for b, ms in steps.items()])
 claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.1f} ms against 8 x "
-      f"{steps[1]:.1f} ms ({steps[8] / steps[1]:.1f} steps of one)", steps[8] < 8 * steps[1])
+      f"{steps[1]:.1f} ms ({steps[8] / steps[1]:.1f} steps of one)", steps[8] < 8 * steps[1]);
 
 # %% [markdown]
 # A decode step reads all of the model's weights and does a little arithmetic with each of them, per
@@ -210,7 +210,7 @@ def one_round(engine, waiting, running, free_slots):
     raise NotImplementedError  # your code here
 
 
-checks.check_one_round(one_round)
+_ = checks.check_one_round(one_round)
 
 # %% [markdown]
 # **2.** Write `aggregate_tokens_per_s(traces)`: all tokens of all streams divided by the time from the
@@ -223,7 +223,7 @@ def aggregate_tokens_per_s(traces):
     raise NotImplementedError  # your code here
 
 
-checks.check_aggregate_tokens_per_s(aggregate_tokens_per_s, turns + together)
+_ = checks.check_aggregate_tokens_per_s(aggregate_tokens_per_s, turns + together)
 
 # %% [markdown]
 # **3.** Write `predict_itl_ms(step_ms, n)`: the gap between two tokens of one stream when `n` streams take
@@ -236,7 +236,7 @@ def predict_itl_ms(step_ms, n):
     raise NotImplementedError  # your code here
 
 
-checks.check_itl_prediction(predict_itl_ms, turns)
+_ = checks.check_itl_prediction(predict_itl_ms, turns)
 
 # %% [markdown]
 # **4.** Write `batched_tokens_per_s(batch, step_ms)`: the total tokens per second of an engine that
@@ -250,7 +250,7 @@ def batched_tokens_per_s(batch, step_ms):
     raise NotImplementedError  # your code here
 
 
-checks.check_batched_tokens_per_s(batched_tokens_per_s, together)
+_ = checks.check_batched_tokens_per_s(batched_tokens_per_s, together)
 
 # %% [markdown]
 # **5. Explain your numbers.** (a) Read the round table the checker of exercise 1 printed: in which round

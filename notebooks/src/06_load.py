@@ -28,7 +28,7 @@
 # the model's own tokens, so that a prompt of 32 tokens is 32 tokens on the server; `ignore_eos` makes
 # every answer exactly its asked length (16 tokens), as benchmarks do.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 import math
 
 from labserver import Engine, EngineConfig
@@ -50,7 +50,7 @@ print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS,
 # Every rate below is sized from this measurement, so the notebook asks the same question on a fast and
 # a slow machine. A server that served one request at a time would sustain 1 / E2E requests per second.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 alone = lab.measure_alone(server.url, tokenizer)
 print(f"alone: TTFT {alone.ttft_ms:.0f} ms, TPOT (the decode step, as the client sees it) "
       f"{alone.tpot_ms:.1f} ms, E2E {alone.e2el_ms:.0f} ms -> 1 / E2E = {alone.rate:.2f} requests/s")
@@ -82,7 +82,7 @@ for burstiness in (0.25, 1.0, math.inf):
 # after the last arrival; one that falls behind has a backlog left to drain. The SLO for goodput: TTFT and
 # E2E at most 4 times what a request alone gets.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 slo = lab.slo_from(alone)
 knee = lab.knee(server.url, alone, slo, tokenizer)
 print("SLO:", slo)
@@ -97,7 +97,7 @@ lab.plot_knee(knee)
 # the batch grows, and for their own prefill. In the left plot, latency climbs steeply against a throughput that barely grows: the
 # server is already giving all it has. The claims below are this run's numbers:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 last = knee.summaries[-1]
 claim(f"the sweep drove this server past its knee: over-saturated at {knee.rates[-1]:.2f} requests/s, "
       f"knee {knee.knee} requests/s", knee.saturated[-1])
@@ -106,7 +106,7 @@ claim(f"past the knee p99 TTFT is {ratio(last['p99_ttft_ms'], alone.ttft_ms)} th
 best = knee.summaries[knee.rates.index(knee.best_goodput_rate)]
 claim(f"goodput peaks before the last rate: {best['request_goodput']:.2f} requests/s within the SLO at "
       f"{knee.best_goodput_rate:.2f}, {last['request_goodput']:.2f} at {knee.rates[-1]:.2f}",
-      last["request_goodput"] < best["request_goodput"])
+      last["request_goodput"] < best["request_goodput"]);
 
 # %% [markdown]
 # **Goodput** is the measure to size a server with: throughput keeps rising a little past the knee, but
@@ -121,7 +121,7 @@ claim(f"goodput peaks before the last rate: {best['request_goodput']:.2f} reques
 # and a `Retry-After` header, so that the client (or a load balancer) can go elsewhere or come back later.
 # The same burst at the over-saturating rate, against both:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 burst = lab.backpressure(engine, knee.rates[-1], limit=4, tokenizer=tokenizer)
 print(lab.backpressure_table(burst))
 lab.plot_timelines(burst)
@@ -132,12 +132,12 @@ lab.plot_timelines(burst)
 # that they should retry. Without it, every request is admitted and the later ones wait behind all the
 # earlier ones: their TTFT grows with their place in the queue.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 limited, unbounded = burst.values()
 claim(f"with a limit of 4 the admitted requests' p99 TTFT is {limited.summary['p99_ttft_ms']:.0f} ms against "
       f"{unbounded.summary['p99_ttft_ms']:.0f} ms for the unbounded queue, and "
       f"{limited.summary['failed_429']} requests were refused with a 429",
-      limited.summary["p99_ttft_ms"] < unbounded.summary["p99_ttft_ms"] and limited.summary["failed_429"] > 0)
+      limited.summary["p99_ttft_ms"] < unbounded.summary["p99_ttft_ms"] and limited.summary["failed_429"] > 0);
 
 # %% [markdown]
 # Neither is free: the 429s are users turned away (or retrying), the queue is users waiting longer than
@@ -171,7 +171,7 @@ def poisson_arrivals(n, rate, seed=0):
     raise NotImplementedError  # your code here
 
 
-checks.check_poisson_arrivals(poisson_arrivals)
+_ = checks.check_poisson_arrivals(poisson_arrivals)
 
 # %% [markdown]
 # **2.** One request runs at a time (`max_concurrency=1`), requests arrive every `interval_ms`, and each
@@ -186,7 +186,7 @@ def predict_queue_ms(k, prefill_ms, step_ms, tokens, interval_ms):
     raise NotImplementedError  # your code here
 
 
-checks.check_queue_prediction(predict_queue_ms)
+_ = checks.check_queue_prediction(predict_queue_ms)
 
 # %% [markdown]
 # ## Clean up
