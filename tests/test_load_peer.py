@@ -7,7 +7,11 @@ read by another thread, a queue between llama-server's HTTP threads and its loop
 DELIVERY_MS when a core is free; when more threads are runnable than there are cores, a runnable thread
 waits for about load / cores time slices, so the slack per hand-off is DELIVERY_MS * max(1, load / cores).
 TTFT adds to the server's `prompt_ms` what lies outside it: the request's trip to the server loop and the
-first token's back, HANDOFFS = 4 hand-offs, so TTFT - prompt_ms is in [0, 4 * slack]. TPOT spans first to
+first token's back, HANDOFFS = 4 hand-offs, plus one decode step: llama-server's `prompt_ms` ends when it
+samples the first token, and its compute threads (`-t` = the number of cores) then run the next step at
+once, spinning at their barriers, so the HTTP thread that writes the first chunk may get a core only when
+that step ends (measured on 2 cores: TTFT - prompt_ms of 11-29 ms against a 14 ms step). So TTFT -
+prompt_ms is in [0, 4 * slack + predicted_per_token_ms]. TPOT spans first to
 last token on both sides, so only the difference of two events' delays (2 hand-offs each at most)
 remains, spread over tokens - 1 gaps. The medians over the requests are held to that: a single request
 may meet a longer preemption on a shared machine (the printed lists show each one).
@@ -74,7 +78,8 @@ def test_load_figures_agree_with_llama_servers_timings(server):
     print(f"\nslack {slack:.1f} ms; TTFT - prompt_ms, TPOT - predicted_per_token_ms:",
           [(round(a, 2), round(b, 3)) for a, b, _ in rows])
     assert min(ttft for ttft, _, _ in rows) >= 0.0, rows  # no token before its prompt was processed
-    assert 0.0 <= np.median([ttft for ttft, _, _ in rows]) <= HANDOFFS * slack, rows
+    step_ms = np.median([timings["predicted_per_token_ms"] for _, _, timings in rows])
+    assert 0.0 <= np.median([ttft for ttft, _, _ in rows]) <= HANDOFFS * slack + step_ms, rows
     assert abs(np.median([tpot for _, tpot, _ in rows])) <= 2 * slack / (OUTPUT - 1), rows
     print(f"llama-server: {result.summary['output_throughput']:.1f} output tokens/s, "
           f"median TTFT {result.summary['median_ttft_ms']:.1f} ms, TPOT {result.summary['median_tpot_ms']:.2f} ms")

@@ -103,12 +103,16 @@ def timings_agreement(traces: list[Trace], delivery_ms: float = DELIVERY_MS) -> 
     """Our client's TTFT and TPOT against llama-server's `prompt_ms` and `predicted_per_token_ms`."""
     rows = [(t.ttft_ms - t.timings["prompt_ms"], t.tpot_ms - t.timings["predicted_per_token_ms"], t.n_tokens)
             for t in traces if t.ok and t.n_tokens > 1 and "prompt_ms" in t.timings]
-    ttft_ok = [0.0 <= d <= 2 * delivery_ms for d, _, _ in rows]
+    # llama-server's prompt_ms ends when it samples the first token; its compute threads (one per core)
+    # go straight on to the next step, so the chunk may leave only when that step ends: one step more.
+    step_ms = _p50([t.timings["predicted_per_token_ms"] for t in traces
+                    if t.ok and "predicted_per_token_ms" in t.timings]) or 0.0
+    ttft_ok = [0.0 <= d <= 2 * delivery_ms + step_ms for d, _, _ in rows]
     tpot_ok = [abs(d) <= delivery_ms / (n - 1) for _, d, n in rows]
     return {"requests": len(rows), "p50_ttft_minus_prompt_ms": _p50([d for d, _, _ in rows]),
             "p50_tpot_minus_predicted_per_token_ms": _p50([d for _, d, _ in rows]),
             "ttft_within": sum(ttft_ok), "tpot_within": sum(tpot_ok),
-            "tolerance": f"TTFT - prompt_ms in [0, {2 * delivery_ms:g}] ms; "
+            "tolerance": f"TTFT - prompt_ms in [0, {2 * delivery_ms:g} + one step ({step_ms:g})] ms; "
                          f"|TPOT - predicted_per_token_ms| <= {delivery_ms:g} ms / (tokens - 1)"}
 
 
