@@ -6,9 +6,7 @@ reference solutions in notebooks/solutions/, wrong ones are written here.
 """
 
 import asyncio
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 from matplotlib.figure import Figure
@@ -19,16 +17,9 @@ from labserver.serve import background as serving
 from labserver.measure.client import blocking_generate, stream_generate
 from labserver.measure.probes import HealthProbe
 from labserver.measure.trace import Trace
+from notebook_solutions import solution
 
 pytestmark = pytest.mark.timeout(120)
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def solution(name: str):
-    spec = importlib.util.spec_from_file_location(f"solution_{name}", SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stub(*args, **kwargs):

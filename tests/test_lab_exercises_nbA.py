@@ -6,10 +6,8 @@ the wrong content type, or that buffers the whole answer; a bridge that runs the
 or waits for `StopIteration`; a stream client that reads the whole body first; a TTFT formula off by a step.
 """
 import asyncio
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,15 +18,7 @@ from labserver.lab import checks
 from labserver.lab.event_loop import stop_iteration_stream
 from labserver.measure.client import blocking_generate
 from labserver.serve.background import running_servers, start_fastapi, start_flask, stop
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def solution(name: str):
-    spec = importlib.util.spec_from_file_location(f"solution_{name}", ROOT / "notebooks" / "solutions" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from notebook_solutions import solution
 
 
 SOL1, SOL2, SOL3 = (solution(n) for n in ("01_blocking_baseline", "02_streaming_sse", "03_event_loop"))

@@ -2,8 +2,6 @@
 answer it exists to catch; the self-sizing cancellation demo on the real model; the scheduler driver."""
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -12,16 +10,9 @@ from labserver.lab import cancellation, checks, concurrency, rounds
 from labserver.measure.probes import HealthProbe
 from labserver.measure.trace import Trace
 from labserver.serve import background as serving
+from notebook_solutions import solution
 
 pytestmark = pytest.mark.timeout(180)
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def solution(name: str):
-    spec = importlib.util.spec_from_file_location(f"solution_{name}", SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

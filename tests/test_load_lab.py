@@ -1,24 +1,18 @@
 """Notebook 6's experiments and checkers, on the fake engine: the checkers pass the reference solutions and
 FAIL the wrong answers they exist to catch; the experiments return what the notebook reads."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from labserver import fake_engine
 from labserver.lab import checks, load as lab
 from labserver.serve.background import start_fastapi, stop
-
-SOLUTION = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / "06_load.py"
+from notebook_solutions import solution as load_solution
 
 
 @pytest.fixture(scope="module")
 def solution():
-    spec = importlib.util.spec_from_file_location("solution_06_load", SOLUTION)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solution("06_load")
 
 
 def test_the_reference_solutions_pass(solution, capsys):

@@ -1,26 +1,15 @@
 """Notebook 7's checkers: each passes the reference solution and FAILS the wrong answers it exists to catch
 (decoding each token id alone, a stream without [DONE], stop strings ignored, a supervisor that never
 gives up). No model: the checkers run on byte tokens and the fake runner."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from labserver.lab import checks
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def reference():
-    path = ROOT / "notebooks" / "solutions" / "07_engine_process.py"
-    spec = importlib.util.spec_from_file_location("solution_07", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from notebook_solutions import solution
 
 
-REF = reference()
+REF = solution("07_engine_process")
 
 
 def per_id_decode(outputs, tokenizer, stop):

@@ -14,7 +14,6 @@ fails it on any `CLAIM FAILS` line and on fewer than 3 `CLAIM holds` lines. Outp
 `make test` under 15 min), and one notebook gets at most NOTEBOOK_TIMEOUT_S before it counts as hung.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_solutions import solution
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -140,13 +140,6 @@ def test_all_notebooks_run_within_the_budget():
     total = sum(DURATIONS.values())
     print("notebook run times: " + ", ".join(f"{n} {s:.0f} s" for n, s in DURATIONS.items()) + f"; total {total:.0f} s")
     assert total < TOTAL_BUDGET_S
-
-
-def solution(name: str):
-    spec = importlib.util.spec_from_file_location(f"solution_{name}", NOTEBOOKS / "solutions" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.model

@@ -168,32 +168,37 @@ def test_a_killed_engine_process_fails_open_streams_refuses_then_restarts():
         backend.close()
 
 
+STEP_MS, PAUSE_S, TOKENS = 10, 2.0, 400  # unheld, the pause would buffer 200 events
+
+
 def test_a_reader_that_stops_reading_stops_costing_decode_steps():
     # The reader is in this process, the engine in another: every ACK_EVERY events the client says how
     # far it has read, and a request MAX_BACKLOG events ahead of its reader sits out the decode steps.
     from labserver.serve.engine_thread import MAX_BACKLOG
 
-    backend = make_backend(fake_engine(prefill_ms=1, step_ms=1), "process").start()
+    backend = make_backend(fake_engine(prefill_ms=1, step_ms=STEP_MS), "process").start()
     try:
         async def read_pause_read():
-            stream = backend.stream("hi", SamplingParams(max_tokens=1000))
+            stream = backend.stream("hi", SamplingParams(max_tokens=TOKENS))
             first = [await stream.__anext__() for _ in range(5)]
-            await asyncio.sleep(2.0)  # ~1000 steps of 1 ms: the whole generation, were it not held
+            await asyncio.sleep(PAUSE_S)  # PAUSE_S / STEP_MS steps: far past the backlog, were it not held
             held = backend.running
             buffered, last = 0, time.perf_counter()
             rest = []
             async for item in stream:
                 now = time.perf_counter()
-                buffered += now - last < 0.001 and len(rest) == buffered  # items that were already here
+                # Already here: it came sooner than half a step (a preempted loop only makes this count
+                # smaller, so it can not hide a stream that was not held).
+                buffered += (now - last) * 1000 < STEP_MS / 2 and len(rest) == buffered
                 last = now
                 rest.append(item)
             return first, held, buffered, rest
 
         first, held, buffered, rest = asyncio.run(read_pause_read())
         assert held == 1  # still running (not finished, not cancelled), only held
-        assert 5 <= buffered <= MAX_BACKLOG + frames.ACK_EVERY, buffered
+        assert 1 <= buffered <= MAX_BACKLOG + frames.ACK_EVERY < PAUSE_S * 1000 / STEP_MS, buffered
         tokens = first + rest[:-1]
-        assert [e.index for e in tokens] == list(range(1000)) and rest[-1].finish_reason == "length"
+        assert [e.index for e in tokens] == list(range(TOKENS)) and rest[-1].finish_reason == "length"
     finally:
         backend.close()
 
