@@ -105,16 +105,17 @@ def test_figures_and_ratios():
     assert ratios(ours, peer_1, peer_8) == {"P6": 2.0, "P6_prefill": 2.0, "P6_prefill_server": 2.0, "P7_peer": 0.5}
 
 
-def test_timings_agreement_counts_only_requests_within_the_tolerance():
-    n = 65  # 64 gaps: a TPOT may be off by 5 ms / 64 = 0.078 ms
-    good = _trace(0, [22.0 + 5.0 * i for i in range(n)], timings={"prompt_ms": 20.0, "predicted_per_token_ms": 5.0})
-    slow_client = _trace(0, [22.0 + 5.5 * i for i in range(n)], timings={"prompt_ms": 20.0,
-                                                                        "predicted_per_token_ms": 5.0})
-    impossible = _trace(0, [15.0 + 5.0 * i for i in range(n)], timings={"prompt_ms": 20.0,
-                                                                       "predicted_per_token_ms": 5.0})
-    a = timings_agreement([good, slow_client, impossible])
-    assert a["requests"] == 3 and a["ttft_within"] == 2 and a["tpot_within"] == 2
-    assert a["p50_ttft_minus_prompt_ms"] == 2.0 and a["p50_tpot_minus_predicted_per_token_ms"] == 0.0
+def test_timings_agreement_checks_what_llama_servers_timers_span():
+    n = 65  # 64 decode steps of 5 ms after a 20 ms prompt; llama-server's predicted_ms spans all 64
+    timings = {"prompt_ms": 20.0, "predicted_ms": 320.0, "predicted_per_token_ms": 5.0}
+    good = _trace(0, [22.0 + 5.0 * i for i in range(n)], timings=timings)  # 2 ms outside the timers
+    late_first = _trace(0, [27.0] + [22.0 + 5.0 * i for i in range(1, n)], timings=timings)  # waited one step
+    slow_client = _trace(0, [22.0 + 5.5 * i for i in range(n)], timings=timings)  # 32 ms more first to last
+    impossible = _trace(0, [15.0 + 5.0 * i for i in range(n)], timings=timings)  # a token before its prompt
+    a = timings_agreement([good, late_first, slow_client, impossible])
+    assert a["requests"] == 4 and a["causal"] == 3 and a["span_within"] == 3
+    assert a["span_bounds_ms"] == (-15.0, 10.0)  # -(2 x 5 + one 5 ms step), 2 x 5
+    assert a["p50_outside_timers_ms"] == 2.0 and a["p50_ttft_minus_prompt_ms"] == 2.0  # 2, 7, 2, -5
 
 
 def test_problems_name_short_answers_cache_hits_and_other_prompt_tokens():
