@@ -107,6 +107,7 @@ class Engine:
         self._lock = threading.Lock()
         self.running = 0
         self.tokens_generated = 0
+        self.prompts_prefilled = 0  # since it was made: what /health reports, a cancelled wait adds none
         if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
             self.runner, self.context_len = runner, runner.context_len
             return
@@ -190,6 +191,7 @@ class Engine:
         for seq in seqs:
             with self._lock:
                 self.running += 1
+                self.prompts_prefilled += 1
             seq.running, seq.start = True, start
         logits = self.runner.prefill(seqs[0])[None] if len(seqs) == 1 else self.runner.prefill_many(seqs)
         ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]

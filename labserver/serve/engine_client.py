@@ -70,7 +70,7 @@ class EngineClient:
         self._reason: str | None = None  # why it cannot serve (dead, closed); None: it can, or can start
         self._up = False  # an engine answered Ready and has not died since
         self._pid: int | None = None
-        self._restarts = self._running = self._waiting = 0
+        self._restarts = self._running = self._waiting = self._prefilled = 0
         self._no_progress_s = 0.0
         self._heard = 0.0
         self._thread: threading.Thread | None = None
@@ -92,7 +92,7 @@ class EngineClient:
             restarts = max(restarts, self.process.restarts)
         return EngineHealth(alive=reason is None, pid=self._pid, backend=self.kind,
                             route=str(self.frontend.route.get("quant")), reason=reason,
-                            running=self._running, waiting=self._waiting, restarts=restarts,
+                            running=self._running, waiting=self._waiting, restarts=restarts, prefilled=self._prefilled,
                             no_progress_s=self._no_progress_s if self._up else 0.0)
 
     # -- start and close --------------------------------------------------------------------------------
@@ -178,6 +178,7 @@ class EngineClient:
 
     def _deliver(self, msg: frames.Outputs) -> None:
         self._running, self._waiting, self._no_progress_s = msg.running, msg.waiting, msg.no_progress_s
+        self._prefilled = msg.prefilled
         strays = set()
         for t in msg.tokens:
             state = self._requests.get(t.rid)

@@ -244,6 +244,7 @@ class EngineCore:
             for client, push in list(pushes.items()):
                 batch = batches.get(client) or new()
                 batch.running, batch.waiting, batch.no_progress_s = health.running, health.waiting, health.no_progress_s
+                batch.prefilled = health.prefilled
                 try:
                     push.send(frames.encode(batch), zmq.NOBLOCK)
                 except zmq.Again:  # its API process is gone (or stopped reading): it would block us all

@@ -109,11 +109,11 @@ class EngineThread:
     def health(self) -> EngineHealth:
         """Alive (running, or startable on first use), where, and how long the loop has not come round."""
         reason = self._dead or ("the engine thread has stopped" if self._closed else None)
-        queued = [r for r in list(self.policy.requests) if r.seq is not None and not r.seq.running]
-        waiting = self._inbox.qsize() + len(queued)
-        return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind,
-                            route=self.engine.route["quant"], reason=reason, running=self.engine.running,
-                            waiting=waiting, no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at)
+        waiting = self._inbox.qsize() + sum(r.seq is not None and not r.seq.running for r in list(self.policy.requests))
+        return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind, route=self.engine.route["quant"],
+                            reason=reason, running=self.engine.running, waiting=waiting,
+                            no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at,
+                            prefilled=self.engine.prompts_prefilled)
 
     def start(self) -> "EngineThread":
         """Start the engine thread (once; later calls do nothing). A closed backend cannot start again."""

@@ -38,6 +38,7 @@ class EngineHealth:
     waiting: int = 0
     restarts: int = 0
     no_progress_s: float = 0.0  # since the engine loop last came round while it had work; 0 when idle
+    prefilled: int = 0  # prompts the engine has prefilled since it started (none for a request that left waiting)
 
     @property
     def ok(self) -> bool:

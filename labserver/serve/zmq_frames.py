@@ -17,7 +17,7 @@ In, from an API process's DEALER to the engine's ROUTER (which prefixes the send
 Out, from the engine's PUSH (one per API process) to that process's PULL:
 
 - ``Ready(pid, context_len, route, restarts)``: who answers, and how often it has been restarted.
-- ``Outputs(running, waiting, no_progress_s, tokens, ends)``: what one or more engine steps produced
+- ``Outputs(running, waiting, no_progress_s, prefilled, tokens, ends)``: what one or more engine steps produced
   for this API process, and the engine's counts and progress (``EngineThread.health``); an empty one
   every ``BEAT_S`` seconds says "still alive".
   A request's ``End`` always comes after its tokens.
@@ -97,6 +97,7 @@ class Outputs(_Frame):
     running: int
     waiting: int
     no_progress_s: float = 0.0  # since the engine loop last came round while it had work (0: idle)
+    prefilled: int = 0  # prompts the engine has prefilled since it started
     tokens: list[Token] = []
     ends: list[End] = []
 
