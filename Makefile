@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-peer lab serve flask notebooks clean
+.PHONY: setup demo test bench bench-peer guidellm lab serve flask notebooks clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,19 @@ bench-peer: $(STAMP)
 	$(PY) -m labserver.measure.peer
 	$(PY) -m labserver.measure.bench_peer
 
+# guidellm (the vLLM project's benchmark client), for tests/test_guidellm.py and the README's comparison,
+# in a venv of its own: it brings uvloop, which .venv's uvicorn would then run on. It asks for torch, so a
+# .pth file lends it .venv's packages (the pinned CPU torch among them) instead of a CUDA download.
+GVENV := .venv-guidellm
+guidellm: $(GVENV)/.installed
+
+$(GVENV)/.installed: $(STAMP)
+	$(PYTHON) -m venv $(GVENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(GVENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_labserver_venv.pth"
+	$(GVENV)/bin/python -m pip install --quiet guidellm==0.8.1 torch==2.13.0
+	touch $@
+
 serve: $(STAMP)
 	$(PY) -m labserver serve --port 5000
 
@@ -57,4 +70,4 @@ notebooks: $(STAMP)
 		--ExecutePreprocessor.timeout=600 notebooks/[0-9][0-9]_*.ipynb
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(GVENV) out .pytest_cache

@@ -43,9 +43,8 @@ def guidellm_binary() -> str | None:
 
 GUIDELLM = guidellm_binary()
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900),
-              pytest.mark.skipif(GUIDELLM is None, reason="guidellm is not installed: pip install guidellm==0.8.1 "
-                                                          "(into its own venv .venv-guidellm beside .venv, or set "
-                                                          "GUIDELLM to its binary)")]
+              pytest.mark.skipif(GUIDELLM is None, reason="guidellm is not installed: `make guidellm` installs it "
+                                                          "into .venv-guidellm (or set GUIDELLM to its binary)")]
 
 
 def tokenizer_folder(engine, target: Path) -> Path:
