@@ -10,7 +10,9 @@ from labserver import fake_engine
 from labserver.measure.bench_peer import DELIVERY_MS
 from labserver.measure.bench import GOALS, INFORMATIVE, PROCESS_GOALS, SPEED_GOALS, judge, report, run_bench
 from labserver.measure.tables import format_table
-from labserver.measure.demo import run_demo
+from labserver.measure.demo import reading, run_demo
+from labserver.measure.probes import HealthProbe
+from labserver.measure.trace import Trace
 
 KEYS = ("P0", "P0_executor", "P1", "P2", "P3", "P4_fastapi_p99_ms", "P4_flask_p99_ms")
 
@@ -86,6 +88,25 @@ def test_demo_on_the_fake_engine(tmp_path):
     assert result["stream"].text == result["blocking"].text == " one two three four five six"
     assert text.count("one two three four five six") == 2  # the whole answer, then the live one
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert "first token" in text and "x sooner" in text  # the reading below the table
+
+
+def _probe(latencies):
+    probe = HealthProbe("http://unused")
+    probe.samples = [(10.0 * i, ms) for i, ms in enumerate(latencies)]
+    return probe
+
+
+def test_the_demo_reading_says_why_a_slower_total_happened_and_only_then():
+    blocking = Trace(arrival_ms=[800.0], tokens=["x" * 64])
+    fast = Trace(arrival_ms=[100.0 + 10 * i for i in range(64)], tokens=["x"] * 64)  # 730 ms in all
+    slow = Trace(arrival_ms=[100.0 + 12 * i for i in range(64)], tokens=["x"] * 64)  # 856 ms in all
+    probes = {"Flask": _probe([790.0]), "FastAPI": _probe([2.0] * 40 + [9.0])}
+    quick = reading(blocking, fast, probes, cores=2)
+    assert "8.0x sooner" in quick and "longest wait 9 ms against Flask's 790" in quick
+    assert "0.91x Flask's time." in quick and "probes" not in quick
+    slower = reading(blocking, slow, probes, cores=2)
+    assert "1.07x Flask's time" in slower and "64 events" in slower and "41 /health probes (Flask answered 1)" in slower
 
 
 def test_format_table():
