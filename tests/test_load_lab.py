@@ -31,10 +31,13 @@ def test_a_wrong_rate_fails_the_poisson_check(solution, capsys):
     assert "mean gap" in capsys.readouterr().out
 
 
-def test_queue_predictions_that_ignore_arrivals_or_steps_fail(capsys):
-    assert not checks.check_queue_prediction(lambda k, p, s, t, i: k * (p + (t - 1) * s))  # no arrivals
-    assert not checks.check_queue_prediction(lambda k, p, s, t, i: max(0.0, k * (t * s - i)))  # no prefill
-    assert "FAIL  predict_queue_ms: fake engine" in capsys.readouterr().out
+@pytest.mark.parametrize("wrong", [lambda k, p, s, t, i: k * (p + (t - 1) * s),  # no arrivals
+                                   lambda k, p, s, t, i: max(0.0, k * (t * s - i))],  # the prefill as a step
+                         ids=["no-arrivals", "no-prefill"])
+def test_queue_predictions_that_ignore_arrivals_or_the_prefill_fail_by_hand_and_on_the_fake_engine(wrong, capsys):
+    assert not checks.check_queue_prediction(wrong)
+    out = capsys.readouterr().out
+    assert out.count("FAIL  predict_queue_ms: fake engine") == 2, out  # both measured requests, whatever the load
 
 
 def test_a_stub_is_todo(capsys):
