@@ -148,6 +148,16 @@ def test_stop_after_hangs_up_and_the_server_stops(engine, fastapi_url):
     assert engine.tokens_generated - before < 10  # not 200: the generation was cancelled
 
 
+def test_stop_after_a_condition_on_the_trace_hangs_up_when_it_first_holds(engine, fastapi_url):
+    # A client that gives up after a time budget, once it has 3 tokens: the condition is read at each token.
+    budget_ms = PREFILL_MS + 1.5 * STEP_MS  # passed during the second token's step
+    t = stream_generate(fastapi_url, "hello", 200, 0.0,
+                        stop_after=lambda trace: trace.n_tokens >= 3 and trace.arrival_ms[-1] >= budget_ms)
+    assert t.n_tokens == 3 and t.closed_early and t.ok  # the budget ran out before 3 tokens had come
+    late = stream_generate(fastapi_url, "hello", 200, 0.0, stop_after=lambda trace: trace.n_tokens >= 5)
+    assert late.n_tokens == 5 and late.closed_early
+
+
 def test_http_errors_become_trace_errors(fastapi_url, flask_url):
     bad = stream_generate(fastapi_url, "hello", 0)
     assert bad.error["status"] == 422 and bad.error["type"] == "http_422" and bad.n_tokens == 0

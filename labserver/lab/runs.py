@@ -109,17 +109,21 @@ class Run:
 
 
 def measure(url: str, prompt: str = PROMPT, max_tokens: int = 32, *, stream: bool = True, label: str = "",
-            interval_ms: float = 20.0, recorder: ThreadRecorder | None = None) -> Run:
+            interval_ms: float = 20.0, recorder: ThreadRecorder | None = None, budget_s: float | None = None) -> Run:
     """Warm up, then send one greedy request while ``/health`` is probed every ``interval_ms``.
 
     ``stream=False`` sends a blocking request (the Flask baseline). With a ``recorder`` wrapped around the
-    server's engine, ``Run.threads`` names the threads that ran each step of this request.
+    server's engine, ``Run.threads`` names the threads that ran each step of this request. ``budget_s``:
+    a stream hangs up at its first token after that many seconds once it has 3 (two steps to time), as a
+    client that gives up would, so that a server slowed down a hundredfold is measured, not waited for.
     """
     send = stream_generate if stream else blocking_generate
     send(url, prompt, 2, 0.0)  # warm-up: the first connection and the first steps on the serving thread
     before = len(recorder.threads()) if recorder else None
+    kwargs = {} if budget_s is None or not stream else \
+        {"stop_after": lambda t: t.n_tokens >= 3 and t.arrival_ms[-1] >= budget_s * 1000}
     with HealthProbe(url, interval_ms=interval_ms) as probe:
-        trace = send(url, prompt, max_tokens, 0.0)
+        trace = send(url, prompt, max_tokens, 0.0, **kwargs)
     if not trace.ok:
         raise RuntimeError(f"the request to {url} failed: {trace.error}")
     threads = list(recorder.generations[-1]) if recorder and recorder.generations else []

@@ -32,7 +32,7 @@ class _Recorder:
     """Times and records one streamed response; shared by the sync and async loops."""
 
     def __init__(self, trace: Trace, protocol: Protocol, on_token: Callable[[str], None] | None,
-                 stop_after: int | None):
+                 stop_after: int | Callable[[Trace], bool] | None):
         self.trace, self.protocol, self.on_token, self.stop_after = trace, protocol, on_token, stop_after
         self.saw_done = False
 
@@ -55,7 +55,8 @@ class _Recorder:
         if self.on_token is not None:
             for chunk in parsed.tokens:
                 self.on_token(chunk.text)
-        if self.stop_after is not None and self.trace.n_tokens >= self.stop_after:
+        stop = self.stop_after
+        if stop is not None and (stop(self.trace) if callable(stop) else self.trace.n_tokens >= stop):
             self.trace.closed_early = True
             return False
         return True
@@ -115,11 +116,12 @@ async def _async_client(client, timeout):
 
 
 def stream_generate(url: str, prompt: str, max_tokens: int = 128, temperature: float = 0.7, *,
-                    on_token: Callable[[str], None] | None = None, stop_after: int | None = None,
-                    client: httpx.Client | None = None, protocol: Protocol = LABSERVER, timeout=DEFAULT_TIMEOUT,
+                    on_token: Callable[[str], None] | None = None,
+                    stop_after: int | Callable[[Trace], bool] | None = None, client: httpx.Client | None = None, protocol: Protocol = LABSERVER, timeout=DEFAULT_TIMEOUT,
                     **params) -> Trace:
     """Stream one generation. `on_token(text)` runs as each token arrives; `stop_after=N` hangs up
-    after N tokens (the server should then cancel). Extra `params` (top_p, seed) go into the body."""
+    after N tokens, `stop_after=f` once `f(trace so far)` is true (the server should then cancel). Extra
+    `params` (top_p, seed) go into the body."""
     body = protocol.request(prompt, max_tokens, temperature, True, **params)
     rec = _Recorder(Trace(prompt=prompt), protocol, on_token, stop_after)
     with _sync_client(client, timeout) as http:
@@ -135,7 +137,8 @@ def stream_generate(url: str, prompt: str, max_tokens: int = 128, temperature: f
 
 
 async def astream_generate(url: str, prompt: str, max_tokens: int = 128, temperature: float = 0.7, *,
-                           on_token: Callable[[str], None] | None = None, stop_after: int | None = None,
+                           on_token: Callable[[str], None] | None = None,
+                           stop_after: int | Callable[[Trace], bool] | None = None,
                            client: httpx.AsyncClient | None = None, protocol: Protocol = LABSERVER,
                            timeout=DEFAULT_TIMEOUT, **params) -> Trace:
     """`stream_generate` on an `httpx.AsyncClient`, to drive many streams from one event loop."""
