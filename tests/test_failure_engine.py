@@ -47,7 +47,8 @@ def test_health_reports_the_engine(kind):
     body = response.json()
     assert response.status_code == 200 and body["status"] == "ok"
     assert body["engine"] == {"alive": True, "pid": os.getpid(), "backend": kind, "route": "fake", "reason": None,
-                              "running": 0, "waiting": 0, "restarts": 0, "no_progress_s": 0.0}
+                              "running": 0, "waiting": 0, "restarts": 0, "no_progress_s": 0.0,
+                              "prefilled": 0}
     assert body["running"] == 0 and body["backend"] == kind and body["model"] == "fake"  # the fields before
 
 
