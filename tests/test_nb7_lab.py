@@ -43,12 +43,17 @@ def test_a_token_is_smaller_as_ids_than_as_sse():
     assert 0 < sizes["engine -> API (msgpack)"] < sizes["API -> client (SSE)"]
 
 
-def test_the_engine_thread_dies_and_stays_dead(fake):
-    server = start_fastapi(fake, backend="batched", name="nb7-thread")
+def killed(engine, backend: str):
+    """Serve ``engine`` on ``backend``, kill its engine mid-stream (notebook 7's demo), stop the server."""
+    server = start_fastapi(engine, backend=backend, name=f"nb7-{backend}")
     try:
-        death = lab.kill_engine(server, "batched", step_ms=5.0)
+        return lab.kill_engine(server, backend, step_ms=5.0)
     finally:
-        stop("nb7-thread")
+        stop(f"nb7-{backend}")
+
+
+def test_the_engine_thread_dies_and_stays_dead(fake):
+    death = killed(fake, "batched")
     assert death.pid_before == os.getpid() and len(death.streams) == 2
     assert all(s.error_then_done and "injected fault" in s.error for s in death.streams)
     assert all(s.tokens >= 4 for s in death.streams)  # killed mid-way, as asked
@@ -59,11 +64,7 @@ def test_the_engine_thread_dies_and_stays_dead(fake):
 
 @pytest.mark.timeout(120)
 def test_the_engine_process_is_killed_and_restarted(fake):
-    server = start_fastapi(fake, backend="process", name="nb7-process")
-    try:
-        death = lab.kill_engine(server, "process", step_ms=5.0)
-    finally:
-        stop("nb7-process")
+    death = killed(fake, "process")
     assert death.pid_before not in (None, os.getpid())
     assert all(s.error_then_done for s in death.streams)
     assert death.last_end_ms < 2000 and death.during_status == 503 and 503 in death.statuses_after()

@@ -117,18 +117,18 @@ def timings_agreement(traces: list[Trace], delivery_ms: float = DELIVERY_MS) -> 
     follows. Hence d_last - d_first lies in [-(2 delivery + step), 2 delivery], i.e. TPOT - the
     server's per-token time lies in that range / (tokens - 1): where our client puts the first token
     against the last is what the server's timers can check, not O."""
-    rows = [(t.ttft_ms - t.timings["prompt_ms"], t.e2e_ms - t.timings["prompt_ms"] - t.timings["predicted_ms"],
-             (t.e2e_ms - t.ttft_ms) - t.timings["predicted_ms"], t.tpot_ms - t.timings["predicted_per_token_ms"],
-             t.timings["predicted_per_token_ms"])
+    rows = [{"ttft": t.ttft_ms - t.timings["prompt_ms"],  # O + d_first
+             "outside": t.e2e_ms - t.timings["prompt_ms"] - t.timings["predicted_ms"],  # O + d_last
+             "span": (t.e2e_ms - t.ttft_ms) - t.timings["predicted_ms"],  # d_last - d_first
+             "step": t.timings["predicted_per_token_ms"]}
             for t in traces if t.ok and t.n_tokens > 1 and "prompt_ms" in t.timings and "predicted_ms" in t.timings]
-    step_ms = _p50([r[4] for r in rows]) or 0.0
+    step_ms = _p50([r["step"] for r in rows]) or 0.0
     low, high = -(2 * delivery_ms + step_ms), 2 * delivery_ms
-    return {"requests": len(rows), "p50_ttft_minus_prompt_ms": _p50([r[0] for r in rows]),
-            "p50_outside_timers_ms": _p50([r[1] for r in rows]),
-            "p50_tpot_minus_predicted_per_token_ms": _p50([r[3] for r in rows]),
-            "p50_span_minus_predicted_ms": _p50([r[2] for r in rows]),
-            "causal": sum(r[0] >= 0.0 and r[1] >= 0.0 for r in rows),
-            "span_within": sum(low <= r[2] <= high for r in rows), "span_bounds_ms": (low, high),
+    return {"requests": len(rows), "p50_ttft_minus_prompt_ms": _p50([r["ttft"] for r in rows]),
+            "p50_outside_timers_ms": _p50([r["outside"] for r in rows]),
+            "p50_span_minus_predicted_ms": _p50([r["span"] for r in rows]),
+            "causal": sum(r["ttft"] >= 0.0 and r["outside"] >= 0.0 for r in rows),
+            "span_within": sum(low <= r["span"] <= high for r in rows), "span_bounds_ms": (low, high),
             "tolerance": f"TTFT >= prompt_ms and E2E >= prompt_ms + predicted_ms; (E2E - TTFT) - predicted_ms in "
                          f"[-(2 x {delivery_ms:g} + one step {step_ms:g}), 2 x {delivery_ms:g}] ms"}
 

@@ -117,8 +117,8 @@ async def _async_client(client, timeout):
 
 def stream_generate(url: str, prompt: str, max_tokens: int = 128, temperature: float = 0.7, *,
                     on_token: Callable[[str], None] | None = None,
-                    stop_after: int | Callable[[Trace], bool] | None = None, client: httpx.Client | None = None, protocol: Protocol = LABSERVER, timeout=DEFAULT_TIMEOUT,
-                    **params) -> Trace:
+                    stop_after: int | Callable[[Trace], bool] | None = None, client: httpx.Client | None = None,
+                    protocol: Protocol = LABSERVER, timeout=DEFAULT_TIMEOUT, **params) -> Trace:
     """Stream one generation. `on_token(text)` runs as each token arrives; `stop_after=N` hangs up
     after N tokens, `stop_after=f` once `f(trace so far)` is true (the server should then cancel). Extra
     `params` (top_p, seed) go into the body."""
