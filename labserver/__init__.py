@@ -7,9 +7,9 @@ from .config import EngineConfig, SamplingParams
 from .engine.engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
 from .engine.fake import FakeRunner, fake_engine
 from .engine.loading import ModelNotFound, load_model_and_tokenizer
-from .serve.variants import BlockingBackend, ExecutorBackend, make_backend
-from .serve.engine_thread import EngineThread
-from .serve.policies import Batched, TurnTaking
+from .serve.backends import BlockingBackend, ExecutorBackend, make_backend
+from .engine.core import EngineThread
+from .engine.scheduler import Batched, TurnTaking
 from .serve.app import create_app
 from .serve.limits import ServerLimits
 from .serve.flask_app import create_flask_app

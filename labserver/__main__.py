@@ -84,8 +84,8 @@ def serve_processes(args, limits) -> None:
     from .config import EngineConfig
     from .serve.api_servers import ApiServers
     from .serve.background import ServerStartError
-    from .serve.engine_process import EngineSpec
-    from .serve.engine_supervisor import EngineStartError
+    from .serve.process.core_proc import EngineSpec
+    from .serve.process.supervisor import EngineStartError
 
     try:
         spec = EngineSpec(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,

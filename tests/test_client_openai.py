@@ -67,7 +67,7 @@ def test_bench_measures_a_running_server_by_url(fake_url, tmp_path, flags):
 def test_fresh_prompts_defeat_a_prefix_cache(fake_url):
     """Each measured request of "stream" opens differently (a prefix cache cannot answer it from memory);
     "stream_repeated" sends the very prompt each time."""
-    from labserver.measure.bench import _sequential
+    from labserver.measure.bench_backends import sequential
 
     sent = []
 
@@ -75,10 +75,10 @@ def test_fresh_prompts_defeat_a_prefix_cache(fake_url):
         sent.append(prompt)
         return stream_generate(url, prompt, max_tokens, temperature, client=client)
 
-    _sequential(record, fake_url, "Tell me a story.", 2, 3, fresh=True)
+    sequential(record, fake_url, "Tell me a story.", 2, 3, fresh=True)
     warmup, *measured = sent
     assert warmup == "Tell me a story." and len(set(measured)) == 3
     assert all(p.endswith("Tell me a story.") and not p.startswith("Tell") for p in measured)
     sent.clear()
-    _sequential(record, fake_url, "Tell me a story.", 2, 3)
+    sequential(record, fake_url, "Tell me a story.", 2, 3)
     assert set(sent) == {"Tell me a story."}

@@ -16,9 +16,10 @@ from httpx_sse import connect_sse
 from labserver import EngineConfig, SamplingParams, fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
-from labserver.serve.health import EngineDeadError, EngineHealth, unavailable
+from labserver.engine.protocols import EngineDeadError, EngineHealth
+from labserver.serve.health import unavailable
 from labserver.serve.limits import ServerLimits
-from labserver.serve.variants import make_backend
+from labserver.serve.backends import make_backend
 
 pytestmark = pytest.mark.timeout(60)
 

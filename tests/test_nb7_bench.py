@@ -2,7 +2,7 @@
 (never a crash of the whole bench, never a pass), and the table still prints."""
 from labserver import fake_engine
 from labserver.measure import bench
-from labserver.serve.engine_supervisor import EngineStartError
+from labserver.serve.process.supervisor import EngineStartError
 
 
 def test_an_engine_process_that_cannot_start_fails_its_goals_unmeasured(monkeypatch):

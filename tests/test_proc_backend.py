@@ -10,11 +10,11 @@ import pytest
 
 from labserver import SamplingParams, fake_engine
 from labserver.engine.engine import PromptTooLong
-from labserver.serve import zmq_frames as frames
-from labserver.serve.engine_client import EngineClient
-from labserver.serve.engine_frontend import Frontend
-from labserver.serve.health import EngineDeadError
-from labserver.serve.variants import make_backend
+from labserver.serve.process import messages as frames
+from labserver.serve.process.client import EngineClient
+from labserver.serve.process.frontend import Frontend
+from labserver.engine.protocols import EngineDeadError
+from labserver.serve.backends import make_backend
 
 STEP_MS = 20
 
@@ -174,7 +174,7 @@ STEP_MS, PAUSE_S, TOKENS = 10, 2.0, 400  # unheld, the pause would buffer 200 ev
 def test_a_reader_that_stops_reading_stops_costing_decode_steps():
     # The reader is in this process, the engine in another: every ACK_EVERY events the client says how
     # far it has read, and a request MAX_BACKLOG events ahead of its reader sits out the decode steps.
-    from labserver.serve.engine_thread import MAX_BACKLOG
+    from labserver.engine.core import MAX_BACKLOG
 
     backend = make_backend(fake_engine(prefill_ms=1, step_ms=STEP_MS), "process").start()
     try:
@@ -206,9 +206,9 @@ def test_a_reader_that_stops_reading_stops_costing_decode_steps():
 CLIENT_THAT_DIES = """
 import asyncio, json, sys
 from labserver import SamplingParams
-from labserver.serve.engine_client import EngineClient
-from labserver.serve.engine_frontend import Frontend
-from labserver.serve.engine_process import EngineSpec
+from labserver.serve.process.client import EngineClient
+from labserver.serve.process.frontend import Frontend
+from labserver.serve.process.core_proc import EngineSpec
 spec, info, address = EngineSpec.of(__import__("labserver").fake_engine()), *json.loads(sys.argv[1])
 client = EngineClient(Frontend.for_engine_process(spec, info, address)).start()
 async def main():
@@ -224,8 +224,8 @@ def test_an_api_process_killed_without_a_word_loses_its_requests_in_the_engine()
     import subprocess
     import sys
 
-    from labserver.serve.engine_process import EngineSpec
-    from labserver.serve.engine_supervisor import EngineProcess
+    from labserver.serve.process.core_proc import EngineSpec
+    from labserver.serve.process.supervisor import EngineProcess
 
     engine = EngineProcess(EngineSpec.of(fake_engine(prefill_ms=1, step_ms=5))).start()
     watcher = EngineClient(Frontend.for_engine_process(engine.spec, engine.info, engine.address)).start()

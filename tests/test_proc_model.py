@@ -20,7 +20,7 @@ from test_proc_http import check_disconnect_aborts, check_kill_mid_stream, event
 from labserver import SamplingParams
 from labserver.serve.api_servers import API_SERVER_HEADER
 from labserver.serve.background import start_fastapi, stop
-from labserver.serve.variants import make_backend
+from labserver.serve.backends import make_backend
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace as NS
 import pytest
 
 from labserver import Engine, EngineConfig, Finish, SamplingParams, TokenEvent
-from labserver.serve.engine_thread import EngineThread
-from labserver.serve.policies import Batched, TurnTaking
+from labserver.engine.core import EngineThread
+from labserver.engine.scheduler import Batched, TurnTaking
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",

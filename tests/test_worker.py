@@ -11,7 +11,7 @@ import time
 import pytest
 
 from labserver import EngineConfig, Finish, SamplingParams, TokenEvent, fake_engine, make_backend
-from labserver.serve.engine_thread import DONE, EngineThread
+from labserver.engine.core import DONE, EngineThread
 
 KINDS = ["batched", "thread", "executor", "blocking"]
 ENGINE_THREAD = ["batched", "thread"]

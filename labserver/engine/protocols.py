@@ -11,6 +11,7 @@ Left out: any implementation, and runtime checks (the protocols are for readers 
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Protocol
 
 if TYPE_CHECKING:
@@ -19,7 +20,31 @@ if TYPE_CHECKING:
     from ..config import EngineConfig, SamplingParams
     from .engine import Completion
     from .sequence import Finish, Sequence, TokenEvent
-    from ..serve.health import EngineHealth
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped (its thread failed, its process died) with requests in flight."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    alive: bool  # the engine runs, or will start on first use
+    pid: int | None  # the process that runs the engine
+    backend: str  # "thread", "batched", "process", "executor", "blocking", ...
+    route: str  # the weight format that runs ("q4_1", "fp16", "none", "fake")
+    reason: str | None = None  # why the engine cannot serve (dead, wedged, restarting); None when it can
+    running: int = 0
+    waiting: int = 0
+    restarts: int = 0
+    no_progress_s: float = 0.0  # since the engine loop last came round while it had work; 0 when idle
+    prefilled: int = 0  # prompts the engine has prefilled since it started (none for a request that left waiting)
+
+    @property
+    def ok(self) -> bool:
+        return self.alive and self.reason is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class Runner(Protocol):

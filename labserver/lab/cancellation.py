@@ -233,7 +233,7 @@ def json_app(engine, wait: Wait = just_wait, backend: str = "batched"):
     """A FastAPI app with one non-streaming ``POST /generate`` (``prompt``, ``max_tokens``, greedy,
     ``ignore_eos``) and ``GET /health``, on its own engine thread. The handler returns
     ``await wait(request, backend.complete(...))`` as JSON; ``None`` (the client left) becomes a 499."""
-    from ..serve.variants import make_backend
+    from ..serve.backends import make_backend
 
     @asynccontextmanager
     async def lifespan(app):

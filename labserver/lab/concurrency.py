@@ -136,7 +136,7 @@ def step_ms_by_batch(loads: Sequence[Load]) -> dict[int, float]:
 
 def prefill_budget() -> int:
     """The batched policy's budget of prompt tokens per prefill forward (its default, as the server uses)."""
-    from ..serve.policies import Batched
+    from ..engine.scheduler import Batched
 
     return Batched().prefill_tokens
 

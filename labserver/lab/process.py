@@ -108,7 +108,7 @@ def boundary_bytes(token_id: int = 28723, text: str = " Paris", step_ms: float =
     """Bytes of one token: in the engine process's output frame (msgpack, ids and times only) and in the
     SSE event the API process makes of it (JSON, with the text)."""
     from ..engine.sequence import TokenEvent
-    from ..serve import zmq_frames as frames
+    from ..serve.process import messages as frames
     from ..serve.schemas import sse_frame
 
     empty = len(frames.encode(frames.Outputs(running=1, waiting=0)))

@@ -47,7 +47,7 @@ import platform
 import time
 from pathlib import Path
 
-from .bench_backends import (_sequential, engine_alone, fresh_prompt, measure_fastapi,  # noqa: F401 (API)
+from .bench_backends import (sequential, engine_alone, fresh_prompt, measure_fastapi,  # noqa: F401 (API)
                              measure_flask, measure_url)
 from .bench_speed import run_speed, speed_tables
 from .tables import format_table

@@ -41,7 +41,7 @@ def engine_alone(engine, prompt: str, max_tokens: int, runs: int) -> dict:
     return off_thread(work)
 
 
-def _sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:
+def sequential(generate, url: str, prompt: str, max_tokens: int, runs: int, fresh: bool = False) -> list:
     """Warm-up plus `runs` requests one after another; with `fresh`, each prompt opens with its own tag."""
     # One keep-alive connection for all requests, as `vllm bench serve` keeps one session: TTFT then
     # measures the server, not a TCP handshake and a new client per request.
@@ -86,8 +86,8 @@ def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_
     def one(u, p, n, t, client=None):
         return stream_generate(u, p, n, t, protocol=protocol, client=client)
 
-    alone = summarize(_sequential(one, url, prompt, max_tokens, runs, fresh=True))
-    repeated = summarize(_sequential(one, url, prompt, max_tokens, runs))
+    alone = summarize(sequential(one, url, prompt, max_tokens, runs, fresh=True))
+    repeated = summarize(sequential(one, url, prompt, max_tokens, runs))
     health, loaded = _under_load(url, prompt, max_tokens, concurrency, True, protocol)
     return {"url": url, "protocol": type(protocol).__name__, "model": getattr(protocol, "model", None),
             "stream": alone, "stream_repeated": repeated, "concurrent": loaded, "health": health,
@@ -99,7 +99,7 @@ def fastapi_app(engine, backend: str):
     process now (loading a model there may take longer than a server may take to start), from a
     ``Frontend``: the engine's tokenizer and limits, for the API side."""
     if backend == "process":
-        from ..serve.engine_frontend import Frontend
+        from ..serve.process.frontend import Frontend
 
         engine = Frontend.of(engine)
     app = create_app(engine, backend=backend)
@@ -112,7 +112,7 @@ def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: in
     try:
         with UvicornServer(app) as server:
             out = {"backend": app.state.backend.kind,
-                   "stream": summarize(_sequential(stream_generate, server.url, prompt, max_tokens, runs))}
+                   "stream": summarize(sequential(stream_generate, server.url, prompt, max_tokens, runs))}
             if concurrency:
                 out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, True)
     finally:
@@ -123,6 +123,6 @@ def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: in
 
 def measure_flask(engine, prompt: str, max_tokens: int, runs: int, concurrency: int) -> dict:
     with FlaskServer(create_flask_app(engine)) as server:
-        out = {"blocking": summarize(_sequential(blocking_generate, server.url, prompt, max_tokens, runs))}
+        out = {"blocking": summarize(sequential(blocking_generate, server.url, prompt, max_tokens, runs))}
         out["health"], out["concurrent"] = _under_load(server.url, prompt, max_tokens, concurrency, False)
     return out

@@ -27,9 +27,9 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from .background import BackgroundServer, _bind, start_server, stop
-from .engine_process import EngineSpec
-from .engine_supervisor import EngineProcess
+from .background import BackgroundServer, bind_socket, start_server, stop
+from .process.core_proc import EngineSpec
+from .process.supervisor import EngineProcess
 
 START_TIMEOUT_S = 120.0  # N fresh interpreters import FastAPI and torch at once on a small machine
 API_SERVER_HEADER = "x-api-server"
@@ -58,7 +58,7 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     import uvicorn
 
     from .app import create_app
-    from .engine_frontend import Frontend
+    from .process.frontend import Frontend
 
     app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
     server = uvicorn.Server(uvicorn.Config(_Tagged(app), log_level=log_level, lifespan="on",
@@ -104,7 +104,7 @@ class ApiServers(BackgroundServer):
         return super().start(timeout_s)
 
     def _prepare(self) -> None:
-        self._sock = _bind(self.host, self.requested_port)
+        self._sock = bind_socket(self.host, self.requested_port)
         self._sock.listen(2048)
         self.port = self._sock.getsockname()[1]
         try:

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..model import kernels
-from . import openai_api, wire_generate
+from . import generate_api, openai_api
 from .limits import Admission, BodyLimit, ServerLimits, require_json, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openai_api import OpenAIError, OpenAIJob
@@ -41,8 +41,8 @@ from .pipeline import install_error_handlers, run
 from .schemas import SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse
 from .generation import SSE_HEADERS, ClosingStreamingResponse
 from .health import unavailable
-from .variants import make_backend
-from .wire_generate import GenerateJob
+from .backends import make_backend
+from .generate_api import GenerateJob
 
 __all__ = ["create_app", "ClosingStreamingResponse", "SSE_HEADERS"]
 
@@ -177,7 +177,7 @@ def _is_v1(request: Request) -> bool:
 
 
 def _shapes(request: Request, exc: Exception):
-    return openai_api if _is_v1(request) or isinstance(exc, OpenAIError) else wire_generate
+    return openai_api if _is_v1(request) or isinstance(exc, OpenAIError) else generate_api
 
 
 def _install_error_handlers(app: FastAPI) -> None:

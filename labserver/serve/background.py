@@ -30,7 +30,7 @@ class ServerStartError(RuntimeError):
     """The server did not come up: the message says why (port in use, startup failure, timeout)."""
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without
     # it Nagle's algorithm meets delayed ACKs and holds small writes (an SSE token, a /health reply) ~40 ms.
@@ -133,7 +133,7 @@ class UvicornServer(BackgroundServer):
         self._sock: socket.socket | None = None
 
     def _prepare(self) -> None:
-        self._sock = _bind(self.host, self.requested_port)
+        self._sock = bind_socket(self.host, self.requested_port)
         self.port = self._sock.getsockname()[1]
         # A fresh Server each time: a stopped one keeps should_exit=True. Open streams get 2 s to end.
         config = uvicorn.Config(self.app, loop="asyncio", log_level=self.log_level, lifespan="on",
@@ -171,7 +171,7 @@ class FlaskServer(BackgroundServer):
 
     def _prepare(self) -> None:
         # Bind here rather than in make_server: on a busy port werkzeug prints and calls sys.exit.
-        sock = _bind(self.host, self.requested_port)
+        sock = bind_socket(self.host, self.requested_port)
         try:
             sock.listen(128)
             self.server = make_server(self.host, 0, self.app, threaded=False, request_handler=_QuietHandler,
@@ -217,7 +217,7 @@ def start_fastapi(engine, port: int = 0, backend: str = "auto", name: str = "fas
 
     stop(name)  # first, so a fixed port is free again before we bind it
     if backend == "process":
-        from .engine_frontend import Frontend
+        from .process.frontend import Frontend
 
         engine = Frontend.of(engine)
     app = create_app(engine, backend, limits=limits)

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .limits import ServerLimits, not_json_message, too_large_message
 from .schemas import GenerateRequest, error_payload, validation_detail
-from .wire_generate import GenerateJob, http_error_body, validation_error_body
+from .generate_api import GenerateJob, http_error_body, validation_error_body
 
 logger = logging.getLogger(__name__)
 

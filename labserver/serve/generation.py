@@ -26,7 +26,7 @@ from ..config import SamplingParams
 from .health import unavailable
 from .limits import ServerLimits, Slot, engine_unavailable, too_many_requests
 from .metrics import RequestRecord
-from .streaming_response import KEEPALIVE_FRAME, ClosingStreamingResponse
+from .sse import KEEPALIVE_FRAME, ClosingStreamingResponse
 
 __all__ = ["ClosingStreamingResponse", "Generation", "KEEPALIVE_FRAME", "sse_response", "start_generation"]
 

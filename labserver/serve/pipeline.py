@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from .generation import Generation, sse_response, start_generation
-from .health import EngineDeadError
+from ..engine.protocols import EngineDeadError
 from .schemas import DONE_FRAME, sse_frame
 
 logger = logging.getLogger(__name__)

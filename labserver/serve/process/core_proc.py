@@ -32,12 +32,12 @@ from dataclasses import dataclass, replace
 
 import zmq
 
-from ..config import QUANTS, EngineConfig
-from ..engine.engine import Engine
-from ..engine.sequence import Finish, TokenEvent
-from . import zmq_frames as frames
-from .engine_thread import DONE, MAX_BACKLOG, EngineThread
-from .policies import Batched
+from ...config import QUANTS, EngineConfig
+from ...engine.engine import Engine
+from ...engine.sequence import Finish, TokenEvent
+from . import messages as frames
+from ...engine.core import DONE, MAX_BACKLOG, EngineThread
+from ...engine.scheduler import Batched
 
 ENGINE_THREAD_DIED = 3  # the exit code when the engine thread stops under the process
 
@@ -52,7 +52,7 @@ class EngineSpec:
     @classmethod
     def of(cls, engine) -> "EngineSpec":
         """The spec that rebuilds ``engine``: the same fake delays, or the same config and weight format."""
-        from ..engine.fake import FakeRunner
+        from ...engine.fake import FakeRunner
 
         runner = engine.runner
         if isinstance(runner, FakeRunner):
@@ -66,7 +66,7 @@ class EngineSpec:
 
     def build(self) -> Engine:
         if self.fake is not None:
-            from ..engine.fake import fake_engine
+            from ...engine.fake import fake_engine
 
             return fake_engine(config=self.config, **self.fake)
         return Engine.from_config(self.config)
@@ -74,11 +74,11 @@ class EngineSpec:
     def tokenizer(self):
         """The engine's tokenizer, loaded without its weights (for the API processes)."""
         if self.fake is not None:
-            from ..engine.fake import WordTokenizer
+            from ...engine.fake import WordTokenizer
 
             return WordTokenizer()
-        from ..engine.loading import model_folder
-        from ..engine.tokenizer import load_tokenizer
+        from ...engine.loading import model_folder
+        from ...engine.tokenizer import load_tokenizer
 
         return load_tokenizer(model_folder(self.config))
 

@@ -23,7 +23,7 @@ import time
 from multiprocessing.connection import wait
 from typing import Callable
 
-from .engine_process import EngineSpec, run_engine_core
+from .core_proc import EngineSpec, run_engine_core
 
 logger = logging.getLogger(__name__)
 

@@ -37,15 +37,15 @@ from typing import Any, Callable
 
 import zmq
 
-from ..config import SamplingParams
-from ..engine.engine import Completion, collect
-from . import zmq_frames as frames
-from .engine_frontend import Frontend
-from .engine_outputs import RequestState
-from .engine_process import pid_exists
-from .engine_supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
-from .engine_thread import DONE
-from .health import EngineDeadError, EngineHealth
+from ...config import SamplingParams
+from ...engine.engine import Completion, collect
+from . import messages as frames
+from .frontend import Frontend
+from .outputs import RequestState
+from .core_proc import pid_exists
+from .supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
+from ...engine.core import DONE
+from ...engine.protocols import EngineDeadError, EngineHealth
 
 POLL_MS = 50  # the receiving thread wakes at least this often
 CHECK_S = 0.1  # how often it checks that the engine's pid still exists

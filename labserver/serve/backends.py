@@ -23,9 +23,9 @@ from concurrent.futures import Executor
 from ..config import SamplingParams
 from ..engine.engine import Completion, collect
 from ..engine.protocols import Backend, EngineProtocol
-from .engine_thread import DONE, EngineThread
-from .health import EngineHealth
-from .policies import Batched, TurnTaking
+from ..engine.core import DONE, EngineThread
+from ..engine.protocols import EngineHealth
+from ..engine.scheduler import Batched, TurnTaking
 
 
 class _DirectBackend:
@@ -109,8 +109,8 @@ class BlockingBackend(_DirectBackend):
 
 
 def _process(engine) -> Backend:
-    from .engine_client import EngineClient  # zmq and msgspec only for those who ask for a process
-    from .engine_frontend import Frontend
+    from .process.client import EngineClient  # zmq and msgspec only for those who ask for a process
+    from .process.frontend import Frontend
 
     return EngineClient(Frontend.of(engine))
 

@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import SamplingParams
-from ..engine.engine import Completion, collect
-from ..engine.protocols import EngineProtocol
-from ..engine.sequence import Sequence
-from .health import EngineDeadError, EngineHealth
-from .policies import Policy, Step, TurnTaking
+from .engine import Completion, collect
+from .protocols import EngineProtocol
+from .sequence import Sequence
+from .protocols import EngineDeadError, EngineHealth
+from .scheduler import Policy, Step, TurnTaking
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Union
 
 import msgspec
 
-from ..config import SamplingParams
+from ...config import SamplingParams
 
 BEAT_S = 0.25  # an idle engine still says it is alive this often
 ACK_EVERY = 16  # a reader says how far it has read this often (in events): well under MAX_BACKLOG

@@ -15,8 +15,8 @@ they run in the engine process only.
 
 from __future__ import annotations
 
-from ..engine.engine import Engine
-from .engine_process import EngineSpec
+from ...engine.engine import Engine
+from .core_proc import EngineSpec
 
 
 class Frontend:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..engine.detokenize import IncrementalDetokenizer
-from ..engine.engine import PromptTooLong
-from ..engine.sequence import Finish, TokenEvent
-from . import zmq_frames as frames
-from .engine_thread import DONE
-from .health import EngineDeadError
+from ...engine.detokenize import IncrementalDetokenizer
+from ...engine.engine import PromptTooLong
+from ...engine.sequence import Finish, TokenEvent
+from . import messages as frames
+from ...engine.core import DONE
+from ...engine.protocols import EngineDeadError
 
 ERRORS = {"PromptTooLong": PromptTooLong, "ValueError": ValueError, "EngineDeadError": EngineDeadError}
 
