@@ -8,7 +8,7 @@ from .engine.engine import Completion, Engine, Finish, PromptTooLong, TokenEvent
 from .engine.fake import FakeRunner, fake_engine
 from .engine.loading import ModelNotFound, load_model_and_tokenizer
 from .serve.backends import BlockingBackend, ExecutorBackend, make_backend
-from .engine.core import EngineThread
+from .engine.core import EngineCore
 from .engine.scheduler import Batched, TurnTaking
 from .serve.app import create_app
 from .serve.limits import ServerLimits
@@ -17,7 +17,7 @@ from .serve.background import FlaskServer, ServerStartError, UvicornServer, star
 
 __all__ = [
     "EngineConfig", "SamplingParams", "Engine", "TokenEvent", "Finish", "Completion", "PromptTooLong",
-    "collect", "FakeRunner", "fake_engine", "ModelNotFound", "load_model_and_tokenizer", "EngineThread",
+    "collect", "FakeRunner", "fake_engine", "ModelNotFound", "load_model_and_tokenizer", "EngineCore",
     "TurnTaking", "Batched",
     "ExecutorBackend", "BlockingBackend", "make_backend", "create_app", "create_flask_app", "UvicornServer",
     "FlaskServer", "ServerStartError", "start_fastapi", "start_flask", "stop_all", "ServerLimits",

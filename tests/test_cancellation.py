@@ -9,7 +9,8 @@ from httpx_sse import connect_sse
 from starlette.responses import StreamingResponse
 
 from labserver import fake_engine
-from labserver.serve.app import ClosingStreamingResponse, create_app
+from labserver.serve.app import create_app
+from labserver.serve.sse import ClosingStreamingResponse
 from labserver.serve.background import UvicornServer
 
 PROMPT = "Write a long story about a lighthouse keeper."

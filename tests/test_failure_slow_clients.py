@@ -21,7 +21,7 @@ from labserver import EngineConfig, fake_engine
 from labserver.measure.client import stream_generate
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
-from labserver.serve.generation import KEEPALIVE_FRAME, ClosingStreamingResponse
+from labserver.serve.sse import KEEPALIVE_FRAME, ClosingStreamingResponse
 from labserver.serve.limits import ServerLimits
 
 pytestmark = pytest.mark.timeout(120)

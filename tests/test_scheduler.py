@@ -12,7 +12,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 from labserver import Engine, EngineConfig, Finish, SamplingParams, TokenEvent
-from labserver.engine.core import EngineThread
+from labserver.serve.backends import ThreadBackend
 from labserver.engine.scheduler import Batched, TurnTaking
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
@@ -35,7 +35,7 @@ def scheduler_of():
     made = []
 
     def make(engine):
-        made.append(EngineThread(engine, Batched(max_batch=engine.config.max_batch)))
+        made.append(ThreadBackend(engine, Batched(max_batch=engine.config.max_batch)))
         return made[-1]
     yield make
     for s in made:

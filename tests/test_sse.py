@@ -10,7 +10,8 @@ from httpx_sse import connect_sse
 
 from labserver import fake_engine
 from labserver.serve.app import create_app
-from labserver.serve.schemas import DONE_FRAME, error_frame, sse_frame
+from labserver.serve.generate_api import error_payload
+from labserver.serve.sse import DONE_FRAME, sse_frame
 from labserver.serve.background import UvicornServer
 
 
@@ -25,7 +26,7 @@ def test_frames_by_hand():
     assert sse_frame({"token": " hi", "index": 0}) == b'data: {"token": " hi", "index": 0}\n\n'
     assert sse_frame({"token": "é"}) == b'data: {"token": "\\u00e9"}\n\n'  # json.dumps escapes: one line
     assert DONE_FRAME == b"data: [DONE]\n\n"
-    assert error_frame(RuntimeError("boom")) == b'data: {"error": {"message": "boom", "type": "RuntimeError"}}\n\n'
+    assert sse_frame(error_payload(RuntimeError("boom"))) == b'data: {"error": {"message": "boom", "type": "RuntimeError"}}\n\n'
 
 
 TIMES = re.compile(rb'("(?:step_ms|prefill_time_ms|decode_time_ms|mean_step_ms|total_ms|tokens_per_s)": )[0-9.]+')

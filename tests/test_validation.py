@@ -6,7 +6,7 @@ import pytest
 from labserver import EngineConfig, SamplingParams, fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
-from labserver.serve.schemas import GenerateRequest, check_limits
+from labserver.serve.generate_api import GenerateRequest, check_limits
 from labserver.serve.background import FlaskServer, UvicornServer
 
 LIMITS = EngineConfig(model="fake", threads=1, max_tokens_limit=64, max_prompt_chars=200, max_prompt_tokens=10)

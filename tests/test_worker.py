@@ -11,7 +11,9 @@ import time
 import pytest
 
 from labserver import EngineConfig, Finish, SamplingParams, TokenEvent, fake_engine, make_backend
-from labserver.engine.core import DONE, EngineThread
+from labserver.engine.core import DONE
+from labserver.engine.sequence import TokenOutput
+from labserver.serve.backends import ThreadBackend
 
 KINDS = ["batched", "thread", "executor", "blocking"]
 ENGINE_THREAD = ["batched", "thread"]
@@ -94,9 +96,9 @@ def test_no_thread_before_start_and_start_is_idempotent(fast_engine):
     assert not backend.alive and set(threading.enumerate()) == before  # an app never served leaves none
     try:
         assert backend.start() is backend and backend.alive
-        thread = backend._thread
+        thread = backend.core._thread
         backend.start()
-        assert backend._thread is thread and len(set(threading.enumerate()) - before) == 1
+        assert backend.core._thread is thread and len(set(threading.enumerate()) - before) == 1
     finally:
         backend.close()
     assert not backend.alive
@@ -210,7 +212,7 @@ def test_close_releases_everyone_with_done(kind):
     while len(running) < 2:
         time.sleep(0.005)
     backend.close()
-    assert running[-1] is DONE and isinstance(running[0], TokenEvent) and waiting == [DONE]
+    assert running[-1] is DONE and isinstance(running[0], TokenOutput) and waiting == [DONE]
     assert engine.running == 0 and engine.runner.free_slots == 1 and not backend.alive
     with pytest.raises(RuntimeError, match="stopped"):
         backend.generate("c", SamplingParams(max_tokens=1))
@@ -244,7 +246,7 @@ def test_a_failed_forward_fails_only_the_sequences_in_it(backends, kind):
 
 
 def test_blocking_generate_from_another_thread(fast_engine):
-    worker = EngineThread(fast_engine)
+    worker = ThreadBackend(fast_engine)
     try:
         out = worker.generate("a b", SamplingParams(max_tokens=4))
         assert out.text == " one two three four" and out.finish.finish_reason == "length"

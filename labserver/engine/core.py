@@ -1,36 +1,38 @@
-"""The engine thread: one long-lived thread owns every torch call and runs one loop over the engine's phases.
+"""The engine core: one long-lived thread owns every torch call and runs one loop over the engine's phases.
 
 Why a dedicated thread: on a CPU, PyTorch keeps an OpenMP thread team per calling thread. Running each
-decode step on whichever pool thread is free (the first streaming version's ``run_in_executor(None, next, gen)``) makes
-every step ~1.6x slower on a 2-core machine and drops ``inference_mode``. SGLang runs its scheduler in
-its own thread for the same reason.
+decode step on whichever pool thread is free (the first streaming version's ``run_in_executor(None, next,
+gen)``) makes every step ~1.6x slower on a 2-core machine and drops ``inference_mode``. SGLang runs its
+scheduler in its own thread for the same reason.
 
-How requests flow: ``stream()`` puts a ``Request`` on a thread-safe inbox and awaits a per-request
-``asyncio.Queue``. Between two forwards the loop (``EngineThread._loop``) takes what arrived
-(``Engine.begin`` encodes it; a bad prompt goes straight back as its error), drops the cancelled requests,
-asks its *policy* (``policies.TurnTaking`` or ``policies.Batched``) which sequences run next, runs that
-forward (``Engine.prefill_steps`` or ``Engine.decode_step``), hands each event back with
-``loop.call_soon_threadsafe`` and retires the finished sequences (``Engine.end`` frees their slots).
-Closing the async generator (a client disconnect) sets the request's cancel flag; the loop checks it
-before the next forward, so at most one more token is computed, and a request cancelled while it waits
-is never prefilled. A failed forward fails the sequences in it; the loop goes on. ``close()`` releases
-everyone with ``DONE``.
+How requests flow: ``submit(ids, params, sink)`` puts a ``Request`` on a thread-safe inbox. Between two
+forwards the loop (``EngineCore._loop``) takes what arrived (``Engine.begin``; a bad prompt goes straight
+back as its error), drops the cancelled requests, asks its *policy* (``scheduler.TurnTaking`` or
+``scheduler.Batched``) which sequences run next, runs that forward (``Engine.prefill_steps`` or
+``Engine.decode_step``), hands each ``TokenOutput`` (an id, no text) to the request's ``sink`` and retires
+the finished sequences (``Engine.end`` frees their cache). ``Request.abort`` (the client left) sets the
+request's cancel flag; the loop checks it before the next forward, so at most one more token is computed,
+and a request cancelled while it waits is never prefilled. A failed forward fails the sequences in it; the
+loop goes on. ``close()`` releases everyone with ``DONE``.
 
-Failures: a stream whose consumer leaves ``max_backlog`` events unread (its client stopped reading) sits
-out the decode steps until it reads again, so its queue stays bounded. A failure of the loop itself
-(outside any forward) kills the engine: every open request gets ``health.EngineDeadError`` at once, and
-so does every later ``submit``. ``health()`` says whether the thread lives and how long its loop has not
-come round while it has work (a forward that never ends).
+Whoever submits turns the ids into text: the backends of ``serve/backends.py`` (on this process's event
+loop) or the engine process's client (in the API process), each through ``output.OutputProcessor``.
 
-The thread starts in ``start()`` (the FastAPI lifespan) or on first use, never in the constructor, so an
-app that is never served leaves no thread behind.
+Failures: a request whose consumer leaves ``max_backlog`` items unread (its client stopped reading) sits
+out the decode steps until it reads again (``Request.took``), so its queue stays bounded. A failure of the
+loop itself (outside any forward) kills the engine: every open request gets ``EngineDeadError`` at once,
+and so does every later ``submit``. ``health()`` says whether the thread lives and how long its loop has
+not come round while it has work (a forward that never ends).
 
-Left out: admission limits (``limits.py``), priorities, restarting a dead engine (see the process backend).
+The thread starts in ``start()`` or on first use, never in the constructor, so an engine core that is
+never used leaves no thread behind.
+
+Left out: admission limits (``serve/limits.py``), priorities, text, restarting a dead engine (the process
+backend's supervisor does).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import queue
@@ -40,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import SamplingParams
-from .engine import Completion, collect
 from .protocols import EngineProtocol
 from .sequence import Sequence
 from .protocols import EngineDeadError, EngineHealth
@@ -66,21 +67,22 @@ class Request:
     sent: int = 0  # items given to ``sink``; written by the engine thread only
     taken: int = 0  # items the consumer has read; written by the consumer only
 
+    def abort(self) -> None:
+        """Stop this request before the engine's next forward (its client left)."""
+        self.cancel.set()
+
+    def took(self, n: int = 1) -> None:
+        """The consumer has read ``n`` more items (called on the consumer's thread only)."""
+        self.taken += n
+
     @property
     def held(self) -> bool:  # its consumer is ``max_backlog`` items behind: it sits out decode steps
         return self.max_backlog is not None and self.sent - self.taken >= self.max_backlog
 
 
-def _checked(item):
-    """An item from the engine thread; an exception it sent is raised here, in the caller's thread."""
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-class EngineThread:
-    """Owns ``engine`` on one thread that runs ``policy`` (default ``TurnTaking``); the backend doors are
-    ``stream`` (async), ``complete``, ``generate`` (blocking), ``running``, ``health``, ``start``, ``close``."""
+class EngineCore:
+    """Owns ``engine`` on one thread that runs ``policy`` (default ``TurnTaking``): ``submit``, ``running``,
+    ``health``, ``start``, ``close``."""
 
     def __init__(self, engine: EngineProtocol, policy: Policy | None = None, name: str = "labserver-engine",
                  max_backlog: int = MAX_BACKLOG):
@@ -115,7 +117,7 @@ class EngineThread:
                             no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at,
                             prefilled=self.engine.prompts_prefilled)
 
-    def start(self) -> "EngineThread":
+    def start(self) -> "EngineCore":
         """Start the engine thread (once; later calls do nothing). A closed backend cannot start again."""
         with self._lock:
             self._start_locked()
@@ -242,11 +244,15 @@ class EngineThread:
                 logger.exception("could not end a request of the dead engine thread")
 
     # -- the doors, called from other threads -------------------------------------------------------
-    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> Request:
-        """Queue a request for the engine thread (starting it on first use); ``sink`` gets its items."""
-        return self._submit(Request(prompt, params, sink))
+    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None],
+               max_backlog: int | None = None) -> Request:
+        """Queue a request for the engine thread (starting it on first use); ``sink`` gets its items, on the
+        engine thread: each ``TokenOutput``, the ``Finish``, then ``DONE`` (or an exception instead).
 
-    def _submit(self, req: Request) -> Request:
+        ``max_backlog``: items the consumer may leave unread (it reports reading with ``Request.took``)
+        before the request sits out decode steps; None: it keeps up by itself.
+        """
+        req = Request(prompt, params, sink, max_backlog=max_backlog)
         with self._lock:
             self._start_locked()
             if not self._thread.is_alive():
@@ -254,38 +260,6 @@ class EngineThread:
             self._open.add(req)
             self._inbox.put(req)
         return req
-
-    async def stream(self, prompt, params: SamplingParams):
-        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors (``EngineDeadError``)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()  # bounded in effect: see Request.held
-
-        def sink(item):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody listens any more
-                req.cancel.set()
-
-        req = Request(prompt, params, sink, max_backlog=self.max_backlog)
-        self._submit(req)
-        try:
-            while (item := await events.get()) is not DONE:
-                req.taken += 1
-                yield _checked(item)
-        finally:
-            req.cancel.set()
-
-    async def complete(self, prompt, params: SamplingParams) -> Completion:
-        return collect([item async for item in self.stream(prompt, params)])
-
-    def generate(self, prompt, params: SamplingParams) -> Completion:
-        """Blocking form for threads that are not an event loop (the Flask baseline, scripts)."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        req = self.submit(prompt, params, events.put)
-        try:
-            return collect(_checked(item) for item in iter(events.get, DONE))
-        finally:
-            req.cancel.set()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the loop after its current forward; every request still in it ends with ``DONE``."""

@@ -1,38 +1,37 @@
-"""The engine: a causal LM behind small named phases that yield token events.
+"""The engine: a causal LM behind small named phases that emit token ids.
 
 The phases follow gpt-fast: ``prefill_step`` runs a prompt through the model and samples its first token,
 ``decode_step`` feeds back the last token of one or more sequences in one forward, ``sample_token``
-picks each next id. ``Engine.generate_stream`` strings them together for one sequence and yields a
-``TokenEvent`` per token (text from the incremental detokenizer, the measured ``step_ms``) and a final
-``Finish``, for the lab's executor and blocking variants and for scripts; the server's engine thread
-(``serve.engine_thread``) calls the same phases itself, for one sequence or many at once.
+picks each next id. ``Engine.steps`` strings them together for one sequence and yields a ``TokenOutput``
+per token (its id and the measured ``step_ms``, no text) and a final ``Finish``; ``generate_stream`` adds
+the text through the output processor (``output.py``), for the lab's variants and for scripts. The
+server's engine core (``core.py``) calls the same phases itself, for one sequence or many at once.
 
 The forward passes live in ``runners.py`` (the lean llama, or transformers for any other model); each
 enters ``torch.inference_mode`` itself, because grad mode is thread-local and a generator resumed on
-another thread (the first streaming version's ``run_in_executor(next)`` pattern) would otherwise run later steps with
-autograd on.
+another thread (the first streaming version's ``run_in_executor(next)`` pattern) would otherwise run later
+steps with autograd on.
 
 Left out on purpose: stop strings, repetition penalties, and any threading: whoever calls a phase runs
-the model on its own thread (see ``serve/engine_thread.py``).
+the model on its own thread (see ``core.py``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from .output import OutputProcessor
+from .prompts import PromptEncoder, PromptTooLong  # noqa: F401  (PromptTooLong: raised by Engine.begin)
 from .protocols import Runner
 from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
-from .sequence import Finish, Sequence, TokenEvent
-
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit the engine's limits or the model's context."""
+from .sequence import Finish, Sequence, TokenEvent, TokenOutput, max_new_tokens
 
 
 @dataclass
@@ -91,7 +90,7 @@ def off_thread(fn, *args):
     return value
 
 
-class Engine:
+class Engine(PromptEncoder):
     """A model, its tokenizer and the limits of ``config``; counts the generations in progress.
 
     ``model`` is a transformers model or a ``checkpoint.Checkpoint`` (what ``from_config`` loads when the
@@ -141,49 +140,22 @@ class Engine:
         ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         return {int(i) for i in ids if i is not None}
 
-    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
-        """Token ids for ``prompt``, inside the chat template when the model has one (and ``chat``)."""
-        if len(prompt) > self.config.max_prompt_chars:
-            raise PromptTooLong(f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}")
-        chat = self.config.chat_template if chat is None else chat
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            return self.encode_messages([{"role": "user", "content": prompt}])
-        return self._checked(self.tokenizer(prompt)["input_ids"])
-
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Token ids for a chat (``[{"role": ..., "content": ...}]``) through the model's chat template."""
-        chars = sum(len(str(m.get("content", ""))) for m in messages)
-        if chars > self.config.max_prompt_chars:
-            raise PromptTooLong(f"messages have {chars} characters; the limit is {self.config.max_prompt_chars}")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use a plain prompt")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return self._checked(ids if isinstance(ids, list) else ids["input_ids"])
-
-    def _checked(self, ids) -> list[int]:
-        limit = min(self.config.max_prompt_tokens, self.context_len - 1)
-        if len(ids) > limit:
-            raise PromptTooLong(f"prompt is {len(ids)} tokens; the limit is {limit}")
-        if not ids:
-            raise ValueError("prompt encodes to no tokens")
-        return list(ids)
-
     # -- the phases ----------------------------------------------------------------------------------
     def begin(self, prompt: str | list[int], params: SamplingParams,
               cancel: threading.Event | None = None) -> Sequence:
         """Encode ``prompt`` into a new sequence; a ``PromptTooLong`` is raised here, before any work."""
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
-        max_tokens = min(params.max_tokens, self.context_len - len(ids))
-        return Sequence(ids, params, cancel or threading.Event(), self.tokenizer, self.eos_ids, max_tokens)
+        return Sequence(ids, params, cancel or threading.Event(), self.eos_ids,
+                        max_new_tokens(params.max_tokens, self.context_len, len(ids)))
 
-    def prefill_step(self, seq: Sequence) -> TokenEvent | None:
+    def prefill_step(self, seq: Sequence) -> TokenOutput | None:
         """Run the prompt, sample the first token; its ``step_ms`` is also the ``prefill_time_ms``.
 
         From here until ``end(seq)`` the sequence counts as running and holds its cache.
         """
         return self.prefill_steps([seq])[0]
 
-    def prefill_steps(self, seqs: list[Sequence]) -> list[TokenEvent | None]:
+    def prefill_steps(self, seqs: list[Sequence]) -> list[TokenOutput | None]:
         """``prefill_step`` for several prompts in one forward (the runner's ``prefill_many``); each event's
         ``prefill_time_ms`` is that forward's time and, for more than one prompt, ``batch`` says how many
         shared it."""
@@ -198,7 +170,7 @@ class Engine:
         elapsed, batch = (time.perf_counter() - start) * 1000, len(seqs) if len(seqs) > 1 else None
         return [self._append(s, i, elapsed, batch) for s, i in zip(seqs, ids)]
 
-    def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenEvent | None]:
+    def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenOutput | None]:
         """One forward for every sequence in ``seqs``; each event's ``step_ms`` is that forward's time.
 
         ``batched`` (the batched policy's steps) adds to each event how many sequences shared the step.
@@ -224,28 +196,39 @@ class Engine:
         return seq.append(token_id, elapsed_ms, batch)
 
     # -- one sequence as a generator -----------------------------------------------------------------
-    def generate_stream(
-        self, prompt: str | list[int], params: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent | Finish]:
-        """Yield a ``TokenEvent`` per generated token, then one ``Finish``.
+    def steps(self, prompt: str | list[int], params: SamplingParams,
+              cancel: threading.Event | None = None) -> Iterator[TokenOutput | Finish]:
+        """Yield the engine's ``TokenOutput`` per generated token (ids, no text), then one ``Finish``.
 
         The prompt is encoded now, so a ``PromptTooLong`` is raised before any generator exists.
         ``cancel`` is checked between steps: once set, the generator finishes with "cancelled".
         """
-        return self._stream(self.begin(prompt, params, cancel))
+        return self._steps(self.begin(prompt, params, cancel))
 
-    def _stream(self, seq: Sequence):
+    def _steps(self, seq: Sequence):
         try:
-            event = self.prefill_step(seq)
+            out = self.prefill_step(seq)
             while True:
-                if event is not None:
-                    yield event
+                if out is not None:
+                    yield out
                 if seq.finished or seq.cancel.is_set():
                     break
-                event = self.decode_step([seq])[0]
+                out = self.decode_step([seq])[0]
             yield self.end(seq)
         finally:
-            self.end(seq)  # a closed or failed generator frees its cache slot now
+            self.end(seq)  # a closed or failed generator frees its cache now
+
+    def generate_stream(self, prompt: str | list[int], params: SamplingParams,
+                        cancel: threading.Event | None = None) -> Iterator[TokenEvent | Finish]:
+        """``steps`` with text: a ``TokenEvent`` per token (the output processor's), then one ``Finish``."""
+        seq = self.begin(prompt, params, cancel)  # encodes now: PromptTooLong before any generator
+        return self._with_text(self._steps(seq), OutputProcessor(self.tokenizer, seq.max_tokens))
+
+    @staticmethod
+    def _with_text(outputs, processor: OutputProcessor):
+        with closing(outputs):
+            for item in outputs:
+                yield from processor.add(item)
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Run ``generate_stream`` to the end and collect it."""

@@ -1,25 +1,26 @@
-"""What a runner, an engine and a backend offer, written down as ``typing.Protocol``s.
+"""What a runner and an engine offer, written down as ``typing.Protocol``s, and what an engine reports.
 
 Callers rely on these names and nothing else, so there is no need to probe an object with ``hasattr``:
-every engine is an ``engine.Engine`` (on the model's runner or on ``fake.FakeRunner``), and every backend
-(``serve.engine_thread.EngineThread``, the lab's ``serve.variants``) offers all of ``Backend``. A stream
-whose engine died raises ``serve.health.EngineDeadError``.
+every engine is an ``engine.Engine`` (on the model's runner or on ``fake.FakeRunner``). ``EngineHealth``
+is what every backend answers about its engine (alive, where, why not); a stream whose engine died raises
+``EngineDeadError``.
 
-Left out: any implementation, and runtime checks (the protocols are for readers and type checkers).
+Left out: any implementation, runtime checks (the protocols are for readers and type checkers), and the
+backends' own doors (``serve/backends.py``: they belong to the web layer).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from ..config import EngineConfig, SamplingParams
     from .engine import Completion
-    from .sequence import Finish, Sequence, TokenEvent
+    from .sequence import Finish, Sequence, TokenEvent, TokenOutput
 
 
 class EngineDeadError(RuntimeError):
@@ -61,7 +62,7 @@ class Runner(Protocol):
 
 
 class EngineProtocol(Protocol):
-    """Limits, encoding, the phases the engine thread drives, and counters (``engine.Engine``)."""
+    """Limits, encoding, the phases the engine core drives, and counters (``engine.Engine``)."""
 
     config: "EngineConfig"
     runner: Runner
@@ -74,29 +75,12 @@ class EngineProtocol(Protocol):
     def encode_messages(self, messages: list[dict]) -> list[int]: ...
     def begin(self, prompt: str | list[int], params: "SamplingParams",
               cancel: threading.Event | None = None) -> "Sequence": ...
-    def prefill_steps(self, seqs: list["Sequence"]) -> list["TokenEvent | None"]: ...
-    def decode_step(self, seqs: list["Sequence"], batched: bool = False) -> list["TokenEvent | None"]: ...
+    def prefill_steps(self, seqs: list["Sequence"]) -> list["TokenOutput | None"]: ...
+    def decode_step(self, seqs: list["Sequence"], batched: bool = False) -> list["TokenOutput | None"]: ...
     def end(self, seq: "Sequence") -> "Finish": ...
+    def steps(self, prompt: str | list[int], params: "SamplingParams",
+              cancel: threading.Event | None = None) -> Iterator["TokenOutput | Finish"]: ...
     def generate_stream(self, prompt: str | list[int], params: "SamplingParams",
                         cancel: threading.Event | None = None) -> Iterator["TokenEvent | Finish"]: ...
     def generate(self, prompt: str | list[int], params: "SamplingParams") -> "Completion": ...
 
-
-class Backend(Protocol):
-    """Where the web apps run an engine from (``serve.variants.make_backend`` makes one by name)."""
-
-    kind: str  # "batched", "thread", "process", "executor" or "blocking"
-    engine: EngineProtocol
-
-    @property
-    def running(self) -> int: ...  # generations in progress (what /health reports)
-    @property
-    def alive(self) -> bool: ...  # able to take requests (started, or starting on first use)
-
-    def health(self) -> "EngineHealth": ...  # alive, where, why not (cheap: /health and every request ask)
-    def start(self) -> "Backend": ...  # idempotent; the FastAPI lifespan calls it
-    def stream(self, prompt: str | list[int],
-               params: "SamplingParams") -> AsyncIterator["TokenEvent | Finish"]: ...  # re-raises engine errors
-    async def complete(self, prompt: str | list[int], params: "SamplingParams") -> "Completion": ...
-    def generate(self, prompt: str | list[int], params: "SamplingParams") -> "Completion": ...  # blocking
-    def close(self) -> None: ...

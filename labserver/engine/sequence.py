@@ -1,12 +1,13 @@
 """One request's state between model steps: what it asked for, what it has produced, how long each step took.
 
 The engine turns a prompt into a ``Sequence`` (``Engine.begin``), runs its prefill, then decode steps,
-alone (``Engine.generate_stream``) or on the engine thread, in turn or in a batch with others
-(``serve.engine_thread``). After each step ``Sequence.append`` records the sampled token and returns the
-``TokenEvent`` to send, so the rules for stopping (EOS unless ``ignore_eos``/``min_tokens`` say otherwise,
-``max_tokens``) and for text (the incremental detokenizer) live in one place.
+alone (``Engine.steps``) or on the engine core's thread, in turn or in a batch with others (``core.py``).
+After each step ``Sequence.append`` records the sampled token and returns the ``TokenOutput`` to send, so
+the rules for stopping (EOS unless ``ignore_eos``/``min_tokens`` say otherwise, ``max_tokens``) live in
+one place. The engine emits token ids only, as vLLM's ``EngineCore`` does: the text of a ``TokenEvent`` is
+made by the one output processor (``output.py``), wherever the engine runs.
 
-Left out: any model call (``runners.py``), any threading, and stop strings (applied by the web layer).
+Left out: any model call (``runners.py``), any threading, text, and stop strings (the OpenAI wire format's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,26 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..config import SamplingParams
-from .detokenize import IncrementalDetokenizer
+
+
+def max_new_tokens(max_tokens: int, context_len: int, prompt_len: int) -> int:
+    """Tokens a request may generate: what it asked for, capped by the context left after its prompt.
+
+    >>> max_new_tokens(128, context_len=2048, prompt_len=2000)
+    48
+    """
+    return min(max_tokens, context_len - prompt_len)
+
+
+@dataclass
+class TokenOutput:
+    """What the engine emits for one generated token: its id and timings, no text."""
+
+    token_id: int
+    index: int  # 0-based position in the output
+    step_ms: float  # wall time of the step that produced it (the prefill, for index 0)
+    prefill_time_ms: float | None = None  # only on the first token
+    batch: int | None = None  # sequences that shared the step
 
 
 @dataclass
@@ -54,15 +74,15 @@ class Finish:
 
 
 class Sequence:
-    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (cache or slot)."""
+    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (its cache)."""
 
     def __init__(self, ids: list[int], params: SamplingParams, cancel: threading.Event,
-                 tokenizer, eos_ids: set[int], max_tokens: int):
+                 eos_ids: set[int], max_tokens: int):
         self.ids, self.params, self.cancel, self.eos_ids = ids, params, cancel, eos_ids
         self.max_tokens = max_tokens  # already capped by the context left after the prompt
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         self.generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.emitted = 0  # tokens sent (an honoured EOS is not)
         self.step_ms: list[float] = []
         self.last_token: int | None = None
         self.finish_reason: str | None = None
@@ -79,24 +99,23 @@ class Sequence:
         ``ignore_eos``, and not before ``min_tokens`` tokens (an ignored one is an ordinary, textless token)."""
         return not self.params.ignore_eos and index >= self.params.min_tokens
 
-    def append(self, token_id: int, elapsed_ms: float, batch: int | None = None) -> TokenEvent | None:
+    def append(self, token_id: int, elapsed_ms: float, batch: int | None = None) -> TokenOutput | None:
         """Record a sampled token; return its event, or None for EOS (which ends the sequence unsent)."""
         index = len(self.step_ms)
         self.step_ms.append(elapsed_ms)
         if token_id in self.eos_ids and self.honours_eos(index):
             self.finish_reason = "stop"
             return None
-        last = index == self.max_tokens - 1
-        text = self.detok.step(token_id) + (self.detok.flush() if last else "")
         self.last_token = token_id
-        if last:
+        self.emitted += 1
+        if index == self.max_tokens - 1:
             self.finish_reason = "length"
         ms = round(elapsed_ms, 3)
-        return TokenEvent(text, token_id, index, ms, ms if index == 0 else None, batch)
+        return TokenOutput(token_id, index, ms, ms if index == 0 else None, batch)
 
     def finish(self) -> Finish:
         reason = self.finish_reason or "cancelled"
-        emitted = len(self.detok.ids)
+        emitted = self.emitted
         total_ms = (time.perf_counter() - self.start) * 1000
         decode_ms = sum(self.step_ms[1:])
         timings = {

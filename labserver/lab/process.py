@@ -109,7 +109,7 @@ def boundary_bytes(token_id: int = 28723, text: str = " Paris", step_ms: float =
     SSE event the API process makes of it (JSON, with the text)."""
     from ..engine.sequence import TokenEvent
     from ..serve.process import messages as frames
-    from ..serve.schemas import sse_frame
+    from ..serve.sse import sse_frame
 
     empty = len(frames.encode(frames.Outputs(running=1, waiting=0)))
     one = len(frames.encode(frames.Outputs(running=1, waiting=0, tokens=[frames.Token(1, token_id, 5, step_ms)])))

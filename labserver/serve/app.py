@@ -1,12 +1,13 @@
 """The async server's routes: ``POST /generate``, the OpenAI-compatible ``/v1`` routes, ``/metrics``,
 ``/health`` and the browser page at ``/``.
 
-The app never runs the model itself. A *backend* does (``variants.make_backend``): by default the engine
-thread (``engine_thread.EngineThread``, continuous batching), so the event loop only moves bytes and
-``/health`` answers while tokens are being generated. The lab's ``"blocking"`` backend breaks that rule on purpose.
+The app never runs the model itself. A *backend* does (``backends.make_backend``): by default the engine
+core on its own thread (``engine.core.EngineCore``, continuous batching), so the event loop only moves
+bytes and ``/health`` answers while tokens are being generated. The lab's ``"blocking"`` backend breaks
+that rule on purpose.
 
 Every generating route is one line into ``pipeline.run`` with its wire format's job: ``/generate`` speaks
-``wire_generate`` (the engine's own events as SSE, see ``schemas``), ``/v1`` speaks ``openai_api``::
+``generate_api`` (the engine's own events as SSE), ``/v1`` speaks ``openai_api``::
 
     data: {"token": " Paris", "token_id": 7042, "index": 0, "step_ms": 61.2, "prefill_time_ms": 61.2}
     data: {"finish_reason": "length", "usage": {...}, "timings": {...}}
@@ -38,13 +39,10 @@ from .openai_api import OpenAIError, OpenAIJob
 from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .pipeline import install_error_handlers, run
-from .schemas import SSE_EVENT_SCHEMA, GenerateRequest, GenerateResponse
-from .generation import SSE_HEADERS, ClosingStreamingResponse
+from .sse import SSE_EVENT_SCHEMA
 from .health import unavailable
 from .backends import make_backend
-from .generate_api import GenerateJob
-
-__all__ = ["create_app", "ClosingStreamingResponse", "SSE_HEADERS"]
+from .generate_api import GenerateJob, GenerateRequest, GenerateResponse
 
 PAGE = files("labserver.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 # The page is static and writes tokens with textContent; it needs nothing from anywhere else.
@@ -54,8 +52,8 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
 
 
 def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` through ``backend`` ("auto", "batched", "thread", "executor" or
-    "blocking"; see ``variants.make_backend``).
+    """The FastAPI app serving ``engine`` through ``backend`` ("auto", "batched", "thread", "process",
+    "executor" or "blocking"; see ``backends.make_backend``).
 
     The backend is made now (so a bad name fails here; it starts no thread), started when the server
     starts and closed when it shuts down; a restart of the same app makes a fresh one. Served without a
@@ -70,7 +68,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.backend is None:
-            app.state.backend = make_backend(engine, backend)
+            app.state.backend = make_backend(engine, backend, limits.stream_interval)
         app.state.backend.start()
         try:
             yield
@@ -79,7 +77,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
             app.state.backend = None
 
     app = FastAPI(title="labserver", summary="A small streaming LLM server for the lab.", lifespan=lifespan)
-    app.state.backend = make_backend(engine, backend)
+    app.state.backend = make_backend(engine, backend, limits.stream_interval)
     app.state.engine, app.state.limits = engine, limits
     app.state.admission = Admission(limits.max_concurrent)
     app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running,

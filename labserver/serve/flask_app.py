@@ -1,6 +1,6 @@
 """The blocking baseline: a WSGI app that runs the whole generation inside the request.
 
-Same request model, the same steps (``wire_generate.GenerateJob``: validate, encode), the same limits
+Same request model, the same steps (``generate_api.GenerateJob``: validate, encode), the same limits
 (``limits.ServerLimits``: 413 for a body over ``max_body_bytes``, 415 for a body not sent as JSON) and the
 same JSON bodies and errors as the FastAPI app's non-streaming ``/generate``, so the two can be compared
 request for request. The engine runs in the request's own thread; served by ``background.FlaskServer``
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import HTTPException as FormatError
-from fastapi.exceptions import RequestValidationError
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .generate_api import (GenerateJob, GenerateRequest, InputError, error_payload, http_error_body,
+                           validation_detail, validation_error_body)
 from .limits import ServerLimits, not_json_message, too_large_message
-from .schemas import GenerateRequest, error_payload, validation_detail
-from .generate_api import GenerateJob, http_error_body, validation_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +65,15 @@ def create_flask_app(engine, limits: ServerLimits | None = None) -> Flask:
         except ValidationError as exc:
             body, status = validation_error_body(validation_detail(exc))
             return jsonify(body), status
-        except RequestValidationError as exc:
-            body, status = validation_error_body(list(exc.errors()))
+        except InputError as exc:
+            body, status = validation_error_body(exc.detail)
             return jsonify(body), status
         if job.stream:
             message = "the Flask baseline does not stream: send stream=false, or use the FastAPI server"
             return jsonify(detail=message), 400
         try:
             ids = job.encode(engine)
-        except FormatError as exc:
+        except InputError as exc:
             body, status = http_error_body(exc)
             return jsonify(body), status
         try:

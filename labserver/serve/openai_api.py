@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from fastapi import HTTPException
 
 from ..config import SamplingParams
-from ..engine.engine import Finish, PromptTooLong, TokenEvent
+from ..engine.prompts import PromptTooLong
+from ..engine.sequence import Finish, TokenEvent, max_new_tokens
 from .stop_strings import StopMatcher
 
 OPENAI_TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
@@ -70,24 +71,32 @@ class Piece:
 
 
 async def pieces(gen, stops: list[str], max_out: int, min_tokens: int, usage: dict):
-    """One ``Piece`` per generated token; the last carries the finish reason. Keeps ``usage`` current."""
+    """One ``Piece`` per group of tokens the backend delivers at once (one token each with a stream
+    interval of 1); the last carries the finish reason. Keeps ``usage`` current."""
     matcher, n, done = StopMatcher(stops), 0, False
-    async with aclosing(gen.events()) as events:
-        async for item in events:
-            if isinstance(item, TokenEvent) and not done:
-                n += 1
-                usage.update(completion_tokens=n, total_tokens=usage["prompt_tokens"] + n)
-                text, stopped = matcher.feed(item.token) if n >= min_tokens else (item.token, False)
-                if stopped:
-                    gen.finish("stop")
-                    yield Piece(text, "stop")
-                    return  # leaving the `async with` cancels the generation
-                done = n >= max_out
-                yield Piece(text + matcher.flush(), "length") if done else Piece(text)
-            elif isinstance(item, Finish):
-                usage.update(item.usage)
-                if not done:
-                    yield Piece(matcher.flush(), "length" if item.finish_reason == "length" else "stop")
+    async with aclosing(gen.deliveries()) as groups:
+        async for group in groups:
+            text, reason, any_news = "", None, False
+            for item in group:
+                if isinstance(item, TokenEvent) and not done:
+                    n, any_news = n + 1, True
+                    usage.update(completion_tokens=n, total_tokens=usage["prompt_tokens"] + n)
+                    piece, stopped = matcher.feed(item.token) if n >= min_tokens else (item.token, False)
+                    text += piece
+                    if stopped:
+                        gen.finish("stop")
+                        yield Piece(text, "stop")
+                        return  # leaving the `async with` cancels the generation
+                    done = n >= max_out
+                    if done:
+                        text, reason = text + matcher.flush(), "length"
+                elif isinstance(item, Finish):
+                    usage.update(item.usage)
+                    if not done:
+                        text += matcher.flush()
+                        reason, any_news = "length" if item.finish_reason == "length" else "stop", True
+            if any_news:
+                yield Piece(text, reason)
 
 
 class Reply:
@@ -171,8 +180,7 @@ class OpenAIJob:
             raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from exc
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param=param) from exc
-        # The engine generates at most what fits the context (as engine.Engine.begin caps it).
-        self.max_out = min(self.params.max_tokens, engine.context_len - len(ids))
+        self.max_out = max_new_tokens(self.params.max_tokens, engine.context_len, len(ids))
         self.usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
         return ids
 
@@ -180,13 +188,14 @@ class OpenAIJob:
         return pieces(gen, self.request.stops, self.max_out, self.request.min_tokens, self.usage)
 
     async def frames(self, gen):
+        """Lists of chunks, one list per write: the role first (chat), a chunk per group of tokens, the usage."""
         if self.chat:
-            yield self.reply.chunk(None, self.usage)
+            yield [self.reply.chunk(None, self.usage)]
         async with aclosing(self._pieces(gen)) as items:
             async for piece in items:
-                yield self.reply.chunk(piece, self.usage)
+                yield [self.reply.chunk(piece, self.usage)]
         if self.reply.include_usage:
-            yield self.reply.usage_chunk(self.usage)
+            yield [self.reply.usage_chunk(self.usage)]
 
     async def body(self, gen) -> dict:
         async with aclosing(self._pieces(gen)) as items:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .schemas import SEED_MAX
+from .generate_api import SEED_MAX
 
 MAX_STOP_STRINGS = 4
 

@@ -1,5 +1,9 @@
-"""The response that sends a stream: it closes its body however it ends, keeps a waiting stream alive and
-drops a client that reads nothing.
+"""Server-Sent Events: the frames, and the response that sends a stream, which closes its body however it
+ends, keeps a waiting stream alive and drops a client that reads nothing.
+
+Frames: every event here is one ``data:`` line carrying a JSON object (``sse_frame``), a stream ends with
+``data: [DONE]``, and a keep-alive is an SSE comment that every parser skips. Several frames may go out in
+one write (a stream interval above 1): they are still one event each.
 
 Closing: when a client leaves, Starlette cancels the task that sends the body, and a body generator
 suspended at ``yield`` is not closed until garbage collection; one never started is not closed at all.
@@ -18,23 +22,41 @@ response looks at both ends every ``keepalive_s`` (or a quarter of ``send_timeou
 A timer rather than a timeout around every send and every wait: the work per token stays what a plain
 ``StreamingResponse`` does (a timeout scope per await costs ~15-30 us a token on the event loop).
 
-Left out: resetting the TCP connection of a dropped client (ASGI gives the app no socket): the server
-closes it once the bytes already written are read, or the client goes. Keep-alive during a long silence
-is at most two ``keepalive_s`` apart, not exactly one.
+Left out: SSE ``event:``/``id:``/``retry:`` fields; resetting the TCP connection of a dropped client (ASGI
+gives the app no socket): the server closes it once the bytes already written are read, or the client
+goes. Keep-alive during a long silence is at most two ``keepalive_s`` apart, not exactly one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Callable
 
 import anyio
 from fastapi.responses import StreamingResponse
+from fastapi.sse import format_sse_event
 
 logger = logging.getLogger(__name__)
 
 KEEPALIVE_FRAME = b": keep-alive\n\n"  # an SSE comment: every SSE parser skips it
+DONE_FRAME = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer the stream
+# One SSE event as OpenAPI documents a text/event-stream response (each event; before OpenAPI 3.2's
+# itemSchema): its `data` is one JSON object, or the final "[DONE]".
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string", "description": "a JSON object, or [DONE]"},
+                                   "event": {"type": "string"}}}
+
+
+def sse_frame(payload: dict) -> bytes:
+    """One SSE event carrying ``payload`` as JSON.
+
+    >>> sse_frame({"token": " hi", "index": 0})
+    b'data: {"token": " hi", "index": 0}\\n\\n'
+    """
+    return format_sse_event(data_str=json.dumps(payload))
 _END = object()
 
 

@@ -1,20 +1,20 @@
 """The API process's side of the engine process: the ``"process"`` backend (vLLM V1's ``AsyncLLM`` and
-``AsyncMPClient`` in one small class; its ``OutputProcessor`` is ``engine_outputs``).
+``AsyncMPClient`` in one small class).
 
-``EngineClient`` has every backend's doors (``stream``, ``complete``, ``generate``, ``running``,
-``alive``, ``health``, ``start``, ``close``), so the pipeline and both wire formats run unchanged:
+``EngineClient`` is a ``backends.Backend``: the base class gives it the doors every backend has
+(``stream``, ``deliveries``, ``complete``, ``generate``) and runs the one output processor over the ids
+the engine sends, so the pipeline and both wire formats cannot tell it from the engine thread:
 
 - ``start()`` starts an engine process (``engine_supervisor``) unless the frontend names one that runs,
   binds a PULL socket for its outputs, connects a DEALER (an identity of its own) to the engine's ROUTER,
   says ``Hello`` and waits for ``Ready``.
-- ``stream()`` tokenizes here (when given text), sends ``Add`` with the ids and awaits a per-request
-  ``asyncio.Queue``; closing it (the client left) sends ``Abort``, and the engine stops the sequence
-  before its next forward. Every ``ACK_EVERY`` events read it sends ``Taken``: a reader that stops
-  reading stops costing decode steps ``MAX_BACKLOG`` events later, as on the engine thread. Stop strings
-  stay in the wire format, on this process's text.
-- A receiving thread pulls ``Outputs``, makes each id into the ``TokenEvent`` the engine thread would
-  have made (``engine_outputs.RequestState``) and hands it over with ``loop.call_soon_threadsafe``.
-  (vLLM pulls in an asyncio task; a thread serves any loop and the blocking ``generate`` alike.)
+- ``submit()`` sends ``Add`` with the prompt's ids (tokenized here); its handle's ``abort`` (the client
+  left) sends ``Abort``, and the engine stops the sequence before its next forward. Every ``ACK_EVERY``
+  items read, ``took`` sends ``Taken``: a reader that stops reading stops costing decode steps
+  ``MAX_BACKLOG`` items later, as on the engine thread.
+- A receiving thread pulls ``Outputs`` and gives each request's ``TokenOutput``s and its end to that
+  request's sink, as the engine thread would have. (vLLM pulls in an asyncio task; a thread serves any
+  loop and the blocking ``generate`` alike.)
 - A dead engine is noticed at once by its supervisor in this process, else within ``CHECK_S`` (its pid is
   gone) or ``SILENT_S`` (no beat): open streams end with ``EngineDeadError``, ``submit`` raises it, and
   ``Hello`` is repeated until a restarted engine answers ``Ready``.
@@ -24,10 +24,8 @@ Left out: retrying the requests a dead engine was running (they fail; the client
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -38,31 +36,59 @@ from typing import Any, Callable
 import zmq
 
 from ...config import SamplingParams
-from ...engine.engine import Completion, collect
-from . import messages as frames
-from .frontend import Frontend
-from .outputs import RequestState
-from .core_proc import pid_exists
-from .supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
 from ...engine.core import DONE
+from ...engine.prompts import PromptTooLong
 from ...engine.protocols import EngineDeadError, EngineHealth
+from ...engine.sequence import Finish, TokenOutput
+from ..backend import Backend
+from . import messages as frames
+from .core_proc import pid_exists
+from .frontend import Frontend
+from .supervisor import MAX_RESTARTS, EngineProcess, EngineStartError
 
 POLL_MS = 50  # the receiving thread wakes at least this often
 CHECK_S = 0.1  # how often it checks that the engine's pid still exists
 SILENT_S = 20 * frames.BEAT_S  # an engine that sends nothing (not even its beat) this long is dead
 HELLO_S = 0.2  # while no engine answers, say Hello again this often
 READY_TIMEOUT_S = 30.0
+# The engine's errors, raised here as the same class when this process knows it (else RuntimeError).
+ERRORS = {"PromptTooLong": PromptTooLong, "ValueError": ValueError, "EngineDeadError": EngineDeadError}
 
 
-class EngineClient:
+class _Request:
+    """One request sent to the engine process: where its items go, and how far its reader has read."""
+
+    def __init__(self, client: "EngineClient", rid: int, sink: Callable[[Any], None]):
+        self.client, self.rid, self.sink = client, rid, sink
+        self.taken = 0
+
+    def took(self, n: int = 1) -> None:
+        """Count items read; every ``ACK_EVERY`` tell the engine (it holds back a reader that lags)."""
+        before, self.taken = self.taken, self.taken + n
+        if before // frames.ACK_EVERY != self.taken // frames.ACK_EVERY:
+            self.client._send(frames.Taken(self.rid, self.taken))
+
+    def abort(self) -> None:
+        self.client._abort(self)
+
+    def end(self, e: frames.End) -> list:
+        if e.error_type is not None:
+            return [ERRORS.get(e.error_type, RuntimeError)(e.error)]
+        if e.finish_reason is not None:
+            return [Finish(e.finish_reason, e.usage, e.timings), DONE]
+        return [DONE]  # cancelled: no Finish, as on the engine thread
+
+
+class EngineClient(Backend):
     """The ``"process"`` backend: an engine process (its own, or ``frontend.address``'s) behind ZMQ."""
 
     kind = "process"
 
-    def __init__(self, frontend: Frontend, max_restarts: int = MAX_RESTARTS):
-        self.frontend = self.engine = frontend
+    def __init__(self, frontend: Frontend, max_restarts: int = MAX_RESTARTS, stream_interval: int = 1):
+        super().__init__(frontend, stream_interval)
+        self.frontend = frontend
         self.process = None if frontend.address else EngineProcess(frontend.spec, max_restarts)
-        self._requests: dict[int, RequestState] = {}
+        self._requests: dict[int, _Request] = {}
         self._rids = itertools.count()
         self._lock = threading.RLock()  # start, close, the engine's state and the DEALER socket
         self._started = self._closed = False
@@ -185,7 +211,7 @@ class EngineClient:
             if state is None:  # aborted here, or sent to an engine that died: the engine must stop it
                 strays.add(t.rid)
                 continue
-            state.sink(state.token(t))
+            state.sink(TokenOutput(t.token_id, t.index, t.step_ms, t.prefill_time_ms, t.batch))
         for e in msg.ends:
             state = self._requests.pop(e.rid, None)
             if state is not None:
@@ -224,68 +250,25 @@ class EngineClient:
             except zmq.Again:
                 return False
 
-    # -- the doors --------------------------------------------------------------------------------------
-    def submit(self, prompt, params: SamplingParams, sink: Callable[[Any], None]) -> RequestState:
+    # -- the door -------------------------------------------------------------------------------------
+    def submit(self, ids: list[int], params: SamplingParams, sink: Callable[[Any], None]) -> _Request:
         """Send one request to the engine (starting it on first use); ``sink`` gets its items.
 
         Raises ``EngineDeadError`` when no engine is alive (it died, and is restarting or gave up).
         """
         if not self._started:
             self.start()
-        ids = prompt if isinstance(prompt, list) else self.frontend.encode(prompt)
-        max_tokens = min(params.max_tokens, self.frontend.context_len - len(ids))
         with self._lock:
             if not self._up:
                 raise EngineDeadError(self.health().reason or "the engine process is not running")
-            state = RequestState(next(self._rids), sink, self.frontend.tokenizer, max_tokens)
+            state = _Request(self, next(self._rids), sink)
             self._requests[state.rid] = state
             if not self._send(frames.Add(state.rid, ids, params)):
                 del self._requests[state.rid]
                 raise EngineDeadError("the engine process takes no requests")
         return state
 
-    def _abort(self, state: RequestState) -> None:
+    def _abort(self, state: _Request) -> None:
         with self._lock:
             if self._requests.pop(state.rid, None) is not None and self._up:
                 self._send(frames.Abort([state.rid]))
-
-    async def stream(self, prompt, params: SamplingParams):
-        """Async generator of ``TokenEvent``s then a ``Finish``; re-raises engine errors."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def sink(item):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody listens any more
-                pass
-
-        state = self.submit(prompt, params, sink)
-        try:
-            while (item := await events.get()) is not DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                self._send(state.took())
-                yield item
-        finally:
-            self._abort(state)
-
-    async def complete(self, prompt, params: SamplingParams) -> Completion:
-        return collect([item async for item in self.stream(prompt, params)])
-
-    def generate(self, prompt, params: SamplingParams) -> Completion:
-        """Blocking form for threads that are not an event loop (scripts)."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        state = self.submit(prompt, params, events.put)
-
-        def items():
-            while (item := events.get()) is not DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                self._send(state.took())
-                yield item
-
-        try:
-            return collect(items())
-        finally:
-            self._abort(state)

@@ -2,12 +2,12 @@
 
 This is the process side of vLLM V1's split (``EngineCoreProc`` in vllm/v1/engine/core.py). The process
 loads the model itself from an ``EngineSpec`` (a config, or the fake runner's delays: something that
-pickles, never a loaded model), runs the same ``engine_thread.EngineThread`` with the ``Batched`` policy
+pickles, never a loaded model), runs the same ``engine.core.EngineCore`` with the ``Batched`` policy
 the thread backend runs, and puts two sockets beside it:
 
 - the main thread reads a ROUTER socket bound at ``address``: every API process's DEALER connects there
   (vLLM's API processes bind and the engine connects; here the engine binds, so a restarted engine and
-  any number of API processes meet at one fixed address). ``Add`` becomes ``EngineThread.submit`` with
+  any number of API processes meet at one fixed address). ``Add`` becomes ``EngineCore.submit`` with
   the prompt's token ids, ``Abort`` sets the request's cancel flag (the engine thread drops it before its
   next forward, so at most one more token is computed);
 - an output thread owns one PUSH socket per API process (connected to the PULL address its ``Hello``
@@ -15,8 +15,8 @@ the thread backend runs, and puts two sockets beside it:
   wake-up, with the engine's running and waiting counts; idle, it sends an empty ``Outputs`` every
   ``BEAT_S`` seconds.
 
-The engine here never makes text: its sequences get a tokenizer that decodes nothing (``_NoText``), and
-only ids and step times leave the process. If the engine thread dies, the process exits (code 3), so its
+The engine core never makes text: only ids and step times leave the process, and the API process's
+output processor makes the text. If the engine thread dies, the process exits (code 3), so its
 supervisor (``engine_supervisor``) sees it and restarts it. Left out: data parallelism (several engine
 processes), and shared memory for large inputs (prompts here are small).
 """
@@ -34,9 +34,9 @@ import zmq
 
 from ...config import QUANTS, EngineConfig
 from ...engine.engine import Engine
-from ...engine.sequence import Finish, TokenEvent
+from ...engine.sequence import Finish, TokenOutput
 from . import messages as frames
-from ...engine.core import DONE, MAX_BACKLOG, EngineThread
+from ...engine.core import DONE, MAX_BACKLOG, EngineCore
 from ...engine.scheduler import Batched
 
 ENGINE_THREAD_DIED = 3  # the exit code when the engine thread stops under the process
@@ -91,13 +91,6 @@ def pid_exists(pid: int) -> bool:
     return True  # PermissionError too: it exists
 
 
-class _NoText:
-    """The tokenizer the engine process's sequences get: text is the API process's job."""
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return ""
-
-
 def run_engine_core(spec: EngineSpec, address: str, restarts: int, ready) -> None:
     """The engine process's main: load, bind, tell the supervisor through ``ready`` (a Pipe end), serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes us in order
@@ -107,25 +100,24 @@ def run_engine_core(spec: EngineSpec, address: str, restarts: int, ready) -> Non
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     info = frames.Ready(os.getpid(), engine.context_len, engine.route, restarts)
-    engine.tokenizer = _NoText()
-    core = EngineCore(engine, address, info)
+    core = EngineCoreProc(engine, address, info)
     ready.send(("ready", {"pid": info.pid, "context_len": info.context_len, "route": info.route}))
     ready.close()
     raise SystemExit(core.serve())
 
 
-class EngineCore:
-    """The engine thread with its input loop (this thread) and its output thread."""
+class EngineCoreProc:
+    """The engine core's thread with its input loop (this thread) and its output thread."""
 
     def __init__(self, engine: Engine, address: str, info: frames.Ready):
         self.engine, self.info = engine, info
-        self.thread = EngineThread(engine, Batched(max_batch=engine.config.max_batch), name="labserver-core")
+        self.thread = EngineCore(engine, Batched(max_batch=engine.config.max_batch), name="labserver-core")
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(address)
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # (client, rid, item) from sinks; commands
-        self.requests: dict[tuple[bytes, int], object] = {}  # (client, rid) -> engine_thread.Request
+        self.requests: dict[tuple[bytes, int], object] = {}  # (client, rid) -> core.Request
         self.clients: set[bytes] = set()  # the API processes that said Hello to this engine
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a request may end (on the engine thread) before submit returns
@@ -165,11 +157,10 @@ class EngineCore:
 
             with self._lock:
                 try:
-                    req = self.requests[key] = self.thread.submit(msg.prompt, msg.params, sink)
+                    # Its reader is in another process: it tells how far it has read with Taken.
+                    self.requests[key] = self.thread.submit(msg.prompt, msg.params, sink, MAX_BACKLOG)
                 except Exception as exc:  # the engine thread has stopped: this process is about to exit
                     self.out.put((key, exc))
-                else:  # its reader is in another process: it tells how far it has read with Taken
-                    req.max_backlog = MAX_BACKLOG
         elif isinstance(msg, frames.Taken):
             req = self.requests.get((client, msg.rid))
             if req is not None:
@@ -228,7 +219,7 @@ class EngineCore:
                     continue
                 client, rid = key
                 batch = batches.setdefault(client, new())
-                if isinstance(item, TokenEvent):
+                if isinstance(item, TokenOutput):
                     batch.tokens.append(frames.Token(rid, item.token_id, item.index, item.step_ms,
                                                      item.prefill_time_ms, item.batch))
                 elif isinstance(item, Finish):

@@ -4,8 +4,8 @@ The routes and the pipeline ask an "engine" for ``config``, ``context_len``, ``r
 ``encode`` and ``encode_messages``, never for the model. ``Frontend`` answers exactly those, without the
 weights: the tokenizer alone (a ``tokenizers`` file, or the fake's ``WordTokenizer``), the limits of the
 config, and what the engine process reported when it started (its context length and weight format).
-Its ``encode`` and ``encode_messages`` are ``Engine``'s own methods, so a prompt too long is refused by
-the same code, with the same message, in either design.
+It is a ``PromptEncoder``, as ``Engine`` is, so a prompt too long is refused by the same code, with the
+same message, in either design.
 
 ``spec`` says how the engine process builds the engine; ``address`` is set when an engine process
 already runs (started by ``api_servers`` for several API processes), and ``None`` when each backend
@@ -15,14 +15,11 @@ they run in the engine process only.
 
 from __future__ import annotations
 
-from ...engine.engine import Engine
+from ...engine.prompts import PromptEncoder
 from .core_proc import EngineSpec
 
 
-class Frontend:
-    encode = Engine.encode
-    encode_messages = Engine.encode_messages
-    _checked = Engine._checked
+class Frontend(PromptEncoder):
 
     def __init__(self, spec: EngineSpec, tokenizer, context_len: int, route: dict, address: str | None = None):
         self.spec, self.config, self.tokenizer = spec, spec.config, tokenizer
