@@ -1,0 +1,248 @@
+"""The KV cache as memory: paged blocks, reference counts and automatic prefix caching.
+
+The model keeps the keys and values (K/V) of every token it has seen in a pool of equal blocks of
+``block_size`` tokens. A sequence's *block table* lists its blocks in order: token ``p`` lives in slot
+``p % block_size`` of block ``table[p // block_size]``. This module is only the bookkeeping of which block
+belongs to whom; it never touches a tensor.
+
+Prefix caching: once a block is full and its K/V written (``commit``), it gets a *name*: the previous
+block's name chained with its own token ids. A token's K/V depends on every token before it, so equal
+names mean equal K/V, and a later sequence whose tokens start the same way (a system prompt, a chat's
+history with its earlier answers) takes the named blocks instead of computing them again. Names compare
+exactly, the whole prefix, so a hash collision can never share a block wrongly.
+
+A block held by k sequences has ``ref_count`` k. Shared blocks are full and read-only: a sequence writes
+only into blocks it holds alone. So a lookup stops one token short: the last prompt token is always
+computed, its logits give the first output token. A block nobody holds joins the free queue and keeps
+its name, so a later lookup still finds it (and takes it back out). New blocks come from the head of the
+queue, evicting the name they had. Freed named blocks join the tail, a sequence's last block first (the
+longest prefixes are the least likely to be shared again), so the queue is least-recently-used order;
+freed nameless blocks join the head, as they hold nothing worth keeping.
+
+Worked example, 4 tokens a block, 5 blocks:
+
+>>> kv = KVCacheManager(num_blocks=5, block_size=4)
+>>> prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]      # two full blocks and two tokens
+>>> kv.allocate("a", prompt), kv.table("a")       # nothing cached yet: 0 cached tokens
+(0, [0, 1, 2])
+>>> kv.commit("a", prompt, 10)                    # K/V written: blocks 0 and 1 are named
+>>> kv.allocate("b", [1, 2, 3, 4, 5, 6, 7, 8, 42]), kv.table("b")   # 8 tokens cached, one to compute
+(8, [0, 1, 3])
+>>> kv.blocks[0].ref_count, kv.num_free_blocks
+(2, 1)
+>>> kv.free("a"); kv.free("b")
+>>> kv.free_block_ids()    # nameless 3 and 2 first, then the named ones, tail block 1 before block 0
+[3, 2, 4, 1, 0]
+>>> kv.allocate("c", [1, 2, 3, 4, 0, 0, 0, 0, 0]), kv.table("c")   # hit on block 0, new blocks from the head
+(4, [0, 3, 2])
+>>> kv.allocate("d", list(range(100, 112))) is None    # needs 3 blocks, 2 are free: nothing changes
+True
+>>> kv.allocate("d", list(range(100, 108))), kv.table("d"), kv.stats   # takes 4, then evicts block 1
+(0, [4, 1], PrefixCacheStats(queries=36, hits=12, evictions=1))
+
+Left out: a radix tree (SGLang matches any length of prefix; here only whole blocks), sliding windows,
+several KV cache groups, and swapping blocks to host memory (a preempted sequence frees its blocks and is
+recomputed later, mostly from its own cached blocks).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+
+class BlockName:
+    """A full block's name: its token ids chained to the previous block's name.
+
+    ``digest`` chains the parent's digest with the token ids (as nano-vllm's hash does) so hashing costs
+    one block, not the whole prefix; equality compares the whole chain, so names equal only for equal
+    prefixes. (A plain nested tuple ``(parent, token_ids)`` would be exact too, but hashing it walks the
+    whole prefix every time.)
+    """
+
+    __slots__ = ("parent", "token_ids", "digest")
+
+    def __init__(self, parent: BlockName | None, token_ids):
+        self.parent, self.token_ids = parent, tuple(token_ids)
+        self.digest = hash((parent.digest if parent else 0, self.token_ids))
+
+    def __hash__(self) -> int:
+        return self.digest
+
+    def __eq__(self, other) -> bool:
+        a, b = self, other
+        while a is not b:  # a loop, not recursion: prefixes can be thousands of blocks long
+            if not (isinstance(a, BlockName) and isinstance(b, BlockName)) or a.token_ids != b.token_ids:
+                return False
+            a, b = a.parent, b.parent
+        return True
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0  # how many block tables hold it
+    name: BlockName | None = None  # set when full and committed; kept while free, dropped when reused
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # tokens looked up (the whole token_ids of each allocation)
+    hits: int = 0  # of them, found cached
+    evictions: int = 0  # named blocks taken from the free queue for something else
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass
+class _Seq:
+    table: list[int]
+    names: list[BlockName] = field(default_factory=list)  # of its first len(names) blocks, full and written
+
+
+class KVCacheManager:
+    """Block tables for sequences over ``num_blocks`` blocks of ``block_size`` tokens."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head: next to reuse
+        self._cached: dict[BlockName, Block] = {}
+        self._seqs: dict[Hashable, _Seq] = {}
+        self.stats = PrefixCacheStats()
+
+    def allocate(self, seq_id: Hashable, token_ids: list[int], num_tokens: int | None = None) -> int | None:
+        """Give ``seq_id`` a table for its first ``num_tokens`` tokens (default: all ``token_ids``).
+
+        Reuses the longest cached prefix of full blocks of ``token_ids``, at most ``len(token_ids) - 1``
+        tokens, and returns its length (a multiple of ``block_size``); the table covers at least that.
+        Returns None, with nothing changed, when the free blocks cannot cover it.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already has blocks")
+        hits = self._lookup(token_ids)
+        num_cached = len(hits) * self.block_size
+        num_tokens = len(token_ids) if num_tokens is None else num_tokens
+        num_new = self._blocks_for(max(num_tokens, num_cached)) - len(hits)
+        if num_new + sum(block.ref_count == 0 for block in hits) > len(self._free):
+            return None
+        table = [self._take_cached_block(block) for block in hits]  # first: new blocks cannot evict them
+        table += [self._take_free_block() for _ in range(num_new)]
+        self._seqs[seq_id] = _Seq(table, [block.name for block in hits])
+        if self.prefix_caching:
+            self.stats.queries += len(token_ids)
+            self.stats.hits += num_cached
+        return num_cached
+
+    def grow(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Make the table cover ``num_tokens`` tokens; False, with nothing changed, if blocks run out."""
+        table = self._seqs[seq_id].table
+        num_new = self._blocks_for(num_tokens) - len(table)
+        if num_new > len(self._free):
+            return False
+        table.extend(self._take_free_block() for _ in range(num_new))
+        return True
+
+    def commit(self, seq_id: Hashable, token_ids: list[int], num_computed: int) -> None:
+        """The first ``num_computed`` of ``token_ids`` have their K/V written: name the newly full blocks."""
+        seq = self._seqs[seq_id]
+        if num_computed > min(len(token_ids), len(seq.table) * self.block_size):
+            raise ValueError(f"{num_computed} tokens computed, but {len(token_ids)} tokens and "
+                             f"{len(seq.table)} blocks of {self.block_size}")
+        if not self.prefix_caching:
+            return
+        for i in range(len(seq.names), num_computed // self.block_size):
+            name = BlockName(seq.names[-1] if seq.names else None, self._block_tokens(token_ids, i))
+            if name in self._cached:  # computed twice (sequences ran side by side): keep the first copy
+                name = self._cached[name].name
+            else:
+                block = self.blocks[seq.table[i]]
+                block.name, self._cached[name] = name, block
+            seq.names.append(name)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop the sequence's table (again: nothing happens); named blocks stay cached until reused."""
+        seq = self._seqs.pop(seq_id, None)
+        for block_id in reversed(seq.table if seq else []):  # tail first: evicted first
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.name is None:
+                    self._free.move_to_end(block_id, last=False)
+
+    def table(self, seq_id: Hashable) -> list[int]:
+        return list(self._seqs[seq_id].table)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` fit in the free blocks, ignoring hits: cheap, and never wrong when it says
+        yes to ``allocate(seq_id, token_ids, num_tokens)`` with ``num_tokens >= len(token_ids) - 1``, as
+        every hit either is held already or comes out of the free queue in place of a new block."""
+        return self._blocks_for(num_tokens) <= len(self._free)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """The fraction of blocks held by some sequence (cached free blocks count as free)."""
+        return self.num_used_blocks / self.num_blocks
+
+    def free_block_ids(self) -> list[int]:
+        """The free queue, next to be reused first."""
+        return list(self._free)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every name (blocks in use stay where they are) and zero the statistics."""
+        for block in self._cached.values():
+            block.name = None
+        self._cached.clear()
+        self.stats = PrefixCacheStats()
+
+    def _lookup(self, token_ids: list[int]) -> list[Block]:
+        """The cached blocks of the longest prefix of full blocks, leaving at least one token to compute."""
+        hits: list[Block] = []
+        if not self.prefix_caching:
+            return hits
+        for i in range((len(token_ids) - 1) // self.block_size):
+            name = BlockName(hits[-1].name if hits else None, self._block_tokens(token_ids, i))
+            block = self._cached.get(name)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _take_cached_block(self, block: Block) -> int:
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+        return block.block_id
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.name is not None:
+            del self._cached[block.name]
+            block.name = None
+            self.stats.evictions += 1
+        block.ref_count = 1
+        return block_id
+
+    def _block_tokens(self, token_ids: list[int], i: int) -> list[int]:
+        return token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
