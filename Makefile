@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-peer guidellm lab serve flask notebooks clean
+.PHONY: setup demo test test-fast bench bench-peer guidellm lab serve flask notebooks clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # fails a notebook on any `CLAIM FAILS` line); `$(PY) -m pytest --nbval-lax notebooks/` runs that alone.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit loop: no notebooks, nothing that loads the real model (tests marked `model`), ~1-2 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not model" --ignore=tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(PY) -m labserver bench

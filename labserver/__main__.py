@@ -65,7 +65,8 @@ def serve(args) -> None:
 
     from .serve.app import create_app
 
-    limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout)
+    limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout,
+                     stream_interval=args.stream_interval)
     if args.backend == "process":
         return serve_processes(args, limits)
     if args.api_servers != 1:
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generations at once; one more gets a 429 (default %(default)s)")
     p.add_argument("--send-timeout", type=float, default=ServerLimits.send_timeout_s,
                    help="seconds a stream's client may read nothing before it is dropped (default %(default)s)")
+    p.add_argument("--stream-interval", type=int, default=ServerLimits.stream_interval,
+                   help="tokens per write of a stream: the first at once, then every N, the rest with the "
+                        "finish (vLLM's --stream-interval; default %(default)s)")
     _server_args(sub.add_parser("flask", help="the blocking Flask baseline"), 5001)
     sub.add_parser("demo", help="blocking vs streaming on one prompt, live tokens, table and plot", add_help=False)
     sub.add_parser("bench", help="measure the overhead ratios and write out/bench.json", add_help=False)

@@ -64,3 +64,14 @@ def fail_decode(monkeypatch):
 
         monkeypatch.setattr(runner, "decode", decode)
     return install
+
+
+MODEL_FIXTURES = {"default_engine", "exact_engine", "hf_engine", "tiny_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that loads the real model is marked ``model`` however it asks for it, so ``make test-fast``
+    (``-m "not model"``) leaves out exactly those."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)

@@ -1,6 +1,6 @@
 """Scheduling policies of the engine thread: which sequences run the next forward.
 
-Before every forward the loop in ``engine_thread`` asks ``policy.schedule(free_slots)`` and gets a
+Before every forward the loop in ``core.py`` asks ``policy.schedule(free_slots)`` and gets a
 ``Step``: prefill these requests' prompts, or run one decode step for those, or ``None`` (nothing can run
 now). A policy keeps its requests in arrival order; a request whose sequence holds a cache slot
 (``seq.running``, from its prefill until ``Engine.end``) is *running*, the others *wait*.
@@ -30,7 +30,7 @@ from typing import Iterator
 @dataclass
 class Step:
     prefill: bool  # True: ``Engine.prefill_steps`` for these prompts; False: one ``Engine.decode_step``
-    requests: list  # ``engine_thread.Request``s, each with its ``seq``
+    requests: list  # ``core.Request``s, each with its ``seq``
 
 
 class Policy:

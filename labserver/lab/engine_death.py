@@ -3,8 +3,8 @@ fails or the engine process is killed (``kill -9``), one request sent just after
 said every few ms before and after (``HealthWatch``). ``kill_engine`` returns a ``Death``; ``plot_death``
 draws it. Everything is watched from the outside, as a client would: raw SSE lines, status codes.
 
-Left out: how the backends notice a death and restart (``serve.engine_thread``, ``serve.engine_client``,
-``serve.engine_supervisor``).
+Left out: how the backends notice a death and restart (``engine.core``, ``serve.process.client``,
+``serve.process.supervisor``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One round of a continuous-batching scheduler, as a function a student writes, driven on the fake runner.
 
-A round is what the server's engine thread does with the batched policy (``serve.policies.Batched``,
-``serve.engine_thread``) between two looks at its inbox, folded into one function::
+A round is what the server's engine thread does with the batched policy (``engine.scheduler.Batched``,
+``engine.core``) between two looks at its inbox, folded into one function::
 
     one_round(engine, waiting, running, free_slots)
 

@@ -2,7 +2,7 @@
 
 Each ``WeightFormat`` says what it stores, which activations it takes, whether it needs the C kernels,
 whether it computes the float32 model exactly, and whether ``--quant auto`` may pick it. ``auto`` is
-not a rule written here: the engine measures the candidates on the machine (``engine/routes.py``).
+not a rule written here: the engine measures the candidates on the machine (``engine/calibrate.py``).
 
 >>> get("q4_1").needs_compiler, get("fp16").activations, [f.name for f in auto_candidates()]
 (True, torch.float32, ['q4_1', 'fp16', 'none'])

@@ -5,7 +5,7 @@ the model, is what limits a server, more API processes help, as long as they sha
 copy of the weights, one batch). ``ApiServers`` does what ``python -m labserver serve --backend process
 --api-servers N`` runs:
 
-1. starts the engine process (``engine_supervisor.EngineProcess``, which restarts it if it dies);
+1. starts the engine process (``process.supervisor.EngineProcess``, which restarts it if it dies);
 2. binds one listening socket and spawns N API processes, handing each the socket (as uvicorn's
    workers and vLLM's API servers get theirs); the kernel gives each new connection to whichever
    process accepts it first;

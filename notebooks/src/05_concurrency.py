@@ -23,7 +23,7 @@
 # ## Setup
 #
 # Two FastAPI servers on one engine, one after the other: backend `"thread"` interleaves streams step by
-# step (`policies.TurnTaking`), backend `"batched"` is the server's default (`policies.Batched`).
+# step (`scheduler.TurnTaking`), backend `"batched"` is the server's default (`scheduler.Batched`).
 # Each has its own engine thread, so the first is stopped before the second starts: two live threads that
 # both run torch would make each other's steps slower (OpenMP worker teams, appendix `08_appendix_cpu`).
 #
@@ -196,7 +196,7 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
 # Reference solutions: `notebooks/solutions/05_concurrency.py`.
 #
 # **1. Server code: one round of continuous batching.** Write `one_round(engine, waiting, running,
-# free_slots)`, the decisions `policies.Batched` and the engine thread make between two looks at the inbox.
+# free_slots)`, the decisions `scheduler.Batched` and the engine thread make between two looks at the inbox.
 # `waiting` and `running` are lists of sequences (arrival order), `free_slots` the cache slots free now.
 # Admit the first waiting sequences that fit the free slots and prefill them in one forward
 # (`engine.prefill_steps(seqs)`); run one decode forward for every running sequence that is not finished

@@ -26,8 +26,8 @@
 # Two FastAPI servers on one model. Backend `"batched"` is the server's default (notebook 5): the batched
 # scheduler on an engine thread of this kernel's process. Backend `"process"` runs the same scheduler in
 # an engine process that loads the same weights (the route measured here) and listens on a ZMQ socket;
-# the server keeps only the tokenizer (`serve/engine_frontend.py`) and an `EngineClient`
-# (`serve/engine_client.py`), and a supervisor (`serve/engine_supervisor.py`) watches the process.
+# the server keeps only the tokenizer (`serve/process/frontend.py`) and an `EngineClient`
+# (`serve/process/client.py`), and a supervisor (`serve/process/supervisor.py`) watches the process.
 # `/health` says which process runs each engine.
 
 # %% tags=["nbval-ignore-output"]
@@ -204,7 +204,7 @@ stop("engine-thread")
 # held back when the finish arrives goes out in one more `{"token": ...}` event before it. End with
 # `data: [DONE]`. The checker feeds it byte tokens (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and
 # the real engine's ids on the fake runner. (The server's own loop is split between
-# `serve/engine_outputs.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them afterwards.)
+# `engine/output.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them afterwards.)
 
 # %%
 def sse_from_ids(outputs, tokenizer, stop):

@@ -5,7 +5,7 @@
 (``stream``, ``deliveries``, ``complete``, ``generate``) and runs the one output processor over the ids
 the engine sends, so the pipeline and both wire formats cannot tell it from the engine thread:
 
-- ``start()`` starts an engine process (``engine_supervisor``) unless the frontend names one that runs,
+- ``start()`` starts an engine process (``supervisor``) unless the frontend names one that runs,
   binds a PULL socket for its outputs, connects a DEALER (an identity of its own) to the engine's ROUTER,
   says ``Hello`` and waits for ``Ready``.
 - ``submit()`` sends ``Add`` with the prompt's ids (tokenized here); its handle's ``abort`` (the client

@@ -17,7 +17,7 @@ the thread backend runs, and puts two sockets beside it:
 
 The engine core never makes text: only ids and step times leave the process, and the API process's
 output processor makes the text. If the engine thread dies, the process exits (code 3), so its
-supervisor (``engine_supervisor``) sees it and restarts it. Left out: data parallelism (several engine
+supervisor (``supervisor``) sees it and restarts it. Left out: data parallelism (several engine
 processes), and shared memory for large inputs (prompts here are small).
 """
 

@@ -2,7 +2,7 @@
 
 Only numbers cross the boundary, as in vLLM V1 (``EngineCoreRequest`` in, ``EngineCoreOutputs`` out):
 prompt token ids and sampling parameters go in, sampled token ids with their step times come out. Text
-never crosses: the API process tokenizes before and detokenizes after (``engine_client``).
+never crosses: the API process tokenizes before and detokenizes after (``client``).
 
 In, from an API process's DEALER to the engine's ROUTER (which prefixes the sender's identity):
 
@@ -11,14 +11,14 @@ In, from an API process's DEALER to the engine's ROUTER (which prefixes the send
 - ``Add(rid, prompt, params)``: a request; ``rid`` is unique per API process.
 - ``Abort(rids)``: the clients of these requests left: stop them before the next forward.
 - ``Taken(rid, taken)``: the request's reader has taken this many events (sent every ``ACK_EVERY``): a
-  request whose reader is ``engine_thread.MAX_BACKLOG`` events behind sits out the decode steps.
+  request whose reader is ``engine.core.MAX_BACKLOG`` events behind sits out the decode steps.
 - ``Bye()``: this API process is closing; its requests are aborted.
 
 Out, from the engine's PUSH (one per API process) to that process's PULL:
 
 - ``Ready(pid, context_len, route, restarts)``: who answers, and how often it has been restarted.
 - ``Outputs(running, waiting, no_progress_s, prefilled, tokens, ends)``: what one or more engine steps produced
-  for this API process, and the engine's counts and progress (``EngineThread.health``); an empty one
+  for this API process, and the engine's counts and progress (``EngineCore.health``); an empty one
   every ``BEAT_S`` seconds says "still alive".
   A request's ``End`` always comes after its tokens.
 

@@ -1,6 +1,6 @@
 """Start the engine process, notice when it dies, restart it a bounded number of times.
 
-``EngineProcess.start()`` spawns ``engine_process.run_engine_core`` (the spawn start method: a fresh
+``EngineProcess.start()`` spawns ``core_proc.run_engine_core`` (the spawn start method: a fresh
 interpreter, no copy of this process's threads or torch state) and waits until the engine has loaded its
 model and bound its socket, or raises ``EngineStartError`` with the child's own message (a model that
 cannot be found, a startup crash, a timeout). A monitor thread then waits on the process's sentinel (a

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from httpx_sse import connect_sse
-from test_proc_http import check_disconnect_aborts, check_kill_mid_stream, events
+from test_process_http import check_disconnect_aborts, check_kill_mid_stream, events
 
 from labserver import SamplingParams
 from labserver.serve.api_servers import API_SERVER_HEADER
