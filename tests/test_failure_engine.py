@@ -84,7 +84,7 @@ def test_unavailable_tells_dead_from_wedged_from_fine():
 def break_the_policy(backend) -> None:
     def schedule(free_slots):
         raise RuntimeError("injected loop fault")
-    backend.policy.schedule = schedule
+    backend.core.policy.schedule = schedule
 
 
 def break_engine_end(backend) -> None:

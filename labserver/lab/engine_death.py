@@ -170,7 +170,7 @@ def _inject_loop_fault(server) -> None:
     def schedule(*args, **kwargs):
         raise RuntimeError("injected fault: the engine loop failed")
 
-    backend.policy.schedule = schedule
+    backend.core.policy.schedule = schedule
 
 
 @contextmanager
