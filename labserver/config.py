@@ -44,7 +44,17 @@ class EngineConfig:
     # those that keep float32's greedy tokens (``engine/calibrate.py``); with another dtype, "none".
     quant: str = "auto"
     threads: int = 2
-    max_batch: int = 16  # sequences decoded together by the batched scheduler (cache slots)
+    max_batch: int = 16  # sequences decoded together by the batched scheduler
+    # The KV cache: blocks of ``block_size`` tokens in a pool of ``kv_cache_memory`` bytes ("auto": a
+    # quarter of the machine's memory, at most what max_batch full contexts need; "2GiB", "500MB", a number
+    # of bytes, or a fraction of the machine's memory such as "0.1"). Memory is touched only as blocks
+    # fill, so a large pool costs nothing until it is used.
+    block_size: int = 16
+    kv_cache_memory: str = "auto"
+    prefix_caching: bool = True  # full blocks are named by their tokens and shared (vLLM's APC)
+    # Tokens one forward may carry (vLLM's --max-num-batched-tokens): the running streams' decode tokens
+    # first, then a chunk of a prompt, so no stream waits longer than one chunk's forward for its token.
+    max_num_batched_tokens: int = 256
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 2048
     max_prompt_chars: int = 32_000
@@ -66,9 +76,11 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         # More torch threads than cores oversubscribes the CPU and makes every step slower.
         object.__setattr__(self, "threads", min(self.threads, os.cpu_count() or 1))
-        for name in ("max_batch", "max_prompt_tokens", "max_tokens_limit", "max_prompt_chars"):
+        for name in ("max_batch", "max_prompt_tokens", "max_tokens_limit", "max_prompt_chars", "block_size",
+                     "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        kv_cache_bytes(self.kv_cache_memory, per_token=1)  # raises ValueError on a bad spelling
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":
@@ -82,6 +94,7 @@ class EngineConfig:
             "impl": os.environ.get("LABSERVER_IMPL"),
             "quant": os.environ.get("LABSERVER_QUANT"),
             "threads": os.environ.get("LABSERVER_THREADS"),
+            "kv_cache_memory": os.environ.get("LABSERVER_KV_CACHE_MEMORY"),
         }
         if env["threads"] is not None:
             env["threads"] = int(env["threads"])
@@ -92,6 +105,40 @@ class EngineConfig:
         values = {k: v for k, v in env.items() if v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+
+
+def total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small laptop
+        return 8 * 2**30
+
+
+def kv_cache_bytes(spec: str, per_token: int, want_tokens: int | None = None) -> int:
+    """Bytes of the KV pool for ``--kv-cache-memory``; "auto" is a quarter of the machine's memory, at most
+    ``want_tokens`` tokens' worth.
+
+    >>> kv_cache_bytes("512MiB", per_token=46_080), kv_cache_bytes("1.5GB", 1), kv_cache_bytes("1000", 1)
+    (536870912, 1500000000, 1000)
+    """
+    text = str(spec).strip().lower().replace(" ", "")
+    if text == "auto":
+        quarter = total_memory_bytes() // 4
+        return quarter if want_tokens is None else min(quarter, want_tokens * per_token)
+    unit = next((u for u in UNITS if text.endswith(u) and text[: -len(u)]), "")
+    try:
+        value = float(text[: len(text) - len(unit)])
+    except ValueError:
+        raise ValueError(f"kv_cache_memory must be 'auto', bytes ('2GiB', '500MB', '1000000') or a fraction "
+                         f"of memory ('0.2'), got {spec!r}") from None
+    if value <= 0:
+        raise ValueError(f"kv_cache_memory must be > 0, got {spec!r}")
+    if not unit and value < 1:  # a fraction of the machine's memory, as vLLM's --gpu-memory-utilization
+        return int(value * total_memory_bytes())
+    return int(value * UNITS.get(unit, 1))
 
 
 @dataclass(frozen=True)

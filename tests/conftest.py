@@ -52,17 +52,19 @@ def fake_engine():
 
 @pytest.fixture
 def fail_decode(monkeypatch):
-    """``fail_decode(runner, at, message)``: the runner's ``at``-th decode call raises RuntimeError(message)."""
+    """``fail_decode(runner, at, message)``: the runner's ``at``-th decode forward (every entry one token of a
+    sequence that has output already) raises RuntimeError(message)."""
     def install(runner, at: int, message: str) -> None:
-        real, calls = runner.decode, {"n": 0}
+        real, calls = runner.forward, {"n": 0}
 
-        def decode(seqs):
-            calls["n"] += 1
-            if calls["n"] == at:
-                raise RuntimeError(message)
-            return real(seqs)
+        def forward(entries):
+            if all(n == 1 and len(seq.tokens) > len(seq.ids) for seq, _, n, _ in entries):
+                calls["n"] += 1
+                if calls["n"] == at:
+                    raise RuntimeError(message)
+            return real(entries)
 
-        monkeypatch.setattr(runner, "decode", decode)
+        monkeypatch.setattr(runner, "forward", forward)
     return install
 
 

@@ -43,13 +43,12 @@ def backends():
 def spy_threads(engine) -> set[str]:
     """The names of the threads that run the runner's forwards from now on."""
     names, runner = set(), engine.runner
-    for name in ("prefill_many", "decode"):
-        real = getattr(runner, name)
+    real = runner.forward
 
-        def spy(seqs, real=real):
-            names.add(threading.current_thread().name)
-            return real(seqs)
-        setattr(runner, name, spy)
+    def spy(entries):
+        names.add(threading.current_thread().name)
+        return real(entries)
+    runner.forward = spy
     return names
 
 
@@ -182,8 +181,8 @@ def test_a_request_cancelled_while_waiting_is_never_prefilled(kind):
     engine = fake_engine(prefill_ms=5, step_ms=10, config=EngineConfig(model="fake", threads=1, max_batch=1))
     backend = make_backend(engine, kind)
     prefilled = []
-    real = engine.runner.prefill_many
-    engine.runner.prefill_many = lambda seqs: prefilled.extend(seqs) or real(seqs)
+    real = engine.runner.forward
+    engine.runner.forward = lambda entries: prefilled.extend(e[0] for e in entries if e[1] == 0) or real(entries)
     first, second = [], []
     try:
         backend.submit("a", SamplingParams(max_tokens=10), first.append)

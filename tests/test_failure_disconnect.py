@@ -85,8 +85,8 @@ def test_a_request_whose_client_leaves_while_it_waits_is_never_prefilled(backend
     # In this process the runner shows which prompts it prefilled; across the process boundary, the
     # engine's own count in /health (the abort must reach the engine process before its slot frees).
     engine = fake_engine(prefill_ms=5, step_ms=10, config=EngineConfig(model="fake", threads=1, max_batch=1))
-    prefilled, real = [], engine.runner.prefill_many
-    engine.runner.prefill_many = lambda seqs: prefilled.extend(seqs) or real(seqs)
+    prefilled, real = [], engine.runner.forward
+    engine.runner.forward = lambda entries: prefilled.extend(e[0] for e in entries if e[1] == 0) or real(entries)
     app = create_app(engine, backend, limits=ServerLimits(keepalive_s=0.05))
     with UvicornServer(app) as server:
         holder = post_raw(server.port, "/generate", {"prompt": "one", "max_tokens": 1000, "stream": True})

@@ -184,15 +184,15 @@ def test_a_dead_engine_thread_refuses_new_work_with_engine_dead_error():
 # A wedged engine: a forward that does not return. /health says so; it recovers when the forward ends.
 def test_a_wedged_engine_is_reported_and_refused_until_it_moves_again():
     engine = fake_engine(prefill_ms=1, step_ms=1)
-    release, real_decode, calls = threading.Event(), engine.runner.decode, []
+    release, real_forward, calls = threading.Event(), engine.runner.forward, []
 
-    def decode(seqs):
-        calls.append(len(seqs))
+    def forward(entries):
+        calls.append(len(entries))
         if len(calls) == 3:
             release.wait(30)  # stuck inside the forward
-        return real_decode(seqs)
+        return real_forward(entries)
 
-    engine.runner.decode = decode
+    engine.runner.forward = forward
     app = create_app(engine, limits=ServerLimits(wedged_after_s=0.3))
     with UvicornServer(app) as server:
         stream = Stream(server.url, "/generate", {"prompt": "hi", "max_tokens": 6, "stream": True})

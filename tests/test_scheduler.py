@@ -65,7 +65,7 @@ def test_step_events_say_what_the_step_did(default_engine, scheduler_of):
     for items in streams:
         first, decodes = items[0], items[1:-1]
         # Prefilled alone (no batch), or together with the other prompt if it had arrived by then.
-        assert first.prefill_time_ms is not None and first.batch in (None, 2)
+        assert first.prefill_time_ms is not None and first.batch in (1, 2)
         assert ("batch" in first.to_dict()) == (first.batch is not None)
         assert all(e.batch in (1, 2) and e.step_ms > 0 for e in decodes)
         assert "batch" in decodes[0].to_dict()
@@ -88,68 +88,111 @@ def test_prompts_prefilled_together_equal_each_prefilled_alone(default_engine):
     assert default_engine.running == 0
 
 
-def request(n_prompt: int, running: bool = False):
-    """What a policy reads of a request: its sequence's prompt length and whether it holds a slot."""
-    return NS(seq=NS(ids=[0] * n_prompt, running=running))
+def engine_of(kv_blocks: int | None = None, block_size: int = 4, **config) -> Engine:
+    """The real engine on the fake runner (no sleeps), with a KV pool of ``kv_blocks`` blocks."""
+    from labserver import fake_engine
+
+    return fake_engine(0, 0, config=EngineConfig(model="fake", threads=1, block_size=block_size, **config),
+                       kv_blocks=kv_blocks)
 
 
-def run_prefill(step) -> None:
-    for req in step.requests:
-        req.seq.running = True
+def request(engine: Engine, n_prompt: int, max_tokens: int = 50, first: int = 0):
+    """What a policy schedules: a request whose sequence has a prompt of ``n_prompt`` words."""
+    words = ["two", "three", "four", "five", "six", "seven", "eight", "one"]
+    prompt = " ".join(words[(first + i) % 8] for i in range(n_prompt))
+    return NS(seq=engine.begin(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)), held=False)
 
 
-def test_batched_prefills_the_waiting_prompts_that_fit_the_budget():
-    policy = Batched(prefill_tokens=10)
-    waiting = [request(n) for n in (4, 5, 2, 30, 1)]
-    for req in waiting:
-        policy.add(req)
-    assert policy.joining(free_slots=16, n_running=0) == waiting[:2]  # 4 + 5 fit, + 2 would not
-    step = policy.schedule(free_slots=16)
-    assert step.prefill and step.requests == waiting[:2]
-    run_prefill(step)
-    decode = policy.schedule(free_slots=14)  # after a prefill, the running streams get their step
-    assert not decode.prefill and decode.requests == waiting[:2]
-    step = policy.schedule(free_slots=14)
-    assert step.requests == waiting[2:3]  # 2 + 30 would not fit
-    run_prefill(step), policy.schedule(13)
-    step = policy.schedule(free_slots=13)
-    assert step.requests == waiting[3:4]  # longer than the budget: alone
-    run_prefill(step), policy.schedule(12)
-    assert policy.schedule(free_slots=12).requests == waiting[4:]
+def run_step(engine: Engine, policy) -> list[tuple[int, int]]:
+    """Schedule and run one forward; what it fed, as (request number, tokens) pairs."""
+    step = policy.schedule(engine)
+    if step is None:
+        return []
+    engine.step([(req.seq, n) for req, n in step.work], batched=policy.batched)
+    return [(policy.number[id(req)], n) for req, n in step.work]
 
 
-def test_batched_is_held_to_free_slots_and_max_batch():
-    policy = Batched(prefill_tokens=100, max_batch=3)
-    reqs = [request(1, running=True)] + [request(1) for _ in range(4)]
+def numbered(policy, reqs):
+    policy.number = {id(r): i for i, r in enumerate(reqs)}
     for req in reqs:
         policy.add(req)
-    assert policy.schedule(free_slots=1).requests == reqs[1:2]  # one free slot
-    run_prefill(NS(requests=reqs[1:2]))
-    assert policy.schedule(free_slots=0).requests == reqs[:2]  # a decode step: waiting ones wait
-    assert policy.schedule(free_slots=8).requests == reqs[2:3]  # max_batch 3: room for one more
-    run_prefill(NS(requests=reqs[2:3]))
-    step = policy.schedule(free_slots=8)
-    assert not step.prefill and step.requests == reqs[:3]
-    assert policy.schedule(free_slots=8).requests == reqs[:3]  # full: decode again, nobody joins
-    policy.remove(reqs[0])  # finished: it left between two steps
-    assert policy.schedule(free_slots=8).requests == reqs[3:4]
-    assert Batched().schedule(free_slots=8) is None  # nothing to do
+    return policy
+
+
+def test_batched_feeds_decodes_first_then_chunks_of_a_long_prompt_within_the_budget():
+    engine = engine_of(max_num_batched_tokens=8)
+    reqs = [request(engine, 3), request(engine, 2), request(engine, 20)]
+    policy = numbered(Batched.of(engine.config), reqs)
+    assert run_step(engine, policy) == [(0, 3), (1, 2), (2, 3)]  # newcomers in order, the budget's rest
+    # From now on the two streams get their token in every forward; the long prompt the rest: 6 a forward.
+    assert run_step(engine, policy) == [(0, 1), (1, 1), (2, 6)]
+    assert run_step(engine, policy) == [(0, 1), (1, 1), (2, 6)]
+    assert run_step(engine, policy) == [(0, 1), (1, 1), (2, 5)]  # its last chunk: its first token
+    assert run_step(engine, policy) == [(0, 1), (1, 1), (2, 1)]
+    assert [len(r.seq.tokens) - len(r.seq.ids) for r in reqs] == [5, 5, 2]
+    assert reqs[2].seq.step_ms[0] >= 0 and engine.running == 3
+
+
+def test_batched_admits_by_memory_first_come_first_served():
+    engine = engine_of(kv_blocks=6, block_size=4)  # 24 tokens of K/V
+    reqs = [request(engine, 10, first=0), request(engine, 10, first=1), request(engine, 1, first=2)]
+    policy = numbered(Batched.of(engine.config), reqs)
+    # 3 + 3 blocks: both prompts fit; the third (1 block) must wait, and nobody overtakes it later.
+    assert run_step(engine, policy) == [(0, 10), (1, 10)]
+    assert not reqs[2].seq.running and engine.kv.num_free_blocks == 0
+    engine.end(reqs[0].seq), policy.remove(reqs[0])
+    assert run_step(engine, policy)[-1] == (2, 1)  # admitted once blocks came back
+
+
+def test_a_stream_that_cannot_grow_preempts_the_latest_arrival_which_is_recomputed():
+    engine = engine_of(kv_blocks=5, block_size=4, max_num_batched_tokens=64)
+    reqs = [request(engine, 8, max_tokens=6, first=0), request(engine, 8, max_tokens=6, first=3)]
+    policy = numbered(Batched.of(engine.config), reqs)
+    run_step(engine, policy)  # 2 + 2 blocks; one free
+    fed = [run_step(engine, policy) for _ in range(3)]
+    # The first one needs a third block and takes the free one. Then the second needs one: none left, so
+    # the latest arrival, itself, gives its blocks back; the first goes on and the second waits (its
+    # full blocks stay named until someone needs them).
+    assert fed[0] == [(0, 1)] and reqs[1].seq.running is False and reqs[1].seq.computed == 0
+    assert fed[1] == fed[2] == [(0, 1)]
+    outputs = {i: r.seq.tokens[len(r.seq.ids):] for i, r in enumerate(reqs)}
+    resumed = []
+    while any(not r.seq.finished for r in reqs):
+        for req in [r for r in policy if r.seq.finished]:
+            engine.end(req.seq), policy.remove(req)
+        fed_now = run_step(engine, policy)
+        resumed += [n for i, n in fed_now if i == 1 and not resumed]
+    # The first one's fourth block evicted the second's tail block (tails go first); its first block was
+    # still cached, so it fed 9 - 4 tokens again, not 9. (`cached` is what its first admission found.)
+    assert resumed == [5] and reqs[1].seq.cached == 0
+    alone = [engine_of().generate(" ".join(["x"] * 8), SamplingParams(max_tokens=6)).token_ids] * 2
+    assert [r.seq.tokens[len(r.seq.ids):] for r in reqs] == alone  # nothing lost, nothing repeated
+    assert all(outputs[i] == alone[i][:len(outputs[i])] for i in outputs)
+
+
+def test_a_cached_prefix_is_not_fed_again():
+    engine = engine_of(block_size=4)
+    first, second = request(engine, 13), request(engine, 13)
+    assert engine.generate_stream is not None
+    policy = numbered(Batched.of(engine.config), [first])
+    run_step(engine, policy)
+    assert first.seq.cached == 0
+    policy = numbered(Batched.of(engine.config), [second])
+    assert run_step(engine, policy) == [(0, 1)]  # 12 of 13 from the cache: the last token is always fed
+    assert second.seq.cached == 12 and second.seq.finish().usage["prompt_tokens_details"] == {"cached_tokens": 12}
+    assert engine.kv.stats.hits == 12
 
 
 def test_turn_taking_gives_everyone_a_step_in_turn():
-    policy = TurnTaking()
-    a, b, c = request(3, running=True), request(2, running=True), request(1)
-    for req in (a, b, c):
-        policy.add(req)
-    steps = [policy.schedule(free_slots=1) for _ in range(3)]
-    assert [s.requests for s in steps] == [[a], [b], [c]] and [s.prefill for s in steps] == [False, False, True]
-    run_prefill(steps[2])
-    assert [policy.schedule(free_slots=0).requests for _ in range(4)] == [[a], [b], [c], [a]]
-    waiting = request(1)
-    policy.add(waiting)
-    assert [policy.schedule(free_slots=0).requests for _ in range(3)] == [[b], [c], [a]]  # no slot: it waits
-    policy.remove(a), policy.remove(b), policy.remove(c)
-    assert policy.schedule(free_slots=0) is None and policy.schedule(free_slots=1).requests == [waiting]
+    engine = engine_of()
+    a, b, c = (request(engine, n) for n in (3, 2, 1))
+    policy = numbered(TurnTaking.of(engine.config), [a, b, c])
+    assert [run_step(engine, policy) for _ in range(3)] == [[(0, 3)], [(1, 2)], [(2, 1)]]  # whole prompts
+    assert [run_step(engine, policy) for _ in range(4)] == [[(0, 1)], [(1, 1)], [(2, 1)], [(0, 1)]]
+    late = request(engine, 4)
+    policy.number[id(late)] = 3
+    policy.add(late)
+    assert [run_step(engine, policy) for _ in range(4)] == [[(1, 1)], [(2, 1)], [(0, 1)], [(3, 4)]]
 
 
 @pytest.mark.timeout(240)
@@ -215,15 +258,15 @@ def test_a_failed_step_fails_its_sequences_and_the_scheduler_survives(tiny_engin
 def test_scheduler_runs_on_its_own_thread(tiny_engine, scheduler_of):
     scheduler = scheduler_of(tiny_engine)
     seen = set()
-    real = tiny_engine.runner.decode
+    real = tiny_engine.runner.forward
 
-    def spy(seqs):
+    def spy(entries):
         seen.add(threading.current_thread().name)
-        return real(seqs)
+        return real(entries)
 
-    tiny_engine.runner.decode = spy
+    tiny_engine.runner.forward = spy
     try:
         scheduler.generate("hi", SamplingParams(max_tokens=4, temperature=0))
     finally:
-        del tiny_engine.runner.decode
+        del tiny_engine.runner.forward
     assert seen == {"labserver-engine"}

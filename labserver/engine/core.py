@@ -8,9 +8,10 @@ scheduler in its own thread for the same reason.
 How requests flow: ``submit(ids, params, sink)`` puts a ``Request`` on a thread-safe inbox. Between two
 forwards the loop (``EngineCore._loop``) takes what arrived (``Engine.begin``; a bad prompt goes straight
 back as its error), drops the cancelled requests, asks its *policy* (``scheduler.TurnTaking`` or
-``scheduler.Batched``) which sequences run next, runs that forward (``Engine.prefill_steps`` or
-``Engine.decode_step``), hands each ``TokenOutput`` (an id, no text) to the request's ``sink`` and retires
-the finished sequences (``Engine.end`` frees their cache). ``Request.abort`` (the client left) sets the
+``scheduler.Batched``) which sequences run next and how many tokens of each (decode steps, prompts,
+chunks of prompts: the KV memory they need is admitted or preempted by the policy), runs that forward
+(``Engine.step``), hands each ``TokenOutput`` (an id, no text) to the request's ``sink`` and retires the
+finished sequences (``Engine.end`` frees their KV blocks). ``Request.abort`` (the client left) sets the
 request's cancel flag; the loop checks it before the next forward, so at most one more token is computed,
 and a request cancelled while it waits is never prefilled. A failed forward fails the sequences in it; the
 loop goes on. ``close()`` releases everyone with ``DONE``.
@@ -183,30 +184,27 @@ class EngineCore:
         self.policy.add(req)
 
     def _next_step(self) -> Step | None:
-        """The policy's next step without held requests; asks again (once per request) if none is left."""
+        """The policy's next step without the decode steps of held requests; asks again (once per
+        request) if nothing is left."""
         for _ in range(max(1, len(self.policy))):
-            step = self.policy.schedule(self.engine.runner.free_slots)
-            if step is None or step.prefill:
-                return step
-            step.requests = [req for req in step.requests if not req.held]
-            if step.requests:
+            step = self.policy.schedule(self.engine)
+            if step is None:
+                return None
+            step.work = [(req, n) for req, n in step.work if not (req.held and req.seq.decoding)]
+            if step.work:
                 return step
         return None
 
     def _forward(self, step: Step) -> None:
-        seqs = [req.seq for req in step.requests]
         try:
-            if step.prefill:
-                events = self.engine.prefill_steps(seqs)
-            else:
-                events = self.engine.decode_step(seqs, batched=self.policy.batched)
+            outputs = self.engine.step([(req.seq, n) for req, n in step.work], batched=self.policy.batched)
         except Exception as exc:  # a failed forward fails every sequence that was in it
             for req in step.requests:
                 self._retire(req, exc)
             return
-        for req, event in zip(step.requests, events):
-            if event is not None:
-                self._send(req, event)
+        for req, out in zip(step.requests, outputs):
+            if out is not None:
+                self._send(req, out)
             if req.seq.finished:
                 self._retire(req, DONE)
 

@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from .kv_cache import KVCacheManager
 from .output import OutputProcessor
 from .prompts import PromptEncoder, PromptTooLong  # noqa: F401  (PromptTooLong: raised by Engine.begin)
 from .protocols import Runner
@@ -109,10 +110,15 @@ class Engine(PromptEncoder):
         self.prompts_prefilled = 0  # since it was made: what /health reports, a cancelled wait adds none
         if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
             self.runner, self.context_len = runner, runner.context_len
-            return
-        torch.set_num_threads(config.threads)
-        self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
+        else:
+            torch.set_num_threads(config.threads)
+            self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
+            self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
+        # The KV blocks are the engine's to hand out; a runner without a paged cache (transformers) has none.
+        layout = getattr(self.runner, "kv_layout", None)
+        self.kv = None if layout is None else KVCacheManager(*layout, prefix_caching=config.prefix_caching)
+        if self.kv is not None:  # one request never needs more than the whole pool
+            self.context_len = min(self.context_len, self.kv.num_blocks * self.kv.block_size)
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
@@ -148,47 +154,96 @@ class Engine(PromptEncoder):
         return Sequence(ids, params, cancel or threading.Event(), self.eos_ids,
                         max_new_tokens(params.max_tokens, self.context_len, len(ids)))
 
-    def prefill_step(self, seq: Sequence) -> TokenOutput | None:
-        """Run the prompt, sample the first token; its ``step_ms`` is also the ``prefill_time_ms``.
+    def admit(self, seq: Sequence) -> bool:
+        """Give ``seq`` KV memory for all it must feed (its prompt; after a preemption, everything so far),
+        taking what the prefix cache already holds; False, with nothing changed, when the free blocks cannot.
 
-        From here until ``end(seq)`` the sequence counts as running and holds its cache.
+        From here until ``end(seq)`` (or ``preempt(seq)``) the sequence counts as running.
         """
+        if self.kv is not None:
+            cached = self.kv.allocate(seq, seq.tokens)
+            if cached is None:
+                return False
+            seq.computed = cached
+            seq.cached = seq.cached if seq.admitted else cached
+        with self._lock:
+            self.running += 1
+            self.prompts_prefilled += not seq.admitted
+        if not seq.admitted:
+            seq.start = time.perf_counter()  # its timings count from here, not from its wait
+        seq.running, seq.admitted = True, True
+        return True
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Make room for ``n`` more tokens of a running sequence (a decode step crossing into a new block);
+        False when no block is free (the scheduler then preempts someone)."""
+        return self.kv is None or self.kv.grow(seq, seq.computed + n)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's KV memory back; it waits, and is computed again when admitted (its
+        full blocks stay in the prefix cache until someone needs them: vLLM's recompute preemption)."""
+        if seq.running:
+            self._release(seq)
+            seq.computed = 0
+
+    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One forward that feeds ``n`` tokens of each sequence (``tokens[computed:computed + n]``): decode
+        steps, prompts, chunks of prompts, or a mix; the logits after each one's last token ``[len(work), V]``.
+        No sampling: ``step`` samples; a benchmark or a teacher-forced check appends its own tokens."""
+        for seq, n in work:
+            if not (seq.running or self.admit(seq)) or not self.reserve(seq, n):
+                raise MemoryError(f"no KV memory for {n} more tokens of a sequence: the scheduler must preempt")
+        logits = self.runner.forward([(seq, seq.computed, n, self.kv.table(seq) if self.kv else None)
+                                      for seq, n in work])
+        for seq, n in work:
+            seq.computed += n
+            if self.kv is not None:
+                self.kv.commit(seq, seq.tokens, seq.computed)
+        return logits
+
+    def step(self, work: list[tuple[Sequence, int]], batched: bool = False) -> list[TokenOutput | None]:
+        """``forward``, then each sequence fed to its end samples its next token: its output, whose
+        ``step_ms`` is this forward's time (for the first token, every chunk's); one fed a chunk gives None.
+        ``batched``: each output says how many sequences shared the forward."""
+        t0 = time.perf_counter()
+        logits = self.forward(work)
+        elapsed = (time.perf_counter() - t0) * 1000
+        batch, outs = len(work) if batched else None, []
+        for (seq, n), row in zip(work, logits):
+            if seq.remaining:  # a chunk: the prompt goes on in a later forward
+                seq.prefill_ms += elapsed
+                outs.append(None)
+                continue
+            ms = seq.prefill_ms + elapsed if not seq.step_ms else elapsed
+            outs.append(self._append(seq, sample_token(row, seq.params, seq.generator), ms, batch))
+        return outs
+
+    def prefill_step(self, seq: Sequence) -> TokenOutput | None:
+        """Run the prompt, sample the first token; its ``step_ms`` is also the ``prefill_time_ms``."""
         return self.prefill_steps([seq])[0]
 
     def prefill_steps(self, seqs: list[Sequence]) -> list[TokenOutput | None]:
-        """``prefill_step`` for several prompts in one forward (the runner's ``prefill_many``); each event's
-        ``prefill_time_ms`` is that forward's time and, for more than one prompt, ``batch`` says how many
-        shared it."""
-        start = time.perf_counter()
-        for seq in seqs:
-            with self._lock:
-                self.running += 1
-                self.prompts_prefilled += 1
-            seq.running, seq.start = True, start
-        logits = self.runner.prefill(seqs[0])[None] if len(seqs) == 1 else self.runner.prefill_many(seqs)
-        ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]
-        elapsed, batch = (time.perf_counter() - start) * 1000, len(seqs) if len(seqs) > 1 else None
-        return [self._append(s, i, elapsed, batch) for s, i in zip(seqs, ids)]
+        """Several whole prompts in one forward; for more than one, ``batch`` says how many shared it."""
+        return self.step([(seq, seq.remaining) for seq in seqs], batched=len(seqs) > 1)
 
     def decode_step(self, seqs: list[Sequence], batched: bool = False) -> list[TokenOutput | None]:
-        """One forward for every sequence in ``seqs``; each event's ``step_ms`` is that forward's time.
-
-        ``batched`` (the batched policy's steps) adds to each event how many sequences shared the step.
-        """
-        t0 = time.perf_counter()
-        logits = self.runner.decode(seqs)  # [B, V]
-        ids = [sample_token(row, s.params, s.generator) for row, s in zip(logits, seqs)]
-        elapsed, batch = (time.perf_counter() - t0) * 1000, len(seqs) if batched else None
-        return [self._append(s, i, elapsed, batch) for s, i in zip(seqs, ids)]
+        """One forward for every sequence in ``seqs``, one token each; ``batched`` (the batched policy's
+        steps) adds to each output how many sequences shared the step."""
+        return self.step([(seq, 1) for seq in seqs], batched)
 
     def end(self, seq: Sequence) -> Finish:
-        """Free the sequence's cache and stop counting it (once, whatever calls it); return its ``Finish``."""
+        """Free the sequence's KV memory and stop counting it (once, whatever calls it); its ``Finish``."""
         if seq.running:
-            seq.running = False
-            self.runner.release(seq)
-            with self._lock:
-                self.running -= 1
+            self._release(seq)
         return seq.finish()
+
+    def _release(self, seq: Sequence) -> None:
+        seq.running = False
+        if self.kv is not None:
+            self.kv.free(seq)
+        self.runner.release(seq)
+        with self._lock:
+            self.running -= 1
 
     def _append(self, seq: Sequence, token_id: int, elapsed_ms: float, batch: int | None):
         with self._lock:

@@ -1,9 +1,11 @@
 """A runner with fixed, known delays and no model, under the real ``Engine``: for hand-checkable tests and demos.
 
-``FakeRunner`` has the interface of the runners in ``runners.py`` (``prefill``, ``prefill_many``,
-``decode``, ``release``, ``free_slots``, ``name``) but sleeps instead of computing: ``prefill_ms`` per
-prefill forward and ``step_ms`` per decode forward, however many sequences the forward carries (the ideal
-that batching aims at: a memory-bound step costs about the same for one sequence or eight). Its logits
+``FakeRunner`` has the interface of the runners in ``runners.py`` (``forward``, ``release``,
+``free_slots``, ``kv_layout``, ``name``) but sleeps instead of computing: ``step_ms`` per decode forward
+and ``prefill_ms`` per forward that carries any prompt (a whole prompt or a chunk), however many
+sequences the forward carries (the ideal that batching aims at: a memory-bound step costs about the same
+for one sequence or eight). Its KV pool (``kv_blocks``) is bookkeeping only, so the engine's admission,
+prefix cache and preemption run on it as on the real model. Its logits
 make each next token follow from the last (" one two three ... eight", then again), so the real engine's
 sampling, prompt limits, stop rules, ``Finish`` timings and the serving backends all run unchanged, and a
 reader can write down what a client must see: a TTFT a little over ``prefill_ms``, gaps a little over
@@ -69,51 +71,43 @@ class FakeRunner:
     name = "fake"
 
     def __init__(self, prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None = None,
-                 max_batch: int = 16, context_len: int = 8192):
+                 max_batch: int = 16, context_len: int = 8192, kv_blocks: int | None = None, block_size: int = 16):
         self.prefill_ms, self.step_ms, self.fail_at = prefill_ms, step_ms, fail_at
-        self.context_len = context_len
-        self._free = list(range(max_batch))
-        self._made: dict[int, int] = {}  # slot -> tokens its sequence has produced
+        self.context_len, self.max_batch = context_len, max_batch
+        # A pool of KV blocks as the lean runner's, for the engine's bookkeeping (nothing is stored).
+        self.kv_layout = (kv_blocks or max_batch * -(-context_len // block_size), block_size)
+        self.active = 0  # sequences holding a slot (fed at least once, not yet released)
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.max_batch - self.active
 
-    def prefill(self, seq) -> torch.Tensor:
-        return self.prefill_many([seq])[0]
-
-    def prefill_many(self, seqs) -> torch.Tensor:
-        for seq in seqs:
-            if not self._free:
-                raise RuntimeError(f"all {len(self._made)} cache slots are in use")
-            seq.state = self._free.pop(0)
-            self._made[seq.state] = 0
-        return self._forward(self.prefill_ms, seqs, [0] * len(seqs))
-
-    def decode(self, seqs) -> torch.Tensor:
-        return self._forward(self.step_ms, seqs, [(s.last_token + 1) % len(WORDS) for s in seqs])
+    def forward(self, entries) -> torch.Tensor:
+        """Sleep ``step_ms`` when every entry feeds one token (a decode step), else ``prefill_ms``; the
+        next id of a sequence fed to its end follows its last token ("one" first)."""
+        decode = all(n == 1 and len(seq.tokens) > len(seq.ids) for seq, _, n, _ in entries)
+        time.sleep((self.step_ms if decode else self.prefill_ms) / 1000)
+        made = [len(seq.tokens) - len(seq.ids) for seq, *_ in entries]
+        if self.fail_at is not None and self.fail_at in made:
+            raise RuntimeError("injected fault")
+        for seq, *_ in entries:
+            if seq.state is None:
+                seq.state, self.active = "slot", self.active + 1
+        next_ids = [0 if m == 0 else (seq.tokens[-1] + 1) % len(WORDS) for (seq, *_), m in zip(entries, made)]
+        # -inf everywhere but the next id: greedy and any temperature or top_p pick the same token.
+        logits = torch.full((len(entries), len(WORDS) + 2), float("-inf"))
+        logits[torch.arange(len(entries)), torch.tensor(next_ids)] = 0.0
+        return logits
 
     def release(self, seq) -> None:
         if seq.state is not None:
-            del self._made[seq.state]
-            self._free.append(seq.state)
-            seq.state = None
-
-    def _forward(self, ms: float, seqs, next_ids: list[int]) -> torch.Tensor:
-        time.sleep(ms / 1000)
-        if self.fail_at is not None and any(self._made[s.state] == self.fail_at for s in seqs):
-            raise RuntimeError("injected fault")
-        for seq in seqs:
-            self._made[seq.state] += 1
-        # -inf everywhere but the next id: greedy and any temperature or top_p pick the same token.
-        logits = torch.full((len(seqs), len(WORDS) + 2), float("-inf"))
-        logits[torch.arange(len(seqs)), torch.tensor(next_ids)] = 0.0
-        return logits
+            seq.state, self.active = None, self.active - 1
 
 
 def fake_engine(prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None = None,
-                config: EngineConfig | None = None) -> Engine:
-    """The real ``Engine`` on a ``FakeRunner`` and a ``WordTokenizer``; ``config`` sets its limits.
+                config: EngineConfig | None = None, kv_blocks: int | None = None) -> Engine:
+    """The real ``Engine`` on a ``FakeRunner`` and a ``WordTokenizer``; ``config`` sets its limits and
+    ``kv_blocks`` the size of its KV pool (default: every sequence's whole context).
 
     >>> from labserver import SamplingParams
     >>> fake_engine(prefill_ms=0, step_ms=0).generate("hi", SamplingParams(max_tokens=3)).text
@@ -122,5 +116,6 @@ def fake_engine(prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None
     config = config or EngineConfig(model="fake", threads=1)
     # The context holds the longest request the limits allow, as the lean runner's slots do.
     runner = FakeRunner(prefill_ms, step_ms, fail_at, config.max_batch,
-                        context_len=config.max_prompt_tokens + config.max_tokens_limit)
+                        context_len=config.max_prompt_tokens + config.max_tokens_limit, kv_blocks=kv_blocks,
+                        block_size=config.block_size)
     return Engine(None, WordTokenizer(), config, runner=runner)

@@ -42,24 +42,31 @@ def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
 
 
 class TransformersRunner:
+    """Any causal LM through transformers, a ``DynamicCache`` per sequence: no KV blocks of the engine's
+    (``kv_layout`` is None: no prefix cache), and a "batch" is a loop of single-sequence forwards."""
+
     name = "transformers"
     route = Route("none", "transformers runner")
     free_slots = float("inf")  # each sequence brings its own growing cache
+    kv_layout = None
 
     def __init__(self, model):
         self.model = model
 
-    def prefill(self, seq) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward(self, entries) -> torch.Tensor:
+        """For each ``(seq, start, n, table)``: feed ``seq.tokens[start:start + n]`` against its cache;
+        the logits after each one's last token ``[len(entries), V]``."""
         from transformers import DynamicCache
 
-        seq.state = DynamicCache(config=self.model.config)
-        return prefill(self.model, torch.tensor([seq.ids]), seq.state)
-
-    def prefill_many(self, seqs) -> torch.Tensor:
-        return torch.stack([self.prefill(s) for s in seqs])
-
-    def decode(self, seqs) -> torch.Tensor:
-        return torch.stack([decode_one_token(self.model, s.last_token, s.state) for s in seqs])
+        rows = []
+        for seq, start, n, _ in entries:
+            if start == 0 or seq.state is None:
+                seq.state = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=torch.tensor([seq.tokens[start:start + n]]), cache=seq.state,
+                             use_cache=True, logits_to_keep=1)
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows)
 
     def release(self, seq) -> None:
         seq.state = None

@@ -74,7 +74,14 @@ class Finish:
 
 
 class Sequence:
-    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (its cache)."""
+    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (its cache).
+
+    ``tokens`` is the prompt and every token sampled so far; ``computed`` counts those whose K/V the model
+    has written (``cached`` of them found in the prefix cache rather than computed). What a forward feeds
+    is ``tokens[computed:]``, all of it or a chunk; once nothing is left the next token is sampled. A
+    decode step feeds the one token sampled last; a prefill feeds the prompt; a sequence preempted (its
+    blocks taken back) starts again from ``computed = 0``, its outputs part of what it feeds.
+    """
 
     def __init__(self, ids: list[int], params: SamplingParams, cancel: threading.Event,
                  eos_ids: set[int], max_tokens: int):
@@ -86,9 +93,23 @@ class Sequence:
         self.step_ms: list[float] = []
         self.last_token: int | None = None
         self.finish_reason: str | None = None
-        self.state = None  # the runner's: a cache slot or a DynamicCache
-        self.running = False  # counted by the engine between prefill_step and end
+        self.state = None  # the runner's: a DynamicCache, or nothing (the KV blocks are the engine's)
+        self.running = False  # holds KV memory and counts as running: from its admission until end
+        self.tokens = list(ids)
+        self.computed = 0  # tokens whose K/V are written
+        self.cached = 0  # prompt tokens found in the prefix cache at its first admission
+        self.admitted = False  # admitted once (a preempted sequence is admitted again)
+        self.prefill_ms = 0.0  # forward time spent on its prompt so far (chunks add up)
         self.start = time.perf_counter()
+
+    @property
+    def remaining(self) -> int:
+        """Tokens to feed before the next token can be sampled (1 for a decoding sequence)."""
+        return len(self.tokens) - self.computed
+
+    @property
+    def decoding(self) -> bool:
+        return self.running and self.remaining == 1 and len(self.tokens) > len(self.ids)
 
     @property
     def finished(self) -> bool:
@@ -107,6 +128,7 @@ class Sequence:
             self.finish_reason = "stop"
             return None
         self.last_token = token_id
+        self.tokens.append(token_id)
         self.emitted += 1
         if index == self.max_tokens - 1:
             self.finish_reason = "length"
@@ -125,6 +147,7 @@ class Sequence:
             "total_ms": round(total_ms, 3),
             "tokens_per_s": round(emitted / total_ms * 1000, 3) if total_ms > 0 else 0.0,
         }
+        timings["cached_tokens"] = self.cached
         usage = {"prompt_tokens": len(self.ids), "completion_tokens": emitted,
-                 "total_tokens": len(self.ids) + emitted}
+                 "total_tokens": len(self.ids) + emitted, "prompt_tokens_details": {"cached_tokens": self.cached}}
         return Finish(reason, usage, timings)

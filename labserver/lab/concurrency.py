@@ -135,10 +135,10 @@ def step_ms_by_batch(loads: Sequence[Load]) -> dict[int, float]:
 
 
 def prefill_budget() -> int:
-    """The batched policy's budget of prompt tokens per prefill forward (its default, as the server uses)."""
+    """The batched policy's budget of tokens per forward (its default, as the server uses)."""
     from ..engine.scheduler import Batched
 
-    return Batched().prefill_tokens
+    return Batched().max_num_batched_tokens
 
 
 def tokens_per_step(load: Load) -> float:

@@ -26,8 +26,9 @@ class ThreadRecorder:
     """Wraps an engine and records, for each generation, the name of the thread that ran each step.
 
     Pass it to ``start_fastapi``/``start_flask`` instead of the engine; everything else is forwarded.
-    It records both ways of running the engine: ``generate_stream`` (Flask, the lab's variants) and the
-    phases the server's engine thread calls (``begin``, then ``prefill_steps`` and ``decode_step``).
+    It records both ways of running the engine: one generator per request (``generate_stream`` for Flask,
+    ``steps`` for the lab's variants) and the phases the server's engine core calls (``begin``, then
+    ``step`` for each forward).
     """
 
     def __init__(self, engine):
@@ -41,13 +42,9 @@ class ThreadRecorder:
         self.generations.append(names)
         return seq
 
-    def prefill_steps(self, seqs):
-        self._note(seqs)
-        return self._engine.prefill_steps(seqs)
-
-    def decode_step(self, seqs, batched: bool = False):
-        self._note(seqs)
-        return self._engine.decode_step(seqs, batched)
+    def step(self, work, batched: bool = False):
+        self._note([seq for seq, _ in work])
+        return self._engine.step(work, batched)
 
     def end(self, seq):
         self._steps.pop(id(seq), None)
@@ -66,7 +63,12 @@ class ThreadRecorder:
         return {name for names in self.generations for name in names}
 
     def generate_stream(self, prompt, params: SamplingParams, cancel=None):
-        inner = self._engine.generate_stream(prompt, params, cancel)
+        return self._recorded(self._engine.generate_stream(prompt, params, cancel))
+
+    def steps(self, prompt, params: SamplingParams, cancel=None):
+        return self._recorded(self._engine.steps(prompt, params, cancel))
+
+    def _recorded(self, inner):
         names: list[str] = []
         self.generations.append(names)
 

@@ -94,23 +94,23 @@ def prefill_and_batch_ms(engine, prompt: str = DEFAULT_PROMPT, batch: int = 8, s
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
 
     def work():
-        runner, seqs, prefills = engine.runner, [], []
+        seqs, prefills = [], []
         try:
             for _ in range(batch):
                 seqs.append(engine.begin(prompt, params))
                 t0 = time.perf_counter()
-                seqs[-1].last_token = int(runner.prefill(seqs[-1]).argmax())
+                seqs[-1].tokens.append(int(engine.forward([(seqs[-1], seqs[-1].remaining)])[0].argmax()))
                 prefills.append((time.perf_counter() - t0) * 1000)
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
-                logits = runner.decode(seqs)
+                logits = engine.forward([(s, 1) for s in seqs])
                 times.append((time.perf_counter() - t0) * 1000)  # the forward alone
                 for s, token in zip(seqs, logits.argmax(-1).tolist()):
-                    s.last_token = token
+                    s.tokens.append(token)
         finally:
             for s in seqs:
-                runner.release(s)
+                engine.end(s)
         return min(prefills[-3:]), statistics.median(times)
     return on_one_thread(engine.config.threads, work)
 
@@ -141,14 +141,14 @@ def agreement(reference: Engine, route: Engine, prompts=AGREEMENT_PROMPTS, n: in
             ref = reference.generate(prompt, params).token_ids
             equal += route.generate(prompt, params).token_ids == ref
             seq = route.begin(prompt, params)
-            logits = route.runner.prefill(seq)
+            logits = route.forward([(seq, seq.remaining)])[0]
             for i, token in enumerate(ref):
                 forced += int(torch.argmax(logits)) == token
                 total += 1
                 if i + 1 < len(ref):
-                    seq.last_token = token
-                    logits = route.runner.decode([seq])[0]
-            route.runner.release(seq)
+                    seq.tokens.append(token)
+                    logits = route.forward([(seq, 1)])[0]
+            route.end(seq)
         return {"teacher_forced_pct": round(100 * forced / total, 1), "free_run_equal_pct": round(100 * equal / len(prompts), 1)}
     return on_one_thread(route.config.threads, work)
 

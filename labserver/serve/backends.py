@@ -134,9 +134,9 @@ def _process(engine, stream_interval: int = 1) -> Backend:
 
 
 BACKENDS = {
-    "batched": lambda engine, **kw: ThreadBackend(engine, Batched(max_batch=engine.config.max_batch), **kw),
+    "batched": lambda engine, **kw: ThreadBackend(engine, Batched.of(engine.config), **kw),
     "process": _process,
-    "thread": lambda engine, **kw: ThreadBackend(engine, TurnTaking(), **kw),
+    "thread": lambda engine, **kw: ThreadBackend(engine, TurnTaking.of(engine.config), **kw),
     "executor": ExecutorBackend,
     "blocking": BlockingBackend,
 }

@@ -117,7 +117,8 @@ class GenerateResponse(BaseModel):
     text: str
     tokens: list[TokenOut]
     finish_reason: str = Field(description='"stop", "length" or "cancelled".')
-    usage: dict[str, int] = Field(description="prompt_tokens, completion_tokens, total_tokens.")
+    usage: dict[str, int | dict[str, int]] = Field(description="prompt_tokens, completion_tokens, total_tokens, "
+                                                                "prompt_tokens_details.cached_tokens.")
     timings: dict[str, float] = Field(description="prefill_time_ms, decode_time_ms, mean_step_ms, ...")
 
 

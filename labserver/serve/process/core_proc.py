@@ -111,7 +111,7 @@ class EngineCoreProc:
 
     def __init__(self, engine: Engine, address: str, info: frames.Ready):
         self.engine, self.info = engine, info
-        self.thread = EngineCore(engine, Batched(max_batch=engine.config.max_batch), name="labserver-core")
+        self.thread = EngineCore(engine, Batched.of(engine.config), name="labserver-core")
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
