@@ -245,7 +245,7 @@ class Engine:
                 event = self.decode_step([seq])[0]
             yield self.end(seq)
         finally:
-            self.end(seq)  # a closed or failed generator frees its cache slot now
+            self.end(seq)  # a closed or failed generator frees its cache now
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Run ``generate_stream`` to the end and collect it."""

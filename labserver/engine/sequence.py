@@ -54,7 +54,7 @@ class Finish:
 
 
 class Sequence:
-    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (cache or slot)."""
+    """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (its cache or blocks)."""
 
     def __init__(self, ids: list[int], params: SamplingParams, cancel: threading.Event,
                  tokenizer, eos_ids: set[int], max_tokens: int):
@@ -66,7 +66,7 @@ class Sequence:
         self.step_ms: list[float] = []
         self.last_token: int | None = None
         self.finish_reason: str | None = None
-        self.state = None  # the runner's: a cache slot or a DynamicCache
+        self.state = None  # the runner's: its blocks of the lean runner's pool, or a DynamicCache
         self.running = False  # counted by the engine between prefill_step and end
         self.start = time.perf_counter()
 
