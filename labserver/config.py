@@ -44,7 +44,7 @@ class EngineConfig:
     # those that keep float32's greedy tokens (``engine/calibrate.py``); with another dtype, "none".
     quant: str = "auto"
     threads: int = 2
-    max_batch: int = 16  # sequences decoded together by the batched scheduler (cache slots)
+    max_batch: int = 16  # sequences decoded together by the batched scheduler (and held by the KV cache)
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 2048
     max_prompt_chars: int = 32_000

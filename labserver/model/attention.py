@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .cache import tables_tensor
+
 
 class Chunk(NamedTuple):
     """New tokens of one sequence: ``ids`` go to positions ``start .. start + len(ids) - 1``, after the
@@ -40,28 +42,30 @@ class PagedAttention:
     """
 
     def __init__(self, cache, chunks: list[Chunk], heads: int):
-        blocks, layers, self.kv_heads, bs, self.head_dim = cache.k.shape
+        _, layers, self.kv_heads, bs, self.head_dim = cache.k.shape
         self.heads, self.group = heads, heads // self.kv_heads
         self.k_rows, self.v_rows = cache.k.view(-1, self.head_dim), cache.v.view(-1, self.head_dim)
         self.layer_rows = self.kv_heads * bs  # rows of Dh floats from one layer of a block to the next
-        heads_rows = torch.arange(self.kv_heads)[:, None] * bs  # [Hkv, 1]
+        tables, heads_rows = tables_tensor([c.table for c in chunks]), torch.arange(self.kv_heads) * bs
 
-        def rows(table, positions):  # [Hkv, len(positions)]: layer 0's rows of these positions, every kv head
-            block = torch.tensor(table, dtype=torch.long)[positions // bs]
-            return block * (layers * self.layer_rows) + heads_rows + positions % bs
+        def rows(seq, positions):  # [..., Hkv]: layer 0's rows of these positions of these chunks' sequences
+            at = tables[seq, positions // bs] * (layers * self.layer_rows) + positions % bs
+            return at[..., None] + heads_rows
 
         lengths = [len(c.ids) for c in chunks]
         self.bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()  # chunk i's rows: bounds[i] .. bounds[i+1]
-        self.writes = torch.cat([rows(c.table, torch.arange(c.start, c.start + n)).T.reshape(-1)
-                                 for c, n in zip(chunks, lengths)])  # [N * Hkv], as k.reshape(-1, Dh)
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lengths))
+        pos = torch.cat([torch.arange(c.start, c.start + n) for c, n in zip(chunks, lengths)])
+        self.writes = rows(seq, pos).reshape(-1)  # [N * Hkv], as k.reshape(-1, Dh)
         self.singles = [i for i, n in enumerate(lengths) if n == 1]
         self.prompts = [i for i, n in enumerate(lengths) if n > 1 and chunks[i].start == 0]
         self.continued = [i for i, n in enumerate(lengths) if n > 1 and chunks[i].start > 0]
         if self.singles:
+            singles = torch.tensor(self.singles)
             seen = torch.tensor([chunks[i].start + 1 for i in self.singles])  # positions each one attends to
             t = int(seen.max())
             upto = torch.minimum(torch.arange(t), seen[:, None] - 1)  # [B, T]: past the end, its last again
-            self.single_rows = torch.stack([rows(chunks[i].table, upto[b]) for b, i in enumerate(self.singles)])
+            self.single_rows = rows(singles[:, None], upto).transpose(1, 2).contiguous()  # [B, Hkv, T]
             self.single_mask = None if len(set(seen.tolist())) == 1 else \
                 (torch.arange(t) < seen[:, None]).view(len(self.singles), 1, 1, t)
             self.single_at = torch.tensor([self.bounds[i] for i in self.singles])
@@ -69,7 +73,7 @@ class PagedAttention:
         for i in self.continued:
             c, n = chunks[i], lengths[i]
             t = c.start + n
-            self.gather[i] = (rows(c.table, torch.arange(t)),
+            self.gather[i] = (rows(i, torch.arange(t)).T.contiguous(),
                               torch.arange(t)[None, :] <= c.start + torch.arange(n)[:, None])
 
     def __call__(self, layer: int, q, k, v):

@@ -142,7 +142,7 @@ class LeanLlama:
         self.cos, self.max_len = cos, max_len
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
         self.new_cache(num_blocks or -(-max_len // block_size), block_size)
-        # The whole decode step as one C call, when every matrix is in GGUF blocks.
+        # The whole forward as C calls, when every matrix is in GGUF blocks.
         self.fused = FusedDecode(self) if fmt.blocks and FusedDecode.usable(self) else None
 
     def new_cache(self, num_blocks: int, block_size: int | None = None) -> None:
