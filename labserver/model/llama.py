@@ -199,7 +199,7 @@ class LeanLlama:
 
         On the C route, a token's logits do not depend on how its prompt was cut into chunks or where its
         blocks are, to the bit, as long as every call keeps its rows on the same products (kernels.c: one
-        row, 2 to 4 rows, or more than 4, the panels).
+        row, 2 to 4 rows, or more than 4, the panels; the output matrix: one wanted row, or several).
         """
         chunks = [Chunk(list(ids), int(start), list(table)) for ids, start, table in chunks]
         for c in chunks:
