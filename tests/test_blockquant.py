@@ -71,21 +71,25 @@ def test_block_llama_equals_float32_and_decodes_in_one_call(grid):
     assert blocks.formats() == ["q4_1", "q8_0"] and blocks.fused is not None
     ref = lean_logits(LeanLlama(grid, max_len=32), ids, 6)
     torch.testing.assert_close(lean_logits(blocks, ids, 6), ref, rtol=0, atol=1e-4)
-    blocks.FUSED_PREFILL_MAX = 0  # a long prompt's path: torch's attention around the block products
-    torch.testing.assert_close(lean_logits(blocks, ids, 6, slot=0), ref, rtol=0, atol=1e-4)
+    blocks.FUSED_PREFILL_MAX = 4  # a long prompt's path: consecutive C calls, each continuing the last
+    torch.testing.assert_close(lean_logits(blocks, ids, 6), ref, rtol=0, atol=1e-4)
+    blocks.fused = None  # the torch route: torch's attention around the block products
+    torch.testing.assert_close(lean_logits(blocks, ids, 6), ref, rtol=0, atol=1e-4)
 
 
 def test_fused_step_equals_the_torch_step_in_a_batch(grid):
-    """Three sequences at different lengths, in slots 2, 0, 3: the fused step matches the torch one."""
-    lean = LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32)
+    """Three sequences at different lengths, in scattered blocks: the fused step matches the torch one."""
+    lean = LeanLlama(grid, quant="q4_1", max_len=32, block_size=4, num_blocks=12)
+    lean.cache.k.zero_(), lean.cache.v.zero_()  # the pools are compared whole below
     g = torch.Generator().manual_seed(2)
-    for slot, n in ((0, 3), (2, 9), (3, 5)):
-        lean.prefill(torch.randint(0, 256, (n,), generator=g).tolist(), slot)
-    k, v, lengths = lean.cache.k.clone(), lean.cache.v.clone(), list(lean.cache.lengths)
-    fused = lean.decode([7, 8, 9], [2, 0, 3])
+    tables, lengths = [[2, 9, 4], [0, 7, 11], [5, 1, 10]], [3, 9, 5]
+    for table, n in zip(tables, lengths):
+        lean.prefill(torch.randint(0, 256, (n,), generator=g).tolist(), table)
+    k, v = lean.cache.k.clone(), lean.cache.v.clone()
+    fused = lean.decode([7, 8, 9], lengths, tables)
     fused_cache = lean.cache.k.clone()
-    lean.cache.k, lean.cache.v, lean.cache.lengths, lean.fused = k, v, lengths, None
-    torch.testing.assert_close(fused, lean.decode([7, 8, 9], [2, 0, 3]), rtol=0, atol=1e-4)
+    lean.cache.k, lean.cache.v, lean.fused = k, v, None
+    torch.testing.assert_close(fused, lean.decode([7, 8, 9], lengths, tables), rtol=0, atol=1e-4)
     torch.testing.assert_close(fused_cache, lean.cache.k, rtol=0, atol=1e-5)
 
 
@@ -172,7 +176,7 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
         pytest.skip("the native build is the portable one here")
     rows, product_atol, logits_atol = PORTABLE[quant]
     portable = kernels.load(kernels.build(arch="x86-64"))
-    blocks = LeanLlama(grid, quant=quant, max_batch=2, max_len=32)
+    blocks = LeanLlama(grid, quant=quant, max_len=32, num_blocks=4)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
     for native in (blocks.layers[0]["gate_up"], blocks.lm_head):  # w4a8: also the output matrix's w8a8
         expected = native(x)
@@ -183,27 +187,29 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
     assert portable.q4_1_quantize(w.data_ptr(), 96, 64, q.data_ptr(), d.data_ptr(), m.data_ptr(), 4e-7) == 0
     assert torch.equal(q, blockquant.quantize_q4_1(w)[0][0])
     ids = [5, 17, 99, 3, 42, 7]
-    ref = lean_logits(blocks, ids, 3, slot=0)
+    ref = lean_logits(blocks, ids, 3, table=[0])
     blocks.fused.lib = portable
     for p in blocks.layers:
         for matrix in p.values():
             if hasattr(matrix, "_lib"):
                 matrix._lib = portable
-    torch.testing.assert_close(lean_logits(blocks, ids, 3, slot=1), ref, rtol=0, atol=logits_atol)
+    torch.testing.assert_close(lean_logits(blocks, ids, 3, table=[2]), ref, rtol=0, atol=logits_atol)
 
 
 @pytest.mark.parametrize("quant", ["q4_1", "w4a8"])
 def test_prompts_prefilled_together_equal_each_prefilled_alone(grid, quant):
-    """Three prompts as rows of one C call, in slots 0, 2, 3: the logits and cache of three calls."""
+    """Three prompts as rows of one C call, in their own blocks: the logits and cache of three calls."""
     g = torch.Generator().manual_seed(5)
-    prompts = {slot: torch.randint(0, 256, (n,), generator=g).tolist() for slot, n in ((0, 3), (2, 9), (3, 5))}
-    lean = LeanLlama(grid, quant=quant, max_batch=4, max_len=32)
-    together = lean.prefill_many(list(prompts.values()), list(prompts))
-    k, lengths = lean.cache.k.clone(), list(lean.cache.lengths)
-    assert together.shape == (3, 256) and lengths == [3, 0, 9, 5]
-    alone = torch.stack([lean.prefill(ids, slot) for slot, ids in prompts.items()])
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    tables = [[0], [4, 2], [3]]
+    lean = LeanLlama(grid, quant=quant, max_len=32, block_size=8, num_blocks=5)
+    lean.cache.k.zero_(), lean.cache.v.zero_()  # the pools are compared whole below
+    together = lean.prefill_many(prompts, tables)
+    k = lean.cache.k.clone()
+    assert together.shape == (3, 256)
+    alone = torch.stack([lean.prefill(ids, table) for ids, table in zip(prompts, tables)])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(k, lean.cache.k, rtol=0, atol=1e-6)  # 3 rows alone: another kernel's rounding
-    lean.FUSED_PREFILL_MAX = 10  # 17 tokens in all: each prompt through torch's attention instead
-    torch.testing.assert_close(lean.prefill_many(list(prompts.values()), list(prompts)), alone, rtol=0,
+    lean.fused = None  # each prompt through torch's attention instead
+    torch.testing.assert_close(lean.prefill_many(prompts, tables), alone, rtol=0,
                                atol=1e-4 if quant == "q4_1" else 1e-2)  # w4a8: a rounding can tip (test_w4a8)

@@ -115,7 +115,8 @@ def test_the_measured_route_is_cached_and_read_at_the_next_start(folder, tmp_pat
     assert set(first.route.measured_ms) == set(AUTO)  # the compiler is here, and every route agrees here
     exact = {n: ms for n, ms in first.route.measured_ms.items() if n not in first.route.excluded}
     assert first.route.measured_ms[first.route.quant] == min(exact.values())
-    assert first.lean.cache.shape[1] == 2  # the winner of the trials got the engine's slots
+    assert first.lean.cache.num_blocks == 2 * first.lean.cache.blocks_for(64)  # the winner got the engine's pool
+    assert first.free_slots == 2
     assert f"weights {first.route.quant}" in capfd.readouterr().err  # the startup log says which and why
     files = list((tmp_path / "cache" / "routes").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["quant"] == first.route.quant

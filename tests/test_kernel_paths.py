@@ -177,14 +177,20 @@ def grid():
     return grid_llama(tie_word_embeddings=False, num_hidden_layers=4)
 
 
-def run_on(lib, grid, quant, ids):
-    lean = LeanLlama(grid, quant=quant, max_batch=2, max_len=32)
+def on_path(lean, lib):
+    """``lean`` running the kernels of ``lib``: its fused step and every matrix."""
     lean.fused.lib = lib
     for p in [*lean.layers, {"lm_head": lean.lm_head}]:
         for matrix in p.values():
             if hasattr(matrix, "_lib"):
                 use(matrix, lib)
-    return lean_logits(lean, ids, 5, slot=1), lean.cache.k.clone()
+    return lean
+
+
+def run_on(lib, grid, quant, ids):
+    lean = on_path(LeanLlama(grid, quant=quant, max_len=32, block_size=4, num_blocks=8), lib)
+    lean.cache.k.zero_(), lean.cache.v.zero_()  # the pools are compared whole
+    return lean_logits(lean, ids, 5, table=[5, 2, 7]), lean.cache.k.clone()
 
 
 IDS_STEP = [5, 17, 99, 3, 42, 7, 11, 200, 31]
@@ -209,7 +215,7 @@ def test_the_q4_1_step_stays_near_float64_on_every_path(lib, grid):
     its float32 evaluation by transformers deviates from float64: any path rounds each operation as
     finely (n u, in any order), so it may deviate as much; twice that allows for roundings that happen
     not to cancel in one order and do in the other (the paths here reach 0.8-1.2 times it). This is a
-    yardstick, not a proof: the proofs are the products' bounds above. A wrong step (a row, a slot, a
+    yardstick, not a proof: the proofs are the products' bounds above. A wrong step (a row, a block, a
     norm) misses by the logits themselves."""
     import copy
 
@@ -220,3 +226,19 @@ def test_the_q4_1_step_stays_near_float64_on_every_path(lib, grid):
     spread = (ref32 - ref64).abs().max()
     assert spread > 0  # float32 differs from float64 here: the yardstick is not empty
     assert (logits.double() - ref64).abs().max() <= 2 * spread
+
+
+@pytest.mark.parametrize("quant", ["q4_1", "w4a8"])
+def test_blocks_chunks_and_shared_prefixes_keep_the_bits_on_every_path(lib, grid, quant):
+    """On each path a prompt gives one set of bits however it reaches the cache: whole in order, whole in
+    scattered blocks, in three chunks (6, 7, 7 tokens) across block boundaries, and as its last 12 tokens
+    after the first two blocks another sequence wrote (test_paged_cache.py says why, on this machine's
+    native build and the torch routes)."""
+    lean = on_path(LeanLlama(grid, quant=quant, max_len=32, block_size=4, num_blocks=16), lib)
+    prompt = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(8)).tolist()
+    whole = lean.prefill(prompt, [0, 1, 2, 3, 4])
+    assert torch.equal(lean.prefill(prompt, [14, 3, 9, 6, 11]), whole)
+    table = [7, 5, 12, 15, 10]
+    chunks = [lean.forward([(prompt[a:b], a, table)])[0] for a, b in ((0, 6), (6, 13), (13, 20))]
+    assert torch.equal(chunks[-1], whole)
+    assert torch.equal(lean.forward([(prompt[8:], 8, [0, 1, 8, 2, 13])])[0], whole)

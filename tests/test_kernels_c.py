@@ -5,8 +5,9 @@ double precision, within bounds derived from the float32 arithmetic, and prints 
 `N passed, M failed`. Here it is built with kernels.py's own flags for this CPU, for AVX2 (x86-64-v3,
 and with AVX-VNNI), for a generic x86-64 (the portable C), without OpenMP, and for ARM64 (plain ARMv8-A
 and with the dot product instructions) with Debian's cross compiler, run under qemu-aarch64. A case whose compiler,
-emulator or CPU is missing is skipped and says which. The W4A8 step must give the same bits on every
-path. `--perturb` corrupts one output of every check by a realistic bug's amount, and every check must
+emulator or CPU is missing is skipped and says which. The step reads its cache through scattered block
+tables; on every path a prompt in chunks, or after a prefix another sequence wrote, must give the bits of
+the whole prompt, and the W4A8 step the same bits as on every other path. `--perturb` corrupts one output of every check by a realistic bug's amount, and every check must
 then fail.
 
 Left out: timing (the benchmarks print speed), and Apple's clang (no such machine in CI).
@@ -156,6 +157,13 @@ def test_every_check_passes(result, name):
     want_path, wanted, unwanted = EXPECTED[name]
     shown = set(features.split())
     assert path == want_path and wanted <= shown and not unwanted & shown, f"{name}: {build_line}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunks_and_shared_prefixes_give_the_whole_prompts_bits(result, name):
+    """The harness's check of the paged step that is exact by construction (llama_steps.c, section 3)."""
+    lines = result(name)[3]
+    assert any(re.match(r"PASS llama_decode: a prompt in 3 chunks.*whole prompt's bits", line) for line in lines)
 
 
 @pytest.mark.parametrize("name", [name for name in CASES if name != "native"])

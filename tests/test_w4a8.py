@@ -91,26 +91,27 @@ def grid():
 
 
 def test_the_fused_step_equals_the_torch_path(grid):
-    """Prefill and a batch of three sequences in slots 2, 0, 3: the C step (norms, attention, 8-bit
+    """Prefill and a batch of three sequences in scattered blocks: the C step (norms, attention, 8-bit
     products) against torch's norms and attention around the same products."""
     g = torch.Generator().manual_seed(2)
-    prompts = {slot: torch.randint(0, 256, (n,), generator=g).tolist() for slot, n in ((0, 3), (2, 9), (3, 5))}
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    tables = [[2, 9, 4], [0, 7, 11], [5, 1, 10]]  # blocks of 4 positions, scattered
 
     def run(lean):
-        return torch.cat([lean.prefill(ids, slot)[None] for slot, ids in prompts.items()]
-                         + [lean.decode([7, 8, 9], [2, 0, 3])])
+        return torch.cat([lean.prefill(ids, table)[None] for ids, table in zip(prompts, tables)]
+                         + [lean.decode([7, 8, 9], [len(p) for p in prompts], tables)])
 
-    lean = LeanLlama(grid, quant="w4a8", max_batch=4, max_len=32)
+    lean = LeanLlama(grid, quant="w4a8", max_len=32, block_size=4, num_blocks=12)
     assert lean.formats() == ["w4a8", "w8a8"] and lean.fused is not None
     fused = run(lean)
-    lean.cache.lengths, lean.fused = [0] * 4, None
-    unfused, exact = run(lean), run(LeanLlama(grid, quant="q4_1", max_batch=4, max_len=32))
+    lean.fused = None
+    unfused, exact = run(lean), run(LeanLlama(grid, quant="q4_1", max_len=32, block_size=4, num_blocks=12))
     # The two differ only where an activation, summed in another order by torch's norms and attention,
     # lands on the other side of an 8-bit rounding boundary: each such tip is one rounding of the route,
     # which rounds every activation. So each of them is the exact route plus the same kind of rounding
     # noise, spread over thousands of logits (their root mean square concentrates), and by the triangle
     # inequality rms(fused - unfused) <= rms(fused - exact) + rms(unfused - exact) ~ 2 rms(unfused - exact),
-    # on any machine. A step wired wrongly (a row, a slot, a matrix) differs by the logits themselves.
+    # on any machine. A step wired wrongly (a row, a block, a matrix) differs by the logits themselves.
     def rms(t):
         return float(t.double().pow(2).mean().sqrt())
 

@@ -76,19 +76,17 @@ def summary(measured_ms: dict[str, float], excluded: dict[str, str]) -> str:
 
 
 def greedy_trial(lean, steps: int) -> tuple[list[int], float]:
-    """Greedy tokens of a fixed prompt on ``lean`` (one free slot), and its best decode step in ms."""
+    """Greedy tokens of a fixed prompt on ``lean`` (in the first blocks of its pool), and its best decode
+    step in ms."""
     prompt = torch.randint(0, lean.vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
-    steps = max(1, min(steps, lean.cache.max_len - PROMPT_TOKENS - 1))
-    slot = lean.cache.allocate()
-    try:
-        tokens, best = [int(lean.prefill(prompt, slot).argmax())], float("inf")
-        for _ in range(steps):
-            start = time.perf_counter()
-            logits = lean.decode([tokens[-1]], [slot])
-            best = min(best, time.perf_counter() - start)
-            tokens.append(int(logits[0].argmax()))
-    finally:
-        lean.cache.release(slot)
+    steps = max(1, min(steps, lean.max_len - PROMPT_TOKENS - 1))
+    table = list(range(lean.cache.blocks_for(PROMPT_TOKENS + steps)))
+    tokens, best = [int(lean.prefill(prompt, table).argmax())], float("inf")
+    for position in range(PROMPT_TOKENS, PROMPT_TOKENS + steps):
+        start = time.perf_counter()
+        logits = lean.decode([tokens[-1]], [position], [table])
+        best = min(best, time.perf_counter() - start)
+        tokens.append(int(logits[0].argmax()))
     return tokens, best * 1000
 
 
@@ -183,7 +181,7 @@ def _write(path: Path, key: dict, route: Route) -> None:
 def choose(model, config: EngineConfig, build: Callable[[str], object], trial=greedy_trial):
     """``(Route, model or None)`` for ``config.quant``; the model is auto's winner when it was built here.
 
-    ``build(quant)`` makes a ``LeanLlama`` of ``model`` in that format, with one cache slot.
+    ``build(quant)`` makes a ``LeanLlama`` of ``model`` in that format, its pool holding one sequence.
     """
     if config.quant != "auto":
         return Route(config.quant, f"--quant {config.quant} asked for"), None

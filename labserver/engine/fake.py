@@ -114,7 +114,7 @@ def fake_engine(prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None
     ' one two three'
     """
     config = config or EngineConfig(model="fake", threads=1)
-    # The context holds the longest request the limits allow, as the lean runner's slots do.
+    # The context holds the longest request the limits allow, as the lean runner's pool does.
     runner = FakeRunner(prefill_ms, step_ms, fail_at, config.max_batch,
                         context_len=config.max_prompt_tokens + config.max_tokens_limit, kv_blocks=kv_blocks,
                         block_size=config.block_size)

@@ -50,7 +50,7 @@ class EngineHealth:
 
 class Runner(Protocol):
     """The forward passes (``runners.py``, ``fake.FakeRunner``). A sequence holds ``seq.state`` (its cache
-    or slot) from its prefill until ``release``."""
+    or its blocks) from its prefill until ``release``."""
 
     name: str
     free_slots: int | float  # sequences that can still be prefilled now

@@ -1,6 +1,20 @@
-"""The KV cache of the lean llama: one slot per sequence, a position axis that grows on demand.
+"""The KV cache of the lean llama as memory: a pool of fixed-size blocks that sequences' block tables point into.
 
-Left out: paging (all slots share one position axis), eviction and prefix sharing.
+A sequence's keys and values live in blocks of ``block_size`` positions: position p in block
+``table[p // block_size]`` at offset ``p % block_size``, where ``table`` (its block table) is a list of
+block ids. Blocks need not be adjacent nor in order, and two sequences may list the same block (a prefix
+one wrote and the other reads).
+
+>>> cache = PagedKVCache(layers=2, kv_heads=2, head_dim=4, block_size=16, num_blocks=8)
+>>> cache.bytes_per_block, cache.bytes_per_token  # k and v of 2 layers x 2 heads x 4 floats per position
+(2048, 128)
+>>> cache.blocks_for(33), location([5, 2, 7], 33, 16)  # 33 positions take 3 blocks; position 33 is in block 7
+(3, (7, 1))
+
+Left out: which block a sequence gets, sharing and eviction (the caller's block manager decides and hands
+over tables), and any zeroing: the pool is fresh memory that the operating system maps as it is first
+written, so memory follows the blocks in use, not the pool's size, and no route reads a position no
+sequence has written (whatever the memory held there never matters).
 """
 
 from __future__ import annotations
@@ -8,42 +22,48 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    """Keys and values for ``max_batch`` sequences (slots) of up to ``max_len`` tokens, every layer.
+class PagedKVCache:
+    """Keys ``k`` and values ``v`` of every layer, ``[num_blocks, layers, kv_heads, block_size, head_dim]`` each.
 
-    The position axis grows on demand (doubling, up to ``max_len``) so memory follows the longest
-    sequence in use, not the longest one allowed: a cache sized for 16 x 6144 tokens up front costs
-    gigabytes, and lazily mapped pages would fault in whole huge pages (measured: ~0.8 s for a slot's
-    first prefill). Zero-filled so the positions a shorter sequence masks out in a batch hold finite
-    numbers (a masked score times a NaN value would still be NaN).
+    Block-major: one block (every layer's keys, or values, of ``block_size`` positions) is one contiguous
+    range, so the memory a run touches is that of the blocks it uses; a block manager that hands out low
+    ids first keeps it at the front of the pool.
     """
 
-    def __init__(self, layers, max_batch, kv_heads, max_len, head_dim, dtype, initial_len=512):
-        self.shape = (layers, max_batch, kv_heads, min(initial_len, max_len), head_dim)  # [L, S, Hkv, T, Dh]
-        self.k, self.v = torch.zeros(self.shape, dtype=dtype), torch.zeros(self.shape, dtype=dtype)
-        self.max_len = max_len
-        self.lengths = [0] * max_batch  # tokens held by each slot
-        self.free = list(range(max_batch))
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
+                 dtype=torch.float32):
+        if block_size < 1 or num_blocks < 1:
+            raise ValueError(f"a pool needs blocks of at least one position: {num_blocks} x {block_size}")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks, layers, kv_heads, block_size, head_dim)
+        # torch.empty, not zeros: a large allocation is mapped lazily, and zeroing would touch all of it.
+        self.k, self.v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        self.bytes_per_block = 2 * self.k[0].numel() * self.k.element_size()
+        self.bytes_per_token = self.bytes_per_block // block_size
 
-    def reserve(self, length: int) -> None:
-        """Make room for positions ``0 .. length - 1`` in every slot (``length <= max_len``)."""
-        if length <= self.k.shape[3]:
-            return
-        new_len = min(self.max_len, max(length, 2 * self.k.shape[3]))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], new_len, old.shape[4])
-            new[:, :, :, :old.shape[3]] = old
-            setattr(self, name, new)
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks a sequence of ``tokens`` positions needs."""
+        return -(-tokens // self.block_size)
 
-    def allocate(self) -> int:
-        if not self.free:
-            raise RuntimeError(f"all {len(self.lengths)} cache slots are in use")
-        # The lowest free slot keeps running sequences in a block, which decode reads as a view.
-        slot = min(self.free)
-        self.free.remove(slot)
-        self.lengths[slot] = 0
-        return slot
+    def check(self, table: list[int], tokens: int) -> None:
+        """Raise ``ValueError`` unless ``table`` holds ``tokens`` positions in blocks of this pool."""
+        if len(table) < self.blocks_for(tokens):
+            raise ValueError(f"a block table of {len(table)} blocks holds {len(table) * self.block_size} "
+                             f"positions, not {tokens}")
+        if table and not 0 <= min(table) <= max(table) < self.num_blocks:
+            raise ValueError(f"block ids must lie in 0..{self.num_blocks - 1}: {table}")
 
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
+
+def location(table: list[int], position: int, block_size: int) -> tuple[int, int]:
+    """``(block id, offset)`` where ``position`` of the sequence with block table ``table`` lives."""
+    return table[position // block_size], position % block_size
+
+
+def tables_tensor(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one ``[len(tables), widest]`` long tensor, shorter ones padded with block 0 (the
+    padding is never read: a sequence reads only positions it holds)."""
+    width = max(1, max(len(t) for t in tables))
+    out = torch.zeros(len(tables), width, dtype=torch.long)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    return out

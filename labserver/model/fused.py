@@ -1,7 +1,7 @@
-"""The lean llama's whole decode step (and its prefill) as one call into the C kernels.
+"""The lean llama's whole forward (decode steps, prompts, chunks of prompts) as one call into the C kernels.
 
 ``FusedDecode`` reads a model only through ``LeanLlama``'s public parts (its layers' matrices and norms,
-the output matrix, the embeddings, the rotary tables, the cache and the sizes); it does not import it.
+the output matrix, the embeddings, the rotary tables, the paged cache and the sizes); it does not import it.
 Left out: models whose matrices are not all in GGUF blocks of one route (``usable`` says no and the lean
 model keeps its torch path).
 """
@@ -18,7 +18,7 @@ MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 class FusedDecode:
-    """``LeanLlama.decode_step`` in one C call; ``usable(lean)`` says whether ``lean`` qualifies."""
+    """Rows of ``LeanLlama.forward`` in one C call; ``usable(lean)`` says whether ``lean`` qualifies."""
 
     @staticmethod
     def usable(lean) -> bool:
@@ -39,19 +39,21 @@ class FusedDecode:
         self.pointers = pointers(self._keep)
         self.w4a8 = lean.layers[0]["qkv"].format == "w4a8"
 
-    def __call__(self, tokens, pos, slots, t, out_rows=None):
-        """Logits ``[B, V]``, or of the rows ``out_rows`` only (a prefill: each prompt's last row)."""
-        lean, (layers, n_slots, kv_heads, length, head_dim) = self.lean, self.lean.cache.k.shape
-        b = tokens.shape[0]
+    def __call__(self, tokens, pos, seqs, tables, out_rows):
+        """Logits ``[len(out_rows), V]`` of the rows ``out_rows``: row b is token ``tokens[b]`` at position
+        ``pos[b]`` of the sequence whose block table is ``tables[seqs[b]]`` (``tables [n, widest]``)."""
+        lean, cache = self.lean, self.lean.cache
+        _, layers, kv_heads, block_size, head_dim = cache.k.shape
         x = lean.embed[tokens].contiguous()  # [B, D], becomes the residual stream
-        pos, slots = pos.to(torch.long).contiguous(), slots.to(torch.long).contiguous()
+        pos, seqs = pos.to(torch.long).contiguous(), seqs.to(torch.long).contiguous()
+        tables, wanted = tables.to(torch.long).contiguous(), torch.as_tensor(out_rows, dtype=torch.long)
+        rows = torch.zeros(max(1, len(wanted)), dtype=torch.long)  # never NULL: that would mean every row
+        rows[:len(wanted)] = wanted
         dims = torch.tensor([layers, x.shape[1], lean.heads, kv_heads, head_dim, lean.intermediate, lean.vocab,
-                             b, n_slots, length, 0 if out_rows is None else len(out_rows), int(self.w4a8)],
+                             x.shape[0], block_size, tables.shape[1], len(wanted), int(self.w4a8), layers],
                             dtype=torch.long)
-        rows = None if out_rows is None else torch.as_tensor(out_rows, dtype=torch.long).contiguous()
-        logits = torch.empty(b if rows is None else len(rows), lean.vocab)
+        logits = torch.empty(len(wanted), lean.vocab)
         self.lib.llama_decode(self.pointers, dims.data_ptr(), lean.eps, x.data_ptr(), pos.data_ptr(),
-                              slots.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),
-                              lean.cache.k.data_ptr(), lean.cache.v.data_ptr(),
-                              None if rows is None else rows.data_ptr(), logits.data_ptr())
+                              seqs.data_ptr(), tables.data_ptr(), lean.cos.data_ptr(), lean.sin.data_ptr(),
+                              cache.k.data_ptr(), cache.v.data_ptr(), rows.data_ptr(), logits.data_ptr())
         return logits

@@ -98,7 +98,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.q4_1_matmul.argtypes = [ptr, n, n, ptr, n, ptr, ctypes.c_int]
     lib.q4_1_repack.argtypes = [ptr, ptr, ptr, n, n, ptr, ptr, ptr]
     lib.q8_0_matmul.argtypes = [ptr, n, n, ptr, ptr, n, ptr, ctypes.c_int]
-    lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.llama_decode.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.w4a8_matmul.argtypes = lib.q4_1_matmul.argtypes
     lib.w4a8_repack.argtypes = lib.q4_1_repack.argtypes
     lib.w8a8_matmul.argtypes = lib.q4_1_matmul.argtypes

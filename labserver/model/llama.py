@@ -2,20 +2,21 @@
 
 A decode step of SmolLM2-135M spends more time in Python and small ops than in reading weights. This
 module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
-a preallocated KV cache with one slot per sequence (``cache.py``), rotary tables computed once, and its
-matrices in one weight format of the registry (``formats.py``: dense float32 or bfloat16, float16, int8,
-int4, GGUF blocks). When every matrix is in blocks the decode step runs as one C call
-(``fused.FusedDecode``). It builds from any object with a transformers-style ``config`` and
+a paged KV cache (``cache.py``: a pool of blocks, each sequence's positions found through its block
+table), rotary tables computed once, and its matrices in one weight format of the registry
+(``formats.py``: dense float32 or bfloat16, float16, int8, int4, GGUF blocks). When every matrix is in
+blocks the whole forward runs as C calls (``fused.FusedDecode``); otherwise torch's attention reads the
+cache (``attention.py``). It builds from any object with a transformers-style ``config`` and
 ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
 
-``decode`` advances B sequences by one token in one forward call, each at its own position in its own
-cache slot: the shape continuous batching needs. ``prefill`` fills one slot from position 0,
-``prefill_many`` several prompts' slots in one call.
+``forward`` takes the new tokens of several sequences, each continuing its sequence from any position
+(``Chunk``): decode steps of many sequences, prompts, chunks of a prompt, a prompt after a prefix whose
+blocks another sequence wrote, or a mix of these, in one call; the shape continuous batching and chunked
+prefill need. ``prefill``, ``prefill_many`` and ``decode`` are its common cases.
 
 Left out on purpose: other architectures (``supports`` says no and the caller keeps transformers),
-attention or MLP biases, sliding windows, rope scalings other than linear and llama3, prefill that
-continues a filled slot, a paged cache (all slots share one position axis that grows as the longest
-sequence does), and training.
+attention or MLP biases, sliding windows, rope scalings other than linear and llama3, which blocks a
+sequence gets (the caller's block tables say: see ``engine/runners.py``), and training.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from . import formats as registry
+from .attention import Chunk, PagedAttention
 from .blocks import BlockStore
-from .cache import KVCache
+from .cache import PagedKVCache, tables_tensor
 from .fused import FusedDecode
 from .linear import Fp16, Linear  # noqa: F401  (Fp16: still importable from here)
 
@@ -74,7 +76,7 @@ def rope_tables(config, head_dim: int, max_len: int) -> tuple[torch.Tensor, torc
 
 
 class LeanLlama:
-    """Llama inference: ``prefill(ids, slot) -> logits [V]``, ``decode(tokens, slots) -> logits [B, V]``.
+    """Llama inference over a paged cache: ``forward(chunks) -> logits [len(chunks), V]``.
 
     ``model`` is anything with a transformers-style ``config`` and ``state_dict()``: a transformers model
     or a ``checkpoint.Checkpoint``. The weights are copied into this class's own layouts, in the format
@@ -83,13 +85,17 @@ class LeanLlama:
     Public parts, what ``fused.FusedDecode`` reads: ``layers`` (per layer a dict of ``ln1``, ``qkv``,
     ``o``, ``ln2``, ``gate_up``, ``down``: norms as float32 tensors, matrices as ``linear.Linear``),
     ``lm_head``, ``norm``, ``embed [V, D]``, ``cos`` and ``sin [max_len, Dh]`` (``sin`` carrying
-    rotate_half's signs), ``cache``, and the sizes ``eps``, ``heads``, ``kv_heads``, ``head_dim``,
-    ``intermediate``, ``vocab``.
+    rotate_half's signs), ``cache`` (a ``PagedKVCache``), and the sizes ``eps``, ``heads``, ``kv_heads``,
+    ``head_dim``, ``intermediate``, ``vocab``, ``max_len`` (positions a sequence may reach).
+
+    The cache has ``num_blocks`` blocks of ``block_size`` positions (default: room for one sequence of
+    ``max_len``); ``new_cache`` replaces it.
     """
 
-    FUSED_PREFILL_MAX = 512  # prompt tokens per C call; beyond, each prompt goes through torch's attention
+    FUSED_PREFILL_MAX = 512  # rows per C call: a longer forward runs as several, each continuing the last
 
-    def __init__(self, model, dtype=torch.float32, quant="none", max_batch=1, max_len=2048, blocks_file=None):
+    def __init__(self, model, dtype=torch.float32, quant="none", max_len=2048, blocks_file=None, block_size=16,
+                 num_blocks=None):
         if not supports(model):
             raise ValueError(f"LeanLlama supports llama models only, not {model.config.model_type!r}")
         fmt = registry.get(quant)
@@ -133,16 +139,17 @@ class LeanLlama:
         self.norm = w["model.norm.weight"].float()
         half = self.head_dim // 2
         cos, sin = rope_tables(c, self.head_dim, max_len)
-        self.cos = cos
+        self.cos, self.max_len = cos, max_len
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # signs of rotate_half
-        self.new_cache(max_batch)
-        # The whole decode step as one C call, when every matrix is in GGUF blocks.
+        self.new_cache(num_blocks or -(-max_len // block_size), block_size)
+        # The whole forward as C calls, when every matrix is in GGUF blocks.
         self.fused = FusedDecode(self) if fmt.blocks and FusedDecode.usable(self) else None
 
-    def new_cache(self, max_batch: int) -> None:
-        """An empty cache of ``max_batch`` slots (the positions this model was built for), replacing the old."""
-        self.cache = KVCache(len(self.layers), max_batch, self.kv_heads, self.cos.shape[0], self.head_dim,
-                             torch.float32)
+    def new_cache(self, num_blocks: int, block_size: int | None = None) -> None:
+        """A pool of ``num_blocks`` blocks of ``block_size`` positions (default: the current size), float32,
+        replacing the old one and whatever it held."""
+        block_size = block_size or self.cache.block_size
+        self.cache = PagedKVCache(len(self.layers), self.kv_heads, self.head_dim, block_size, num_blocks)
 
     def formats(self) -> list[str]:
         """The storage formats of the matrices, e.g. ``["q4_1", "q8_0"]``."""
@@ -179,90 +186,65 @@ class LeanLlama:
     def _logits(self, x):
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps).to(self.dtype)).float()  # [N, V]
 
-    def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
-        """Fill cache ``slot`` with the prompt ``ids`` (from position 0); return the last logits ``[V]``."""
-        return self.prefill_many([ids], [slot])[0]
-
     @torch.inference_mode()
-    def prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Prefill each prompt into its slot; return each prompt's last logits ``[len(prompts), V]``.
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Run each chunk's new tokens; return the logits after each chunk's last one ``[len(chunks), V]``.
 
-        With the fused step, prompts whose tokens add up to at most ``FUSED_PREFILL_MAX`` run as one C call:
-        their positions are rows of one product, which keeps the weights busier than one prompt's rows.
+        A chunk is ``(ids, start, table)`` (``attention.Chunk``): ``ids`` continue a sequence whose first
+        ``start`` positions its blocks hold already (written by earlier calls, or by another sequence that
+        shares those blocks), and its block table covers ``start + len(ids)`` positions. Each token's key
+        and value go to its position; each token attends to its sequence's positions up to its own.
+        A decode step is a chunk of one token; a prompt a chunk from 0; chunks of several sequences may
+        mix in one call (one product of all their rows: the weights are read once).
+
+        On the C route, a token's logits do not depend on how its prompt was cut into chunks or where its
+        blocks are, to the bit, as long as every call keeps its rows on the same products (kernels.c: one
+        row, 2 to 4 rows, or more than 4, the panels; the output matrix: one wanted row, or several).
         """
-        lengths = [len(ids) for ids in prompts]
-        if max(lengths) > self.cache.max_len:
-            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache's {self.cache.max_len}")
-        self.cache.reserve(max(lengths))
-        # A prompt's attention is a plain loop there, so long prompts go to torch's fused attention instead.
-        if self.fused is None or sum(lengths) > self.FUSED_PREFILL_MAX:
-            return torch.stack([self._prefill_one(ids, slot) for ids, slot in zip(prompts, slots)])
-        pos = torch.cat([torch.arange(n) for n in lengths])
-        rows = torch.tensor(lengths).cumsum(0) - 1  # each prompt's last position
-        logits = self.fused(torch.tensor([t for ids in prompts for t in ids]), pos,
-                            torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), max(lengths), rows)
-        for slot, n in zip(slots, lengths):
-            self.cache.lengths[slot] = n
+        chunks = [Chunk(list(ids), int(start), list(table)) for ids, start, table in chunks]
+        for c in chunks:
+            end = c.start + len(c.ids)
+            if not c.ids or c.start < 0:
+                raise ValueError(f"a chunk needs new tokens and a start >= 0: {len(c.ids)} at {c.start}")
+            if end > self.max_len:
+                raise ValueError(f"a sequence of {end} tokens exceeds the model's {self.max_len} positions")
+            self.cache.check(c.table, end)
+        return self._fused(chunks) if self.fused is not None else self._torch(chunks)
+
+    def _fused(self, chunks: list[Chunk]) -> torch.Tensor:
+        """``forward`` as C calls of at most ``FUSED_PREFILL_MAX`` rows, of nearly equal size: a long prompt
+        runs as consecutive calls, each continuing from the keys the last one wrote."""
+        lengths = torch.tensor([len(c.ids) for c in chunks])
+        tokens = torch.tensor([t for c in chunks for t in c.ids])
+        pos = torch.cat([torch.arange(c.start, c.start + len(c.ids)) for c in chunks])
+        seqs = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
+        tables, last = tables_tensor([c.table for c in chunks]), lengths.cumsum(0) - 1
+        n = tokens.shape[0]
+        calls = -(-n // self.FUSED_PREFILL_MAX)
+        cuts = [n * i // calls for i in range(calls + 1)]
+        logits = torch.empty(len(chunks), self.vocab)
+        for r0, r1 in zip(cuts, cuts[1:]):
+            ends = (last >= r0) & (last < r1)  # the chunks whose last token is in this call
+            logits[ends] = self.fused(tokens[r0:r1], pos[r0:r1], seqs[r0:r1], tables, last[ends] - r0)
         return logits
 
-    def _prefill_one(self, ids: list[int], slot: int) -> torch.Tensor:
-        """One prompt through torch's attention around the layers' products."""
-        s = len(ids)
-        kc, vc = self.cache.k, self.cache.v
+    def _torch(self, chunks: list[Chunk]) -> torch.Tensor:
+        """``forward`` in torch, attention through ``attention.PagedAttention``."""
+        tokens = torch.tensor([t for c in chunks for t in c.ids])
+        pos = torch.cat([torch.arange(c.start, c.start + len(c.ids)) for c in chunks])
+        last = torch.tensor([len(c.ids) for c in chunks]).cumsum(0) - 1
+        x = self._forward(self.embed[tokens], pos, PagedAttention(self.cache, chunks, self.heads))
+        return self._logits(x[last])
 
-        def attend(i, q, k, v):  # q [S, H, Dh]; k, v [S, Hkv, Dh]
-            kc[i, slot, :, :s], vc[i, slot, :, :s] = k.transpose(0, 1), v.transpose(0, 1)
-            out = F.scaled_dot_product_attention(  # [1, H, S, Dh]
-                q.transpose(0, 1)[None], kc[i, slot:slot + 1, :, :s], vc[i, slot:slot + 1, :, :s],
-                is_causal=True, enable_gqa=True)
-            return out[0].transpose(0, 1).reshape(s, -1)
+    def prefill(self, ids: list[int], table: list[int]) -> torch.Tensor:
+        """Fill the blocks of ``table`` with the prompt ``ids`` (from position 0); return the last logits ``[V]``."""
+        return self.forward([Chunk(ids, 0, table)])[0]
 
-        x = self._forward(self.embed[torch.tensor(ids)], torch.arange(s), attend)
-        self.cache.lengths[slot] = s
-        return self._logits(x[-1:])[0]
+    def prefill_many(self, prompts: list[list[int]], tables: list[list[int]]) -> torch.Tensor:
+        """Prefill each prompt into its blocks in one forward; return each one's last logits ``[len(prompts), V]``."""
+        return self.forward([Chunk(ids, 0, table) for ids, table in zip(prompts, tables)])
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
-        """Append ``tokens[b]`` to sequence ``slots[b]`` for each b; return next-token logits ``[B, V]``.
-
-        Sequences may sit at different positions. Consecutive slots are read as a view; any other
-        set is gathered (a copy), so a scheduler should keep running sequences in a block of slots.
-        """
-        b, lengths = len(slots), self.cache.lengths
-        pos = [lengths[s] for s in slots]
-        if max(pos) >= self.cache.max_len:
-            raise ValueError(f"a sequence reached the cache's {self.cache.max_len} tokens")
-        self.cache.reserve(max(pos) + 1)
-        consecutive = slots == list(range(slots[0], slots[0] + b))
-        rows = slice(slots[0], slots[0] + b) if consecutive else torch.tensor(slots)
-        logits = self.decode_step(torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), rows, max(pos) + 1)
-        for s in slots:
-            lengths[s] += 1
-        return logits
-
-    def decode_step(self, tokens, pos, slots, rows, t):
-        """The tensor part of ``decode``: tokens, pos, slots ``[B]``; keys up to position ``t`` are read."""
-        if self.fused is not None:
-            return self.fused(tokens, pos, slots, t)
-        b, kc, vc = tokens.shape[0], self.cache.k, self.cache.v
-        # Keys past a sequence's own length belong to nobody (or to a longer neighbour): mask them.
-        mask = None if b == 1 else torch.zeros(b, 1, 1, t).masked_fill_(
-            torch.arange(t) > pos.view(b, 1, 1, 1), float("-inf"))
-        group = self.heads // self.kv_heads
-        # Where each new key lands in the cache seen as rows of head_dim, for every layer at once:
-        # one index_copy_ per layer instead of an advanced-indexing assignment (measured faster).
-        layers, n_slots, kv_heads, length, _ = kc.shape
-        rows_of = ((slots[:, None] * kv_heads + torch.arange(kv_heads)) * length + pos[:, None]).view(-1)
-        rows_of = rows_of + torch.arange(layers)[:, None] * (n_slots * kv_heads * length)  # [L, B * Hkv]
-        k_rows, v_rows = kc.view(-1, self.head_dim), vc.view(-1, self.head_dim)
-
-        def attend(i, q, k, v):  # q [B, H, Dh]; k, v [B, Hkv, Dh]
-            k_rows.index_copy_(0, rows_of[i], k.reshape(-1, self.head_dim))
-            v_rows.index_copy_(0, rows_of[i], v.reshape(-1, self.head_dim))
-            # The `group` query heads that share a kv head act as a query "sequence" of that length.
-            out = F.scaled_dot_product_attention(  # [B, Hkv, group, Dh]
-                q.reshape(b, self.kv_heads, group, self.head_dim), kc[i, rows, :, :t], vc[i, rows, :, :t],
-                attn_mask=mask)
-            return out.reshape(b, -1)
-
-        return self._logits(self._forward(self.embed[tokens], pos, attend))
+    def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Append ``tokens[b]`` at ``positions[b]`` (the tokens its sequence holds) of the sequence with block
+        table ``tables[b]``, for each b; return next-token logits ``[B, V]``."""
+        return self.forward([Chunk([t], p, table) for t, p, table in zip(tokens, positions, tables)])

@@ -14,8 +14,9 @@
    1b. Q4_1 products of more than PANEL_MIN rows (a prefill, a batch) read a second copy of the blocks,
    laid out in panels of 32 output rows, and run as an ordinary float32 register-tiled product.
 
-   2. (step.c) `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
-      same arithmetic as `LeanLlama.decode_step` (rms norm, rotary, a slot KV cache, grouped-query attention, SiLU MLP), for a
+   2. (step.c) `llama_decode`: one forward of B rows through every layer (decode steps, prompts, chunks of
+      prompts, mixed), the same arithmetic as `LeanLlama`'s torch route (rms norm, rotary, a paged KV cache
+      read through block tables, grouped-query attention, SiLU MLP), for a
       model whose matrices are all Q4_1 and whose output matrix is Q8_0. Run from Python it would cost
       ~450 small torch calls, each taking and giving back the GIL; here it is one call.
 
@@ -27,7 +28,7 @@
    two roundings and accumulates with fused multiply-adds (kernels.py builds with -ffp-contract=off).
 
    Left out: other block types, K not a multiple of 32 (the Python side keeps such matrices in another
-   format), a prefill that continues a filled slot. */
+   format). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,7 +1,8 @@
-/* `llama_decode`: one decode step of B sequences through every layer (or a prefill of prompts), the
-   same arithmetic as `LeanLlama.decode_step`: rms norm, rotary, a slot KV cache, grouped-query attention
-   and a SiLU MLP around the products of kernels.c (float32 activations) or w4a8.c (8-bit ones).
-   Left out: a prefill that continues a filled slot, models other than llama's. */
+/* `llama_decode`: one forward of B rows through every layer, each row one token of some sequence at some
+   position (a decode step of B sequences, prompts, chunks of prompts that continue their sequence, or a
+   mix), the same arithmetic as `LeanLlama`'s torch route: rms norm, rotary, a paged KV cache, grouped-query
+   attention and a SiLU MLP around the products of kernels.c (float32 activations) or w4a8.c (8-bit ones).
+   Left out: which blocks a sequence gets (the caller's block tables say), models other than llama's. */
 #include <math.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -93,19 +94,29 @@ static void rotary(float *x, long n, long Dh, const float *cos, const float *sin
     }
 }
 
-/* out [Dh] = softmax(q . k_t * scale) . v_t over the n keys and values in k, v ([n, Dh] each). */
-static void attend(const float *q, const float *k, const float *v, long n, long Dh, float scale, float *out) {
+/* out [Dh] = softmax(q . k_t * scale) . v_t over a sequence's first n keys and values, which lie in blocks
+   of bs positions: position t at k + table[t / bs] * stride + (t % bs) * Dh (v likewise). Walked block by
+   block in key order, so every score, the maximum, the sum and the weighted sum take the same operations
+   in the same order as over n contiguous keys: where the blocks are does not change a bit. */
+static void attend(const float *q, const float *k, const float *v, const long *table, long bs, long stride, long n,
+                   long Dh, float scale, float *out) {
     float scores[n], top = -INFINITY, sum = 0.0f;
-    for (long t = 0; t < n; t++) {
-        scores[t] = dot16(q, k + t * Dh, Dh) * scale;
-        top = scores[t] > top ? scores[t] : top;
+    for (long t0 = 0; t0 < n; t0 += bs) {
+        const float *kb = k + table[t0 / bs] * stride;
+        for (long t = t0; t < n && t < t0 + bs; t++) {
+            scores[t] = dot16(q, kb + (t - t0) * Dh, Dh) * scale;
+            top = scores[t] > top ? scores[t] : top;
+        }
     }
     exp_shifted(scores, n, top);
     for (long t = 0; t < n; t++) sum += scores[t];
     for (long j = 0; j < Dh; j++) out[j] = 0.0f;
-    for (long t = 0; t < n; t++) {
-        const float pt = scores[t] / sum, *vt = v + t * Dh;
-        for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
+    for (long t0 = 0; t0 < n; t0 += bs) {
+        const float *vb = v + table[t0 / bs] * stride;
+        for (long t = t0; t < n && t < t0 + bs; t++) {
+            const float pt = scores[t] / sum, *vt = vb + (t - t0) * Dh;
+            for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
+        }
     }
 }
 
@@ -144,23 +155,29 @@ static void product(const float *x, long B, long K, const void *const *w, long N
 
 /* w: PER_LAYER pointers per layer (a norm, or a matrix's MATRIX pointers), then the final norm, the
    output matrix's Q8_0 blocks and scales, and its W8A8 panels and their scales (NULL: none).
-   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, cache slots S, cache length T, the number
-   of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's), and 1 for the W4A8
-   route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also the output
-   matrix's when it has W8A8 panels).
-   A prefill is the same computation: B = the prompt's positions, all in one slot, pos = 0 .. B-1; each
-   attends to the keys up to its own position (written for every row before any row attends). Several
-   prompts prefill together as one such run of rows each, in their own slots, with their last rows in
-   `out_rows`.
-   kc, vc: [layers, S, kv_heads, T, Dh]; the new keys go to position pos[b] of slot slots[b], and
-   sequence b attends to positions 0..pos[b]. x [B, D]: the tokens' embeddings, overwritten.
+   dims: layers, D, heads, kv_heads, Dh, I (MLP width), V, B, the block size bs, the width of a row of
+   `tables`, the number of rows listed in `out_rows` (the rows whose logits are wanted; NULL: every row's),
+   1 for the W4A8 route (the matrices' panels are then w4a8.c's and the activations go through 8 bits, also
+   the output matrix's when it has W8A8 panels), and the layers a cache block holds (its layer stride: the
+   layers of this call, or more when a call runs some layers of a model).
+   Row b is a token of sequence seqs[b] at position pos[b]; that sequence's blocks are the row
+   tables[seqs[b]] (position p in block table[p / bs] at offset p % bs). Every row's key and value are
+   written to its position before any row attends, and row b attends to its sequence's positions
+   0..pos[b]: the earlier ones written by this call's rows or by earlier calls (a prefill, a decode step,
+   a chunk of a prompt continuing from a previous one, or blocks of a prefix another sequence wrote).
+   A decode step is B sequences, one row each; a prefill one run of rows per prompt at positions 0..n-1
+   with its last row in `out_rows`. Nothing reads a position no row has written.
+   kc, vc: the pool of blocks, [blocks, layer stride, kv_heads, bs, Dh] each, at the first layer of this
+   call. x [B, D]: the tokens' embeddings, overwritten.
    One parallel region for the whole step: thread 0 does the small serial parts, the threads take the
    chunks of every product, of the attention heads and of the activation (kernels.h), and spin barriers
    separate the phases. */
-void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
-                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits) {
+void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *seqs,
+                  const long *tables, const float *cos, const float *sin, float *kc, float *vc, const long *out_rows,
+                  float *logits) {
     const long L = dims[0], D = dims[1], H = dims[2], Hkv = dims[3], Dh = dims[4], I = dims[5], V = dims[6];
-    const long B = dims[7], S = dims[8], T = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
+    const long B = dims[7], bs = dims[8], width = dims[9], group = H / Hkv, Nqkv = (H + 2 * Hkv) * Dh;
+    const long layer = Hkv * bs * Dh, stride = dims[12] * layer;  /* floats of one layer of a block; of a block */
     float *h = malloc(sizeof(float) * B * D), *qkv = malloc(sizeof(float) * B * Nqkv);
     float *att = malloc(sizeof(float) * B * H * Dh), *gu = malloc(sizeof(float) * B * 2 * I);
     float *act = malloc(sizeof(float) * B * I);
@@ -178,7 +195,7 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
         team_begin(counters, phases);
         for (long l = 0; l < L; l++) {
             const void **p = w + l * PER_LAYER;
-            float *kl = kc + l * S * Hkv * T * Dh, *vl = vc + l * S * Hkv * T * Dh;
+            float *kl = kc + l * layer, *vl = vc + l * layer;
             if (t == 0) rms_norm(x, p[LN1], h, B, D, eps);
             barrier(&bar, nt);
             product(h, B, D, p + QKV, Nqkv, qkv, 0, a8, &bar, nt);
@@ -187,15 +204,17 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
                 for (long b = 0; b < B; b++) {
                     float *q = qkv + b * Nqkv, *k = q + H * Dh, *v = k + Hkv * Dh;
                     rotary(q, H + Hkv, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  /* q and k are adjacent */
+                    const long *table = tables + seqs[b] * width;
                     for (long g = 0; g < Hkv; g++) {
-                        const long row = ((slots[b] * Hkv + g) * T + pos[b]) * Dh;
+                        const long row = table[pos[b] / bs] * stride + (g * bs + pos[b] % bs) * Dh;
                         for (long j = 0; j < Dh; j++) kl[row + j] = k[g * Dh + j], vl[row + j] = v[g * Dh + j];
                     }
                 }
             barrier(&bar, nt);
             for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
-                const long b = n0 / H, hd = n0 % H, base = (slots[b] * Hkv + hd / group) * T * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + base, vl + base, pos[b] + 1, Dh, scale, att + n0 * Dh);
+                const long b = n0 / H, hd = n0 % H, head = hd / group * bs * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, kl + head, vl + head, tables + seqs[b] * width, bs, stride,
+                       pos[b] + 1, Dh, scale, att + n0 * Dh);
             }
             barrier(&bar, nt);
             product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
@@ -213,15 +232,17 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
         }
         const void **tail = w + L * PER_LAYER;
         const long R = out_rows ? dims[10] : B;  /* a prefill wants each prompt's last position only */
-        if (t == 0)
-            for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
-        barrier(&bar, nt);
-        if (a8 != NULL && tail[3] != NULL) {
-            act8_share(h, R, D, *a8);
+        if (R > 0) {  /* none: a call that only fills the cache (the first part of a long prompt) */
+            if (t == 0)
+                for (long r = 0; r < R; r++) rms_norm(x + (out_rows ? out_rows[r] : r) * D, tail[0], h + r * D, 1, D, eps);
             barrier(&bar, nt);
-            w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
-        } else
-            q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
+            if (a8 != NULL && tail[3] != NULL) {
+                act8_share(h, R, D, *a8);
+                barrier(&bar, nt);
+                w8a8_share(*a8, R, D, tail + 3, V, logits, 0);
+            } else
+                q8_0_share(h, R, D, tail[1], tail[2], V, logits, 0);
+        }
     }
     free(h), free(qkv), free(att), free(gu), free(act), free(counters);
     if (a8) act8_free(blocks);

@@ -21,8 +21,9 @@ void w8a8_repack(const int8_t *q, const float *d, long N, long K, uint8_t *pq, f
 void w8a8_matmul(const float *x, long M, long K, const void *const *w, long N, float *y, int add);
 const char *kernel_path(void);
 const char *kernel_features(void);
-void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *slots,
-                  const float *cos, const float *sin, float *kc, float *vc, const long *out_rows, float *logits);
+void llama_decode(const void **w, const long *dims, float eps, float *x, const long *pos, const long *seqs,
+                  const long *tables, const float *cos, const float *sin, float *kc, float *vc, const long *out_rows,
+                  float *logits);
 
 /* Unit roundoff of float32 (round to nearest). */
 #define U_F32 (1.0 / 16777216.0)

@@ -6,7 +6,7 @@
    sides use the same float32 weights, embeddings, norms and rotary tables; the reference applies rotary
    from the angles' double cos and sin in the usual rotate_half form (the tables fold the signs in, as
    LeanLlama's do), attends with grouped-query heads as transformers' repeat_kv does (head h reads kv head
-   h / (H / Hkv)) and keeps its own slot cache.
+   h / (H / Hkv)) and keeps its own plain cache (position by position, no blocks).
 
    Left out: the W4A8 route (its activations' rounding jumps with the inputs, so a double reference of
    it is not within a smooth bound; the products themselves are checked in harness.c). */
@@ -153,6 +153,15 @@ static void silu_ref(const double *g, const double *eg, const double *u, const d
 }
 
 static long at(long l, long slot, long g, long t) { return ((l * S + slot) * HKV + g) * T + t; }
+
+void scatter_tables(cache_t *C) {
+    for (long s = 0; s < S; s++)
+        for (long j = 0; j < T / BS; j++) C->tables[s][j] = (s * T / BS + j) * 7 % NB;
+}
+
+long pooled(const cache_t *C, long l, long s, long g, long t) {
+    return ((C->tables[s][t / BS] * L + l) * HKV + g) * BS + t % BS;
+}
 
 void forward_ref(cache_t *C, long l0, long l1, const float *x0, const long *tok, const long *pos, const long *slots,
                  long B, const long *rows, long R, double *logits, double *elog, double *hlast) {

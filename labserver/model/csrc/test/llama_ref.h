@@ -5,7 +5,9 @@
 
 #include "harness.h"
 
+/* S sequences of up to T positions, in blocks of BS positions: NB blocks in the kernel's pool. */
 enum { L = 2, D = 64, H = 4, HKV = 2, DH = 16, I = 128, V = 96, S = 4, T = 16, NQKV = (H + 2 * HKV) * DH };
+enum { BS = 4, NB = S * T / BS };
 enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER_LAYER = DOWN + MATRIX };  /* step.c */
 #define EPS 1e-5f
 /* The matrices' gains (1: outputs of about the inputs' size). The bound is worst case: input errors go
@@ -22,7 +24,7 @@ enum { LN1, QKV, O = QKV + MATRIX, LN2 = O + MATRIX, GU, DOWN = GU + MATRIX, PER
 #define G_DOWN 0.1
 #define G_HEAD 1.0
 #endif
-#define CACHE (L * S * HKV * T * DH)
+#define CACHE (L * S * HKV * T * DH)  /* floats: the reference's [L, S, HKV, T, DH], the pool's [NB, L, HKV, BS, DH] */
 /* exp's relative error in the kernels: glibc's expf, libmvec's vector expf and the kernels' own
    polynomial are each within 4 ulp (8 u); silu's derivative is within [-0.1, 1.1]. */
 #define C_EXP (8 * U_F32)
@@ -38,13 +40,21 @@ typedef struct {
     double *w, *mag, gam;
 } mat_t;
 
-/* A slot cache as the kernel holds it ([layers, slots, kv heads, positions, Dh]) and the reference's copy:
-   values, their error bounds, and which rows have been written. */
+/* The kernel's paged cache (a pool of NB blocks, [blocks, layers, kv heads, BS, Dh], and each sequence's
+   block table) and the reference's plain one ([layers, sequences, kv heads, positions, Dh]): values, their
+   error bounds, and which rows have been written. */
 typedef struct {
     float kc[CACHE], vc[CACHE];
+    long tables[S][T / BS];
     double rk[CACHE], rv[CACHE], ek[CACHE], ev[CACHE];
     char written[CACHE / DH];
 } cache_t;
+
+/* Scattered block tables: sequence s's j-th block is block (s * T / BS + j) * 7 % NB (7 is prime to NB),
+   so neighbouring positions across a block boundary are far apart in the pool and no two sequences share. */
+void scatter_tables(cache_t *C);
+/* The pool's row (in units of Dh floats) holding layer l, kv head g, position t of sequence s. */
+long pooled(const cache_t *C, long l, long s, long g, long t);
 
 /* The model: norms, embeddings, rotary tables (float32 for the kernel, the angles' cos and sin for the
    reference), the matrices, and the kernel's pointer array `w` (step.c's layout). */
