@@ -113,12 +113,12 @@ def test_default_model_is_all_blocks_and_its_logits_are_float32s(default_engine,
     params = SamplingParams(max_tokens=1, temperature=0)
     a, b = default_engine.begin("Why is the sky blue?", params), exact_engine.begin("Why is the sky blue?", params)
     try:
-        got, ref = default_engine.runner.prefill(a), exact_engine.runner.prefill(b)
+        got, ref = default_engine.forward([(a, a.remaining)])[0], exact_engine.forward([(b, b.remaining)])[0]
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-3)  # logits reach ~30: summation order only
-        a.last_token = b.last_token = int(ref.argmax())
-        torch.testing.assert_close(default_engine.runner.decode([a]), exact_engine.runner.decode([b]), rtol=0, atol=2e-3)
+        a.tokens.append(int(ref.argmax())), b.tokens.append(int(ref.argmax()))
+        torch.testing.assert_close(default_engine.forward([(a, 1)]), exact_engine.forward([(b, 1)]), rtol=0, atol=2e-3)
     finally:
-        default_engine.runner.release(a), exact_engine.runner.release(b)
+        default_engine.end(a), exact_engine.end(b)
 
 
 @pytest.mark.model
@@ -127,18 +127,18 @@ def test_batched_block_decoding_equals_each_sequence_alone(default_engine):
     params = SamplingParams(max_tokens=12, temperature=0)
     alone = [default_engine.generate(p, params).token_ids for p in prompts]
     seqs = [default_engine.begin(p, params) for p in prompts]
-    runner, out = default_engine.runner, [[] for _ in prompts]
+    out = [[] for _ in prompts]
     try:
         for i, s in enumerate(seqs):
-            s.last_token = int(runner.prefill(s).argmax())
-            out[i].append(s.last_token)
+            out[i].append(int(default_engine.forward([(s, s.remaining)])[0].argmax()))
+            s.tokens.append(out[i][-1])
         for _ in range(11):
-            for i, (s, logits) in enumerate(zip(seqs, runner.decode(seqs))):
-                s.last_token = int(logits.argmax())
-                out[i].append(s.last_token)
+            for i, (s, logits) in enumerate(zip(seqs, default_engine.forward([(s, 1) for s in seqs]))):
+                out[i].append(int(logits.argmax()))
+                s.tokens.append(out[i][-1])
     finally:
         for s in seqs:
-            runner.release(s)
+            default_engine.end(s)
     assert [o[:len(a)] for o, a in zip(out, alone)] == alone
 
 

@@ -120,28 +120,27 @@ def test_steps_keep_inference_mode_on_another_thread(tiny_engine):
     assert not errors and tiny_engine.running == 0
 
 
-def test_the_lean_runner_takes_blocks_as_sequences_grow_and_gives_them_back(tiny_engine):
-    """Its interim pool: a sequence holds ceil(tokens / 16) blocks, lowest free ids first, never another's;
-    ``free_slots`` counts the sequences that may still join; release gives every block back."""
-    runner, params = tiny_engine.runner, SamplingParams(max_tokens=8, temperature=0)
-    assert runner.name.startswith("lean") and runner.BLOCK_SIZE == 16
-    slots, blocks = runner.free_slots, len(runner.free_blocks)
-    seqs = [tiny_engine.begin(list(range(1, n + 1)), params) for n in (15, 16, 17)]
-    logits = runner.prefill_many(seqs)
-    assert [len(s.state.table) for s in seqs] == [1, 1, 2] and runner.free_slots == slots - 3
+def test_the_engine_hands_out_blocks_as_sequences_grow_and_takes_them_back(tiny_engine):
+    """A sequence holds ceil(tokens / 16) blocks, never another's unless a full block of the same prefix;
+    ``end`` gives every block back (named full blocks stay findable until someone needs them)."""
+    kv, params = tiny_engine.kv, SamplingParams(max_tokens=8, temperature=0)
+    free = kv.num_free_blocks
+    seqs = [tiny_engine.begin(list(range(1000 + 100 * i, 1000 + 100 * i + n)), params)
+            for i, n in enumerate((15, 16, 17))]
+    logits = tiny_engine.forward([(s, s.remaining) for s in seqs])
+    assert [len(kv.table(s)) for s in seqs] == [1, 1, 2] and kv.num_free_blocks == free - 4
     for s, row in zip(seqs, logits):
-        s.last_token = int(row.argmax())
-    runner.decode(seqs)  # 16, 17 and 18 positions
-    tables = [s.state.table for s in seqs]
-    assert [len(t) for t in tables] == [1, 2, 2] and [s.state.tokens for s in seqs] == [16, 17, 18]
-    held = sorted(b for t in tables for b in t)
-    assert len(set(held)) == 5 and held == list(range(5))  # an empty pool hands out 0, 1, 2, ...
-    alone = tiny_engine.begin(seqs[2].ids, params)
-    first = runner.prefill(alone)
-    torch.testing.assert_close(first, logits[2], rtol=0, atol=1e-5)  # alone: products of one row, not three
+        s.tokens.append(int(row.argmax()))
+    tiny_engine.forward([(s, 1) for s in seqs])  # 16, 17 and 18 positions
+    assert [len(kv.table(s)) for s in seqs] == [1, 2, 2] and [s.computed for s in seqs] == [16, 17, 18]
+    assert len({b for s in seqs for b in kv.table(s)}) == 5
+    alone = tiny_engine.begin(seqs[2].ids, params)  # its first 16 tokens are a named block now
+    first = tiny_engine.forward([(alone, alone.remaining)])[0]
+    assert alone.cached == 16 and kv.table(alone)[0] == kv.table(seqs[2])[0]
+    torch.testing.assert_close(first, logits[2], rtol=0, atol=1e-5)  # the prefix read, not computed again
     for s in [*seqs, alone]:
-        runner.release(s)
-    assert runner.free_slots == slots and len(runner.free_blocks) == blocks and seqs[0].state is None
+        tiny_engine.end(s)
+    assert kv.num_free_blocks == free and tiny_engine.running == 0
 
 
 def test_other_architectures_run_on_transformers(tiny_engine):

@@ -190,8 +190,14 @@ class Engine(PromptEncoder):
         """One forward that feeds ``n`` tokens of each sequence (``tokens[computed:computed + n]``): decode
         steps, prompts, chunks of prompts, or a mix; the logits after each one's last token ``[len(work), V]``.
         No sampling: ``step`` samples; a benchmark or a teacher-forced check appends its own tokens."""
+        fresh = [seq for seq, _ in work if not seq.running]
+        for seq in fresh:  # the phases' own callers (a script, the lab) admit here; the scheduler did already
+            if not self.admit(seq):
+                raise MemoryError("no KV memory for a new sequence: the scheduler must wait or preempt")
+        # What the prefix cache held for a sequence admitted just now is not fed again.
+        work = [(seq, min(n, seq.remaining) if seq in fresh else n) for seq, n in work]
         for seq, n in work:
-            if not (seq.running or self.admit(seq)) or not self.reserve(seq, n):
+            if not self.reserve(seq, n):
                 raise MemoryError(f"no KV memory for {n} more tokens of a sequence: the scheduler must preempt")
         logits = self.runner.forward([(seq, seq.computed, n, self.kv.table(seq) if self.kv else None)
                                       for seq, n in work])
@@ -205,6 +211,10 @@ class Engine(PromptEncoder):
         """``forward``, then each sequence fed to its end samples its next token: its output, whose
         ``step_ms`` is this forward's time (for the first token, every chunk's); one fed a chunk gives None.
         ``batched``: each output says how many sequences shared the forward."""
+        for seq, _ in work:  # admitted before the work is read: a cached prefix shortens what it feeds
+            if not seq.running and not self.admit(seq):
+                raise MemoryError("no KV memory for a new sequence: the scheduler must wait or preempt")
+        work = [(seq, min(n, seq.remaining)) for seq, n in work]
         t0 = time.perf_counter()
         logits = self.forward(work)
         elapsed = (time.perf_counter() - t0) * 1000

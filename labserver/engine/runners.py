@@ -1,30 +1,28 @@
-"""Model runners: the forward passes behind the engine, for one sequence or a batch of them.
+"""Model runners: the forward passes behind the engine, one call for any mix of sequences' new tokens.
 
-Two runners share one small interface (``prefill(seq) -> logits [V]``, ``decode(seqs) -> logits [B, V]``,
-``release(seq)``, ``free_slots``):
+Every runner has one small interface: ``forward(entries) -> logits [len(entries), V]``, where an entry
+``(seq, start, n, table)`` feeds ``seq.tokens[start:start + n]`` (a decode step's one token, a prompt, or
+a chunk of one) through the sequence's KV block table; ``release(seq)``; ``free_slots``; and
+``kv_layout``, the ``(num_blocks, block_size)`` of its paged KV pool (None: no pool).
 
 - ``TransformersRunner`` calls the transformers model with a ``DynamicCache`` per sequence. It runs any
-  causal LM; a "batch" is a loop of single-sequence steps (different lengths do not share a forward).
-- ``LeanRunner`` drives ``model.llama.LeanLlama``: a paged KV cache and one forward for the whole batch,
-  its matrices in one format of ``model.formats`` (``--quant``; "auto" measured by ``calibrate``). A
-  sequence takes blocks of the pool as it grows (``Blocks``, its ``seq.state``) and gives them back.
+  causal LM; a "batch" is a loop of single-sequence steps, and it has no pool (no prefix caching).
+- ``LeanRunner`` drives ``model.llama.LeanLlama``: a paged KV pool and one forward for the whole batch,
+  its matrices in one format of ``model.formats`` (``--quant``; "auto" measured by ``calibrate``).
 
 ``make_runner`` picks one from ``EngineConfig.impl`` ("auto" = lean for the llama family it supports).
 Each runner has ``route``: the weight format that runs and why.
-Left out: sampling (``engine.sample_token``), stopping rules (``sequence.py``), any threading, and a block
-manager: the lean runner's free list never shares a block (no prefix caching), and its pool holds
-``max_batch`` sequences of the longest length allowed, so a running sequence never waits for a block.
+Left out: sampling (``engine.sample_token``), stopping rules (``sequence.py``), any threading, and which
+blocks a sequence holds (``kv_cache.KVCacheManager``, the engine's).
 """
 
 from __future__ import annotations
 
-import heapq
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, kv_cache_bytes
 from ..model import formats, kernels
 from ..model.blocks import store_path
 from ..model.llama import LeanLlama, supports
@@ -77,91 +75,54 @@ class TransformersRunner:
         seq.state = None
 
 
-@dataclass
-class Blocks:
-    """A sequence's share of the pool (its ``seq.state`` on the lean runner): its block table, and how many
-    positions its blocks hold."""
-
-    table: list[int] = field(default_factory=list)
-    tokens: int = 0
-
-
 class LeanRunner:
-    """One ``LeanLlama`` whose paged cache holds ``max_batch`` sequences of ``max_len`` tokens; a sequence
-    holds its blocks from prefill to release, taking one more each time it fills the last.
+    """One ``LeanLlama`` on a paged KV pool sized by ``config.kv_cache_memory``; which blocks a sequence
+    holds is the engine's (``kv_cache.KVCacheManager``, from ``kv_layout``), the runner only feeds tokens
+    through the tables it is given.
 
     ``route`` says which weight format runs and why (``calibrate.Route``); for ``--quant auto`` it is the
     fastest one measured here among those that keep float32's tokens.
     """
-
-    BLOCK_SIZE = 16  # positions per block
 
     def __init__(self, model, config: EngineConfig, max_len: int):
         def build(quant: str) -> LeanLlama:
             fmt = formats.get(quant)
             blocks_file = store_path(config.cache_dir, model) if fmt.blocks else None
             return LeanLlama(model, dtype=formats.activation_dtype(quant, config.dtype), quant=quant,
-                             max_len=max_len, blocks_file=blocks_file, block_size=self.BLOCK_SIZE)
+                             max_len=max_len, blocks_file=blocks_file, block_size=config.block_size)
 
         self.route, lean = calibrate.choose(model, config, build)
         self.lean = lean or build(self.route.quant)  # auto's winner was built with a pool for its trial
-        # Room for every sequence at its longest: blocks no sequence writes cost no memory (cache.py).
-        self.max_batch, per_sequence = config.max_batch, -(-max_len // self.BLOCK_SIZE)
-        self.lean.new_cache(self.max_batch * per_sequence, self.BLOCK_SIZE)
-        self.free_blocks = list(range(self.lean.cache.num_blocks))  # a heap: the lowest ids go first
-        self.sequences = 0  # holding blocks
+        per_token = self.lean.cache.bytes_per_token
+        pool = kv_cache_bytes(config.kv_cache_memory, per_token, want_tokens=config.max_batch * max_len)
+        # Blocks no sequence writes cost no memory (cache.py): the pool's size is a ceiling, not a cost.
+        self.lean.new_cache(max(1, pool // self.lean.cache.bytes_per_block), config.block_size)
+        self.kv_layout = (self.lean.cache.num_blocks, config.block_size)
+        self.max_batch, self.active = config.max_batch, 0
         # Named after the formats the matrices ended in: q4_1 keeps a matrix it cannot reproduce in fp16.
         fmt = formats.get(self.route.quant)
         self.name = "lean-" + ("+".join(self.lean.formats()) if fmt.blocks else
                                config.dtype if fmt.name == "none" else fmt.name)
-        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}",
+        gib = self.lean.cache.num_blocks * self.lean.cache.bytes_per_block / 2**30
+        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}; "
+              f"KV pool {gib:.2f} GiB at most ({self.lean.cache.num_blocks * config.block_size} tokens)",
               file=sys.stderr, flush=True)
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch - self.sequences
+        return self.max_batch - self.active
 
-    def _grow(self, seq, tokens: int) -> list[int]:
-        """``seq``'s block table once it holds ``tokens`` positions (new blocks taken as needed)."""
-        state = seq.state
-        while len(state.table) * self.BLOCK_SIZE < tokens:
-            state.table.append(heapq.heappop(self.free_blocks))
-        return state.table
-
-    def _admit(self, seqs) -> list[list[int]]:
-        if len(seqs) > self.free_slots:
-            raise RuntimeError(f"{self.sequences} of {self.max_batch} sequences hold the cache; "
-                               f"no room for {len(seqs)} more")
-        self.sequences += len(seqs)
-        for seq in seqs:
-            seq.state = Blocks()
-        tables = [self._grow(seq, len(seq.ids)) for seq in seqs]
-        for seq in seqs:
-            seq.state.tokens = len(seq.ids)
-        return tables
-
-    def prefill(self, seq) -> torch.Tensor:
-        return self.lean.prefill(seq.ids, self._admit([seq])[0])
-
-    def prefill_many(self, seqs) -> torch.Tensor:
-        return self.lean.prefill_many([s.ids for s in seqs], self._admit(seqs))
-
-    def decode(self, seqs) -> torch.Tensor:
-        positions = [s.state.tokens for s in seqs]
-        if max(positions) >= self.lean.max_len:  # before taking a block the pool was not sized for
-            raise ValueError(f"a sequence reached the cache's {self.lean.max_len} tokens")
-        tables = [self._grow(s, p + 1) for s, p in zip(seqs, positions)]
-        logits = self.lean.decode([s.last_token for s in seqs], positions, tables)
-        for s in seqs:
-            s.state.tokens += 1
-        return logits
+    def forward(self, entries) -> torch.Tensor:
+        """For each ``(seq, start, n, table)``: feed ``seq.tokens[start:start + n]`` through its block table;
+        the logits after each one's last token ``[len(entries), V]``."""
+        for seq, *_ in entries:
+            if seq.state is None:
+                seq.state, self.active = "blocks", self.active + 1
+        return self.lean.forward([(seq.tokens[start:start + n], start, table) for seq, start, n, table in entries])
 
     def release(self, seq) -> None:
         if seq.state is not None:
-            for block in seq.state.table:
-                heapq.heappush(self.free_blocks, block)
-            self.sequences -= 1
-            seq.state = None
+            seq.state, self.active = None, self.active - 1
 
 
 def make_runner(model, config: EngineConfig, context_len: int):
