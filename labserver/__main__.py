@@ -27,6 +27,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                          "times 8-bit activations: faster, not exact), fp16, int8, int4, "
                                                          "none (env LABSERVER_QUANT)")
     p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
+    p.add_argument("--kv-cache-memory", help="the KV cache's pool: 'auto' (a quarter of this machine's memory, at "
+                                             "most what max_batch whole contexts need), bytes ('2GiB', '500MB') or "
+                                             "a fraction of memory ('0.2'); touched only as it fills "
+                                             "(env LABSERVER_KV_CACHE_MEMORY)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="compute every prompt whole, even a prefix the KV cache holds already")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens one forward may carry: decode tokens first, then chunks of prompts (default 256)")
 
 
 def _server_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -39,14 +47,18 @@ def _server_args(p: argparse.ArgumentParser, port: int) -> None:
                    help="largest request body; larger gets a 413 (default %(default)s)")
 
 
+def _engine_fields(args) -> dict:
+    names = ("model", "dtype", "impl", "quant", "threads", "kv_cache_memory", "prefix_caching", "max_num_batched_tokens")
+    return {name: getattr(args, name) for name in names}
+
+
 def _load_engine(args):
     from .config import EngineConfig
     from .engine.engine import Engine
     from .engine.loading import ModelNotFound
 
     try:
-        return Engine.from_config(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,
-                                                         quant=args.quant, threads=args.threads))
+        return Engine.from_config(EngineConfig.from_env(**_engine_fields(args)))
     except (ModelNotFound, ValueError) as exc:
         sys.exit(f"error: {exc}")
 
@@ -89,8 +101,7 @@ def serve_processes(args, limits) -> None:
     from .serve.process.supervisor import EngineStartError
 
     try:
-        spec = EngineSpec(EngineConfig.from_env(model=args.model, dtype=args.dtype, impl=args.impl,
-                                                quant=args.quant, threads=args.threads))
+        spec = EngineSpec(EngineConfig.from_env(**_engine_fields(args)))
         servers = ApiServers(spec, args.api_servers, args.host, args.port, limits, log_level="info").start()
     except (ValueError, EngineStartError, ServerStartError) as exc:
         sys.exit(f"error: {exc}")

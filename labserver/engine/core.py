@@ -116,7 +116,7 @@ class EngineCore:
         return EngineHealth(alive=reason is None, pid=os.getpid(), backend=self.kind, route=self.engine.route["quant"],
                             reason=reason, running=self.engine.running, waiting=waiting,
                             no_progress_s=0.0 if self._idle else time.monotonic() - self._beat_at,
-                            prefilled=self.engine.prompts_prefilled)
+                            prefilled=self.engine.prompts_prefilled, kv=self.engine.kv_report())
 
     def start(self) -> "EngineCore":
         """Start the engine thread (once; later calls do nothing). A closed backend cannot start again."""

@@ -108,6 +108,7 @@ class Engine(PromptEncoder):
         self.running = 0
         self.tokens_generated = 0
         self.prompts_prefilled = 0  # since it was made: what /health reports, a cancelled wait adds none
+        self.preemptions = 0
         if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
             self.runner, self.context_len = runner, runner.context_len
         else:
@@ -154,6 +155,16 @@ class Engine(PromptEncoder):
         return Sequence(ids, params, cancel or threading.Event(), self.eos_ids,
                         max_new_tokens(params.max_tokens, self.context_len, len(ids)))
 
+    def kv_report(self) -> dict | None:
+        """The KV cache as ``/health`` and ``/metrics`` show it (vLLM's names); None without a paged pool."""
+        kv = self.kv
+        if kv is None:
+            return None
+        return {"kv_cache_usage_perc": round(100 * kv.usage, 2), "blocks_used": kv.num_used_blocks,
+                "blocks_free": kv.num_free_blocks, "block_size": kv.block_size,
+                "prefix_caching": kv.prefix_caching, "prefix_cache_queries": kv.stats.queries,
+                "prefix_cache_hits": kv.stats.hits, "preemptions": self.preemptions}
+
     def admit(self, seq: Sequence) -> bool:
         """Give ``seq`` KV memory for all it must feed (its prompt; after a preemption, everything so far),
         taking what the prefix cache already holds; False, with nothing changed, when the free blocks cannot.
@@ -185,6 +196,7 @@ class Engine(PromptEncoder):
         if seq.running:
             self._release(seq)
             seq.computed = 0
+            self.preemptions += 1
 
     def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward that feeds ``n`` tokens of each sequence (``tokens[computed:computed + n]``): decode

@@ -39,6 +39,7 @@ class EngineHealth:
     restarts: int = 0
     no_progress_s: float = 0.0  # since the engine loop last came round while it had work; 0 when idle
     prefilled: int = 0  # prompts the engine has prefilled since it started (none for a request that left waiting)
+    kv: dict | None = None  # the KV cache: usage, blocks free and used, prefix-cache queries and hits
 
     @property
     def ok(self) -> bool:

@@ -80,8 +80,8 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     app.state.backend = make_backend(engine, backend, limits.stream_interval)
     app.state.engine, app.state.limits = engine, limits
     app.state.admission = Admission(limits.max_concurrent)
-    app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running,
-                                      max_tokens=engine.context_len)
+    app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running, max_tokens=engine.context_len,
+                                      kv=lambda: app.state.backend and app.state.backend.health().kv)
     app.state.started_at = int(time.time())
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, message=too_large_message(limits))
     _install_error_handlers(app)

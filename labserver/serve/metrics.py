@@ -12,6 +12,10 @@ vLLM's name with ``labserver:`` for ``vllm:``, the same buckets and the same ``m
 ``labserver:prompt_tokens_total``           prompt tokens prefilled (counter)
 ``labserver:generation_tokens_total``       tokens generated (counter)
 ``labserver:request_success_total``         requests ended, by ``finished_reason``: stop, length, abort
+``labserver:kv_cache_usage_perc``           fraction of KV blocks in use (gauge, 1 = all)
+``labserver:prefix_cache_queries_total``    prompt tokens looked up in the prefix cache (counter)
+``labserver:prefix_cache_hits_total``       of those, tokens found there: not computed again (counter)
+``labserver:num_preemptions_total``         running requests that gave their KV blocks back (counter)
 =========================================== ======================================================
 
 Two have no vLLM counterpart: ``labserver:request_errors_total`` (a fault inside the engine) and
@@ -19,8 +23,9 @@ Two have no vLLM counterpart: ``labserver:request_errors_total`` (a fault inside
 
 Times are measured in the web process, the way vLLM's front end sees them, so TTFT includes any wait
 for the engine thread. Each app has its own ``CollectorRegistry``: several apps in one process (tests,
-notebooks) do not clash. Left out: vLLM's queue/prefill/decode phase histograms, KV-cache and
-prefix-cache gauges, and multiprocess collection.
+notebooks) do not clash. The KV cache's figures are the engine's own, read from the backend's health
+at scrape time (from the engine process too). Left out: vLLM's queue/prefill/decode phase histograms and
+multiprocess collection.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..engine.engine import Finish, TokenEvent
 
@@ -60,7 +66,8 @@ def buckets_1_2_5(limit: int) -> list[int]:
 class ServerMetrics:
     """The metrics of one app. ``running`` is read at scrape time."""
 
-    def __init__(self, model_name: str, running: Callable[[], int], max_tokens: int = 8192):
+    def __init__(self, model_name: str, running: Callable[[], int], max_tokens: int = 8192,
+                 kv: Callable[[], dict | None] = lambda: None):
         self.registry = CollectorRegistry()
         labels, reg = ["model_name"], self.registry
 
@@ -91,6 +98,7 @@ class ServerMetrics:
         self.model_name = model_name
         Gauge("labserver:num_requests_running", "Number of requests in model execution batches.", labels,
               registry=reg).labels(model_name).set_function(running)
+        reg.register(_KVCollector(model_name, kv))
 
     def record(self, prompt_tokens: int) -> "RequestRecord":
         """Start timing one admitted request."""
@@ -101,6 +109,33 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _KVCollector:
+    """The engine's KV cache figures, read when scraped (an engine without a paged pool has none)."""
+
+    def __init__(self, model_name: str, kv: Callable[[], dict | None]):
+        self.model_name, self.kv = model_name, kv
+
+    def describe(self):
+        return []  # nothing to check at registration; collect() reads the engine
+
+    def collect(self):
+        kv = self.kv()
+        if not kv:
+            return
+        name = [self.model_name]
+        usage = GaugeMetricFamily("labserver:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                  labels=["model_name"])
+        usage.add_metric(name, kv["kv_cache_usage_perc"] / 100)
+        yield usage
+        for key, doc in (("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+                         ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+                         ("preemptions", "Cumulative number of preemptions from the engine.")):
+            family = CounterMetricFamily("labserver:" + ("num_preemptions" if key == "preemptions" else key), doc,
+                                         labels=["model_name"])
+            family.add_metric(name, kv[key])
+            yield family
 
 
 class RequestRecord:

@@ -97,6 +97,7 @@ class EngineClient(Backend):
         self._up = False  # an engine answered Ready and has not died since
         self._pid: int | None = None
         self._restarts = self._running = self._waiting = self._prefilled = 0
+        self._kv: dict | None = None
         self._no_progress_s = 0.0
         self._heard = 0.0
         self._thread: threading.Thread | None = None
@@ -118,7 +119,7 @@ class EngineClient(Backend):
             restarts = max(restarts, self.process.restarts)
         return EngineHealth(alive=reason is None, pid=self._pid, backend=self.kind,
                             route=str(self.frontend.route.get("quant")), reason=reason,
-                            running=self._running, waiting=self._waiting, restarts=restarts, prefilled=self._prefilled,
+                            running=self._running, waiting=self._waiting, restarts=restarts, prefilled=self._prefilled, kv=self._kv,
                             no_progress_s=self._no_progress_s if self._up else 0.0)
 
     # -- start and close --------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class EngineClient(Backend):
 
     def _deliver(self, msg: frames.Outputs) -> None:
         self._running, self._waiting, self._no_progress_s = msg.running, msg.waiting, msg.no_progress_s
-        self._prefilled = msg.prefilled
+        self._prefilled, self._kv = msg.prefilled, msg.kv
         strays = set()
         for t in msg.tokens:
             state = self._requests.get(t.rid)

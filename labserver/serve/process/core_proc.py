@@ -235,7 +235,7 @@ class EngineCoreProc:
             for client, push in list(pushes.items()):
                 batch = batches.get(client) or new()
                 batch.running, batch.waiting, batch.no_progress_s = health.running, health.waiting, health.no_progress_s
-                batch.prefilled = health.prefilled
+                batch.prefilled, batch.kv = health.prefilled, health.kv
                 try:
                     push.send(frames.encode(batch), zmq.NOBLOCK)
                 except zmq.Again:  # its API process is gone (or stopped reading): it would block us all

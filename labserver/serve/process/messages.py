@@ -100,6 +100,7 @@ class Outputs(_Frame):
     prefilled: int = 0  # prompts the engine has prefilled since it started
     tokens: list[Token] = []
     ends: list[End] = []
+    kv: dict | None = None  # the KV cache's usage and prefix-cache counters (``Engine.kv_report``)
 
 
 encode = msgspec.msgpack.Encoder().encode
