@@ -4,7 +4,9 @@ The public API the notebooks use is re-exported here; each name lives in the mod
 """
 
 from .config import EngineConfig, SamplingParams
-from .engine.engine import Completion, Engine, Finish, PromptTooLong, TokenEvent, collect
+from .engine.engine import Engine
+from .engine.prompts import PromptTooLong
+from .engine.sequence import Completion, Finish, TokenEvent, collect
 from .engine.fake import FakeRunner, fake_engine
 from .engine.loading import ModelNotFound, load_model_and_tokenizer
 from .serve.backends import BlockingBackend, ExecutorBackend, make_backend

@@ -24,7 +24,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=list(QUANTS), help="weight format of the lean runner: auto (the default: "
                                                          "the fastest exact one measured on this machine), q4_1 "
                                                          "(GGUF blocks, exact), w4a8 (those blocks "
-                                                         "times 8-bit activations: faster, not exact), fp16, int8, int4, "
+                                                         "times 8-bit activations: faster, not exact), fp16, "
                                                          "none (env LABSERVER_QUANT)")
     p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
     p.add_argument("--kv-cache-memory", help="the KV cache's pool: 'auto' (a quarter of this machine's memory, at "

@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 IMPLS = ("auto", "lean", "transformers")
 # "auto" and the names of ``model/formats.py``'s registry (this module sits below it, so it lists them;
 # tests/test_formats.py checks the two agree). "none" is the one spelling of "no quantization".
-QUANTS = ("auto", "q4_1", "fp16", "none", "w4a8", "int8", "int4")
+QUANTS = ("auto", "q4_1", "fp16", "none", "w4a8")
 
 
 def default_cache_dir() -> str:
@@ -40,7 +40,7 @@ class EngineConfig:
     # The weight format of the lean runner, a name of the registry ``model/formats.py`` (which says what
     # each stores): "none" keeps ``dtype`` (float32: equal to transformers token for token); q4_1 (GGUF
     # blocks through C kernels, exact where the blocks reproduce the weights), fp16, and the opt-in ones
-    # that change the tokens: w4a8, int8, int4. "auto": the fastest route measured on this machine among
+    # that change the tokens: w4a8. "auto": the fastest route measured on this machine among
     # those that keep float32's greedy tokens (``engine/calibrate.py``); with another dtype, "none".
     quant: str = "auto"
     threads: int = 2

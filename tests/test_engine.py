@@ -154,14 +154,14 @@ def test_other_architectures_run_on_transformers(tiny_engine):
     out = engine.generate("hello", SamplingParams(max_tokens=5, temperature=0))
     assert len(out.events) == 5 or out.finish.finish_reason == "stop"
     assert Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", quant="auto")).runner.name == "transformers"
-    for bad in (dict(impl="lean"), dict(quant="int8"), dict(quant="fp16")):
+    for bad in (dict(impl="lean"), dict(quant="w4a8"), dict(quant="fp16")):
         with pytest.raises(ValueError, match="llama"):
             Engine(model, tiny_engine.tokenizer, EngineConfig(model="tiny-gpt2", **bad))
 
 
 def test_config_rejects_quant_without_the_lean_runner():
     with pytest.raises(ValueError, match="lean"):
-        EngineConfig(impl="transformers", quant="int4")
+        EngineConfig(impl="transformers", quant="q4_1")
     with pytest.raises(ValueError, match="quant"):
         EngineConfig(quant="int2")
 

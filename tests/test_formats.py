@@ -38,10 +38,10 @@ def test_config_takes_the_registry_names_and_one_spelling_of_none():
 
 
 def test_the_registry_says_what_each_format_is():
-    assert AUTO == ["q4_1", "fp16", "none"]  # w4a8, int8, int4 change the tokens: opt-in only
+    assert AUTO == ["q4_1", "fp16", "none"]  # w4a8 changes the tokens: opt-in only
     assert [n for n, f in formats.FORMATS.items() if f.needs_compiler] == ["q4_1", "w4a8"]
     assert formats.activation_dtype("none", "bfloat16") == torch.bfloat16
-    assert formats.activation_dtype("int4", "float32") == torch.bfloat16
+    assert formats.activation_dtype("none", "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="float32 activations"):
         formats.get("fp16").check(torch.bfloat16)
 

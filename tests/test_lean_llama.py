@@ -13,7 +13,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labserver.model.cache import PagedKVCache, location, tables_tensor
-from labserver.model.linear import Int4
 from labserver.model.llama import LeanLlama, supports
 
 
@@ -83,26 +82,12 @@ def test_fp16_weights_run_close_to_float32(tiny):
         LeanLlama(tiny, dtype=torch.bfloat16, quant="fp16")
 
 
-@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-def test_bfloat16_and_quantized_routes_run_close(tiny, quant):
+def test_bfloat16_route_runs_close(tiny):
     ids = list(range(10, 30))
     ref = hf_logits(tiny, ids)[9:]
-    got = lean_logits(LeanLlama(tiny, dtype=torch.bfloat16, quant=quant, max_len=32), ids, 10)
+    got = lean_logits(LeanLlama(tiny, dtype=torch.bfloat16, quant="none", max_len=32), ids, 10)
     assert got.shape == ref.shape and torch.isfinite(got).all()
-    # Random weights are far from any 4-bit grid, so this only catches a broken kernel or layout.
-    assert (got - ref).norm() / ref.norm() < {"none": 0.02, "int8": 0.05, "int4": 0.3}[quant]
-
-
-def test_int4_is_exact_for_weights_on_a_4bit_grid():
-    # Each group of 32 inputs: w = q * scale + min with q in 0..15 (the GGUF Q4_1 layout).
-    torch.manual_seed(0)
-    q = torch.randint(0, 16, (64, 64)).float()
-    q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the full range, so min and scale are recovered
-    scale = torch.tensor([0.5, 0.25]).repeat(64, 1).repeat_interleave(32, 1)  # [64, 64], per group
-    w = q * scale - 2.0
-    x = torch.randn(3, 64).bfloat16()
-    expected = x.float() @ w.t()
-    torch.testing.assert_close(Int4(w, torch.bfloat16)(x).float(), expected, atol=0.1, rtol=0.01)
+    assert (got - ref).norm() / ref.norm() < 0.02  # bfloat16's 8 bits of mantissa, over two layers
 
 
 def test_supports_only_plain_llama():
@@ -110,8 +95,8 @@ def test_supports_only_plain_llama():
     assert not supports(tiny_llama(attention_bias=True))
     with pytest.raises(ValueError, match="llama"):
         LeanLlama(tiny_llama(attention_bias=True))
-    with pytest.raises(ValueError, match="bfloat16"):
-        LeanLlama(tiny_llama(), dtype=torch.float32, quant="int4")
+    with pytest.raises(ValueError, match="float32"):
+        LeanLlama(tiny_llama(), dtype=torch.bfloat16, quant="w4a8")
 
 
 def test_the_pool_and_its_tables():

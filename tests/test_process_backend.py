@@ -9,7 +9,7 @@ import time
 import pytest
 
 from labserver import SamplingParams, fake_engine
-from labserver.engine.engine import PromptTooLong
+from labserver.engine.prompts import PromptTooLong
 from labserver.serve.process import messages as frames
 from labserver.serve.process.client import EngineClient
 from labserver.serve.process.frontend import Frontend

@@ -21,7 +21,6 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -32,19 +31,7 @@ from .output import OutputProcessor
 from .prompts import PromptEncoder, PromptTooLong  # noqa: F401  (PromptTooLong: raised by Engine.begin)
 from .protocols import Runner
 from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
-from .sequence import Finish, Sequence, TokenEvent, TokenOutput, max_new_tokens
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    events: list[TokenEvent]
-    finish: Finish
-
-    def to_dict(self) -> dict:
-        """The non-streaming JSON body: the same information as the stream, in one object."""
-        return {"text": self.text, "tokens": [e.to_dict() for e in self.events], **self.finish.to_dict()}
+from .sequence import Completion, Finish, Sequence, TokenEvent, TokenOutput, collect, max_new_tokens
 
 
 @torch.inference_mode()
@@ -310,13 +297,3 @@ class Engine(PromptEncoder):
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Run ``generate_stream`` to the end and collect it."""
         return collect(self.generate_stream(prompt, params))
-
-
-def collect(items) -> Completion:
-    """Gather a stream of ``TokenEvent``s and its ``Finish`` into a ``Completion``."""
-    events: list[TokenEvent] = []
-    for item in items:
-        if isinstance(item, Finish):
-            return Completion("".join(e.token for e in events), [e.token_id for e in events], events, item)
-        events.append(item)
-    raise RuntimeError("the stream ended without a Finish")

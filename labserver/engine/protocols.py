@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import EngineConfig, SamplingParams
-    from .engine import Completion
-    from .sequence import Finish, Sequence, TokenEvent, TokenOutput
+    from .sequence import Completion, Finish, Sequence, TokenEvent, TokenOutput
 
 
 class EngineDeadError(RuntimeError):

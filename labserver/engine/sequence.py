@@ -73,6 +73,28 @@ class Finish:
         return asdict(self)
 
 
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    events: list[TokenEvent]
+    finish: Finish
+
+    def to_dict(self) -> dict:
+        """The non-streaming JSON body: the same information as the stream, in one object."""
+        return {"text": self.text, "tokens": [e.to_dict() for e in self.events], **self.finish.to_dict()}
+
+
+def collect(items) -> "Completion":
+    """Gather a stream of ``TokenEvent``s and its ``Finish`` into a ``Completion``."""
+    events: list[TokenEvent] = []
+    for item in items:
+        if isinstance(item, Finish):
+            return Completion("".join(e.token for e in events), [e.token_id for e in events], events, item)
+        events.append(item)
+    raise RuntimeError("the stream ended without a Finish")
+
+
 class Sequence:
     """Prompt ids, sampling state and outputs of one generation; ``state`` is the runner's (its cache).
 

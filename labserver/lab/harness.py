@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from ..config import SamplingParams
-from ..engine.engine import TokenEvent
+from ..engine.sequence import TokenEvent
 from ..engine.fake import fake_engine
 from ..measure.probes import HealthProbe
 from ..serve.background import UvicornServer, start_server, stop

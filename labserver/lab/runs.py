@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..config import SamplingParams
-from ..engine.engine import collect
+from ..engine.sequence import collect
 from ..measure.client import blocking_generate, stream_generate
 from ..measure.plotting import LabFigure
 from ..measure.probes import HealthProbe

@@ -46,7 +46,7 @@ AGREEMENT_PROMPTS = [
     "Why is the sky blue?", "Give me a short motivational quote about learning.",
 ]
 ROUTES = [("float32", "none"), ("float32", "q4_1"), ("float32", "w4a8"), ("float32", "fp16"),
-          ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4")]
+          ("bfloat16", "none")]
 
 
 def on_one_thread(threads: int, fn, *args):

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .blocks import BlockStore
-from .linear import Dense, Fp16, Int4, Int8, Linear, joined
+from .linear import Dense, Fp16, Linear, joined
 
 # (matrix name, row blocks that share an input, activation dtype, block store or None) -> a matrix
 Builder = Callable[[str, list[torch.Tensor], torch.dtype, "BlockStore | None"], Linear]
@@ -68,9 +68,6 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
                  _torch(Dense, Dense), None, exact=True, auto=True),
     WeightFormat("w4a8", "the q4_1 blocks times activations rounded to 8 bits (llama.cpp's arithmetic)",
                  _blocks(True), torch.float32, needs_compiler=True, blocks=True),
-    WeightFormat("int8", "int8 rows with one scale each, bfloat16 activations", _torch(Int8, Int8), torch.bfloat16),
-    WeightFormat("int4", "int4 in groups of 32 (int8 output matrix), bfloat16 activations", _torch(Int4, Int8),
-                 torch.bfloat16),
 )}
 NAMES = tuple(FORMATS)
 

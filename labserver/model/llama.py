@@ -4,7 +4,7 @@ A decode step of SmolLM2-135M spends more time in Python and small ops than in r
 module keeps only what a llama needs: fused projections (one matmul for q, k and v; one for gate and up),
 a paged KV cache (``cache.py``: a pool of blocks, each sequence's positions found through its block
 table), rotary tables computed once, and its matrices in one weight format of the registry
-(``formats.py``: dense float32 or bfloat16, float16, int8, int4, GGUF blocks). When every matrix is in
+(``formats.py``: dense float32 or bfloat16, float16, GGUF blocks). When every matrix is in
 blocks the whole forward runs as C calls (``fused.FusedDecode``); otherwise torch's attention reads the
 cache (``attention.py``). It builds from any object with a transformers-style ``config`` and
 ``state_dict()``: a transformers model, or a memory-mapped ``checkpoint.Checkpoint``.
@@ -126,7 +126,7 @@ class LeanLlama:
                 gate_up=matrix(f"layers.{i}.gate_up", proj("gate", "up", module="mlp")),
                 down=matrix(f"layers.{i}.down", proj("down", module="mlp")))
 
-        # Packing (fbgemm's float16 layout, the int4 layout) runs on one core per matrix: spread the
+        # Packing (fbgemm's float16 layout) runs on one core per matrix: spread the
         # matrices over short-lived threads, one per torch thread (2.0 s instead of 3.2 s here for float16).
         with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="lean-build") as pool:
             lm_head = pool.submit(matrix, registry.HEAD, [w["lm_head.weight"]])

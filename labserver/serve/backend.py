@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..config import SamplingParams
 from ..engine.core import DONE
-from ..engine.engine import Completion, collect
+from ..engine.sequence import Completion, collect
 from ..engine.output import OutputProcessor
 from ..engine.protocols import EngineHealth, EngineProtocol
 from ..engine.sequence import max_new_tokens
@@ -141,17 +141,6 @@ class Backend:
             return collect(event for item in items() for event in _events(item, out))
         finally:
             handle.abort()
-
-
-def _events(item, out: OutputProcessor) -> list:
-    """The events to send once ``item`` arrived: what ``out`` releases; at the end, all it holds (a
-    cancelled request has no ``Finish``), then the error, if the item is one."""
-    if item is DONE or isinstance(item, BaseException):
-        rest = out.release()
-        if item is not DONE:
-            raise item
-        return rest
-    return out.add(item)
 
 
 def _events(item, out: OutputProcessor) -> list:

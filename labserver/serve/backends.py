@@ -27,7 +27,7 @@ from concurrent.futures import Executor
 
 from ..config import SamplingParams
 from ..engine.core import DONE, EngineCore
-from ..engine.engine import Completion
+from ..engine.sequence import Completion
 from ..engine.protocols import EngineHealth, EngineProtocol
 from ..engine.scheduler import Batched, TurnTaking
 from .backend import Backend

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError, to_jsonable_python
 
 from ..config import EngineConfig, SamplingParams
-from ..engine.engine import collect
+from ..engine.sequence import collect
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed rejects larger values
 

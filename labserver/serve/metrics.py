@@ -36,7 +36,7 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..engine.engine import Finish, TokenEvent
+from ..engine.sequence import Finish, TokenEvent
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so histograms can be compared bucket by bucket.
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ...config import SamplingParams
-from ...engine.engine import Finish, TokenEvent
+from ...engine.sequence import Finish, TokenEvent
 from ...engine.fake import fake_engine
 from ..checking import checker, say
 from ..event_loop import try_stream, two_streams_with_heartbeat

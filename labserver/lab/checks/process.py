@@ -11,7 +11,7 @@ import json
 from typing import Callable
 
 from ...config import SamplingParams
-from ...engine.engine import collect
+from ...engine.sequence import collect
 from ...engine.fake import fake_engine
 from ...engine.sequence import Finish
 from ..checking import attempt, checker, say
