@@ -26,7 +26,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                          "(GGUF blocks, exact), w4a8 (those blocks "
                                                          "times 8-bit activations: faster, not exact), fp16, int8, int4, "
                                                          "none (env LABSERVER_QUANT)")
-    p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
+    p.add_argument("--threads", type=int, help="threads of the model's steps (env LABSERVER_THREADS; default: the "
+                                               "fastest of the physical cores, all but one and half, measured at "
+                                               "the first start)")
 
 
 def _server_args(p: argparse.ArgumentParser, port: int) -> None:

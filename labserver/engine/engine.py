@@ -18,6 +18,7 @@ the model on its own thread (see ``serve/engine_thread.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from . import calibrate
 from .protocols import Runner
 from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
 from .sequence import Finish, Sequence, TokenEvent
@@ -110,10 +112,15 @@ class Engine:
         self.prompts_prefilled = 0  # since it was made: what /health reports, a cancelled wait adds none
         if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
             self.runner, self.context_len = runner, runner.context_len
-            return
-        torch.set_num_threads(config.threads)
-        self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
+        else:
+            self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
+            self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
+        # The count chosen at the first start (or asked for) becomes the config every thread that runs the
+        # model reads (the engine thread sets it on itself: the setting is per calling thread).
+        self.runner.route = calibrate.settle_threads(self.runner.route, config)
+        self.config = dataclasses.replace(config, threads=self.runner.route.threads)
+        if runner is None:
+            torch.set_num_threads(self.config.threads)
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":

@@ -89,8 +89,8 @@ class LeanRunner:
         fmt = formats.get(self.route.quant)
         self.name = "lean-" + ("+".join(lean.formats()) if fmt.blocks else
                                config.dtype if fmt.name == "none" else fmt.name)
-        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}",
-              file=sys.stderr, flush=True)
+        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}"
+              f"; {self.route.threads_why}", file=sys.stderr, flush=True)
 
     @property
     def free_slots(self) -> int:
