@@ -26,7 +26,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                          "(GGUF blocks, exact), w4a8 (those blocks "
                                                          "times 8-bit activations: faster, not exact), fp16, "
                                                          "none (env LABSERVER_QUANT)")
-    p.add_argument("--threads", type=int, help="torch threads (env LABSERVER_THREADS; default 2)")
+    p.add_argument("--threads", type=int, help="threads of the model's steps (env LABSERVER_THREADS; default: the "
+                                               "fastest of the physical cores, all but one and half, measured at "
+                                               "the first start)")
     p.add_argument("--kv-cache-memory", help="the KV cache's pool: 'auto' (a quarter of this machine's memory, at "
                                              "most what max_batch whole contexts need), bytes ('2GiB', '500MB') or "
                                              "a fraction of memory ('0.2'); touched only as it fills "

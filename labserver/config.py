@@ -1,14 +1,22 @@
-"""Configuration: one dataclass for the engine, one for each request's sampling.
+"""Configuration: one dataclass for the engine, one for each request's sampling, and the machine's cores.
 
-Both validate themselves in ``__post_init__`` so a bad value fails where it is made, with a message a
-student can act on. This module does not know about HTTP: the web apps turn these ``ValueError``s into
-4xx responses.
+Both dataclasses validate themselves in ``__post_init__`` so a bad value fails where it is made, with a
+message a student can act on. This module does not know about HTTP: the web apps turn these
+``ValueError``s into 4xx responses.
+
+``physical_cores()`` is llama.cpp's default thread count: Linux counts the distinct cores of the CPUs this
+process may run on (``/sys/.../topology/thread_siblings_list``, else ``/proc/cpuinfo``'s (physical id,
+core id) pairs), macOS asks ``sysctl`` for its performance cores, and elsewhere (Windows) half the logical
+CPUs stand in, as if each core ran two hardware threads. Left out: container CPU quotas (``docker
+--cpus``), which limit time, not CPUs, and hybrid x86 CPUs' efficiency cores (counted as cores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +31,74 @@ QUANTS = ("auto", "q4_1", "fp16", "none", "w4a8")
 def default_cache_dir() -> str:
     base = os.environ.get("LABSERVER_CACHE") or os.path.join(Path.home(), ".cache", "labserver")
     return str(base)
+
+
+def usable_cpus() -> set[int]:
+    """The logical CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), else all."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity call, every CPU counts
+        return set(range(os.cpu_count() or 1))
+
+
+def cores_of(siblings: dict[int, str], cpus: set[int]) -> int:
+    """Distinct cores among ``cpus``, given each CPU's siblings (the CPUs of its core, as the kernel lists them).
+
+    >>> cores_of({0: "0,4", 1: "1,5", 4: "0,4", 5: "1,5"}, {0, 1, 4, 5})  # 2 cores of 2 hardware threads
+    2
+    >>> cores_of({0: "0,4", 1: "1,5", 4: "0,4", 5: "1,5"}, {0, 4})  # both threads of one core
+    1
+    """
+    return len({siblings[c] for c in cpus if c in siblings})
+
+
+def _linux_siblings() -> dict[int, str]:
+    siblings = {}
+    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
+        try:
+            siblings[int(cpu.name[3:])] = (cpu / "topology" / "thread_siblings_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+    if siblings:
+        return siblings
+    cpu = None  # no sysfs (some containers): /proc/cpuinfo's (physical id, core id) per processor
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = (x.strip() for x in line.partition(":"))
+        if key == "processor":
+            cpu, package = int(value), "0"
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and cpu is not None:
+            siblings[cpu] = f"{package}:{value}"
+    return siblings
+
+
+def _sysctl(name: str) -> int | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def physical_cores() -> int:
+    """How many threads the engine runs by default: the physical cores it may use (llama.cpp's default).
+
+    A second hardware thread on a core shares its vector units, so it adds little to compute-bound
+    products and takes a core's share of the memory bandwidth from the others.
+    """
+    usable = usable_cpus()
+    cores = None
+    if platform.system() == "Linux":
+        try:
+            cores = cores_of(_linux_siblings(), usable) or None
+        except OSError:
+            cores = None
+    elif platform.system() == "Darwin":  # Apple Silicon: the performance cores; the efficiency ones lag
+        cores = _sysctl("hw.perflevel0.physicalcpu") or _sysctl("hw.physicalcpu")
+    if cores is None:  # Windows and the rest: assume two hardware threads per core
+        cores = max(1, len(usable) // 2)
+    return max(1, min(cores, len(usable)))
 
 
 @dataclass(frozen=True)
@@ -43,7 +119,10 @@ class EngineConfig:
     # that change the tokens: w4a8. "auto": the fastest route measured on this machine among
     # those that keep float32's greedy tokens (``engine/calibrate.py``); with another dtype, "none".
     quant: str = "auto"
-    threads: int = 2
+    # None: chosen at the first start among the machine's physical cores, all but one and half of them,
+    # measured on the served route (``engine/calibrate.py``); a number is used as given (capped by the
+    # CPUs this process may use). The engine's ``config.threads`` is always the number that runs.
+    threads: int | None = None
     max_batch: int = 16  # sequences decoded together by the batched scheduler
     # The KV cache: blocks of ``block_size`` tokens in a pool of ``kv_cache_memory`` bytes ("auto": a
     # quarter of the machine's memory, at most what max_batch full contexts need; "2GiB", "500MB", a number
@@ -72,10 +151,11 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
         if self.quant not in ("auto", "none") and self.impl == "transformers":
             raise ValueError("quant needs the lean runner: use impl='auto' or 'lean'")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        # More torch threads than cores oversubscribes the CPU and makes every step slower.
-        object.__setattr__(self, "threads", min(self.threads, os.cpu_count() or 1))
+        if self.threads is not None:
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+                raise ValueError(f"threads must be an integer >= 1 (or None: measured), got {self.threads!r}")
+            # More torch threads than CPUs oversubscribes them and makes every step slower.
+            object.__setattr__(self, "threads", min(self.threads, len(usable_cpus())))
         for name in ("max_batch", "max_prompt_tokens", "max_tokens_limit", "max_prompt_chars", "block_size",
                      "max_num_batched_tokens"):
             if getattr(self, name) < 1:
@@ -97,7 +177,10 @@ class EngineConfig:
             "kv_cache_memory": os.environ.get("LABSERVER_KV_CACHE_MEMORY"),
         }
         if env["threads"] is not None:
-            env["threads"] = int(env["threads"])
+            try:
+                env["threads"] = int(env["threads"])
+            except ValueError:
+                raise ValueError(f"LABSERVER_THREADS must be a whole number, got {env['threads']!r}") from None
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - fields
         if unknown:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labserver import Engine, EngineConfig, Finish, PromptTooLong, SamplingParams, TokenEvent
-from labserver.engine.engine import decode_one_token, prefill
+from labserver.engine.runners import decode_one_token, prefill
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 

@@ -152,8 +152,9 @@ def test_auto_never_picks_a_route_whose_tokens_differ_however_fast(folder, tmp_p
 
 
 def test_explicit_and_transformers_routes_say_why(tiny_engine):
-    assert Engine(tiny_engine.source, tiny_engine.tokenizer, EngineConfig(quant="none")).route == {
-        "quant": "none", "why": "--quant none asked for", "measured_ms": {}, "excluded": {}}
+    assert Engine(tiny_engine.source, tiny_engine.tokenizer, EngineConfig(quant="none", threads=1)).route == {
+        "quant": "none", "why": "--quant none asked for", "measured_ms": {}, "excluded": {},
+        "threads": 1, "threads_why": "--threads 1 asked for"}
     bf16 = make_runner(tiny_engine.source, EngineConfig(dtype="bfloat16"), 64)
     assert bf16.route.quant == "none" and bf16.name == "lean-bfloat16" and "bfloat16" in bf16.route.why
     hf = make_runner(tiny_engine.source, EngineConfig(impl="transformers"), 64)

@@ -1,4 +1,5 @@
-"""``--quant auto``: the fastest weight format measured on this machine among those that keep float32's tokens.
+"""The first start's measurements: the fastest weight format among those that keep float32's tokens
+(``--quant auto``), then the fastest thread count for it (unless ``--threads`` says).
 
 No rule of thumb survives two CPUs: on an AVX2 laptop the q4_1 blocks (portable C there) stepped in 81 ms
 while float16 took 21 and float32 37; on an AVX-512 one the same blocks take 5-8 ms. So at the first start
@@ -15,9 +16,27 @@ starts read it and build only the winner. Delete the file to measure again.
 ...       "none": Trial(36.5, True)})
 'none'
 
+Threads: a laptop's 8 or 10 cores are not 2, and no rule says how many a step wants (a decode step reads
+the weights and stops gaining once memory is saturated; a prefill computes and gains from every core). So
+the served route is timed at the machine's physical cores (``config.physical_cores``), all but one (a core
+left to the event loop and the rest of the process) and half of them: a prefill of a fixed prompt and a
+few decode steps each, in turns. The fastest decode step wins, since every token of every stream pays it;
+prefill decides only between counts whose decode steps are within ``DECODE_TIE`` (5%) of the fastest, which
+the noise of a shared machine cannot tell apart; then fewer threads. The choice is kept in
+``<cache_dir>/threads/<key>.json`` like the route's. ``--threads N`` (``LABSERVER_THREADS``) measures
+nothing. On a 2-core machine the counts are 2 and 1.
+
+>>> pick_threads({8: ThreadTrial(5.0, 40.0), 7: ThreadTrial(5.1, 44.0), 4: ThreadTrial(6.5, 70.0)})
+8
+>>> pick_threads({8: ThreadTrial(5.2, 40.0), 7: ThreadTrial(5.0, 44.0), 4: ThreadTrial(6.5, 70.0)})
+8
+>>> pick_threads({8: ThreadTrial(7.0, 40.0), 7: ThreadTrial(5.0, 44.0), 4: ThreadTrial(5.1, 70.0)})
+7
+
 Left out: batches (the ranking is of one sequence's step; the rank of 8-row steps can differ), routes
-that change the tokens (w4a8, bfloat16, int8, int4: opt-in, ``make bench`` prints their agreement), and
-re-measuring when the machine was busy at the first start (the file keeps what was measured).
+that change the tokens (w4a8, bfloat16, int8, int4: opt-in, ``make bench`` prints their agreement),
+re-measuring when the machine was busy at the first start (the files keep what was measured), and every
+route at every thread count (the routes are ranked at the physical cores, then the winner's count chosen).
 """
 
 from __future__ import annotations
@@ -33,12 +52,15 @@ from typing import Callable
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, physical_cores
 from ..model import formats, kernels
 
 PROMPT_TOKENS, STEPS = 12, 16  # a fixed prompt, then greedy steps: the check and the first timing
 ROUNDS = 3  # timings of each route that agrees, in turns; its best step counts
 VERSION = 1  # of the measurement; a change measures again
+THREAD_PROMPT, THREAD_STEPS, THREAD_ROUNDS = 64, 4, 2  # per thread count and round: cheap on 2 cores too
+DECODE_TIE = 1.05  # decode steps this close to the fastest are a tie, which the prefill then breaks
+THREADS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -56,10 +78,12 @@ class Route:
     why: str
     measured_ms: dict[str, float] = field(default_factory=dict)  # route -> best decode step, this CPU
     excluded: dict[str, str] = field(default_factory=dict)  # route -> why auto may not pick it
+    threads: int | None = None  # None until chosen (``choose``, or ``settle_threads`` for other runners)
+    threads_why: str = ""  # "4 threads: fastest decode of 8/7/4 measured now (...)", "--threads 2 asked for"
 
     def to_dict(self) -> dict:
         return {"quant": self.quant, "why": self.why, "measured_ms": dict(self.measured_ms),
-                "excluded": dict(self.excluded)}
+                "excluded": dict(self.excluded), "threads": self.threads, "threads_why": self.threads_why}
 
 
 def rank(trials: dict[str, Trial]) -> str | None:
@@ -149,13 +173,13 @@ def route_key(model, config: EngineConfig) -> dict | None:
         return None
     ok, why = kernels.available()
     return {"version": VERSION, "cpu": cpu_identity(), "kernels": kernels.library_file() if ok else f"none: {why}",
-            "model": identity, "torch": torch.__version__, "threads": config.threads,
+            "model": identity, "torch": torch.__version__, "threads": config.threads or physical_cores(),
             "candidates": [f.name for f in formats.auto_candidates()]}
 
 
-def cache_path(config: EngineConfig, key: dict) -> Path:
+def cache_path(config: EngineConfig, key: dict, folder: str = "routes") -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(config.cache_dir) / "routes" / f"{digest}.json"
+    return Path(config.cache_dir) / folder / f"{digest}.json"
 
 
 def _read(path: Path, key: dict) -> dict | None:
@@ -163,22 +187,21 @@ def _read(path: Path, key: dict) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = saved.get("key") == key and saved.get("quant") in formats.FORMATS
-    return saved if ok else None
+    return saved if saved.get("key") == key else None
 
 
-def _write(path: Path, key: dict, route: Route) -> None:
+def _write(path: Path, key: dict, values: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, **route.to_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                             time.gmtime())}, indent=1))
+        tmp.write_text(json.dumps({"key": key, **values, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                    time.gmtime())}, indent=1))
         tmp.replace(path)  # readers see the whole file or none
     except OSError:  # a read-only cache costs a measurement at the next start, nothing more
         pass
 
 
-def choose(model, config: EngineConfig, build: Callable[[str], object], trial=greedy_trial):
+def choose_route(model, config: EngineConfig, build: Callable[[str], object], trial=greedy_trial):
     """``(Route, model or None)`` for ``config.quant``; the model is auto's winner when it was built here.
 
     ``build(quant)`` makes a ``LeanLlama`` of ``model`` in that format, its pool holding one sequence.
@@ -190,7 +213,7 @@ def choose(model, config: EngineConfig, build: Callable[[str], object], trial=gr
     key = route_key(model, config)
     path = cache_path(config, key) if key else None
     saved = _read(path, key) if path else None
-    if saved is not None:
+    if saved is not None and saved.get("quant") in formats.FORMATS:
         measured, excluded = saved["measured_ms"], saved["excluded"]
         why = f"fastest with float32's tokens, measured at a first start: {summary(measured, excluded)} ({path})"
         return Route(saved["quant"], why, measured, excluded), None
@@ -203,5 +226,142 @@ def choose(model, config: EngineConfig, build: Callable[[str], object], trial=gr
     why = f"fastest with float32's tokens, measured now: {summary(measured, excluded)}"
     route = Route(best, why, measured, excluded)
     if path is not None:
-        _write(path, key, route)
+        _write(path, key, {k: v for k, v in route.to_dict().items() if not k.startswith("threads")})
     return route, kept
+
+
+# -- threads ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThreadTrial:
+    decode_ms: float  # best decode step of one sequence
+    prefill_ms: float  # best prefill of the fixed prompt
+
+
+def thread_candidates(cores: int) -> list[int]:
+    """The counts timed: all ``cores``, all but one, half; distinct, most first.
+
+    >>> thread_candidates(8), thread_candidates(10), thread_candidates(2), thread_candidates(1)
+    ([8, 7, 4], [10, 9, 5], [2, 1], [1])
+    """
+    return sorted({cores, max(1, cores - 1), max(1, cores // 2)}, reverse=True)
+
+
+def pick_threads(trials: dict[int, ThreadTrial]) -> int:
+    """The fastest decode; among decodes within ``DECODE_TIE`` of it, the fastest prefill; then fewer threads."""
+    fastest = min(t.decode_ms for t in trials.values())
+    tied = [n for n, t in trials.items() if t.decode_ms <= fastest * DECODE_TIE]
+    return min(tied, key=lambda n: (trials[n].prefill_ms, n))
+
+
+def thread_trial(lean, threads: int) -> ThreadTrial:
+    """A prefill of a fixed prompt and ``THREAD_STEPS`` decode steps on ``lean`` at ``threads`` threads
+    (``torch.set_num_threads`` is per calling thread, and the C kernels run on its OpenMP team)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    length = max(1, min(THREAD_PROMPT, lean.cache.max_len - THREAD_STEPS - 1))
+    prompt = torch.randint(0, lean.vocab, (length,), generator=g).tolist()
+    slot = lean.cache.allocate()
+    try:
+        start = time.perf_counter()
+        token = int(lean.prefill(prompt, slot).argmax())
+        prefill_ms, best = (time.perf_counter() - start) * 1000, float("inf")
+        for _ in range(THREAD_STEPS):
+            start = time.perf_counter()
+            token = int(lean.decode([token], [slot])[0].argmax())
+            best = min(best, time.perf_counter() - start)
+    finally:
+        lean.cache.release(slot)
+    return ThreadTrial(best * 1000, prefill_ms)
+
+
+def measure_threads(lean, candidates: list[int], timing=None) -> dict[int, ThreadTrial]:
+    """Each count's best decode step and prefill over ``THREAD_ROUNDS`` rounds, taken in turns so that a
+    passing load weighs on every count alike. ``timing(lean, threads)``: ``thread_trial`` unless given."""
+    timing = timing or thread_trial  # looked up now: tests replace the module's thread_trial
+    trials: dict[int, ThreadTrial] = {}
+    for _ in range(THREAD_ROUNDS):
+        for n in candidates:
+            t, old = timing(lean, n), trials.get(n)
+            trials[n] = t if old is None else ThreadTrial(min(t.decode_ms, old.decode_ms),
+                                                          min(t.prefill_ms, old.prefill_ms))
+    return trials
+
+
+def threads_why(trials: dict[int, ThreadTrial], chosen: int, when: str) -> str:
+    """"4 threads: fastest decode of 8/7/4 measured now (decode 5.3/5.2/5.0 ms, prefill 40/44/61 ms)"."""
+    counts = "/".join(str(n) for n in trials)
+    numbers = (f"decode {'/'.join(f'{t.decode_ms:.1f}' for t in trials.values())} ms, "
+               f"prefill {'/'.join(f'{t.prefill_ms:.0f}' for t in trials.values())} ms")
+    fastest = min(trials, key=lambda n: trials[n].decode_ms)
+    rule = (f"fastest decode of {counts}" if chosen == fastest else
+            f"decode within {round((DECODE_TIE - 1) * 100)}% of the fastest of {counts}, and the fastest prefill")
+    return f"{chosen} thread{'s' * (chosen != 1)}: {rule} measured {when} ({numbers})"
+
+
+def thread_key(model, config: EngineConfig, quant: str, candidates: list[int]) -> dict | None:
+    """What the thread count's measurement depends on; None when the model cannot be named."""
+    identity = model_identity(model)
+    if identity is None:
+        return None
+    ok, why = kernels.available()
+    return {"version": THREADS_VERSION, "cpu": cpu_identity(), "kernels": kernels.library_file() if ok else "none",
+            "model": identity, "torch": torch.__version__, "quant": quant, "dtype": config.dtype,
+            "candidates": candidates}
+
+
+def choose_threads(model, config: EngineConfig, quant: str, build: Callable[[str], object], lean=None,
+                   timing=None):
+    """``(threads, why, model or None)``: ``config.threads`` as asked, else the cached choice, else measured
+    on ``lean`` (built here if None, and returned so that the engine need not build it again)."""
+    if config.threads is not None:
+        return config.threads, f"--threads {config.threads} asked for", lean
+    candidates = thread_candidates(physical_cores())
+    if len(candidates) == 1:
+        return 1, "1 thread: this process may use one core", lean
+    key = thread_key(model, config, quant, candidates)
+    path = cache_path(config, key, "threads") if key else None
+    saved = _read(path, key) if path else None
+    if saved is not None and saved.get("threads") in candidates:
+        trials = {int(n): ThreadTrial(*t) for n, t in saved["trials"].items()}
+        return saved["threads"], f"{threads_why(trials, saved['threads'], 'at a first start')} ({path})", lean
+    lean = lean if lean is not None else build(quant)
+    trials = measure_threads(lean, candidates, timing)
+    chosen = pick_threads(trials)
+    if path is not None:
+        _write(path, key, {"threads": chosen, "trials": {n: [t.decode_ms, t.prefill_ms] for n, t in trials.items()}})
+    return chosen, threads_why(trials, chosen, "now"), lean
+
+
+def settle_threads(route: Route, config: EngineConfig) -> Route:
+    """``route`` with its thread count: as ``choose`` measured it, else as asked, else the physical cores
+    (the transformers and fake runners are not measured)."""
+    if route.threads is not None:
+        return route
+    if config.threads is not None:
+        return replace(route, threads=config.threads, threads_why=f"--threads {config.threads} asked for")
+    n = physical_cores()
+    return replace(route, threads=n, threads_why=f"{n} thread{'s' * (n != 1)}: the physical cores this process may "
+                                                  "use (counts are measured for the lean runner only)")
+
+
+def kernels_note(quant: str) -> str:
+    """What the C kernels' build gave up, for a route that runs on them ("" when nothing)."""
+    ok, how = kernels.available()
+    return f"; C kernels {how}" if ok and how and formats.get(quant).needs_compiler else ""
+
+
+def choose(model, config: EngineConfig, build: Callable[[str], object], trial=greedy_trial, timing=None):
+    """``(Route, model or None)`` for ``config``: the weight format (``choose_route``) and the thread count
+    (``choose_threads``); the model is one built here for a measurement, with one cache slot.
+
+    ``build(quant)`` makes a ``LeanLlama`` of ``model`` in that format, with one cache slot. The routes are
+    timed at ``config.threads``, or at the physical cores when the count is measured after them.
+    """
+    before = torch.get_num_threads()  # per calling thread: put back for a caller that keeps running
+    try:
+        torch.set_num_threads(config.threads or physical_cores())
+        route, kept = choose_route(model, config, build, trial)
+        threads, why, kept = choose_threads(model, config, route.quant, build, kept, timing)
+    finally:
+        torch.set_num_threads(before)
+    return replace(route, why=route.why + kernels_note(route.quant), threads=threads, threads_why=why), kept

@@ -18,6 +18,7 @@ the model on its own thread (see ``core.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import closing
@@ -28,9 +29,11 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from .kv_cache import KVCacheManager
 from .output import OutputProcessor
-from .prompts import PromptEncoder, PromptTooLong  # noqa: F401  (PromptTooLong: raised by Engine.begin)
+from . import calibrate
+from .prompts import PromptEncoder
 from .protocols import Runner
-from .runners import decode_one_token, make_runner, prefill  # noqa: F401  (prefill, decode_one_token: API)
+from .loading import off_thread
+from .runners import make_runner
 from .sequence import Completion, Finish, Sequence, TokenEvent, TokenOutput, collect, max_new_tokens
 
 
@@ -51,31 +54,6 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def off_thread(fn, *args):
-    """Run one-off torch work (loading, converting weights) on a short-lived thread, and return its result.
-
-    libgomp keeps the OpenMP workers of every thread that has run a parallel region for as long as that
-    thread lives. Once they outnumber the cores it stops spinning between regions, and every decode step
-    then pays for waking its workers: 1.7x slower steps on the engine thread, measured here, if the
-    long-lived main thread had built the model. A thread that exits takes its workers with it.
-    """
-    result: list = []
-
-    def work():
-        try:
-            result.append((True, fn(*args)))
-        except BaseException as exc:  # re-raised on the caller's thread
-            result.append((False, exc))
-
-    thread = threading.Thread(target=work, name="labserver-load")
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
 
 
 class Engine(PromptEncoder):
@@ -99,9 +77,14 @@ class Engine(PromptEncoder):
         if runner is not None:  # e.g. fake.FakeRunner: no model behind it, its own context length
             self.runner, self.context_len = runner, runner.context_len
         else:
-            torch.set_num_threads(config.threads)
             self.context_len = int(getattr(model.config, "max_position_embeddings", 2048))
             self.runner: Runner = off_thread(make_runner, model, config, self.context_len)
+        # The count chosen at the first start (or asked for) becomes the config every thread that runs the
+        # model reads (the engine thread sets it on itself: the setting is per calling thread).
+        self.runner.route = calibrate.settle_threads(self.runner.route, config)
+        self.config = dataclasses.replace(config, threads=self.runner.route.threads)
+        if runner is None:
+            torch.set_num_threads(self.config.threads)
         # The KV blocks are the engine's to hand out; a runner without a paged cache (transformers) has none.
         layout = getattr(self.runner, "kv_layout", None)
         self.kv = None if layout is None else KVCacheManager(*layout, prefix_caching=config.prefix_caching)
@@ -110,7 +93,7 @@ class Engine(PromptEncoder):
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "Engine":
-        from .loading import load_for_serving
+        from .loading import load_for_serving  # transformers and friends only for those who load a model
 
         config = config or EngineConfig.from_env()
         return cls(*off_thread(load_for_serving, config), config)

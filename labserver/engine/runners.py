@@ -104,9 +104,9 @@ class LeanRunner:
         self.name = "lean-" + ("+".join(self.lean.formats()) if fmt.blocks else
                                config.dtype if fmt.name == "none" else fmt.name)
         gib = self.lean.cache.num_blocks * self.lean.cache.bytes_per_block / 2**30
-        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}; "
-              f"KV pool {gib:.2f} GiB at most ({self.lean.cache.num_blocks * config.block_size} tokens)",
-              file=sys.stderr, flush=True)
+        print(f"labserver: weights {self.route.quant} ({self.name}, {kernels.path() or 'no'} kernels): {self.route.why}"
+              f"; {self.route.threads_why}; KV pool {gib:.2f} GiB at most "
+              f"({self.lean.cache.num_blocks * config.block_size} tokens)", file=sys.stderr, flush=True)
 
     @property
     def free_slots(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..config import SamplingParams
-from ..engine.engine import off_thread
+from ..engine.loading import off_thread
 from .display import LABELS, PROMPT, print_table, show_source
 from .runs import ThreadRecorder, measure, plot_runs, runs_table
 from .sizing import measure_speed, probe_interval_ms, tokens_for

@@ -16,7 +16,8 @@ from .probes import HealthProbe
 from .protocols import LABSERVER
 from .stats import summarize
 from ..config import SamplingParams
-from ..engine.engine import Finish, off_thread
+from ..engine.loading import off_thread
+from ..engine.sequence import Finish
 from ..serve.app import create_app
 from ..serve.flask_app import create_flask_app
 from ..serve.background import FlaskServer, UvicornServer

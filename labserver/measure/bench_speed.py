@@ -34,7 +34,8 @@ from .probes import HealthProbe
 from .stats import aggregate_tokens_per_s, summarize
 from .tables import format_table
 from ..config import SamplingParams
-from ..engine.engine import Engine, off_thread
+from ..engine.engine import Engine
+from ..engine.loading import off_thread
 from ..engine.runners import LeanRunner
 from ..serve.app import create_app
 from ..serve.background import UvicornServer

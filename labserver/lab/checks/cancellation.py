@@ -7,7 +7,7 @@ from typing import Callable
 
 import httpx
 
-from ...engine.engine import off_thread
+from ...engine.loading import off_thread
 from ...engine.fake import fake_engine
 from ...measure.client import stream_generate
 from ..cancellation import hang_up, start_json_app, wait_idle
