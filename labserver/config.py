@@ -161,6 +161,9 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         kv_cache_bytes(self.kv_cache_memory, per_token=1)  # raises ValueError on a bad spelling
+        if self.max_num_batched_tokens <= self.max_batch:  # decode tokens alone could fill every forward
+            raise ValueError(f"max_num_batched_tokens must be > max_batch ({self.max_batch}) so that a prompt "
+                             f"always gets some of each forward, got {self.max_num_batched_tokens}")
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":

@@ -120,7 +120,7 @@ def numbered(policy, reqs):
 
 
 def test_batched_feeds_decodes_first_then_chunks_of_a_long_prompt_within_the_budget():
-    engine = engine_of(max_num_batched_tokens=8)
+    engine = engine_of(max_num_batched_tokens=8, max_batch=4)
     reqs = [request(engine, 3), request(engine, 2), request(engine, 20)]
     policy = numbered(Batched.of(engine.config), reqs)
     assert run_step(engine, policy) == [(0, 3), (1, 2), (2, 3)]  # newcomers in order, the budget's rest

@@ -11,7 +11,11 @@ Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs co
       `run_in_executor`, the pattern of the first streaming version);
   (d) the Flask baseline, blocking: TTFT is the whole response;
   (e) /health probed while `concurrency` generations run on each server;
-  (f-h) the speed figures of ``bench_speed.py`` (skipped for engines without a model runner).
+  (f-h) the speed figures of ``bench_speed.py`` (skipped for engines without a model runner);
+  (i) the default backend again at stream intervals 4 and 16 (``--stream-interval``): the server step
+      while streaming against the engine alone (P0), and the whole streamed answer against Flask's;
+  (j) the KV cache (``bench_kv.py``): resident memory after one 3.75k-token request against its own K/V,
+      and the long-prompt trade-off of chunked prefill for a few token budgets.
 
 The figures (P0-P3 ratios of medians; P5, P6_hf of best-of-3 steps, see ``bench_speed.py``), with a
 goal where the project commits to one (``GOALS``, ``SPEED_GOALS``: they decide ``all_pass``); the
@@ -31,6 +35,12 @@ others are printed to compare:
       per-stream rates and /health p99 alongside)
   P8  seconds from `python -m labserver serve` to a /health answer          goal <= 3 s
       (P8_first_token_s alongside)
+  P9  the streamed answer's E2E / Flask's, at stream interval 1 (P9_interval_4, P9_interval_16 and
+      P0_interval_4, P0_interval_16 alongside: what the knob buys)
+  P10 RSS growth after one 3.75k-token request / that request's own K/V     goal <= 1.5
+  P11 longest gap of 4 running streams while a 1.5k-token prompt is prefilled / that prompt's TTFT, at
+      the default max_num_batched_tokens (the trade-off for other budgets in the table; make bench-peer
+      holds it to <= 0.2 beside llama-server)
 
 With `--url URL` it measures a server that is already running instead (ours, or any OpenAI-compatible
 one with `--openai` / `--openai-chat`: vLLM, SGLang, llama.cpp): sequential streams, then `concurrency`
@@ -49,6 +59,8 @@ from pathlib import Path
 
 from .bench_backends import (sequential, engine_alone, fresh_prompt, measure_fastapi,  # noqa: F401 (API)
                              measure_flask, measure_url)
+from .bench_kv import chunk_tradeoff, rss_growth
+from .bench_kv import report as kv_report
 from .bench_speed import run_speed, speed_tables
 from .tables import format_table
 from .client import DEFAULT_PROMPT
@@ -71,10 +83,13 @@ SPEED_GOALS = {
     "P5": ("<=", 1.5),
     "P6_hf": ("<=", 0.5),
     "P8_ready_s": ("<=", 3.0),
+    "P10_kv_rss": ("<=", 1.5),
 }
+STREAM_INTERVALS = (4, 16)
 # Printed beside the goals, to compare; no target.
 INFORMATIVE = ("P0_executor", "P3", "P4_flask_p99_ms", "P7", "P7_w4a8", "P7_per_stream_spread",
-               "P7_health_p99_ms", "P8_first_token_s")
+               "P7_health_p99_ms", "P8_first_token_s", "P9", *(f"P{p}_interval_{n}" for n in STREAM_INTERVALS
+                                                               for p in ("P9", "P0")), "P11")
 
 
 def _ratio(a, b) -> float | None:
@@ -129,11 +144,25 @@ def run_bench(engine, max_tokens: int = 64, runs: int = 3, concurrency: int = 4,
     if process:
         result.update(backend_figures(proc, alone, "_process"))
         goals.update(PROCESS_GOALS)
+    result["P9"] = _ratio(fast["p50_e2e_ms"], flask["blocking"]["p50_e2e_ms"])
+    intervals = {}
+    for n in STREAM_INTERVALS:
+        log(f"(i) FastAPI, default backend, stream interval {n} ...")
+        intervals[n] = measure_fastapi(engine, "auto", prompt, max_tokens, runs, stream_interval=n)["stream"]
+        result[f"P9_interval_{n}"] = _ratio(intervals[n]["p50_e2e_ms"], flask["blocking"]["p50_e2e_ms"])
+        result[f"P0_interval_{n}"] = _ratio(intervals[n]["p50_step_ms"], alone["p50_step_ms"])
     if speed and engine.source is not None:  # the speed figures measure a model's weights; a fake has none
         result.update(run_speed(engine, log))
+        log("(j) the KV cache: memory of one long request, chunked prefill's trade-off ...")
+        kv = {"rss": rss_growth(engine), "chunks": chunk_tradeoff(engine, log=log)}
+        result["P10_kv_rss"] = kv["rss"]["growth_over_own_kv"]
+        default = next((r for r in kv["chunks"] if r["max_num_batched_tokens"] == engine.config.max_num_batched_tokens), {})
+        result["P11"] = default.get("gap_over_ttft")
+        result["raw_kv"] = kv
         goals.update(SPEED_GOALS)
     result["goals"], result["all_pass"] = judge(result, goals)
-    result["raw"] = {"engine_alone": alone, "fastapi": thread, "fastapi_executor": executor, "flask": flask}
+    result["raw"] = {"engine_alone": alone, "fastapi": thread, "fastapi_executor": executor, "flask": flask,
+                     "stream_intervals": intervals}
     if process:
         result["raw"]["fastapi_process"] = proc
     result["setup"] = {"model": engine.config.model, "runner": engine.runner.name,
@@ -182,8 +211,18 @@ def report(result: dict) -> str:
         ["Flask: /health p99 under load", result["P4_flask_p99_ms"], None],
     ]
     sections = [format_table(["figure (p50, ms)", f"engine thread ({kind})", "engine process"], rows)]
+    intervals = raw.get("stream_intervals") or {}
+    if intervals:
+        sections.append(format_table(["stream interval", "server step p50 ms", "client ITL p50 ms", "E2E p50 ms",
+                                      "E2E / Flask's"],
+                                     [[1, raw["fastapi"]["stream"]["p50_step_ms"], raw["fastapi"]["stream"]["p50_itl_ms"],
+                                       raw["fastapi"]["stream"]["p50_e2e_ms"], result.get("P9")]] +
+                                     [[n, s["p50_step_ms"], s["p50_itl_ms"], s["p50_e2e_ms"],
+                                       result.get(f"P9_interval_{n}")] for n, s in intervals.items()]))
     if "raw_speed" in result:
         sections += speed_tables(result["raw_speed"])
+    if "raw_kv" in result:
+        sections.append(kv_report(result["raw_kv"]))
     sections.append(format_table(["goal", "value", "target", "result"], [
         [name, g["value"], g["goal"], g["pass"]] for name, g in result["goals"].items()
     ] + [[name, result[name], "(compare)", None] for name in INFORMATIVE if name in result]))

@@ -19,6 +19,7 @@ from ..config import SamplingParams
 from ..engine.loading import off_thread
 from ..engine.sequence import Finish
 from ..serve.app import create_app
+from ..serve.limits import ServerLimits
 from ..serve.flask_app import create_flask_app
 from ..serve.background import FlaskServer, UvicornServer
 
@@ -95,7 +96,7 @@ def measure_url(url: str, protocol=LABSERVER, prompt: str = DEFAULT_PROMPT, max_
             "setup": {"max_tokens": max_tokens, "runs": runs, "concurrency": concurrency, "prompt": prompt}}
 
 
-def fastapi_app(engine, backend: str):
+def fastapi_app(engine, backend: str, stream_interval: int = 1):
     """The FastAPI app for ``backend``, its backend started. A ``"process"`` backend starts its engine
     process now (loading a model there may take longer than a server may take to start), from a
     ``Frontend``: the engine's tokenizer and limits, for the API side."""
@@ -103,13 +104,14 @@ def fastapi_app(engine, backend: str):
         from ..serve.process.frontend import Frontend
 
         engine = Frontend.of(engine)
-    app = create_app(engine, backend=backend)
+    app = create_app(engine, backend=backend, limits=ServerLimits(stream_interval=stream_interval))
     app.state.backend.start()
     return app
 
 
-def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0) -> dict:
-    app = fastapi_app(engine, backend)
+def measure_fastapi(engine, backend: str, prompt: str, max_tokens: int, runs: int, concurrency: int = 0,
+                    stream_interval: int = 1) -> dict:
+    app = fastapi_app(engine, backend, stream_interval)
     try:
         with UvicornServer(app) as server:
             out = {"backend": app.state.backend.kind,
