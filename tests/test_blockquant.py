@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from labserver.model import blocks as blockquant, kernels
+from labserver.model import toolchain
 from labserver.config import EngineConfig, SamplingParams
 from labserver.engine.engine import Engine
 from labserver.model.llama import Fp16, LeanLlama
@@ -25,7 +26,7 @@ def on_grid(w, kind="q4_1"):
 
 def test_the_kernels_build_here():
     assert kernels.available() == (True, "")
-    assert kernels.build() == kernels.build()  # cached: the second call compiles nothing
+    assert toolchain.build() == toolchain.build()  # cached: the second call compiles nothing
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
@@ -175,7 +176,7 @@ def test_the_portable_c_paths_agree_with_the_native_ones(grid, tmp_path, quant):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the native build is the portable one here")
     rows, product_atol, logits_atol = PORTABLE[quant]
-    portable = kernels.load(kernels.build(arch="x86-64"))
+    portable = toolchain.load(toolchain.build(arch="x86-64"))
     blocks = LeanLlama(grid, quant=quant, max_len=32, num_blocks=4)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
     for native in (blocks.layers[0]["gate_up"], blocks.lm_head):  # w4a8: also the output matrix's w8a8

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from labserver.model import kernels
-from labserver.model.kernels import Rung, ladder
+from labserver.model import toolchain
+from labserver.model.toolchain import Rung, ladder
 from tests.test_blockquant import grid_llama
 from tests import test_kernel_paths as paths  # its checks, called on each build here (a module: not collected twice)
 from tests.test_kernels_c import AARCH64_SYSROOT, SOURCES as HARNESS_SOURCES, run as run_harness
@@ -65,7 +66,7 @@ def calls(log: Path) -> int:
 
 
 def features(lib) -> set[str]:
-    return set(kernels.describe(lib)[1].split())
+    return set(toolchain.describe(lib)[1].split())
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +97,13 @@ def test_the_ladder_for_each_machine():
 def test_a_compiler_like_apples_still_builds_the_kernels(apple, monkeypatch):
     script, log, cache = apple
     monkeypatch.setenv("CC", str(script))
-    lib, rung, why = kernels.climb(ladder(), cache)
+    lib, rung, why = toolchain.climb(ladder(), cache)
     assert "openmp" not in features(lib) and "single-thread" in features(lib)
     assert "built without OpenMP (the kernels run on the calling thread): the compiler rejected -fopenmp " \
            "(clang: error: unsupported option '-fopenmp')" in why
     assert "the compiler rejected -march=native (clang: error: the clang compiler does not support" in why
-    if X86 and kernels.x86_level(set(kernels._cpu_flags().partition(":")[2].split())):
-        assert rung.target[0].startswith("-march=x86-64-v") and kernels.describe(lib)[0] in ("avx2", "avx512")
+    if X86 and toolchain.x86_level(set(toolchain._cpu_flags().partition(":")[2].split())):
+        assert rung.target[0].startswith("-march=x86-64-v") and toolchain.describe(lib)[0] in ("avx2", "avx512")
     for rows in (1, 3):  # the products of that build are right
         paths.test_the_weights_are_rounded_twice_on_every_path(lib, rows)
     paths.test_products_stay_within_the_float32_bound_on_every_path(lib, 8)
@@ -110,7 +111,7 @@ def test_a_compiler_like_apples_still_builds_the_kernels(apple, monkeypatch):
 
     # The next start builds nothing and tries no rung that failed: the library and the record are cached.
     before = calls(log)
-    again, again_rung, again_why = kernels.climb(ladder(), cache)
+    again, again_rung, again_why = toolchain.climb(ladder(), cache)
     assert calls(log) == before and again._name == lib._name and (again_rung, again_why) == (rung, why)
     records = list((cache / "kernels").glob("ladder-*.json"))
     assert len(records) == 1 and "-march=native -fopenmp" in json.loads(records[0].read_text())["failed"]
@@ -163,10 +164,10 @@ def test_a_cc_that_is_not_there_is_no_compiler(tmp_path, monkeypatch):
     """``CC`` set to a missing path: no compiler, even though cc is on PATH (the student meant that one)."""
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(RuntimeError, match=r"no C compiler: \$CC is '/nonexistent/cc', which is not found"):
-        kernels.climb(ladder(), tmp_path)
+        toolchain.climb(ladder(), tmp_path)
     assert not (tmp_path / "kernels").exists()  # nothing tried, nothing remembered
     monkeypatch.setenv("CC", "")  # empty is unset: the usual search
-    assert kernels.compiler()[0] == (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+    assert toolchain.compiler()[0] == (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
 
 
 @POSIX
@@ -177,10 +178,10 @@ def test_a_compiler_that_builds_nothing_is_tried_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(script))
     rungs = ladder()
     with pytest.raises(RuntimeError, match="each tried once") as first:
-        kernels.climb(rungs, tmp_path)
+        toolchain.climb(rungs, tmp_path)
     assert calls(log) == len(rungs) and "cc: error: this compiler builds nothing" in str(first.value)
     with pytest.raises(RuntimeError, match="each tried once"):
-        kernels.climb(rungs, tmp_path)
+        toolchain.climb(rungs, tmp_path)
     assert calls(log) == len(rungs)  # the next start tries none of them
 
 
@@ -205,7 +206,7 @@ def harness(compiler: list[str], rung: Rung, out: Path, runner=()) -> tuple[str,
 @pytest.mark.skipif(shutil.which("clang") is None, reason="no clang (Debian: apt-get install clang)")
 def test_debians_clang_builds_the_kernels_and_they_pass_their_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "clang")
-    lib, rung, why = kernels.climb(ladder(), tmp_path)
+    lib, rung, why = toolchain.climb(ladder(), tmp_path)
     has_openmp = "openmp" in features(lib)
     assert has_openmp == (rung.threads == "-fopenmp") and (has_openmp or "rejected -fopenmp" in why)
     for rows in (1, 3, 64):
@@ -219,8 +220,8 @@ def test_debians_clang_builds_the_kernels_and_they_pass_their_checks(tmp_path, m
         grid = grid_llama(tie_word_embeddings=False, num_hidden_layers=4)
         ours, theirs = paths.run_on(lib, grid, "w4a8", paths.IDS_STEP), paths.run_on(reference, grid, "w4a8", paths.IDS_STEP)
         assert all(a.equal(b) for a, b in zip(ours, theirs))
-    path, shown = harness(kernels.compiler(), rung, tmp_path)
-    assert path == kernels.describe(lib)[0] and ("openmp" in shown) == has_openmp
+    path, shown = harness(toolchain.compiler(), rung, tmp_path)
+    assert path == toolchain.describe(lib)[0] and ("openmp" in shown) == has_openmp
 
 
 # -- arm64 under qemu, with a compiler that takes -mcpu=native only -------------------------------------------------
@@ -243,7 +244,7 @@ def test_arm64_with_a_compiler_that_refuses_march_native(tmp_path, monkeypatch):
     harness passes every check under qemu-aarch64."""
     script, log = stand_in(tmp_path, CROSS, "apple-clang-arm64", AS_CORTEX_A76)
     monkeypatch.setenv("CC", str(script))
-    library, rung, why = kernels.climb(ladder("native", True, "aarch64"), tmp_path, loader=Path)
+    library, rung, why = toolchain.climb(ladder("native", True, "aarch64"), tmp_path, loader=Path)
     assert rung == Rung(("-mcpu=native",), "-fopenmp-simd") and library.is_file()
     assert "built for -mcpu=native: the compiler rejected -march=native" in why and "rejected -fopenmp" in why
     path, shown = harness([str(script)], rung, tmp_path, [QEMU, "-L", AARCH64_SYSROOT, "-cpu", "max"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from labserver.model import blocks as blockquant, kernels
+from labserver.model import toolchain
 from labserver.model.llama import LeanLlama
 from tests.test_blockquant import grid_llama, on_grid
 from tests.test_lean_llama import lean_logits
@@ -56,7 +57,7 @@ IDS = [f"{a}{'' if omp else '-no-openmp'}" for a, omp, _ in PATHS]
 @pytest.fixture(scope="module", params=PATHS, ids=IDS)
 def lib(request):
     arch, openmp, _ = request.param
-    return kernels.load(kernels.build(arch=arch, openmp=openmp))
+    return toolchain.load(toolchain.build(arch=arch, openmp=openmp))
 
 
 def use(matrix, lib):
@@ -66,7 +67,7 @@ def use(matrix, lib):
 
 @pytest.mark.parametrize("arch,openmp,expected", PATHS, ids=IDS)
 def test_each_build_reports_its_path(arch, openmp, expected):
-    path, features = kernels.describe(kernels.load(kernels.build(arch=arch, openmp=openmp)))
+    path, features = toolchain.describe(toolchain.load(toolchain.build(arch=arch, openmp=openmp)))
     if expected is not None:
         assert path == expected
     assert ("openmp" in features.split()) == openmp
@@ -198,7 +199,7 @@ IDS_STEP = [5, 17, 99, 3, 42, 7, 11, 200, 31]
 
 @pytest.fixture(scope="module")
 def native_w4a8(grid):
-    return run_on(kernels.load(kernels.build()), grid, "w4a8", IDS_STEP)
+    return run_on(toolchain.load(toolchain.build()), grid, "w4a8", IDS_STEP)
 
 
 def test_the_w4a8_step_gives_the_same_bits_on_every_path(lib, grid, native_w4a8):

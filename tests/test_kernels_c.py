@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from labserver.model import kernels
+from labserver.model import toolchain
 
-SOURCES = [*sorted((kernels.HERE / "test").glob("*.c")), *kernels.SOURCES]
+SOURCES = [*sorted((toolchain.HERE / "test").glob("*.c")), *toolchain.SOURCES]
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.M)
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
@@ -33,7 +34,7 @@ AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 
 
 def host_compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # as kernels.build chooses
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # as toolchain.build chooses
 
 
 def cpu_has(*features: str) -> bool:
@@ -95,9 +96,9 @@ def has_openmp(compiler: str, out_dir: Path) -> bool:
 
 
 def harness_flags(arch: str, openmp: bool) -> list[str]:
-    """The flags kernels.build compiles the library with, for a program instead of a library."""
-    flags = [f for f in kernels.FLAGS if f != "-shared"]
-    return [*kernels.arch_flags(arch), *flags, "-fopenmp" if openmp else "-fopenmp-simd", "-lm"]
+    """The flags toolchain.build compiles the library with, for a program instead of a library."""
+    flags = [f for f in toolchain.FLAGS if f != "-shared"]
+    return [*toolchain.arch_flags(arch), *flags, "-fopenmp" if openmp else "-fopenmp-simd", "-lm"]
 
 
 @pytest.fixture(scope="module")

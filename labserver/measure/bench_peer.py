@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .bench import format_table, fresh_prompt
+from .bench_backends import fresh_prompt
+from .tables import format_table
 from .client import DEFAULT_PROMPT, run_concurrent, stream_generate
 from .peer import PeerServer, free_port, ensure_server, this_cpu
 from .protocols import LABSERVER, LLAMA_CPP

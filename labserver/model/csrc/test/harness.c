@@ -12,8 +12,8 @@
    tight enough to catch it.
 
    Build (tests/test_kernels_c.py does, for each path), from labserver/model/csrc:
-       cc test/harness.c test/a8_ref.c test/llama_ref.c test/llama_steps.c <kernels.SOURCES> -o harness
-          -march=... <kernels.FLAGS less -shared> -fopenmp -lm
+       cc test/harness.c test/a8_ref.c test/llama_ref.c test/llama_steps.c <toolchain.SOURCES> -o harness
+          -march=... <toolchain.FLAGS less -shared> -fopenmp -lm
    Left out: timing (benchmarks print speed; this only checks answers). */
 #include "harness.h"
 

@@ -1,4 +1,4 @@
-/* What the harness's files share: the kernels' entry points (as the sources in kernels.SOURCES define them), a
+/* What the harness's files share: the kernels' entry points (as the sources in toolchain.SOURCES define them), a
    fixed-seed generator, the error constants and the one-line-per-check report. */
 #ifndef LABSERVER_HARNESS_H
 #define LABSERVER_HARNESS_H
