@@ -191,3 +191,53 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# Goals beside llama-server (make bench-peer): ours / theirs on the same machine, client and tokens.
+PEER_GOALS = {"P12_prefix_ttft": ("<=", 1.0), "P13_gap_over_ttft": ("<=", 0.2), "P14_long_ttft": ("<=", 1.0)}
+
+
+def against_peer(engine, binary, gguf, threads: int = 2, prefix_tokens: int = 1339, long_tokens: int = 1557,
+                 streams: int = 4, parallel: int = 8, extra: tuple = (), log=print) -> dict:
+    """The shared-prefix and long-prompt experiments on our server and on ``llama-server -np parallel``
+    (its prompt cache on, as by default), one after the other: the P12-P14 ratios and both sides' figures."""
+    from ..serve.app import create_app
+    from ..serve.background import UvicornServer
+    from .bench_peer import OURS_EXTRA, Target
+    from .peer import PeerServer, free_port
+    from .protocols import LABSERVER, LLAMA_CPP
+
+    prefix, long_text = text_of_tokens(engine, prefix_tokens), text_of_tokens(engine, long_tokens)
+    out = {}
+    with PeerServer(binary, gguf, free_port(), threads, parallel=parallel, ctx=4096 * parallel, extra=extra) as peer, \
+         UvicornServer(create_app(engine)) as server:
+        targets = {"ours": Target("ours", server.url, LABSERVER, lambda t: t, OURS_EXTRA),
+                   "llama-server": Target("llama-server", peer.url, LLAMA_CPP, engine.encode,
+                                          {"ignore_eos": True, "cache_prompt": True})}
+        for name, target in targets.items():
+            target.one("Hello", 4)  # warm-up
+            log(f"  {name}: shared {prefix_tokens}-token prefix, then a {long_tokens}-token prompt among {streams} streams")
+            out[name] = {"shared_prefix": shared_prefix(target, prefix),
+                         "long_prompt": long_prompt_gap(target, long_text, streams)}
+    ours, theirs = out["ours"], out["llama-server"]
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    out["P12_prefix_ttft"] = ratio(ours["shared_prefix"]["later_p50_ms"], theirs["shared_prefix"]["later_p50_ms"])
+    out["P13_gap_over_ttft"] = ours["long_prompt"]["gap_over_ttft"]
+    out["P13_peer"] = theirs["long_prompt"]["gap_over_ttft"]
+    out["P14_long_ttft"] = ratio(ours["long_prompt"]["long_ttft_ms"], theirs["long_prompt"]["long_ttft_ms"])
+    return out
+
+
+def peer_report(kv: dict) -> str:
+    rows = []
+    for name in ("ours", "llama-server"):
+        s, g = kv[name]["shared_prefix"], kv[name]["long_prompt"]
+        rows.append([name, s["first_ms"], s["later_p50_ms"], g["long_ttft_ms"], g["longest_gap_ms"], g["gap_over_ttft"],
+                     g["itl_before_p50_ms"]])
+    table = format_table(["server", "shared prefix: first TTFT ms", "later TTFT p50 ms", "long prompt TTFT ms",
+                          "streams' longest gap ms", "gap / TTFT", "ITL before ms"], rows)
+    goals = ", ".join(f"{k} = {kv.get(k)} (goal {op} {v})" for k, (op, v) in PEER_GOALS.items())
+    return f"{table}\n{goals}; llama-server's gap / TTFT {kv.get('P13_peer')}"

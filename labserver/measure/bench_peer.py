@@ -13,6 +13,13 @@ alternate between them so that the load of other processes on the machine falls 
     P6_prefill = our TTFT p50 with a fresh prompt / llama-server -np 1's           (goal <= 1.0)
     P7_peer    = tokens/s of 8 concurrent streams through us / through -np 8       (goal >= 1.0)
 
+and the KV cache (``bench_kv.against_peer``, llama-server's prompt cache on as by default, -np 8):
+
+    P12_prefix_ttft = later requests' TTFT with a shared 1.3k-token opening, ours / theirs   (goal <= 1.0)
+    P13_gap_over_ttft = the longest gap of 4 running streams while a 1.5k-token prompt is
+                      prefilled, as a fraction of that prompt's TTFT (ours)                (goal <= 0.2)
+    P14_long_ttft   = that prompt's TTFT, ours / theirs                                    (goal <= 1.0)
+
 (`make bench`'s P7 is another ratio: 8 streams / one stream through us.)
 
 llama.cpp's threads spin at their barriers: on a CPU that other processes keep busy its step time
@@ -151,16 +158,22 @@ def problems(name: str, traces: list[Trace], max_tokens: int, prompt_tokens: Cal
 
 def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_tokens: int = MAX_TOKENS,
              routes: tuple[str, ...] = ("w4a8", "float32"), threads: int = 2, peer_binary: str | None = None,
-             log=print) -> dict:
+             log=print, kv: bool = True, kv_only: bool = False) -> dict:
     from ..config import EngineConfig
     from ..engine.engine import Engine
     from ..engine.loading import default_gguf_path
     from ..serve.app import create_app
     from ..serve.background import UvicornServer
 
+    from .bench_kv import against_peer
+
     gguf = default_gguf_path()
     binary, build_note, extra = (Path(peer_binary), "given", ()) if peer_binary else ensure_server(gguf, log=log)
     engine = Engine.from_config(EngineConfig.from_env(threads=threads))
+    if kv_only:
+        log("the KV cache against llama-server ...")
+        return {"kv": against_peer(engine, binary, gguf, threads, extra=extra, log=log), "cpu": this_cpu().describe(),
+                "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note, "args": list(extra)}}
     ids = engine.encode  # the chat template's ids; llama-server gets exactly these tokens
     count = iter(range(10**9))
 
@@ -199,10 +212,14 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
                 texts[target.name] = target.one(prompt, max_tokens).text
                 target.single = [target.one(p, max_tokens) for p in fresh(runs * repeats)]
             targets.append(target)
+    kv_result = None
+    if kv:
+        log("the KV cache against llama-server ...")
+        kv_result = against_peer(engine, binary, gguf, threads, extra=extra, log=log)
     setup = {"prompt": prompt, "prompt_tokens": len(ids(prompt)), "max_tokens": max_tokens, "repeats": repeats,
              "runs": runs, "streams": STREAMS, "threads": threads, "gguf": str(gguf), "peer_extra": PEER_EXTRA,
              "ours_extra": OURS_EXTRA}
-    return {**outcome(targets, routes, runs, max_tokens), "texts": texts, "cpu": this_cpu().describe(),
+    return {**outcome(targets, routes, runs, max_tokens), "texts": texts, "cpu": this_cpu().describe(), "kv": kv_result,
             "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note, "args": list(extra)}, "setup": setup}
 
 
@@ -261,6 +278,10 @@ def report(result: dict) -> str:
              f"{a['p50_outside_timers_ms']} ms ({a['causal']} causal); first-to-last token - predicted_ms p50 "
              f"{a['p50_span_minus_predicted_ms']} ms ({a['span_within']} within); tolerance: {a['tolerance']}"]
     lines += [f"warning: {p}" for p in result["problems"]]
+    if result.get("kv"):
+        from .bench_kv import peer_report
+
+        lines += ["", peer_report(result["kv"])]
     return "\n".join(lines)
 
 
@@ -273,9 +294,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--routes", default="w4a8,float32", help="further labserver routes ('' for none)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--peer-binary", help="a llama-server to use as it is (default: build one, cached)")
+    parser.add_argument("--kv-only", action="store_true", help="only the KV cache's figures (P12-P14)")
     args = parser.parse_args(argv)
     result = run_peer(args.prompt, args.repeats, args.runs, args.max_tokens,
-                      tuple(r for r in args.routes.split(",") if r), peer_binary=args.peer_binary)
+                      tuple(r for r in args.routes.split(",") if r), peer_binary=args.peer_binary, kv_only=args.kv_only)
+    if args.kv_only:
+        from .bench_kv import peer_report
+
+        out = Path(args.out).with_name("bench_peer_kv.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"CPU: {result['cpu']}; labserver: {result['kernels']}\n" + peer_report(result["kv"]))
+        return result
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -283,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bench.exists():  # the P figures join the others of `make bench`
         merged = json.loads(bench.read_text())
         merged.update({k: v for k, v in result.items() if k.startswith(("P6", "P7_peer")) and "rounds" not in k})
+        merged.update({k: v for k, v in (result.get("kv") or {}).items() if k.startswith("P1")})
         bench.write_text(json.dumps(merged, indent=2) + "\n")
     print(report(result))
     print(f"Wrote {out}")
