@@ -162,7 +162,8 @@ def test_a_build_that_crashes_without_amx_too_runs_without_repacking(monkeypatch
 
 
 def test_outcome_takes_p6_per_round_and_p7_from_the_n_stream_server():
-    from labserver.measure.bench_peer import STREAMS, Target, outcome
+    from labserver.measure.bench_peer import STREAMS, outcome
+    from labserver.measure.targets import Target
     from labserver.measure.client import LABSERVER
 
     def target(name, gap, protocol, rounds):

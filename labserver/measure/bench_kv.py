@@ -114,7 +114,7 @@ def chunk_tradeoff(engine, budgets=(64, 128, 256, 512, 4096), long_tokens: int =
     """``long_prompt_gap`` on our server once per token budget (the engine's config, restored after)."""
     from ..serve.app import create_app
     from ..serve.background import UvicornServer
-    from .bench_peer import OURS_EXTRA, Target
+    from .targets import OURS_EXTRA, Target
     from .protocols import LABSERVER
 
     long_text, rows, config = text_of_tokens(engine, long_tokens), [], engine.config
@@ -203,7 +203,7 @@ def against_peer(engine, binary, gguf, threads: int = 2, prefix_tokens: int = 13
     (its prompt cache on, as by default), one after the other: the P12-P14 ratios and both sides' figures."""
     from ..serve.app import create_app
     from ..serve.background import UvicornServer
-    from .bench_peer import OURS_EXTRA, Target
+    from .targets import OURS_EXTRA, Target
     from .peer import PeerServer, free_port
     from .protocols import LABSERVER, LLAMA_CPP
 

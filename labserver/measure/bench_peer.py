@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .bench_backends import fresh_prompt
 from .tables import format_table
-from .client import DEFAULT_PROMPT, run_concurrent, stream_generate
+from .client import DEFAULT_PROMPT
 from .peer import PeerServer, free_port, ensure_server, this_cpu
 from .protocols import LABSERVER, LLAMA_CPP
 from .stats import aggregate_tokens_per_s, percentiles
+from .targets import OURS_EXTRA, PEER_EXTRA, Target
 from .trace import Trace
 
 MAX_TOKENS = 64
@@ -51,29 +51,6 @@ STREAMS = 8
 # One SSE event's trip from the server's write to our parse on loopback: well under 1 ms when the CPU is
 # free, up to one scheduler time slice (a few ms) when the 2 cores are busy (see `timings_agreement`).
 DELIVERY_MS = 5.0
-PEER_EXTRA = {"ignore_eos": True, "cache_prompt": False}
-# Both servers are asked for exactly max_tokens: the answers never end early.
-OURS_EXTRA = {"ignore_eos": True}
-
-
-@dataclass
-class Target:
-    name: str
-    url: str
-    protocol: object
-    encode: Callable  # prompt text -> the body's "prompt"
-    extra: dict
-    single: list = field(default_factory=list)   # 1-stream traces, all rounds
-    rounds: list = field(default_factory=list)   # per round: the traces of STREAMS concurrent streams
-
-    def one(self, text: str, max_tokens: int) -> Trace:
-        return stream_generate(self.url, self.encode(text), max_tokens, 0.0, protocol=self.protocol, **self.extra)
-
-    def many(self, texts: list[str], max_tokens: int) -> list[Trace]:
-        return run_concurrent(self.url, [self.encode(t) for t in texts], max_tokens=max_tokens, temperature=0.0,
-                              protocol=self.protocol, **self.extra)
-
-
 # ---- pure parts: what the tests check -------------------------------------------------------------
 
 def _p50(values) -> float | None:
