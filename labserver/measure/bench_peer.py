@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bench_backends import fresh_prompt
+from .bench_kv import against_peer, peer_report
 from .tables import format_table
 from .client import DEFAULT_PROMPT
 from .peer import PeerServer, free_port, ensure_server, this_cpu
@@ -141,8 +142,6 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     from ..engine.loading import default_gguf_path
     from ..serve.app import create_app
     from ..serve.background import UvicornServer
-
-    from .bench_kv import against_peer
 
     gguf = default_gguf_path()
     binary, build_note, extra = (Path(peer_binary), "given", ()) if peer_binary else ensure_server(gguf, log=log)
@@ -256,8 +255,6 @@ def report(result: dict) -> str:
              f"{a['p50_span_minus_predicted_ms']} ms ({a['span_within']} within); tolerance: {a['tolerance']}"]
     lines += [f"warning: {p}" for p in result["problems"]]
     if result.get("kv"):
-        from .bench_kv import peer_report
-
         lines += ["", peer_report(result["kv"])]
     return "\n".join(lines)
 
@@ -276,8 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_peer(args.prompt, args.repeats, args.runs, args.max_tokens,
                       tuple(r for r in args.routes.split(",") if r), peer_binary=args.peer_binary, kv_only=args.kv_only)
     if args.kv_only:
-        from .bench_kv import peer_report
-
         out = Path(args.out).with_name("bench_peer_kv.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
