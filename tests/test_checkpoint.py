@@ -56,8 +56,9 @@ def test_checkpoint_builds_the_same_lean_model(tmp_path, tied):
     assert supports(checkpoint) and checkpoint.config.num_hidden_layers == 2
     ids = list(range(3, 40, 3))
     from_ckpt, from_hf = LeanLlama(checkpoint, max_len=64), LeanLlama(model, max_len=64)
-    assert torch.equal(from_ckpt.prefill(ids), from_hf.prefill(ids))
-    assert torch.equal(from_ckpt.decode([7], [0]), from_hf.decode([7], [0]))
+    table = list(range(from_ckpt.cache.blocks_for(len(ids) + 1)))
+    assert torch.equal(from_ckpt.prefill(ids, table), from_hf.prefill(ids, table))
+    assert torch.equal(from_ckpt.decode([7], [len(ids)], [table]), from_hf.decode([7], [len(ids)], [table]))
     # The transformers model is still there on demand, with the same weights.
     assert torch.equal(checkpoint.hf_model().lm_head.weight, model.lm_head.weight)
 

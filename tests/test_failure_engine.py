@@ -47,9 +47,11 @@ def test_health_reports_the_engine(kind):
         response = httpx.get(server.url + "/health", timeout=10)
     body = response.json()
     assert response.status_code == 200 and body["status"] == "ok"
+    kv = body["engine"].pop("kv")
     assert body["engine"] == {"alive": True, "pid": os.getpid(), "backend": kind, "route": "fake", "reason": None,
                               "running": 0, "waiting": 0, "restarts": 0, "no_progress_s": 0.0,
                               "prefilled": 0}
+    assert kv["blocks_used"] == 0 and kv["kv_cache_usage_perc"] == 0.0 and kv["prefix_caching"] is True
     assert body["running"] == 0 and body["backend"] == kind and body["model"] == "fake"  # the fields before
 
 

@@ -36,12 +36,14 @@ def test_non_streaming_body_by_hand(fake_engine):
     # The engine times each forward of the fake runner: at least its sleep (30 ms prefill, 10 ms a step).
     assert first.pop("step_ms") == first.pop("prefill_time_ms") >= 30 and second.pop("step_ms") >= 10
     assert [first, second] == [
-        {"token": " one", "token_id": 0, "index": 0},
-        {"token": " two", "token_id": 1, "index": 1, "batch": 1},  # the batched backend's decode step
+        {"token": " one", "token_id": 0, "index": 0, "batch": 1},  # the batched backend's forwards say how many
+        {"token": " two", "token_id": 1, "index": 1, "batch": 1},
     ]
     assert body["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert set(body["timings"]) == {"prefill_time_ms", "decode_time_ms", "mean_step_ms", "total_ms", "tokens_per_s"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert set(body["timings"]) == {"prefill_time_ms", "decode_time_ms", "mean_step_ms", "total_ms", "tokens_per_s",
+                                    "cached_tokens"}
 
 
 def test_stream_and_body_carry_the_same_information(fake_engine):

@@ -52,12 +52,13 @@ def test_stream_bytes_are_exact(fake_engine):
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
     assert TIMES.sub(rb"\1T", response.content) == (
-        b'data: {"token": " one", "token_id": 0, "index": 0, "step_ms": T, "prefill_time_ms": T}\n\n'
+        b'data: {"token": " one", "token_id": 0, "index": 0, "step_ms": T, "prefill_time_ms": T, "batch": 1}\n\n'
         b'data: {"token": " two", "token_id": 1, "index": 1, "step_ms": T, "batch": 1}\n\n'
         b'data: {"token": " three", "token_id": 2, "index": 2, "step_ms": T, "batch": 1}\n\n'
         b'data: {"finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 3, '
-        b'"total_tokens": 5}, "timings": {"prefill_time_ms": T, "decode_time_ms": T, '
-        b'"mean_step_ms": T, "total_ms": T, "tokens_per_s": T}}\n\n' + DONE_FRAME
+        b'"total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}, "timings": {"prefill_time_ms": T, '
+        b'"decode_time_ms": T, "mean_step_ms": T, "total_ms": T, "tokens_per_s": T, "cached_tokens": 0}}\n\n'
+        + DONE_FRAME
     )
     first, second, third, finish = [json.loads(line[6:]) for line in response.text.split("\n\n")[:4]]
     timings = finish["timings"]

@@ -70,7 +70,7 @@ class _DirectBackend(Backend):
     def health(self) -> EngineHealth:
         """Always alive: the engine runs in the caller's own process and thread, so it dies with it."""
         return EngineHealth(alive=True, pid=os.getpid(), backend=self.kind, route=self.engine.route["quant"],
-                            running=self.engine.running)
+                            running=self.engine.running, kv=self.engine.kv_report())
 
     def generate(self, prompt, params: SamplingParams) -> Completion:
         return self.engine.generate(prompt, params)
