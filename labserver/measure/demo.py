@@ -5,10 +5,11 @@
 Both servers run in background threads of this process and share the loaded model. The Flask answer
 appears all at once after a wait; the FastAPI answer appears token by token. /health is probed during
 each generation, then a table compares TTFT, total time, tokens/s and /health latency, and
-`out/demo.png` shows the same in pictures.
+`out/demo.png` shows the same in pictures. Two more rows stream the same answer with `--stream-interval`
+4 and 16 (tokens sent in groups): what that knob does to the total against Flask's.
 
 Left out: sampling (greedy, so both servers print the same text), concurrency (see `bench`), and any
-server configuration beyond the defaults.
+other server configuration.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .probes import HealthProbe
 from .trace import Trace
 from ..config import EngineConfig
 from ..serve.app import create_app
+from ..serve.limits import ServerLimits
 from ..serve.flask_app import create_flask_app
 from .plotting import plot_demo
 from ..serve.background import FlaskServer, UvicornServer
@@ -51,7 +53,7 @@ def reading(blocking: Trace, streamed: Trace, probes: dict[str, HealthProbe], co
 
 
 def run_demo(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, out: str | None = "out/demo.png",
-             file=None) -> dict:
+             file=None, intervals: tuple[int, ...] = (4, 16)) -> dict:
     """Run the comparison on `engine`, printing to `file` (stdout); return traces, probes and table."""
     file = file or sys.stdout
 
@@ -75,13 +77,22 @@ def run_demo(engine, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64, out: st
             streamed = stream_generate(fastapi.url, prompt, max_tokens, 0.0,
                                        on_token=lambda text: say(text, end=""))
         say("\n")
+    # The same stream with --stream-interval N: tokens sent N at a time, the host work per send paid once
+    # per group (the first token still at once). The tokens are the same; the totals say what it buys.
+    grouped = {}
+    for n in intervals:
+        with UvicornServer(create_app(engine, limits=ServerLimits(stream_interval=n))) as server:
+            stream_generate(server.url, prompt, 2, 0.0)  # warm-up
+            with HealthProbe(server.url) as probe:
+                grouped[n] = (stream_generate(server.url, prompt, max_tokens, 0.0), probe)
 
-    for trace in (blocking, streamed):
+    for trace in (blocking, streamed, *(t for t, _ in grouped.values())):
         if not trace.ok:
             raise RuntimeError(f"a request failed: {trace.error}")
     table = format_table(
         ["server", "TTFT ms", "total ms", "tokens/s", "/health p50 ms", "/health max ms"],
-        [_row("Flask (blocking)", blocking, flask_probe), _row("FastAPI (streaming)", streamed, fastapi_probe)])
+        [_row("Flask (blocking)", blocking, flask_probe), _row("FastAPI (streaming)", streamed, fastapi_probe)]
+        + [_row(f"FastAPI (--stream-interval {n})", t, p) for n, (t, p) in grouped.items()])
     probes = {"FastAPI": fastapi_probe, "Flask": flask_probe}
     say(table + "\n\n" + textwrap.fill(reading(blocking, streamed, probes), 100))
     if out is not None:
