@@ -24,7 +24,7 @@ from .display import PROMPT, median, print_table
 from .rounds import drive, print_rounds
 
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
-           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "decode_tokens_per_s", "engine_timing",
+           "step_ms_by_batch", "prefill_forwards", "prefill_groups", "joined_while_running", "decode_tokens_per_s", "engine_timing",
            "batch_step_ms",
            "drive", "print_rounds", "prefill_budget", "tokens_per_step", "health_p50_ms", "e2e_p50_ms"]
 
@@ -158,7 +158,7 @@ def e2e_p50_ms(load: Load) -> float:
 def prefill_forwards(load: Load) -> list[tuple[int, float]]:
     """(prompts, ms) of each prefill forward of the batched server, in order.
 
-    Read from each stream's first event: ``batch`` (prompts that shared its prefill; absent for one) and
+    Read from each stream's first event: ``batch`` (sequences that shared the forward that finished its prompt) and
     its ``step_ms``, the time of that forward, the same for every prompt in it.
     """
     firsts: dict[tuple, list[float]] = {}
@@ -166,6 +166,15 @@ def prefill_forwards(load: Load) -> list[tuple[int, float]]:
         key = (trace.batch[0] or 1, trace.step_ms[0])
         firsts.setdefault(key, []).append(trace.sent_s + trace.arrival_ms[0] / 1000)
     return [key for key, _ in sorted(firsts.items(), key=lambda item: min(item[1]))]
+
+
+def joined_while_running(load: Load) -> tuple[float, float]:
+    """(ms from the first request's send to the last stream's first token, to the first stream's last
+    token): the first is smaller when every prompt joined a batch that was still decoding."""
+    t0 = min(t.sent_s for t in load.traces)
+    last_first = max(t.sent_s + t.arrival_ms[0] / 1000 for t in load.traces)
+    first_last = min(t.sent_s + t.arrival_ms[-1] / 1000 for t in load.traces)
+    return (last_first - t0) * 1000, (first_last - t0) * 1000
 
 
 def prefill_groups(load: Load) -> list[int]:
