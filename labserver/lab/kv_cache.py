@@ -23,7 +23,7 @@ import numpy as np
 from ..config import SamplingParams
 from ..measure.client import astream_generate, run_sync, stream_generate
 from ..measure.datasets import token_text
-from ..measure.plotting import LabFigure
+from ..measure.plotting import LabFigure, draw_arrivals
 from ..measure.protocols import openai_protocol
 from ..measure.tables import format_table
 from ..measure.trace import Trace
@@ -48,29 +48,22 @@ class Sizes:
     chunk_ms: float
     chunk: int  # the server's budget of tokens a forward (max_num_batched_tokens)
 
-    def _tokens(self, ms: float, lo: int, hi: int) -> int:  # whole blocks of 16 that take about ``ms``
-        return max(lo, min(hi, 16 * math.ceil(ms * self.chunk / self.chunk_ms / 16)))
+    def __post_init__(self):
+        def tokens(ms: float, lo: int, hi: int) -> int:  # whole blocks of 16 that take about ``ms``
+            return max(lo, min(hi, 16 * math.ceil(ms * self.chunk / self.chunk_ms / 16)))
 
-    @property
-    def long_tokens(self) -> int:  # at least 4 chunks
-        return self._tokens(LONG_MS, 4 * self.chunk, 3072)
-
-    @property
-    def system_tokens(self) -> int:
-        return self._tokens(SYSTEM_MS, 128, 1024)
-
-    @property
-    def answer_tokens(self) -> int:
-        return max(16, min(48, round(ANSWER_MS / self.step_ms)))
-
-    @property
-    def stream_tokens(self) -> int:
-        """Enough for a stream to decode before, through and after the long prompt's prefill in chunks."""
-        return AFTER + math.ceil(self.long_tokens / (self.chunk - STREAMS)) + 16
+        self.long_tokens = tokens(LONG_MS, 4 * self.chunk, 3072)  # four chunks at least
+        self.system_tokens = tokens(SYSTEM_MS, 128, 1024)
+        self.answer_tokens = max(16, min(48, round(ANSWER_MS / self.step_ms)))
+        # Enough for a stream to decode before, through and after the long prompt's prefill in chunks.
+        self.stream_tokens = AFTER + math.ceil(self.long_tokens / (self.chunk - STREAMS)) + 16
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+    """``n`` ids drawn from 2048 of the vocabulary's (not all of it: each id reads its row of the embedding
+    table, and rows from all over it would bring new pages of the table into memory every time)."""
+    low = min(1000, vocab // 2)
+    return np.random.default_rng(seed).integers(low, min(vocab, low + 2048), size=n).tolist()
 
 
 # -- 1. memory ---------------------------------------------------------------------------------------------
@@ -105,7 +98,7 @@ class Memory:
     bytes_per_token: int
     kv: dict  # engine.kv_report() while the long request held its blocks
     rss_growth: int  # bytes, across the long request
-    rss_noise: int  # bytes, across a request of one chunk that needs no new memory
+    rss_noise: int  # bytes RSS moved across a request of one block, beyond that block's K/V
     max_batch: int
     max_context: int  # the longest request the limits allow
 
@@ -144,14 +137,15 @@ def measure_sizes(engine, chunk: int) -> Sizes:
 
 
 def memory_of_long_request(engine, tokens: int, chunk: int, per_token: int, seed: int = 7) -> Memory:
-    """One request of ``tokens`` new prompt tokens, prefilled in chunks, after two of one chunk: the first
-    warms up, the second shows what RSS does when no new memory is needed (the noise)."""
-    vocab = len(engine.tokenizer)
+    """One request of ``tokens`` new prompt tokens, prefilled in chunks, after one of a chunk (a warm-up)
+    and one of a block: what RSS did beyond that block's K/V is the noise."""
+    vocab, block = len(engine.tokenizer), engine.kv_report()["block_size"]
     _held(engine, random_ids(chunk, vocab, seed), chunk)
-    _, noise, _ = _held(engine, random_ids(chunk, vocab, seed + 1), chunk)
-    kv, growth, _ = _held(engine, random_ids(tokens, vocab, seed + 2), chunk)
+    _, growth, _ = _held(engine, random_ids(block, vocab, seed + 1), chunk)
+    kv, long_growth, _ = _held(engine, random_ids(tokens, vocab, seed + 2), chunk)
     context = min(engine.context_len, engine.config.max_prompt_tokens + engine.config.max_tokens_limit)
-    return Memory(tokens, per_token, kv, growth, noise, engine.config.max_batch, context)
+    return Memory(tokens, per_token, kv, long_growth, abs(growth - block * per_token), engine.config.max_batch,
+                  context)
 
 
 def memory_table(mem: Memory) -> str:
@@ -171,20 +165,20 @@ def _ok(*traces: Trace) -> Trace:
     return traces[0]
 
 
-def _ask(url: str, protocol, messages: list[dict], max_tokens: int) -> Trace:
-    return _ok(stream_generate(url, "", max_tokens, 0.0, protocol=protocol, messages=messages))
-
-
 def prefix_demo(url: str, system: str, answer_tokens: int) -> dict[str, list[Trace]]:
     """``QUESTIONS`` one after another after the same system prompt (answers of 8 tokens); then a chat of
     ``CHAT`` turns that opens with it, each turn sending the whole history, as chat clients do."""
     protocol = openai_protocol(url, chat=True)
+
+    def ask(messages: list[dict], max_tokens: int) -> Trace:
+        return _ok(stream_generate(url, "", max_tokens, 0.0, protocol=protocol, messages=messages))
+
     head = [{"role": "system", "content": system}]
-    shared = [_ask(url, protocol, head + [{"role": "user", "content": q}], 8) for q in QUESTIONS]
+    shared = [ask(head + [{"role": "user", "content": q}], 8) for q in QUESTIONS]
     history, chat = list(head), []
     for question in CHAT:
         history.append({"role": "user", "content": question})
-        chat.append(_ask(url, protocol, history, answer_tokens))
+        chat.append(ask(history, answer_tokens))
         history.append({"role": "assistant", "content": chat[-1].text})
     return {"shared": shared, "chat": chat}
 
@@ -239,46 +233,32 @@ class Arrival:
     def quiet_gap_ms(self) -> float:
         """The longest gap of any stream between the last stream's first token and the long prompt: the noise."""
         start = max(self.times(t)[0] for t in self.streams)
-        return max((b - a) * 1000 for t in self.streams for a, b in zip(self.times(t), self.times(t)[1:])
-                   if start <= a and b < self.long.sent_s)
+        return max(((b - a) * 1000 for t in self.streams for a, b in zip(self.times(t), self.times(t)[1:])
+                    if start <= a and b < self.long.sent_s), default=0.0)
 
     def tokens_during_prefill(self) -> list[int]:
         start, end = self.prefill_s
         return [sum(start < a < end for a in self.times(t)) for t in self.streams]
 
 
-
 async def _arrive(url: str, long_prompt: str, stream_tokens: int) -> Arrival:
-    counts, ready = [0] * STREAMS, asyncio.Event()
-
-    def counter(i):
-        def on_token(_):
-            counts[i] += 1
-            if min(counts) >= AFTER:
-                ready.set()
-        return on_token
-
+    received = [[] for _ in range(STREAMS)]  # each stream's tokens so far
     async with httpx.AsyncClient(timeout=300.0) as http:
-        streams = asyncio.gather(*(astream_generate(url, PROMPT, stream_tokens, 0.0, client=http, on_token=counter(i),
-                                                    ignore_eos=True) for i in range(STREAMS)))
-        waiting = asyncio.ensure_future(ready.wait())
-        await asyncio.wait({streams, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        long = await astream_generate(url, long_prompt, 4, 0.0, client=http, ignore_eos=True) if ready.is_set() \
-            else Trace(error={"message": f"the streams ended before they had {AFTER} tokens each"})
+        streams = asyncio.gather(*(astream_generate(url, PROMPT, stream_tokens, 0.0, client=http, ignore_eos=True,
+                                                    on_token=tokens.append) for tokens in received))
+        while min(map(len, received)) < AFTER and not streams.done():  # all decoding: now the long prompt comes
+            await asyncio.sleep(0.002)
+        long = await astream_generate(url, long_prompt, 4, 0.0, client=http, ignore_eos=True)
         return Arrival(await streams, long)
 
 
-def long_prompt_arrives(url: str, long_prompt: str, stream_tokens: int) -> Arrival:
-    """``STREAMS`` greedy streams; once each has ``AFTER`` tokens, ``long_prompt`` is sent (4 tokens)."""
-    arrival = run_sync(lambda: _arrive(url, long_prompt, stream_tokens))
+def long_prompt_arrives(url: str, tokenizer, tokens: int, seed: int, stream_tokens: int) -> Arrival:
+    """``STREAMS`` greedy streams; once each has ``AFTER`` tokens, a prompt of about ``tokens`` tokens of random
+    text is sent (new for every seed: the server has none of it cached), for 4 tokens."""
+    text = token_text(tokens, tokenizer, np.random.default_rng(seed))[0]
+    arrival = run_sync(lambda: _arrive(url, text, stream_tokens))
     _ok(arrival.long, *arrival.streams)
     return arrival
-
-
-def long_prompt(tokenizer, tokens: int, seed: int) -> str:
-    """About ``tokens`` tokens of random text (new for every seed: no server has any of it cached)."""
-    return token_text(tokens, tokenizer, np.random.default_rng(seed))[0]
 
 
 def arrival_table(arrivals: dict[str, Arrival]) -> str:
@@ -291,13 +271,9 @@ def arrival_table(arrivals: dict[str, Arrival]) -> str:
 def plot_arrivals(arrivals: dict[str, Arrival]) -> LabFigure:
     fig = LabFigure(figsize=(11, 3.6), layout="constrained")
     for ax, (label, a) in zip(fig.subplots(1, len(arrivals), sharey=True), arrivals.items()):
-        start = min(t.sent_s for t in a.streams)
-        for i, t in enumerate(a.streams):
-            times = [0.0] + [x - start for x in a.times(t)]
-            ax.step(times, range(len(times)), where="post", label=f"stream {i + 1}")
-        sent, first = (x - start for x in a.prefill_s)
-        ax.axvspan(sent, first, color="tab:red", alpha=0.15, label="long prompt: sent to first token")
-        ax.axvline(sent, color="tab:red")
-        ax.set(title=label, xlabel="s after the streams were sent", ylabel="tokens received")
+        draw_arrivals(ax, {f"request {i + 1}": t for i, t in enumerate(a.streams)}, label, common_start=True)
+        sent, first = (x - min(t.sent_s for t in a.streams) for x in a.prefill_s)
+        ax.axvspan(sent, first, color="tab:gray", alpha=0.2, label="long prompt: sent to first token")
+        ax.axvline(sent, color="black")
         ax.legend(fontsize=7, loc="upper left")
     return fig
