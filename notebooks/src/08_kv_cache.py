@@ -69,7 +69,8 @@ print(f"{shape.num_hidden_layers} layers x 2 (K and V) x {shape.num_key_value_he
 #
 # Now the K/V live in a pool of blocks of 16 tokens. A sequence's *block table* lists its blocks: token
 # `p` is in block `table[p // 16]` at slot `p % 16`, so blocks need not be adjacent, and a sequence takes
-# a block only when its tokens reach it. The pool is sized for the worst case too (the startup line says
+# blocks as its tokens need them: its prompt's when it is admitted, one more whenever its answer crosses
+# into a new block. The pool is sized for the worst case too (the startup line says
 # how many GiB at most), but it is fresh memory that the operating system maps only where it is first
 # written: memory follows the blocks in use. Here is one request of the long prompt's length, prefilled
 # in chunks on this thread, with the process's resident memory (RSS) read before and after.
@@ -89,8 +90,8 @@ claim(f"one request of {mem.tokens} tokens grew this process by {growth / lab.MB
 # Besides its K/V a request may leave behind buffers whose size follows its length (attention over a
 # longer context); half of its K/V is room for those. The noise is what RSS did across a request of one
 # block beyond that block's K/V. A pool sized for the worst case costs nothing until it is written; a slot
-# cache grown for one long request costs `max_batch` times that request at once. (Section 1's prompt is
-# made of ids from a small part of the vocabulary: each id reads a row of the embedding table, and ids
+# cache grown for one long request costs `max_batch` times that request at once. (This request's prompt
+# is made of ids from a small part of the vocabulary: each id reads a row of the embedding table, and ids
 # from all over it would page in more of that table, which RSS would count too.)
 #
 # ## 2. A shared system prompt and a multi-turn chat, with and without prefix caching
