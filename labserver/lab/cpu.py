@@ -1,4 +1,4 @@
-"""The appendix notebook's experiments (08_appendix_cpu): what the CPU does under a decode step.
+"""The appendix notebook's experiments (09_appendix_cpu): what the CPU does under a decode step.
 
 - OpenMP thread teams: every thread that runs the model gets a team of worker threads of its own;
   ``second_thread_team`` counts the process's OS threads around a second thread's generation.

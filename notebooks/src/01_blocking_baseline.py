@@ -102,7 +102,7 @@ claim(f"all {trace.n_tokens} tokens arrived in the same instant: the longest gap
 #
 # The steps behind Flask ran on the server's thread, not this one. Compare their median with the
 # engine's own in section 1; whether they differ, and why, is the subject of the appendix notebook
-# (`08_appendix_cpu`): a second thread running the model can change the step time, in either direction,
+# (`09_appendix_cpu`): a second thread running the model can change the step time, in either direction,
 # depending on the CPU and how busy it is.
 
 # %% tags=["nbval-ignore-output"]

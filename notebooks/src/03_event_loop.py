@@ -95,7 +95,7 @@ lab.plot_runs(runs)
 #
 # The "step p50" column differs between the variants too. How fast a step runs depends on which thread
 # runs it and on how many threads of the process have run the model: the optional appendix notebook
-# (`08_appendix_cpu`) measures that. This notebook is about the event loop.
+# (`09_appendix_cpu`) measures that. This notebook is about the event loop.
 #
 # ## 2. A closer look at the event loop: a heartbeat
 #

@@ -25,7 +25,7 @@
 # Two FastAPI servers on one engine, one after the other: backend `"thread"` interleaves streams step by
 # step (`scheduler.TurnTaking`), backend `"batched"` is the server's default (`scheduler.Batched`).
 # Each has its own engine thread, so the first is stopped before the second starts: two live threads that
-# both run torch would make each other's steps slower (OpenMP worker teams, appendix `08_appendix_cpu`).
+# both run torch would make each other's steps slower (OpenMP worker teams, appendix `09_appendix_cpu`).
 #
 # The length of the answers and how often `/health` is probed come from this machine's prefill and step
 # times, measured first: enough decode steps that decoding is not hidden behind the prefills.

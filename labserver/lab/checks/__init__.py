@@ -16,3 +16,4 @@ from .concurrency import (check_aggregate_tokens_per_s, check_itl_prediction, ch
                           check_one_round)
 from .load import check_poisson_arrivals, check_queue_prediction
 from .process import check_sse_from_ids, check_should_restart
+from .kv_cache import check_block_allocator, check_prefix_lookup, check_chunk_choice
