@@ -172,6 +172,10 @@ class Engine(PromptEncoder):
         """One forward that feeds ``n`` tokens of each sequence (``tokens[computed:computed + n]``): decode
         steps, prompts, chunks of prompts, or a mix; the logits after each one's last token ``[len(work), V]``.
         No sampling: ``step`` samples; a benchmark or a teacher-forced check appends its own tokens."""
+        return self._forward(work)[0]
+
+    def _forward(self, work: list[tuple[Sequence, int]]):
+        """``forward``, and the work as fed: a sequence admitted here feeds only what its cached prefix left."""
         fresh = [seq for seq, _ in work if not seq.running]
         for seq in fresh:  # the phases' own callers (a script, the lab) admit here; the scheduler did already
             if not self.admit(seq):
@@ -187,18 +191,14 @@ class Engine(PromptEncoder):
             seq.computed += n
             if self.kv is not None:
                 self.kv.commit(seq, seq.tokens, seq.computed)
-        return logits
+        return logits, work
 
     def step(self, work: list[tuple[Sequence, int]], batched: bool = False) -> list[TokenOutput | None]:
         """``forward``, then each sequence fed to its end samples its next token: its output, whose
         ``step_ms`` is this forward's time (for the first token, every chunk's); one fed a chunk gives None.
         ``batched``: each output says how many sequences shared the forward."""
-        for seq, _ in work:  # admitted before the work is read: a cached prefix shortens what it feeds
-            if not seq.running and not self.admit(seq):
-                raise MemoryError("no KV memory for a new sequence: the scheduler must wait or preempt")
-        work = [(seq, min(n, seq.remaining)) for seq, n in work]
         t0 = time.perf_counter()
-        logits = self.forward(work)
+        logits, work = self._forward(work)
         elapsed = (time.perf_counter() - t0) * 1000
         batch, outs = len(work) if batched else None, []
         for (seq, n), row in zip(work, logits):
