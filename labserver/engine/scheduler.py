@@ -109,7 +109,7 @@ class Batched(Policy):
     kind = "batched"
     batched = True
 
-    def __init__(self, max_batch: int = 16, max_num_batched_tokens: int = 256):
+    def __init__(self, max_batch: int = 16, max_num_batched_tokens: int = 128):
         super().__init__(max_batch)
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")

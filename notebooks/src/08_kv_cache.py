@@ -152,7 +152,7 @@ claim(f"at turn {len(lab.CHAT)} of the chat ({off.usage['prompt_tokens']} prompt
 # `max_num_batched_tokens` tokens a forward, the batched scheduler fills each forward with one token for
 # every decoding stream first, then a chunk of the prompt in what is left; the prompt is done after a few
 # forwards, and the streams get a token from each. Two servers, one after the other: the engine above
-# (chunks of 256), and one whose budget takes any prompt the server accepts in one forward.
+# (chunks of `max_num_batched_tokens`, printed in the table), and one whose budget takes any prompt the server accepts in one forward.
 
 # %% tags=["nbval-ignore-output"]
 whole = Engine(engine.source, engine.tokenizer,
