@@ -36,12 +36,16 @@ QUESTIONS = ("What is a hash table?", "Why do CPUs have caches?", "What does a c
              "How does a queue differ from a stack?", "What is recursion?", "Why is the sky blue?")
 FILLER = ("A good teacher explains each idea with a small example, checks that the student follows, and "
           "names every term before using it. ")
+# The long prompt's own text: were it FILLER too, its first ~1.3k tokens would be the shared prefix's, which
+# both servers have cached by then, and its TTFT would time only the rest.
+LONG_FILLER = ("Rivers carve valleys over thousands of years, carrying sand and stones from the mountains down "
+               "to the sea. ")
 
 
-def text_of_tokens(engine, n: int) -> str:
+def text_of_tokens(engine, n: int, filler: str = FILLER) -> str:
     """Plain text of about ``n`` tokens of the served model (the chat template adds its own)."""
-    reps = max(1, n // max(1, len(engine.tokenizer(FILLER)["input_ids"])) + 1)
-    ids = engine.tokenizer(FILLER * reps)["input_ids"][:n]
+    reps = max(1, n // max(1, len(engine.tokenizer(filler)["input_ids"])) + 1)
+    ids = engine.tokenizer(filler * reps)["input_ids"][:n]
     return engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -117,7 +121,7 @@ def chunk_tradeoff(engine, budgets=(64, 128, 256, 512, 4096), long_tokens: int =
     from .targets import OURS_EXTRA, Target
     from .protocols import LABSERVER
 
-    long_text, rows, config = text_of_tokens(engine, long_tokens), [], engine.config
+    long_text, rows, config = text_of_tokens(engine, long_tokens, LONG_FILLER), [], engine.config
     try:
         for budget in budgets:
             engine.config = dataclasses.replace(config, max_num_batched_tokens=budget)
@@ -207,7 +211,7 @@ def against_peer(engine, binary, gguf, threads: int = 2, prefix_tokens: int = 13
     from .peer import PeerServer, free_port
     from .protocols import LABSERVER, LLAMA_CPP
 
-    prefix, long_text = text_of_tokens(engine, prefix_tokens), text_of_tokens(engine, long_tokens)
+    prefix, long_text = text_of_tokens(engine, prefix_tokens), text_of_tokens(engine, long_tokens, LONG_FILLER)
     out = {}
     with PeerServer(binary, gguf, free_port(), threads, parallel=parallel, ctx=4096 * parallel, extra=extra) as peer, \
          UvicornServer(create_app(engine)) as server:
