@@ -209,6 +209,25 @@ def test_the_w4a8_step_gives_the_same_bits_on_every_path(lib, grid, native_w4a8)
     assert torch.equal(logits, native_w4a8[0]) and torch.equal(cache, native_w4a8[1])
 
 
+@pytest.fixture(scope="module")
+def wide_heads():
+    """The served model's head size (64) and block size (16), and a context of several blocks: the
+    attention's vector code for 16 keys at a time and for a 64-wide head runs here, not at the grid's."""
+    return grid_llama(tie_word_embeddings=False, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+
+
+def long_run(lib, model):
+    lean = on_path(LeanLlama(model, quant="w4a8", max_len=64, block_size=16, num_blocks=8), lib)
+    lean.cache.k.zero_(), lean.cache.v.zero_()
+    ids = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    return lean_logits(lean, ids, 45, table=[6, 1, 4, 7]), lean.cache.k.clone(), lean.cache.v.clone()
+
+
+def test_the_w4a8_step_over_several_blocks_of_64_wide_heads_gives_the_same_bits_on_every_path(lib, wide_heads):
+    native = long_run(toolchain.load(toolchain.build()), wide_heads)
+    assert all(torch.equal(a, b) for a, b in zip(long_run(lib, wide_heads), native))
+
+
 def test_the_q4_1_step_stays_near_float64_on_every_path(lib, grid):
     """The exact route against the model evaluated in float64 (transformers, the same float32 weights).
     Each product is within gamma_n of its exact value (above); the step's other operations (norms,
