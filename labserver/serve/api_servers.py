@@ -58,10 +58,11 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     import uvicorn
 
     from .app import create_app
+    from .connections import uvicorn_config
     from .process.frontend import Frontend
 
     app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
-    server = uvicorn.Server(uvicorn.Config(_Tagged(app), log_level=log_level, lifespan="on",
+    server = uvicorn.Server(uvicorn_config(_Tagged(app), limits, log_level=log_level, lifespan="on",
                                            timeout_graceful_shutdown=2))
 
     def watch():
