@@ -226,10 +226,13 @@ def test_two_api_processes_survive_a_killed_engine_process():
             assert json.loads(data[-2])["error"]["type"] == "EngineDeadError" and data[-1] == "[DONE]"
         refused = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert refused.status_code == 503
+        during = httpx.get(servers.url + "/health", timeout=10).json()
+        assert (during["state"], during["attempt"], during["max_restarts"]) == ("restarting", 1, 3), during
         # The supervisor restarts the engine; each API process serves again against the new pid.
         def healthy():
             health = httpx.get(servers.url + "/health", timeout=10)
-            return health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
+            return (health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
+                    and health.json()["state"] == "ok")
         assert wait_for(healthy, timeout_s=120) < 120
         seen = set()
         for _ in range(40):
