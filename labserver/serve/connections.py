@@ -72,6 +72,14 @@ class GuardedH11Protocol(H11Protocol):
             self._phase = "headers"
             self._arm(self.header_timeout_s)
         super().data_received(data)
+        self._follow_cycle()
+
+    def on_response_complete(self) -> None:
+        self._phase = "idle"  # uvicorn's keep-alive timer now runs; a next request's first byte restarts ours
+        super().on_response_complete()
+        self._follow_cycle()  # a pipelined request already buffered starts here, not in data_received
+
+    def _follow_cycle(self) -> None:
         cycle = self.cycle
         if cycle is not None and cycle is not self._seen_cycle:  # the headers of a new request are in
             self._seen_cycle = cycle
@@ -82,10 +90,6 @@ class GuardedH11Protocol(H11Protocol):
         if self._phase == "body" and cycle is not None and not cycle.more_body:
             self._phase = "app"  # the app has the whole request: its own limits apply from here
             self._arm(None)
-
-    def on_response_complete(self) -> None:
-        self._phase = "idle"  # uvicorn's keep-alive timer now runs; a next request's first byte restarts ours
-        super().on_response_complete()
 
     def _arm(self, seconds: float | None) -> None:
         if self._timer is not None:
