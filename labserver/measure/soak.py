@@ -188,7 +188,9 @@ def growing(snapshots: list[dict]) -> list[str]:
         if start.get(role, {}).get("pid") != last["pid"] or middle.get(role, {}).get("pid") != last["pid"]:
             continue  # replaced meanwhile: its samples are not one process's
         for key, tolerance in TOLERANCE.items():
-            if key in last and middle[role][key] - start[role][key] > tolerance < last[key] - middle[role][key]:
+            first_half = middle[role].get(key, 0) - start[role].get(key, 0)
+            second_half = last.get(key, 0) - middle[role].get(key, 0)
+            if key in last and first_half > tolerance and second_half > tolerance:
                 out.append(f"{role} {key}: {start[role][key]:g} -> {middle[role][key]:g} -> {last[key]:g}")
     return out
 

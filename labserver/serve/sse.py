@@ -27,7 +27,8 @@ A timer rather than a timeout around every send and every wait: the work per tok
 
 Left out: SSE ``event:``/``id:``/``retry:`` fields; the acknowledged-bytes check and the reset need the
 socket, which only ``connections.GuardedH11Protocol`` puts in the scope (elsewhere a stuck send is the
-only sign, and a dropped client's connection closes once it reads what was written). Keep-alive during a long silence is at most two ``keepalive_s`` apart, not exactly one.
+only sign, and a dropped client's connection closes once it reads what was written). Keep-alive during
+a long silence is at most two ``keepalive_s`` apart, not exactly one.
 """
 
 from __future__ import annotations
