@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-peer guidellm lab serve flask notebooks clean
+.PHONY: setup demo test test-fast soak bench bench-peer guidellm lab serve flask notebooks clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 # The edit loop: no notebooks, nothing that loads the real model (tests marked `model`), ~1-2 minutes.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not model" --ignore=tests/test_notebooks.py
+
+# Minutes of mixed, hostile traffic with an engine and an API-process kill (not part of `make test`).
+SOAK_SECONDS ?= 300
+soak: $(STAMP)
+	$(PY) -m labserver.measure.soak --seconds $(SOAK_SECONDS)
 
 bench: $(STAMP)
 	$(PY) -m labserver bench

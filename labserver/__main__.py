@@ -78,9 +78,12 @@ def serve(args) -> None:
     import uvicorn
 
     from .serve.app import create_app
+    from .serve.connections import uvicorn_config
 
     limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout,
-                     stream_interval=args.stream_interval)
+                     stream_interval=args.stream_interval, idle_timeout_s=args.idle_timeout,
+                     header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                     max_connections=args.max_connections)
     if args.backend == "process":
         return serve_processes(args, limits)
     if args.api_servers != 1:
@@ -88,7 +91,7 @@ def serve(args) -> None:
     app = create_app(_load_engine(args), backend=args.backend, limits=limits)
     print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
           f"OpenAI API: /v1  metrics: /metrics", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
 
 
 def serve_processes(args, limits) -> None:
@@ -159,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generations at once; one more gets a 429 (default %(default)s)")
     p.add_argument("--send-timeout", type=float, default=ServerLimits.send_timeout_s,
                    help="seconds a stream's client may read nothing before it is dropped (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=ServerLimits.idle_timeout_s,
+                   help="seconds a connection may stay open with no request in progress (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout_s,
+                   help="seconds from a request's first byte to its last header line, else a 408 "
+                        "(default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=ServerLimits.body_timeout_s,
+                   help="seconds from a request's headers to the end of its body, else a 408 (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=ServerLimits.max_connections,
+                   help="open connections per API server; a request beyond them gets a 503 (default %(default)s)")
     p.add_argument("--stream-interval", type=int, default=ServerLimits.stream_interval,
                    help="tokens per write of a stream: the first at once, then every N, the rest with the "
                         "finish (vLLM's --stream-interval; default %(default)s)")

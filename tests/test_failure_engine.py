@@ -160,6 +160,7 @@ def test_engine_death_ends_every_stream_and_later_requests_get_503(kind, breakin
     if breaking is break_the_policy:  # the engine itself still works: the dead loop freed every slot
         assert engine.running == 0 and engine.runner.free_slots == 2
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert health.json()["state"] == "failed"  # an engine thread is never restarted
     assert "injected loop fault" in health.json()["reason"] and health.json()["engine"]["alive"] is False
     for path, response in {**later, "stream": later_stream}.items():
         assert response.status_code == 503, (path, response.text)

@@ -51,12 +51,16 @@ def frozen_reader(port: int, body: dict) -> socket.socket:
     return sock
 
 
-def read_all(sock: socket.socket) -> bytes:
+def read_all(sock: socket.socket) -> tuple[bytes, bool]:
+    """What the server sent until it closed the connection, and whether it reset it."""
     sock.settimeout(10)
     received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        return received, True
+    return received, False
 
 
 def read_stream(url: str, body: dict) -> list:
@@ -90,7 +94,7 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_go_on(backend):
         after_drop = engine.tokens_generated
         time.sleep(0.2)
         assert engine.tokens_generated == after_drop  # nothing generates for the dropped client
-        received = read_all(sock)  # what the server had written before it gave up, then the end
+        received, reset = read_all(sock)  # a reset: the bytes it never read are not kept for it
         sock.close()
         ok = httpx.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
 
@@ -99,7 +103,7 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_go_on(backend):
     assert after_drop == held_at + 50  # the other stream's 50 tokens, and none more for the frozen one
     assert other[-1] == "[DONE]" and "error" not in other[-2] and other[-2]["usage"]["completion_tokens"] == 50
     assert [e["index"] for e in other[:-2]] == list(range(50))
-    assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received  # cut off, not finished
+    assert reset and b"data: [DONE]" not in received  # cut off, not finished
     assert ok.status_code == 200
 
 

@@ -15,6 +15,7 @@ from labserver.serve.process.client import EngineClient
 from labserver.serve.process.frontend import Frontend
 from labserver.engine.protocols import EngineDeadError
 from labserver.serve.backends import make_backend
+from labserver.serve.health import engine_state
 
 STEP_MS = 20
 
@@ -162,6 +163,7 @@ def test_a_killed_engine_process_fails_open_streams_refuses_then_restarts():
         wait_for(lambda: not backend.alive, timeout_s=2)
         wait_for(lambda: "not restarted" in (backend.health().reason or ""), timeout_s=2)
         assert not backend.health().ok and "not restarted" in backend.health().reason
+        assert engine_state(backend.health(), backend.max_restarts, 300) == {"state": "failed"}
         with pytest.raises(EngineDeadError):
             backend.generate("hi", SamplingParams(max_tokens=2))
     finally:

@@ -226,10 +226,13 @@ def test_two_api_processes_survive_a_killed_engine_process():
             assert json.loads(data[-2])["error"]["type"] == "EngineDeadError" and data[-1] == "[DONE]"
         refused = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert refused.status_code == 503
+        during = httpx.get(servers.url + "/health", timeout=10).json()
+        assert (during["state"], during["attempt"], during["max_restarts"]) == ("restarting", 1, 3), during
         # The supervisor restarts the engine; each API process serves again against the new pid.
         def healthy():
             health = httpx.get(servers.url + "/health", timeout=10)
-            return health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
+            return (health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
+                    and health.json()["state"] == "ok")
         assert wait_for(healthy, timeout_s=120) < 120
         seen = set()
         for _ in range(40):
@@ -258,3 +261,46 @@ def test_the_openai_client_streams_from_the_engine_process(servers):
         answers.append(("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
                         chunks[-1].usage.completion_tokens))
     assert answers[1] == answers[0] == (" one two three four five six", 6)
+
+
+def test_a_killed_api_process_is_replaced_and_the_other_streams_go_on():
+    # gunicorn-style: the other API process keeps its streams and the port, the engine keeps running,
+    # and a new API process takes the dead one's place; once the replacements are used up, none comes.
+    servers = start_api_servers(fake_engine(prefill_ms=5, step_ms=10), 2, name="proc-test-api-replace")
+    servers.max_restarts = 1
+    try:
+        engine_pid, first_pids = servers.engine_pid, list(servers.api_pids)
+
+        def stream(_):
+            with httpx.Client(timeout=60) as client:
+                with connect_sse(client, "POST", servers.url + "/generate",
+                                 json={"prompt": "hi", "max_tokens": 150, "stream": True}) as source:
+                    api = int(source.response.headers[API_SERVER_HEADER])
+                    try:
+                        return api, [event.data for event in source.iter_sse()]
+                    except (httpx.TransportError, httpx.RemoteProtocolError):
+                        return api, None  # the killed process's own streams are lost with its sockets
+
+        with ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream, i) for i in range(8)]
+            time.sleep(0.5)
+            os.kill(first_pids[0], signal.SIGKILL)
+            answers = [s.result() for s in streams]
+        survivors = [data for api, data in answers if api == first_pids[1]]
+        assert survivors and all(data[-1] == "[DONE]" and json.loads(data[-2])["usage"]["completion_tokens"] == 150
+                                 for data in survivors)
+        assert wait_for(lambda: servers.api_restarts == 1 and servers.api_alive == 2, 60) < 60
+        assert servers.engine_pid == engine_pid and servers.running
+        new_pid = (set(servers.api_pids) - set(first_pids)).pop()
+        assert "replaced (1 of 1)" in servers.api_reason
+        ok = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+
+        os.kill(new_pid, signal.SIGKILL)  # no replacement left: the other one serves on alone
+        assert wait_for(lambda: "not replaced" in (servers.api_reason or ""), 10) < 10
+        assert servers.api_alive == 1 and servers.running
+        for _ in range(5):
+            assert httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2},
+                              timeout=30).status_code == 200
+    finally:
+        stop("proc-test-api-replace")

@@ -126,6 +126,23 @@ CASES = {  # id: (method, path, request kwargs, expected status, a fragment of t
                                     {"json": {**CHAT_OK, "stream": True, "stream_options": {"include_usage": "y"}}},
                                     400, "boolean"),
     "v1 unknown route": ("GET", "/v1/engines", {}, 404, "Not Found"),
+    # Valid JSON whose \\ud800 escape Python decodes to a str the tokenizer cannot take.
+    "gen lone surrogate": ("POST", "/generate", {"content": rb'{"prompt": "\ud800x", "max_tokens": 4}', "headers": JSON},
+                           422, "prompt: must be valid Unicode text"),
+    "cmpl lone surrogate": ("POST", "/v1/completions", {"content": rb'{"prompt": "a\udfff"}', "headers": JSON}, 400,
+                            "prompt: must be valid Unicode text"),
+    "cmpl lone surrogate stop": ("POST", "/v1/completions", {"content": rb'{"prompt": "hi", "stop": ["\ud800"]}',
+                                                             "headers": JSON}, 400, "stop.0: must be valid Unicode"),
+    "cmpl stop too long": ("POST", "/v1/completions", {"json": {"prompt": "hi", "stop": "x" * 10_000}}, 400,
+                           "at most 256 characters, got 10000"),
+    "chat lone surrogate": ("POST", "/v1/chat/completions", {"content": rb'{"messages": [{"role": "user", '
+                                                                        rb'"content": "\udfffhi"}]}',
+                                                             "headers": JSON}, 400, "messages.0.content: must be valid"),
+    "chat lone surrogate part": ("POST", "/v1/chat/completions", {"content": rb'{"messages": [{"role": "user", '
+                                 rb'"content": [{"type": "text", "text": "\ud83d"}]}]}', "headers": JSON}, 400,
+                                 "messages.0.content.0.text: must be valid"),
+    "chat null content": ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": None}]}},
+                          400, "not null"),
 }
 
 

@@ -15,12 +15,20 @@ copy of the weights, one batch). ``ApiServers`` does what ``python -m labserver 
 
 Every response carries ``X-Api-Server: <pid>``, the API process that answered it. ``ApiServers`` is a
 ``background.BackgroundServer`` (``start()``, ``stop()``, ``url``), and ``start_api_servers`` registers
-it by name like the other background servers. Left out: restarting a dead API process (its
-clients see the connection drop; the others serve on), and balancing connections by load.
+it by name like the other background servers.
+
+A dead API process is replaced, as gunicorn replaces a dead worker: its own clients see their
+connections drop, the other processes serve on on the same port and the engine process keeps running.
+At most ``max_restarts`` replacements over the service's life (``api_restarts``, ``api_reason``); once
+they are used up a dead process stays dead and the others serve on. (vLLM's ``--api-server-count``
+shuts the whole server down when one API process dies.) Left out: balancing connections by load, backing
+off between replacements, and draining the streams of the other processes when the whole service stops
+(each process gets uvicorn's 2 s graceful shutdown).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -28,8 +36,11 @@ import time
 from multiprocessing.connection import wait
 
 from .background import BackgroundServer, bind_socket, start_server, stop
+from .process.supervisor import MAX_RESTARTS
 from .process.core_proc import EngineSpec
 from .process.supervisor import EngineProcess
+
+logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # N fresh interpreters import FastAPI and torch at once on a small machine
 API_SERVER_HEADER = "x-api-server"
@@ -58,10 +69,11 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     import uvicorn
 
     from .app import create_app
+    from .connections import uvicorn_config
     from .process.frontend import Frontend
 
     app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
-    server = uvicorn.Server(uvicorn.Config(_Tagged(app), log_level=log_level, lifespan="on",
+    server = uvicorn.Server(uvicorn_config(_Tagged(app), limits, log_level=log_level, lifespan="on",
                                            timeout_graceful_shutdown=2))
 
     def watch():
@@ -82,15 +94,20 @@ class ApiServers(BackgroundServer):
     """N API processes on one port, one engine process behind them (``engine_pid``)."""
 
     def __init__(self, spec: EngineSpec, n: int = 2, host: str = "127.0.0.1", port: int = 0, limits=None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", max_restarts: int = MAX_RESTARTS):
         if n < 1:
             raise ValueError(f"api_servers must be >= 1, got {n}")
         super().__init__(host, port)
         self.spec, self.n, self.limits, self.log_level = spec, n, limits, log_level
+        self.max_restarts = max_restarts
         self.engine: EngineProcess | None = None
         self.workers: list = []
         self._sock = None
         self._started: list = []
+        self.api_restarts = 0
+        self.api_reason: str | None = None  # the last API process death, and what came of it
+        self._stopping = threading.Event()
+        self._dead: set = set()  # API processes whose death was handled
 
     @property
     def engine_pid(self) -> int | None:
@@ -112,31 +129,62 @@ class ApiServers(BackgroundServer):
         except BaseException:
             self._cleanup()
             raise
+        self._stopping.clear()
+        self.api_restarts, self.api_reason, self._dead = 0, None, set()
+        self._started, self.workers = [None] * self.n, [None] * self.n
+        for i in range(self.n):
+            self._spawn(i)
+
+    def _spawn(self, i: int) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self._started = [ctx.Event() for _ in range(self.n)]
-        self.workers = [ctx.Process(target=serve_api, name=f"labserver-api-{i}", daemon=True,
-                                    args=(self.spec, self.engine.info, self.engine.address, self._sock,
-                                          self.limits, self.log_level, started))
-                        for i, started in enumerate(self._started)]
-        for worker in self.workers:
-            worker.start()
+        self._started[i] = ctx.Event()
+        self.workers[i] = ctx.Process(target=serve_api, name=f"labserver-api-{i}", daemon=True,
+                                      args=(self.spec, self.engine.info, self.engine.address, self._sock,
+                                            self.limits, self.log_level, self._started[i]))
+        self.workers[i].start()
 
     def _run(self) -> None:
-        wait([w.sentinel for w in self.workers])  # the first API process to end ends the service
-        self._shutdown()
+        """Replace each API process that dies (bounded); end when asked to, or when none is left."""
+        while not self._stopping.is_set():
+            alive = [w for w in self.workers if w.exitcode is None]
+            if not alive:
+                break
+            wait([w.sentinel for w in alive], timeout=0.2)
+            for i, worker in enumerate(self.workers):
+                if worker.exitcode is None or self._stopping.is_set() or worker in self._dead:
+                    continue
+                self._dead.add(worker)
+                self._replace(i, worker)
         for worker in self.workers:
             worker.join()
+
+    def _replace(self, i: int, worker) -> None:
+        self.api_reason = f"API process {worker.pid} ended (exit code {worker.exitcode})"
+        if self.api_restarts >= self.max_restarts:
+            self.api_reason += f"; not replaced (all {self.max_restarts} replacements used)"
+            logger.error("%s; %d API process(es) serve on", self.api_reason,
+                         sum(w.exitcode is None for w in self.workers))
+            return
+        self.api_restarts += 1
+        self.api_reason += f"; replaced ({self.api_restarts} of {self.max_restarts})"
+        logger.warning("%s", self.api_reason)
+        self._spawn(i)
+
+    @property
+    def api_alive(self) -> int:
+        return sum(w is not None and w.exitcode is None for w in self.workers)
 
     def _ready(self) -> bool:
         return all(e.is_set() for e in self._started)
 
     def _shutdown(self) -> None:
+        self._stopping.set()
         for worker in self.workers:
             if worker.is_alive():
                 worker.terminate()  # SIGTERM: uvicorn closes its streams (2 s) and exits
 
     def _cleanup(self) -> None:
-        for worker in self.workers:
+        for worker in filter(None, self.workers):
             if worker.is_alive():
                 worker.kill()
             worker.join()

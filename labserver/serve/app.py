@@ -40,7 +40,7 @@ from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, Comp
                              CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .pipeline import install_error_handlers, run
 from .sse import SSE_EVENT_SCHEMA
-from .health import unavailable
+from .health import engine_state, unavailable
 from .backends import make_backend
 from .generate_api import GenerateJob, GenerateRequest, GenerateResponse
 
@@ -100,7 +100,9 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
                                  "backend": backend, "model": engine.config.model, "route": route}, 503)
         state = current.health()
         reason = unavailable(state, limits.wedged_after_s)
-        body = {"status": "ok" if reason is None else "unavailable", "engine": state.to_dict(),
+        # A backend that never restarts its engine (the engine thread) has max_restarts 0: dead is failed.
+        states = engine_state(state, getattr(current, "max_restarts", 0), limits.wedged_after_s)
+        body = {"status": "ok" if reason is None else "unavailable", **states, "engine": state.to_dict(),
                 "running": current.running, "backend": current.kind, "model": engine.config.model, "route": route}
         return body if reason is None else JSONResponse({**body, "reason": reason}, status_code=503)
 

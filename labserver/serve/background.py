@@ -126,9 +126,11 @@ class BackgroundServer:
 class UvicornServer(BackgroundServer):
     """An ASGI app (the FastAPI server) on uvicorn with its own asyncio loop in a thread."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", limits=None):
         super().__init__(host, port)
         self.app, self.log_level = app, log_level
+        # The connection limits: given, else the app's own (create_app keeps them), else the defaults.
+        self.limits = limits or getattr(getattr(app, "state", None), "limits", None)
         self.server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
 
@@ -136,8 +138,10 @@ class UvicornServer(BackgroundServer):
         self._sock = bind_socket(self.host, self.requested_port)
         self.port = self._sock.getsockname()[1]
         # A fresh Server each time: a stopped one keeps should_exit=True. Open streams get 2 s to end.
-        config = uvicorn.Config(self.app, loop="asyncio", log_level=self.log_level, lifespan="on",
-                                timeout_graceful_shutdown=2)
+        from .connections import uvicorn_config
+
+        config = uvicorn_config(self.app, self.limits, loop="asyncio", log_level=self.log_level,
+                                lifespan="on", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
 
     def _run(self) -> None:

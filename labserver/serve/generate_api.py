@@ -21,13 +21,44 @@ from __future__ import annotations
 import json
 from contextlib import aclosing
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, to_jsonable_python
 
 from ..config import EngineConfig, SamplingParams
 from ..engine.sequence import collect
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed rejects larger values
+
+
+def _lone_surrogate(value, path: str = ""):
+    """(path, text) of the first string in ``value`` that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, value[exc.start]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def refuse_lone_surrogates(data):
+    """A model's "before" check: text a tokenizer can take, in every string of the body.
+
+    Valid JSON may escape a lone UTF-16 surrogate (``"\\ud800x"``); Python's JSON parser turns it into a
+    str that neither UTF-8 nor the tokenizer accepts. Checked on the whole body at once, so prompts,
+    messages and stop strings are refused alike, with the field named.
+    """
+    found = _lone_surrogate(data)
+    if found:
+        path, char = found
+        message = f"must be valid Unicode text, got a lone UTF-16 surrogate (\\u{ord(char):04x})"
+        raise PydanticCustomError("unicode_text", f"{path}: {message}" if path else message, {"path": path})
+    return data
 
 
 class GenerateRequest(BaseModel):
@@ -38,6 +69,7 @@ class GenerateRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    _text = model_validator(mode="before")(refuse_lone_surrogates)
 
     prompt: str = Field(min_length=1, description="The user's message (wrapped in the chat template).")
     max_tokens: int = Field(128, ge=1, description="Tokens to generate at most (server limit applies).")
@@ -187,7 +219,8 @@ def validation_error_body(errors) -> tuple[dict, int]:
     out = []
     for error in to_jsonable_python(errors, fallback=repr):
         try:
-            json.dumps(error, allow_nan=False)
+            # A lone surrogate in an echoed input passes ensure_ascii but not the response's UTF-8.
+            json.dumps(error, allow_nan=False, ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError):
             error = {**error, "input": repr(error.get("input")), "ctx": {k: repr(v) for k, v in
                                                                          (error.get("ctx") or {}).items()}}

@@ -14,6 +14,15 @@ arrives meanwhile gets a 503.
     >>> unavailable(EngineHealth(True, 1, "batched", "fake", running=2, no_progress_s=9.0), wedged_after_s=5)
     'the engine is wedged: no progress for 9.0 s with 2 running and 0 waiting'
 
+``engine_state`` names the state for an operator: ``ok``; ``wedged``; ``restarting`` (dead, a restart
+will come: ``attempt`` of ``max_restarts``); ``failed`` (dead for good: restarts used up, or a backend
+that never restarts, with the last reason).
+
+    >>> engine_state(EngineHealth(False, None, "process", "fake", reason="died", restarts=1), 3, 300)
+    {'state': 'restarting', 'attempt': 2, 'max_restarts': 3}
+    >>> engine_state(EngineHealth(False, None, "process", "fake", reason="died", restarts=3), 3, 300)
+    {'state': 'failed'}
+
 Left out: restarting a dead engine (the process backend's supervisor does; a dead engine thread stays
 dead and the server answers 503 until it is restarted).
 """
@@ -33,3 +42,14 @@ def unavailable(health: EngineHealth, wedged_after_s: float) -> str | None:
         return (f"the engine is wedged: no progress for {health.no_progress_s:.1f} s with "
                 f"{health.running} running and {health.waiting} waiting")
     return None
+
+
+def engine_state(health: EngineHealth, max_restarts: int, wedged_after_s: float) -> dict:
+    """``{"state": ...}`` (and the restart attempt to come), as the module docstring describes."""
+    if unavailable(health, wedged_after_s) is None:
+        return {"state": "ok"}
+    if health.alive:
+        return {"state": "wedged"}
+    if health.restarts < max_restarts:
+        return {"state": "restarting", "attempt": health.restarts + 1, "max_restarts": max_restarts}
+    return {"state": "failed"}

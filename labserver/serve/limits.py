@@ -15,9 +15,12 @@ pile-up that slows everyone:
   is refused at once with a 429 and ``Retry-After`` instead of queueing: every admitted stream shares
   the one engine thread, so each extra stream slows all the others. (The Flask baseline serves one
   request at a time by design: it has no use for this one.)
-- ``send_timeout_s``: a stream whose client reads nothing for this long (one send stuck that long: the
-  socket's buffers are full) is dropped, its generation cancelled and its slot freed
-  (``sse``).
+- ``send_timeout_s``: a stream whose client reads nothing for this long (one send stuck that long, or
+  bytes waiting in the kernel that the client has not acknowledged for that long) is dropped, its
+  generation cancelled and its slot freed (``sse``).
+- ``idle_timeout_s``, ``header_timeout_s``, ``body_timeout_s``, ``max_connections``: deadlines before a
+  request reaches the app (a fresh connection that sends nothing is closed; slow headers or body: 408)
+  and a cap on open connections (a request beyond it: 503), kept by the HTTP server (``connections``).
 - ``keepalive_s``: a stream that has sent nothing for this long (waiting for its first token behind
   other prompts) sends an SSE comment, ``: keep-alive``, so no proxy closes it as idle.
 - ``stream_interval``: tokens per write of a stream (vLLM's ``--stream-interval``): the first at once,
@@ -58,13 +61,19 @@ class ServerLimits:
     # ~4.5 min at the 65 ms per prompt token measured on the slowest machine (AVX2, the q4_1 route).
     wedged_after_s: float = 300.0
     stream_interval: int = 1
+    idle_timeout_s: float = 5.0  # uvicorn's keep-alive default
+    header_timeout_s: float = 10.0  # a real client sends its headers in one write
+    body_timeout_s: float = 30.0  # 1 MiB (max_body_bytes) at ~35 KB/s
+    # Under the usual 1,024 file descriptors a process gets, with room for the model's files and the engine.
+    max_connections: int = 512
 
     def __post_init__(self):
-        for name in ("max_concurrent", "max_body_bytes", "retry_after_s", "stream_interval"):
+        for name in ("max_concurrent", "max_body_bytes", "retry_after_s", "stream_interval", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("send_timeout_s", "keepalive_s", "wedged_after_s"):
+        for name in ("send_timeout_s", "keepalive_s", "wedged_after_s", "idle_timeout_s", "header_timeout_s",
+                     "body_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

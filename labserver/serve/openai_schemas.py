@@ -6,7 +6,7 @@ for nothing (``n=1``, ``presence_penalty=0``, ``logprobs=null``, ``tools=[]`` ..
 that send defaults keep working while a request that really asks for them gets a 400 naming the field,
 rather than a silently different answer.
 
-Supported beyond the basics: ``stop`` (up to 4 strings, applied to the text by the web layer),
+Supported beyond the basics: ``stop`` (up to 4 strings of up to 256 characters, applied to the text by the web layer),
 ``seed``, ``stream_options.include_usage``, ``max_completion_tokens`` (the same limit as ``max_tokens``:
 both given and different is a 400), chat content as a list of text parts, and the vLLM extensions that
 benchmark clients send (guidellm, ``vllm bench serve``): ``ignore_eos``, ``min_tokens`` and
@@ -23,9 +23,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .generate_api import SEED_MAX
+from .generate_api import SEED_MAX, refuse_lone_surrogates
 
 MAX_STOP_STRINGS = 4
+# Matching holds back any tail that could still grow into a stop string, so its cost per token grows with
+# the strings' length; a stop sequence is a few words in practice.
+MAX_STOP_CHARS = 256
 
 
 class StreamOptions(BaseModel):
@@ -39,6 +42,7 @@ class _V1Request(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    _text = model_validator(mode="before")(refuse_lone_surrogates)
     # field -> the only value accepted (it asks for nothing this server would have to do)
     NO_OP: ClassVar[dict[str, Any]] = {
         "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
@@ -58,7 +62,8 @@ class _V1Request(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the output ends before the first.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings of at most 256 characters; the "
+                                                              "output ends before the first.")
     user: str | None = Field(None, description="Accepted and ignored (an end-user id for abuse monitoring).")
     n: int = Field(1, description="Only 1.")
     presence_penalty: float = Field(0.0, description="Only 0.")
@@ -74,6 +79,9 @@ class _V1Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings must have at most {MAX_STOP_CHARS} characters, got {longest}")
         return value
 
     @model_validator(mode="after")
@@ -150,12 +158,14 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = Field(description="Text, or a list of text parts.")
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts (not null: no tool calls).")
     name: str | None = Field(None, description="Accepted; chat templates ignore it.")
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, value):
+        if value is None:  # OpenAI's null content goes with tool calls, which this server does not make
+            raise PydanticCustomError("null_content", "must be text or a list of text parts, not null")
         for part in value if isinstance(value, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
             if isinstance(kind, str) and kind != "text":

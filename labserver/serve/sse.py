@@ -16,15 +16,19 @@ response looks at both ends every ``keepalive_s`` (or a quarter of ``send_timeou
 - nothing was sent since its last look and nothing waits to be sent (no token yet): it puts an SSE
   comment, ``: keep-alive``, in the buffer; SSE clients skip it, proxies see a live connection;
 - one send has been stuck longer than ``send_timeout_s`` (the socket's buffers are full: the client has
-  read nothing meanwhile): it cancels the sending task, which drops the client. The body is closed (its
-  generation cancelled, its slot freed) and the connection is closed.
+  read nothing meanwhile), or bytes have waited in the kernel's send queue that long with none of them
+  acknowledged (``connections.unacknowledged``; a completed send only means the bytes fit in the
+  buffers, which on loopback hold megabytes): it cancels the sending task, which drops the client. The
+  body is closed (its generation cancelled, its slot freed) and the connection is reset, so the bytes
+  the client never read do not hold the socket open.
 
 A timer rather than a timeout around every send and every wait: the work per token stays what a plain
 ``StreamingResponse`` does (a timeout scope per await costs ~15-30 us a token on the event loop).
 
-Left out: SSE ``event:``/``id:``/``retry:`` fields; resetting the TCP connection of a dropped client (ASGI
-gives the app no socket): the server closes it once the bytes already written are read, or the client
-goes. Keep-alive during a long silence is at most two ``keepalive_s`` apart, not exactly one.
+Left out: SSE ``event:``/``id:``/``retry:`` fields; the acknowledged-bytes check and the reset need the
+socket, which only ``connections.GuardedH11Protocol`` puts in the scope (elsewhere a stuck send is the
+only sign, and a dropped client's connection closes once it reads what was written). Keep-alive during
+a long silence is at most two ``keepalive_s`` apart, not exactly one.
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 from typing import Callable
 
 import anyio
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
+
+from .connections import SOCKET_KEY, unacknowledged
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,8 @@ class ClosingStreamingResponse(StreamingResponse):
         self._sent = False  # something was sent since the timer last looked
         self._too_slow = False
         self._timer: asyncio.TimerHandle | None = None  # the next look at both ends
+        self._sock = None  # the connection's socket, where the server says (connections.SOCKET_KEY)
+        self._acked: tuple[int, float] | None = None  # (bytes the client acknowledged, loop time first seen)
 
     async def stream_response(self, send) -> None:
         chunks: asyncio.Queue = asyncio.Queue(maxsize=1)
@@ -129,7 +139,8 @@ class ClosingStreamingResponse(StreamingResponse):
 
     def _look(self, loop, period: float, task: asyncio.Task, chunks: asyncio.Queue) -> None:
         since = self._sending_since
-        if self.send_timeout_s and since is not None and loop.time() - since > self.send_timeout_s:
+        if self.send_timeout_s and ((since is not None and loop.time() - since > self.send_timeout_s)
+                                    or self._unread_for(loop.time()) > self.send_timeout_s):
             self._too_slow = True
             task.cancel()
             return
@@ -138,13 +149,36 @@ class ClosingStreamingResponse(StreamingResponse):
         self._sent = False
         self._timer = loop.call_later(period, self._look, loop, period, task, chunks)
 
+    def _unread_for(self, now: float) -> float:
+        """Seconds that bytes have waited in the send queue with none acknowledged (0 when none wait)."""
+        state = unacknowledged(self._sock) if self._sock is not None else None
+        if state is None:
+            return 0.0
+        queued, acked = state
+        if queued == 0 or self._acked is None or acked != self._acked[0]:
+            self._acked = (acked, now)
+            return 0.0
+        return now - self._acked[1]
+
     async def __call__(self, scope, receive, send) -> None:
+        self._sock = scope.get("extensions", {}).get(SOCKET_KEY)
         try:
             await super().__call__(scope, receive, send)
         except ClientTooSlow as exc:  # the connection is closed when this returns unfinished
             logger.warning("dropped a stream: %s", exc)
+            self._reset()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # a no-op when stream_response already closed it
             if self._on_close is not None:
                 self._on_close()
+
+    def _reset(self) -> None:
+        """Reset the connection: the bytes its client never read are dropped, not held until it reads."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._sock.shutdown(socket.SHUT_RDWR)  # the transport's next write fails, and it closes
+        except OSError:
+            pass  # already gone

@@ -86,7 +86,7 @@ class EngineClient(Backend):
 
     def __init__(self, frontend: Frontend, max_restarts: int = MAX_RESTARTS, stream_interval: int = 1):
         super().__init__(frontend, stream_interval)
-        self.frontend = frontend
+        self.frontend, self.max_restarts = frontend, max_restarts
         self.process = None if frontend.address else EngineProcess(frontend.spec, max_restarts)
         self._requests: dict[int, _Request] = {}
         self._rids = itertools.count()
