@@ -91,6 +91,7 @@ def test_the_frames_are_what_the_server_sends():
     lambda deaths, now, limit, window: True,  # restarts for ever: a crash loop never ends
     lambda deaths, now, limit, window: len(deaths) <= limit,  # forgets the window: never forgives old deaths
     lambda deaths, now, limit, window: len([t for t in deaths if now - t < window]) < limit,  # one too few
+    lambda deaths, now, limit, window: len([t for t in deaths if now - t <= window]) <= limit,  # `<=` for `<`
 ])
 def test_check_should_restart_fails_a_wrong_answer(wrong, capsys):
     assert checks.check_should_restart(wrong) is False

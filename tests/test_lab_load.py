@@ -18,12 +18,22 @@ def solution():
 def test_the_reference_solutions_pass(solution, capsys):
     assert solution.run_checks(None)
     out = capsys.readouterr().out
-    assert "FAIL" not in out and out.count("PASS") == 11
+    assert "FAIL" not in out and out.count("PASS") == 12
 
 
 def test_evenly_spaced_arrivals_fail_the_poisson_check(capsys):
     assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: [i / rate for i in range(n)])
     assert "FAIL  poisson_arrivals: rate 0.5: std/mean of the gaps 0.000" in capsys.readouterr().out
+
+
+def test_calling_labservers_own_arrival_times_fails_the_poisson_check(capsys):
+    from labserver.measure.arrivals import arrival_times
+
+    assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: arrival_times(n, rate, 1.0, seed))
+    assert "FAIL  poisson_arrivals: it called labserver's" in capsys.readouterr().out
+    from labserver.measure import arrivals
+
+    assert arrivals.arrival_times is arrival_times  # the tripwire is gone after the check
 
 
 def test_a_wrong_rate_fails_the_poisson_check(solution, capsys):

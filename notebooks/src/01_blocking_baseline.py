@@ -73,8 +73,8 @@ lab.plot_engine_steps(completion)
 
 # %% [markdown]
 # The decode steps are about the same size (a busy machine adds spikes): each one reads all 135M weights
-# once, whatever the token. So an answer of *n* tokens costs about `prefill + (n - 1) * step`. Whoever
-# waits for the complete answer waits for the sum of all these bars.
+# once, whatever the token. The first token comes out of the prefill, every later one out of a step:
+# whoever waits for the complete answer waits for the sum of all these bars.
 #
 # ## 2. The same engine behind Flask
 #
@@ -156,8 +156,8 @@ claim(f"the second user waited for the first user's answer, then for their own: 
 #
 # - The engine produces tokens one by one: a prefill over the whole prompt, then one decode step per
 #   token, each far cheaper than the prefill.
-# - A blocking server sends nothing until the last token: **TTFT = E2E ≈ prefill + (n - 1) × step**, and
-#   all ITLs are 0. The user stares at nothing for the whole generation.
+# - A blocking server sends nothing until the last token: **TTFT = E2E**, the prefill and every step
+#   summed (exercise 1 writes it down), and all ITLs are 0. The user stares at nothing for the whole generation.
 # - While it generates, a one-request-at-a-time server answers nothing: `/health` and a second user wait
 #   for the whole generation.
 #

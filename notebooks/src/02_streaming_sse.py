@@ -208,7 +208,9 @@ _ = checks.check_my_stream(my_stream, fastapi.url)
 # (its text is `.token`) per token, then a `Finish`. Starlette's `StreamingResponse` sends whatever an
 # iterator yields, as it yields it (FastAPI's own `fastapi.sse.EventSourceResponse` writes the frames
 # for you: either way is fine). The checker serves your app on `fake_engine` and fails it if the tokens
-# all arrive at the end, if `[DONE]` is missing, or if the content type is wrong.
+# all arrive at the end, if an event lacks its blank line, if `[DONE]` is missing, or if the content
+# type is wrong. Notebook 3 is about what a blocking `generate_stream` does to the event loop: the
+# steps must not run on it.
 
 # %%
 from fastapi import FastAPI

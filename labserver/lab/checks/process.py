@@ -143,6 +143,7 @@ def check_should_restart(should_restart: Callable) -> bool:
         ([10.0, 20.0, 30.0, 40.0], 40.0, 3, 60.0, False, "a 4th death within 60 s: a crash loop"),
         ([10.0, 20.0, 30.0, 100.0], 100.0, 3, 60.0, True, "the first three are older than 60 s"),
         ([2.0, 50.0, 60.0, 61.0], 61.0, 3, 60.0, False, "all four within the last 60 s"),
+        ([10.0, 20.0, 30.0, 70.0], 70.0, 3, 60.0, True, "the death at 10 s is exactly 60 s old: out of the window"),
         ([5.0, 6.0], 6.0, 1, 10.0, False, "max_restarts 1: the second death gives up"),
         ([5.0], 5.0, 0, 10.0, False, "max_restarts 0: never restart"),
     ]
