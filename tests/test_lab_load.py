@@ -5,6 +5,7 @@ import math
 import pytest
 
 from labserver import fake_engine
+from labserver.config import EngineConfig
 from labserver.lab import checks, load as lab
 from labserver.serve.background import start_fastapi, stop
 from notebook_solutions import solution as load_solution
@@ -59,15 +60,19 @@ def test_a_stub_is_todo(capsys):
 
 
 def test_knee_and_backpressure_on_the_fake_engine():
-    engine = fake_engine(prefill_ms=20, step_ms=10)
+    engine = fake_engine(prefill_ms=20, step_ms=10, config=EngineConfig(model="fake", threads=1, max_batch=4))
     try:
         server = start_fastapi(engine, backend="batched", name="test-load-lab")
         alone = lab.measure_alone(server.url)
         assert alone.e2el_ms >= 20 + (lab.OUTPUT_TOKENS - 1) * 10 and alone.rate == 1000 / alone.e2el_ms
         slo = lab.slo_from(alone)
         assert slo == {"ttft": round(4 * alone.ttft_ms, 1), "e2el": round(4 * alone.e2el_ms, 1)}
-        knee = lab.knee(server.url, alone, slo, factors=(2, 4, 1000))
-        assert len(knee.rates) == 3 and knee.rates[0] == pytest.approx(2 * alone.rate, abs=1e-3)
+        knee = lab.knee(server.url, alone, slo, concurrency=4, seconds=1.5)
+        by_hand = 4 / (lab.OUTPUT_TOKENS * 10 / 1000)  # a batch of 4, a token each per 10 ms step (prefills aside)
+        assert 0.4 * by_hand < knee.capacity <= 1.02 * by_hand and knee.rates[0] == pytest.approx(knee.capacity / 4, abs=1e-2)
+        assert knee.saturated[-1] and knee.knee is not None
+        below, past = lab.below_and_past(knee)
+        assert len(below) == len(knee.rates) - 1 and past is knee.summaries[-1]
         assert "over-saturated" in lab.sweep_table(knee) and lab.plot_knee(knee) is not None
     finally:
         stop("test-load-lab")
