@@ -37,7 +37,8 @@ from statistics import median
 from labserver import Engine, EngineConfig
 from labserver.lab import checks, kv_cache as lab
 from labserver.lab.claims import claim, ratio
-from labserver.serve.background import start_fastapi, stop, stop_all
+from labserver.serve.background import start_fastapi, stop
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
 engine = Engine.from_config(EngineConfig())
 CHUNK = engine.config.max_num_batched_tokens
@@ -278,9 +279,8 @@ _ = checks.check_chunk_choice(next_forward)
 # with a budget of 64; what stops you from making the budget very small?
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
 # %% tags=["nbval-ignore-output"]
-print(f"the most memory this kernel held at once: {lab.peak_rss_bytes() / lab.MB:,.0f} MiB")
-
-# %%
 stop_all()

@@ -30,7 +30,7 @@ from labserver.lab.claims import claim
 from labserver.lab.display import print_table
 from labserver.model import kernels
 from labserver.model.blocks import lossless
-from labserver.serve.background import stop_all
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
 engine = Engine.from_config(EngineConfig())
 print(sizing.measure_speed(engine))
@@ -185,6 +185,8 @@ print_table([{"rows": b, "ms": ms, "x one row": ms / cost[1], "weights read GB/s
 # batch size at which a batched step stops being nearly free on this CPU?
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()
