@@ -195,17 +195,44 @@ stop("engine-thread")
 #
 # Reference solutions: `notebooks/solutions/07_engine_process.py`.
 #
-# **1.** Write `sse_from_ids(outputs, tokenizer, stop)`, the API process's loop for one request. `outputs`
-# yields what the engine process sends: `{"token_id": 9, "index": 0, "step_ms": 6.1, ...}` per token,
-# then one `{"finish_reason": ..., "usage": ..., "timings": ...}`. Yield SSE frames (`str`): for each
-# token `data: {JSON}` and a blank line, with its fields and `"token"`: the text it adds (`""` while a
-# character is incomplete). Never decode an id alone: decode a window of recent ids twice and send the
-# difference. Cut the text before the first of the `stop` strings, holding back a tail that may still
-# become one; on a match, send the summary `{"finish_reason": "stop"}` and read no further. Text still
-# held back when the finish arrives goes out in one more `{"token": ...}` event before it. End with
-# `data: [DONE]`. The checker feeds it byte tokens (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and
-# the real engine's ids on the fake runner. (The server's own loop is split between
-# `engine/output.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them afterwards.)
+# **1.** The API process's loop for one request, in three parts. The engine process sends token ids,
+# never text: `{"token_id": 9, "index": 0, "step_ms": 6.1, ...}` per token, then one
+# `{"finish_reason": ..., "usage": ..., "timings": ...}`. The checkers use byte tokens
+# (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and the real engine's ids on the fake runner.
+#
+# **1a.** Write `new_text(tokenizer, ids, prefix, read) -> (text, prefix, read)`: the text that the last id
+# of `ids` adds. Never decode an id alone: decode the window `ids[prefix:read]` (what was sent) and
+# `ids[prefix:]`, and return the difference with the window moved on, or `""` and the window unchanged
+# while the last character is incomplete (its decoding ends in `"\ufffd"`).
+
+# %%
+def new_text(tokenizer, ids, prefix, read):
+    """The text the last of `ids` adds, and the new (prefix, read) window."""
+    raise NotImplementedError  # your code here
+
+
+_ = checks.check_new_text(new_text)
+
+# %% [markdown]
+# **1b.** Write `hold_back(text, stop) -> (send, held, stopped)`: `text` is what is not sent yet. If a stop
+# string occurs in it, send the text before the first one and stop. Otherwise hold back the longest tail
+# that could still become a stop string (`"wor"` of `"world"`) and send the rest.
+
+# %%
+def hold_back(text, stop):
+    """What to send now, what to hold back, and whether a stop string was found."""
+    raise NotImplementedError  # your code here
+
+
+_ = checks.check_hold_back(hold_back)
+
+# %% [markdown]
+# **1c.** Write `sse_from_ids(outputs, tokenizer, stop)` with the two: for each token yield `data: {JSON}`
+# and a blank line, with the token's fields and `"token"`, the text to send. On a stop string, send the
+# summary `{"finish_reason": "stop"}` and read no further. Text still held back when the finish arrives
+# goes out in one more `{"token": ...}` event before it. End with `data: [DONE]`. (The server's own loop
+# is split between `engine/output.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them
+# afterwards.)
 
 # %%
 def sse_from_ids(outputs, tokenizer, stop):
