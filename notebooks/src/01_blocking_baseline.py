@@ -29,7 +29,8 @@
 # long enough to see on a fast CPU and not forever on a slow one.
 
 # %% tags=["nbval-ignore-output"]
-from labserver import Engine, EngineConfig, SamplingParams
+from labserver import SamplingParams
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, baseline as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure import plotting
@@ -38,7 +39,7 @@ from labserver.measure.probes import HealthProbe
 from labserver.serve.background import start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 MAX_TOKENS = lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)  # about a second of generation here
 params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)  # greedy: the same text every run

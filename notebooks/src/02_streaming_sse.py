@@ -25,7 +25,7 @@
 # comes from the engine's speed, measured first.
 
 # %% tags=["nbval-ignore-output"]
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, streaming as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure import plotting
@@ -34,7 +34,7 @@ from labserver.measure.stats import summarize
 from labserver.serve.background import start_fastapi, start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 PROMPT, MAX_TOKENS, RUNS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms), 3
 fastapi, flask = start_fastapi(engine), start_flask(engine)

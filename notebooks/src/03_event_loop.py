@@ -28,13 +28,14 @@
 # %% tags=["nbval-ignore-output"]
 import time
 
-from labserver import Engine, EngineConfig, SamplingParams
+from labserver import SamplingParams
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, event_loop as lab
 from labserver.lab.claims import claim
 from labserver.serve.background import start_fastapi, start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 recorder = lab.ThreadRecorder(engine)
 PROMPT, MAX_TOKENS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)

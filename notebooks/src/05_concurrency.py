@@ -33,13 +33,13 @@
 # %% tags=["nbval-ignore-output"]
 import math
 
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, concurrency as lab
 from labserver.lab.claims import claim
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 prefill_ms, step_ms = lab.engine_timing(engine)
 PROMPT, NS = lab.PROMPT, (1, 2, 4, 8)
 MAX_TOKENS = max(24, min(64, math.ceil(prefill_ms / step_ms)))

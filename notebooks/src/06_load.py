@@ -30,14 +30,14 @@
 # %% tags=["nbval-ignore-output"]
 import math
 
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, load as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure.arrivals import arrival_times
 from labserver.serve.background import start_fastapi
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 tokenizer = engine.tokenizer
 server = start_fastapi(engine, backend="batched", name="fastapi-load")
 print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS, "tokens")

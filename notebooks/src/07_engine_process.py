@@ -33,14 +33,14 @@
 # %% tags=["nbval-ignore-output"]
 import os
 
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, process as lab
 from labserver.lab.claims import claim
 from labserver.measure.client import stream_generate
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 thread = start_fastapi(engine, backend="batched", name="engine-thread")
 process = start_fastapi(engine, backend="process", name="engine-process")
 pids = {"this kernel": os.getpid(), "engine thread": lab.engine_pid(thread.url),
@@ -93,9 +93,11 @@ claim(f"the process boundary added less than half a step per token: client ITL p
       hop["process"] < 0.5 * rows["process"]["step p50 ms"]);
 
 # %% [markdown]
-# Per token, the boundary costs a small part of a step: packing a few numbers, one message through a
-# local socket, and a detokenizer step that the engine thread did before anyway. (The `ITL/step p50`
-# column is `make bench`'s P1, which it reports for both designs, with P0, P2 and P4, in one table.) The steps themselves
+# What a token pays at the boundary: packing a few numbers, one message through a local socket, and a
+# detokenizer step that the engine thread did before anyway; the claim above bounds it by this run's step. (The `ITL/step p50`
+# column, the client's gap over the server's step, is what `make bench` calls P1: its figures are
+# numbered P0 to P6, e.g. P0 is the server's step while streaming over the engine's step alone, and
+# `labserver/measure/bench.py` lists them all.) The steps themselves
 # may differ a little between the two columns: the engine process runs its own OpenMP team, and on a
 # busy machine it competes with other processes for the cores.
 #
@@ -185,7 +187,7 @@ stop("engine-thread")
 #
 # - With the engine in its own process, the API process keeps the text: it tokenizes, detokenizes and
 #   applies stop strings; the engine process sends token ids and step times, a few bytes a token.
-# - Per token the boundary costs a small part of a step.
+# - Per token the boundary adds a message of a few numbers; the run bounds its cost by its own step.
 # - Busy work in the API process slows its own `/health` whatever the design; with the engine in its own
 #   process the engine keeps its own GIL, so its steps lose only CPU, not turns at the GIL.
 # - When the engine dies, both designs end open streams with an error and `[DONE]` and answer 503; only

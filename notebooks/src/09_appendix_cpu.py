@@ -24,7 +24,8 @@
 # %% tags=["nbval-ignore-output"]
 import sys
 
-from labserver import Engine, EngineConfig
+from labserver import EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import cpu, sizing
 from labserver.lab.claims import claim
 from labserver.lab.display import print_table
@@ -32,7 +33,7 @@ from labserver.model import kernels
 from labserver.model.blocks import lossless
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 print(sizing.measure_speed(engine))
 print(f"kernels: {kernels.path()} vector code, {kernels.features()}")
 
