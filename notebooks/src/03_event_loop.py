@@ -203,14 +203,15 @@ claim("with every step on one thread, no step recorded a graph",
 # engine **one long-lived thread** that owns every torch call. Requests reach it through a thread-safe queue; it advances each active generation
 # by one step in turn and hands each token back to the event loop with `loop.call_soon_threadsafe` into
 # a per-request `asyncio.Queue`. SGLang runs its scheduler in its own thread for the same reasons; vLLM
-# V1 goes one step further and runs it in a separate process (notebook 5).
+# V1 goes one step further and runs it in a separate process (notebook 7).
 #
 # ## Summary
 #
 # - The event loop runs everything else only while the current coroutine `await`s. Model steps never
 #   await: called on the loop, they stall every other request for a step at a time.
-# - Flask stalls `/health` for a whole generation, the naive async variant for one step at a time; the
-#   executor and the engine thread keep it at milliseconds.
+# - Flask stalls `/health` for a whole generation; the naive async variant holds it whenever a step runs
+#   on the loop (how long on your run: its table above); the executor and the engine thread keep the loop
+#   free.
 # - The first version's `except StopIteration` loop hangs after the last token: asyncio cannot carry
 #   `StopIteration` through a Future.
 # - Grad mode is thread-local: it follows the thread, not the generator. One dedicated engine thread

@@ -107,8 +107,8 @@ claim(f"the sweep went past this server's capacity and saw it: it kept up at {le
 claim(f"latency is flat below the knee: TTFT p50 from {min(ttfts):.0f} to {max(ttfts):.0f} ms over those "
       f"rates, within 3x though the rate grew {ratio(below[-1]['request_rate'], below[0]['request_rate'])}",
       max(ttfts) < 3 * min(ttfts))
-claim(f"past the knee the queue shows: TTFT p99 {past['p99_ttft_ms']:.0f} ms, over twice the highest below it "
-      f"({max(p99s):.0f} ms)", past["p99_ttft_ms"] > 2 * max(p99s))
+claim(f"past the knee the queue shows: TTFT p99 {past['p99_ttft_ms']:.0f} ms, over twice that at the lowest "
+      f"rate ({p99s[0]:.0f} ms)", past["p99_ttft_ms"] > 2 * p99s[0])
 print(f"past the knee it completed {past['request_throughput']:.2f} requests/s of {knee.rates[-1]:.2f} offered "
       f"(the closed loop measured {knee.capacity:.2f})")
 best = knee.best_goodput_rate
