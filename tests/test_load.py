@@ -119,7 +119,8 @@ def test_over_saturated_when_completions_fall_behind_the_arrivals_or_the_queue_g
     assert over_saturated({**run, "duration": 3.0}, [50.0] * 20, 500.0)  # 8/s of 10: behind
     assert over_saturated({**run, "completed": 10, "failed": 10}, [50.0] * 10, 500.0)  # refused half
     growing = [50.0] * 10 + [700.0] * 10  # the last quarter waits 14x the first, 650 ms more than a request
-    assert queue_grew(growing, 500.0) and over_saturated(run, growing, 500.0)
+    assert queue_grew(growing, 500.0) and over_saturated({**run, "duration": 2.6}, growing, 500.0)  # 0.95
+    assert not over_saturated(run, growing, 500.0)  # every request still done in time: a passing stall
     assert not queue_grew([50.0] * 10 + [120.0] * 10, 500.0)  # 2.4x, but 70 ms: noise, not a backlog
     assert not over_saturated({**run, "request_rate": "inf", "duration": 99.0}, growing, 500.0)
 
