@@ -266,6 +266,7 @@ def test_cancellation_checkers(engine, fastapi):
     s = solution("04_cancellation")
     assert checks.check_hang_up(s.hang_up_after, engine, fastapi.url)
     assert not checks.check_hang_up(lambda url, n: stream_generate(url, "x", 60, 0).n_tokens, engine, fastapi.url)
+    assert not checks.check_hang_up(lambda url, n: n, engine, fastapi.url)  # read nothing, said n
     assert checks.check_stop_string(s.stream_until, engine, fastapi.url, prompt="x", stop="three")
     assert not checks.check_stop_string(s.stream_until, engine, fastapi.url, prompt="x", stop=".")  # cannot check
     assert not checks.check_stop_string(lambda url, p, stop: stream_generate(url, p, 64, 0).text, engine,

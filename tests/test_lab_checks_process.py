@@ -91,7 +91,34 @@ def test_the_frames_are_what_the_server_sends():
     lambda deaths, now, limit, window: True,  # restarts for ever: a crash loop never ends
     lambda deaths, now, limit, window: len(deaths) <= limit,  # forgets the window: never forgives old deaths
     lambda deaths, now, limit, window: len([t for t in deaths if now - t < window]) < limit,  # one too few
+    lambda deaths, now, limit, window: len([t for t in deaths if now - t <= window]) <= limit,  # `<=` for `<`
 ])
 def test_check_should_restart_fails_a_wrong_answer(wrong, capsys):
     assert checks.check_should_restart(wrong) is False
     assert "FAIL  should_restart" in capsys.readouterr().out
+
+
+# -- exercise 1 in three parts: each part's checker fails its own typical mistake --------------------
+def test_new_text_and_hold_back_pass_the_reference(capsys):
+    assert checks.check_new_text(REF.new_text) and checks.check_hold_back(REF.hold_back), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, shows", [
+    (lambda tok, ids, prefix, read: (tok.decode(ids[-1:]), prefix, read), "bytes: the pieces join to"),  # one id alone
+    (lambda tok, ids, prefix, read: (tok.decode(ids)[len(tok.decode(ids[:-1])):], 0, len(ids)),  # no wait
+     "bytes: the pieces join to"),
+])
+def test_check_new_text_fails_a_wrong_answer(wrong, shows, capsys):
+    assert checks.check_new_text(wrong) is False
+    assert any(shows in line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL"))
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda text, stop: (text, "", any(s in text for s in stop)),  # holds nothing back, sends the stop string
+    lambda text, stop: REF.hold_back(text, stop[:1]),  # only the first stop string
+    lambda text, stop: (lambda i: (text[:i], "", True) if i >= 0 else REF.hold_back(text, stop))(  # the list's
+        next((text.find(s) for s in stop if s in text), -1)),  # first stop string, not the text's
+])
+def test_check_hold_back_fails_a_wrong_answer(wrong, capsys):
+    assert checks.check_hold_back(wrong) is False
+    assert "FAIL  hold_back" in capsys.readouterr().out

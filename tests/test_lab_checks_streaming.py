@@ -25,7 +25,7 @@ SOL1, SOL2, SOL3 = (solution(n) for n in ("01_blocking_baseline", "02_streaming_
 
 
 # -- notebook 2: the student's SSE endpoint -------------------------------------------------------------
-def sse_app(engine, media_type="text/event-stream", done=True, buffered=False):
+def sse_app(engine, media_type="text/event-stream", done=True, buffered=False, end="\n\n"):
     """A variant of the reference endpoint with one mistake."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
@@ -41,7 +41,7 @@ def sse_app(engine, media_type="text/event-stream", done=True, buffered=False):
         def frames():
             for item in items:
                 if isinstance(item, TokenEvent):
-                    yield f"data: {json.dumps({'token': item.token})}\n\n"
+                    yield f"data: {json.dumps({'token': item.token})}" + end
             if done:
                 yield "data: [DONE]\n\n"
 
@@ -78,6 +78,7 @@ def test_sse_endpoint_checker_passes_fastapis_own_sse_response(capsys):
     (dict(done=False), "expected '[DONE]'"),
     (dict(media_type="application/json"), "expected text/event-stream"),
     (dict(buffered=True), "streamed: at least"),
+    (dict(end="\n"), "ends its event with a blank line"),
 ])
 def test_sse_endpoint_checker_fails_a_wrong_endpoint(mistake, says, capsys):
     assert not checks.check_sse_endpoint(lambda engine: sse_app(engine, **mistake))
@@ -96,6 +97,16 @@ def test_sse_endpoint_checker_says_todo_for_the_stub(capsys):
 
     assert not checks.check_sse_endpoint(stub)
     assert "TODO" in capsys.readouterr().out
+
+
+def test_parse_sse_line_checker_fails_a_parser_that_returns_any_json(capsys):
+    def any_json(line):
+        data = line[5:].strip() if line.startswith("data:") else ""
+        return json.loads(data) if data and data != "[DONE]" else None
+
+    assert checks.check_parse_sse_line(SOL2.parse_sse_line), capsys.readouterr().out
+    assert not checks.check_parse_sse_line(any_json)
+    assert "FAIL  parse_sse_line: 'data: 42' -> 42" in capsys.readouterr().out
 
 
 # -- notebook 2: the student's stream client ------------------------------------------------------------
@@ -135,6 +146,15 @@ def test_bridge_checker_fails_a_bridge_that_runs_the_steps_on_the_loop(capsys):
 
     assert not checks.check_stream_tokens(on_the_loop)
     assert "FAIL  stream_tokens: /health during the stream" in capsys.readouterr().out
+
+
+def test_bridge_checker_fails_a_bridge_that_collects_the_whole_generation_first(capsys):
+    async def buffered(gen):  # the loop stays free, but nothing is yielded until the last step
+        for item in await asyncio.to_thread(list, gen):
+            yield item
+
+    assert not checks.check_stream_tokens(buffered)
+    assert "FAIL  stream_tokens: tokens arrive as the engine makes them" in capsys.readouterr().out
 
 
 def test_bridge_checker_fails_the_stop_iteration_hang_within_its_timeout(capsys):

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from labserver import fake_engine
+from labserver.config import EngineConfig
 from labserver.lab import checks, load as lab
 from labserver.serve.background import start_fastapi, stop
 from notebook_solutions import solution as load_solution
@@ -18,12 +19,22 @@ def solution():
 def test_the_reference_solutions_pass(solution, capsys):
     assert solution.run_checks(None)
     out = capsys.readouterr().out
-    assert "FAIL" not in out and out.count("PASS") == 11
+    assert "FAIL" not in out and out.count("PASS") == 12
 
 
 def test_evenly_spaced_arrivals_fail_the_poisson_check(capsys):
     assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: [i / rate for i in range(n)])
     assert "FAIL  poisson_arrivals: rate 0.5: std/mean of the gaps 0.000" in capsys.readouterr().out
+
+
+def test_calling_labservers_own_arrival_times_fails_the_poisson_check(capsys):
+    from labserver.measure.arrivals import arrival_times
+
+    assert not checks.check_poisson_arrivals(lambda n, rate, seed=0: arrival_times(n, rate, 1.0, seed))
+    assert "FAIL  poisson_arrivals: it called labserver's" in capsys.readouterr().out
+    from labserver.measure import arrivals
+
+    assert arrivals.arrival_times is arrival_times  # the tripwire is gone after the check
 
 
 def test_a_wrong_rate_fails_the_poisson_check(solution, capsys):
@@ -49,15 +60,19 @@ def test_a_stub_is_todo(capsys):
 
 
 def test_knee_and_backpressure_on_the_fake_engine():
-    engine = fake_engine(prefill_ms=20, step_ms=10)
+    engine = fake_engine(prefill_ms=20, step_ms=10, config=EngineConfig(model="fake", threads=1, max_batch=4))
     try:
         server = start_fastapi(engine, backend="batched", name="test-load-lab")
         alone = lab.measure_alone(server.url)
         assert alone.e2el_ms >= 20 + (lab.OUTPUT_TOKENS - 1) * 10 and alone.rate == 1000 / alone.e2el_ms
         slo = lab.slo_from(alone)
         assert slo == {"ttft": round(4 * alone.ttft_ms, 1), "e2el": round(4 * alone.e2el_ms, 1)}
-        knee = lab.knee(server.url, alone, slo, factors=(2, 4, 1000))
-        assert len(knee.rates) == 3 and knee.rates[0] == pytest.approx(2 * alone.rate, abs=1e-3)
+        knee = lab.knee(server.url, alone, slo, concurrency=4, seconds=1.5)
+        by_hand = 4 / (lab.OUTPUT_TOKENS * 10 / 1000)  # a batch of 4, a token each per 10 ms step (prefills aside)
+        assert 0.4 * by_hand < knee.capacity <= 1.02 * by_hand and knee.rates[0] == pytest.approx(knee.capacity / 4, abs=1e-2)
+        assert knee.saturated[-1] and knee.knee is not None
+        below, past = lab.below_and_past(knee)
+        assert len(below) == len(knee.rates) - 1 and past is knee.summaries[-1]
         assert "over-saturated" in lab.sweep_table(knee) and lab.plot_knee(knee) is not None
     finally:
         stop("test-load-lab")

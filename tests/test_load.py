@@ -20,7 +20,8 @@ from labserver.measure.datasets import count_tokens, random_requests, shared_pre
 from labserver.measure.goodput import meets_slo, parse_slo
 from labserver.measure.load import LoadError, run_load, summarize_load
 from labserver.measure.protocols import OpenAIProtocol, openai_protocol
-from labserver.measure.sweep import over_saturated, sweep
+from labserver.config import EngineConfig
+from labserver.measure.sweep import capacity, kept_up_ratio, over_saturated, queue_grew, sweep
 from labserver.serve.background import UvicornServer
 from labserver.serve.app import create_app
 from labserver.serve.limits import ServerLimits
@@ -111,11 +112,17 @@ def test_summary_has_vllms_keys_and_exact_figures():
     assert set(s) >= {"duration", "max_concurrency", "request_rate", "std_ttft_ms", "p99_tpot_ms", "p99_e2el_ms"}
 
 
-def test_over_saturated_when_the_run_outlasts_arrivals_and_one_request_twice():
-    run = {"request_rate": 10.0, "last_arrival_s": 2.0, "duration": 5.0}  # 2 * (2.0 + 0.5) = 5.0 s
-    assert not over_saturated(run, 500.0) and over_saturated({**run, "duration": 5.01}, 500.0)
-    assert not over_saturated({**run, "request_rate": "inf", "duration": 99.0}, 500.0)
-    assert not over_saturated(run, None)
+def test_over_saturated_when_completions_fall_behind_the_arrivals_or_the_queue_grows():
+    run = {"request_rate": 10.0, "completed": 20, "failed": 0, "last_arrival_s": 2.0, "duration": 2.5}
+    # 20 arrived in 2.0 s and were done within 2.5 - 0.5 (the last one's own latency): 10/s, as they came
+    assert kept_up_ratio(run, 500.0) == pytest.approx(1.0) and not over_saturated(run, [50.0] * 20, 500.0)
+    assert over_saturated({**run, "duration": 3.0}, [50.0] * 20, 500.0)  # 8/s of 10: behind
+    assert over_saturated({**run, "completed": 10, "failed": 10}, [50.0] * 10, 500.0)  # refused half
+    growing = [50.0] * 10 + [700.0] * 10  # the last quarter waits 14x the first, 650 ms more than a request
+    assert queue_grew(growing, 500.0) and over_saturated({**run, "duration": 2.6}, growing, 500.0)  # 0.95
+    assert not over_saturated(run, growing, 500.0)  # every request still done in time: a passing stall
+    assert not queue_grew([50.0] * 10 + [120.0] * 10, 500.0)  # 2.4x, but 70 ms: noise, not a backlog
+    assert not over_saturated({**run, "request_rate": "inf", "duration": 99.0}, growing, 500.0)
 
 
 # -- against the fake engine -------------------------------------------------------------------------
@@ -188,12 +195,40 @@ def test_a_429_limit_counts_as_failed_and_warmup_refusal_raises():
 
 def test_sweep_stops_after_the_server_is_over_saturated(turns_url):
     # Capacity: one request per >= 100 ms of sleeps, under 10/s. 2/s and 5/s keep up; 40/s cannot; 80 never runs.
-    done = sweep(turns_url, random_requests(16, 4, TOKENS), [80.0, 2.0, 40.0, 5.0], burstiness=EVEN,
-                 slo=parse_slo("e2el:300"))
+    done = sweep(turns_url, lambda n: random_requests(n, 4, TOKENS), [80.0, 2.0, 40.0, 5.0], burstiness=EVEN,
+                 seconds=1.0, min_requests=8, slo=parse_slo("e2el:300"))
     assert done.rates == [2.0, 5.0, 40.0] and done.saturated == [False, False, True] and done.knee == 5.0
     ttft = [s["median_ttft_ms"] for s in done.summaries]
     assert ttft[2] > 2 * ttft[0]  # the queue shows in the latency past the knee
     assert done.best_goodput_rate == 5.0
+
+
+BATCH, LONG = 4, 16  # a batch of 4 and answers of 16 tokens
+
+
+@pytest.fixture(scope="module")
+def batched_url():
+    engine = fake_engine(prefill_ms=STEP_MS, step_ms=STEP_MS,
+                         config=EngineConfig(model="fake", threads=1, max_batch=BATCH))
+    with UvicornServer(create_app(engine, "batched")) as server:
+        yield server.url
+
+
+def test_the_sweep_finds_the_knee_at_the_capacity_known_by_hand(batched_url):
+    # By hand: every forward (a prompt's or a step's) sleeps STEP_MS and makes one token for each of the
+    # BATCH sequences it carries; a request needs LONG of them: BATCH / (LONG * step) = 12.5 requests/s
+    # with the batch always full. HTTP, the gaps of a closed loop and a busy machine only lower it.
+    by_hand = BATCH / (LONG * STEP_MS / 1000)
+    requests = lambda n: random_requests(n, 4, LONG)  # noqa: E731
+    rps, _ = capacity(batched_url, requests(4 * BATCH), BATCH)
+    assert 0.6 * by_hand < rps <= 1.02 * by_hand
+    # Evenly spaced arrivals: 40 Poisson arrivals stray from their rate by a sixth, more than the margin here.
+    done = sweep(batched_url, requests, concurrency=BATCH, seconds=3.0, burstiness=EVEN)
+    assert done.capacity == pytest.approx(rps, rel=0.35)
+    assert done.saturated[-1] and done.rates[-1] > by_hand  # it went past the capacity and saw it
+    assert done.knee is not None and 0.5 * by_hand <= done.knee <= 1.2 * by_hand
+    below = [s["median_ttft_ms"] for rate, s in zip(done.rates, done.summaries) if rate <= done.knee]
+    assert max(below) < 4 * min(below) + 2 * STEP_MS  # flat below the knee: no backlog builds there
 
 
 def test_cli_writes_summary_and_requests(turns_url, tmp_path, capsys):

@@ -89,6 +89,16 @@ def read_sse(url: str, body: dict, timeout_s: float = 10.0, path: str = "/genera
     return reading
 
 
+def one_by_one(times: list[float], step_ms: float) -> tuple[bool, str]:
+    """Did tokens made ``step_ms`` apart arrive apart? The sleeps between the first token and the last
+    add up to ``(n - 1) * step_ms``; the client may see the first token late (a busy machine), which
+    shortens the spread, so half of it is required: a buffered answer has a spread of ~0."""
+    spread, needed = times[-1] - times[0], 0.5 * (len(times) - 1) * step_ms
+    return spread >= needed, (f"first token at {times[0]:.0f} ms, last at {times[-1]:.0f} ms: {spread:.0f} ms "
+                              f"apart, and the server slept {(len(times) - 1) * step_ms:.0f} ms between them "
+                              f"(streamed: at least {needed:.0f} ms)")
+
+
 def bridge_app(engine, bridge):
     """A FastAPI app whose ``/generate`` streams ``bridge(engine.generate_stream(...))`` as SSE, with ``/health``.
 

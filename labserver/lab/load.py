@@ -1,8 +1,9 @@
 """Notebook 6's experiments: open-loop load on this server, its knee, goodput under an SLO, backpressure.
 
 Every size comes from a measurement made in the same run: one request alone gives the service time,
-the sweep's rates are multiples of what that one request sustains, the SLO is a multiple of its TTFT
-and E2E. So the notebook asks the same questions on a 5 ms/step and an 80 ms/step machine.
+a closed loop at the batch limit gives the capacity, the sweep's rates are fractions of that capacity,
+the SLO is a multiple of its TTFT and E2E. So the notebook asks the same questions on a 5 ms/step and
+an 80 ms/step machine.
 
 Left out: the load generator itself (``measure/load.py``, ``measure/sweep.py``), which measures any server.
 """
@@ -14,14 +15,13 @@ from dataclasses import dataclass
 from ..measure.datasets import random_requests
 from ..measure.load import LoadResult, run_load
 from ..measure.plotting import LabFigure, plot_sweep
-from ..measure.sweep import SweepResult, rates_around, sweep
+from ..measure.sweep import SweepResult, sweep
 from ..measure.tables import format_table
 from ..serve.background import start_fastapi, stop
 from ..serve.limits import ServerLimits
 
 INPUT_TOKENS, OUTPUT_TOKENS = 32, 16
-REQUESTS_PER_RATE = 16
-FACTORS = (2, 4, 8, 16, 32)  # rates as multiples of what one request alone sustains
+SECONDS_PER_RATE = 5.0  # of arrivals at each rate: a backlog past the knee grows that long
 
 
 @dataclass
@@ -52,18 +52,26 @@ def slo_from(alone: Alone, factor: float = 4.0) -> dict:
     return {"ttft": round(factor * alone.ttft_ms, 1), "e2el": round(factor * alone.e2el_ms, 1)}
 
 
-def knee(url: str, alone: Alone, slo: dict, tokenizer=None, factors=FACTORS) -> SweepResult:
-    """Poisson arrivals at rising multiples of `alone.rate`, until the server falls behind."""
-    return sweep(url, requests(REQUESTS_PER_RATE, tokenizer), rates_around(alone.e2el_ms, factors), slo=slo,
-                 warmup=1, baseline_e2el_ms=alone.e2el_ms)
+def knee(url: str, alone: Alone, slo: dict, tokenizer=None, concurrency: int = 16,
+         seconds: float = SECONDS_PER_RATE) -> SweepResult:
+    """The capacity (a closed loop of `concurrency`, the batch limit), then Poisson arrivals at fractions
+    of it, rising, until the server falls behind (`measure.sweep`)."""
+    return sweep(url, lambda n: requests(n, tokenizer), concurrency=concurrency, seconds=seconds, min_requests=12,
+                 one_request_ms=alone.e2el_ms, slo=slo, warmup=1)
 
 
 def sweep_table(result: SweepResult) -> str:
-    rows = [[f"{r['rate']:.2f}", r["last_arrival_s"], r["duration"], r["request_throughput"], r["output_throughput"],
-             r["median_ttft_ms"], r["p99_ttft_ms"], r["median_itl_ms"], r["request_goodput"],
+    rows = [[f"{r['rate']:.2f}", r["completed"], r["last_arrival_s"], r["duration"], r["request_throughput"],
+             r["kept_up"], r["median_ttft_ms"], r["p99_ttft_ms"], r["median_itl_ms"], r["request_goodput"],
              "yes" if r["over_saturated"] else ""] for r in result.table()]
-    return format_table(["rate req/s", "last arrival s", "run s", "done req/s", "out tok/s", "TTFT p50",
-                         "TTFT p99", "ITL p50", "goodput req/s", "over-saturated"], rows)
+    return format_table(["rate req/s", "requests", "last arrival s", "run s", "done req/s", "kept up",
+                         "TTFT p50", "TTFT p99", "ITL p50", "goodput req/s", "over-saturated"], rows)
+
+
+def below_and_past(result: SweepResult) -> tuple[list[dict], dict]:
+    """The summaries of the rates at or below the knee, and the first over-saturated rate's."""
+    below = [s for rate, s in zip(result.rates, result.summaries) if result.knee is not None and rate <= result.knee]
+    return below, result.summaries[-1]
 
 
 def plot_knee(result: SweepResult) -> LabFigure:

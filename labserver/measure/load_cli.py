@@ -2,7 +2,7 @@
 
     python -m labserver load --url http://127.0.0.1:8000 --request-rate 4 --num-prompts 64 \\
         --input-len 128 --output-len 64 --goodput ttft:500 tpot:50 --out out/load
-    python -m labserver load --url http://127.0.0.1:8000 --sweep            # rates sized from one request
+    python -m labserver load --url http://127.0.0.1:8000 --sweep            # capacity first, then rates to the knee
 
 It prints vLLM's result table and writes `summary.json` (vLLM's key names), `requests.jsonl` (one request
 a line) and, for a sweep, `sweep.json` and `sweep.png` (latency percentiles and goodput against load).
@@ -20,7 +20,7 @@ from .datasets import client_tokenizer, count_tokens, random_requests, shared_pr
 from .goodput import parse_slo
 from .load import LoadError, run_load
 from .protocols import LABSERVER, LLAMA_CPP, OpenAIProtocol, served_model
-from .sweep import rates_around, sweep
+from .sweep import sweep
 
 ENDPOINTS = ("completions", "chat", "generate", "llama.cpp")
 
@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and not measured")
     p.add_argument("--goodput", nargs="+", metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     p.add_argument("--sweep", nargs="*", type=float, metavar="RATE",
-                   help="run at each rate (none given: rates sized from one request's latency) until over-saturated")
+                   help="run at each rate until over-saturated (none given: fractions of the capacity, measured "
+                        "first by a closed loop of --sweep-concurrency requests)")
+    p.add_argument("--sweep-concurrency", type=int, default=16,
+                   help="the server's concurrency limit, for the sweep's capacity (vLLM: --max-num-seqs; "
+                        "llama-server: -np) (default %(default)s)")
+    p.add_argument("--sweep-seconds", type=float, default=8.0,
+                   help="seconds of arrivals at each rate of a sweep (default %(default)s)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let answers end at EOS (by default every answer is exactly its asked length)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -68,11 +74,12 @@ def _protocol(args):
     return OpenAIProtocol(model, chat=args.endpoint == "chat", api_key=args.api_key, continuous_usage=True), model
 
 
-def _requests(args, tokenizer) -> list:
+def _requests(args, tokenizer, n: int | None = None) -> list:
+    n = args.num_prompts if n is None else n
     if args.dataset == "shared-prefix":
-        return shared_prefix_requests(args.num_prompts, args.prefix_len, args.input_len, args.output_len,
+        return shared_prefix_requests(n, args.prefix_len, args.input_len, args.output_len,
                                       args.num_prefixes, tokenizer=tokenizer, seed=args.seed)
-    return random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+    return random_requests(n, args.input_len, args.output_len, args.range_ratio,
                            tokenizer=tokenizer, seed=args.seed)
 
 
@@ -124,22 +131,22 @@ def main(argv: list[str] | None = None) -> dict:
             result.write(out / "summary.json", out / "requests.jsonl")
             print(report(result.summary))
             return result.summary
-        rates = args.sweep or rates_around(_one_request_ms(args.url, requests, common))
-        done = sweep(args.url, requests, rates, burstiness=args.burstiness, warmup=args.warmup,
-                     on_result=lambda rate, r: print(report(r.summary, f" rate {rate:g} req/s ")), **common)
+        sized = {k: v for k, v in common.items() if k != "max_concurrency"}
+        done = sweep(args.url, lambda n: _requests(args, tokenizer, n), args.sweep or None,
+                     concurrency=args.sweep_concurrency, seconds=args.sweep_seconds, burstiness=args.burstiness,
+                     warmup=args.warmup, on_result=lambda rate, r: print(report(r.summary, f" rate {rate:g} req/s ")),
+                     **sized)
     except LoadError as exc:
         sys.exit(f"error: {exc}")
     from .plotting import plot_sweep
 
-    (out / "sweep.json").write_text(json.dumps({"rates": done.rates, "knee": done.knee,
+    (out / "sweep.json").write_text(json.dumps({"capacity": done.capacity, "one_request_ms": done.one_request_ms,
+                                                "rates": done.rates, "knee": done.knee,
                                                 "over_saturated": done.saturated, "summaries": done.summaries},
                                                indent=2) + "\n")
     plot_sweep(done.rates, done.summaries, done.knee, path=out / "sweep.png")
+    if done.capacity is not None:
+        print(f"capacity: {done.capacity:.2f} req/s (closed loop of {args.sweep_concurrency})")
     print(f"knee: {done.knee} req/s; wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
-    return {"rates": done.rates, "knee": done.knee, "summaries": done.summaries}
+    return {"capacity": done.capacity, "rates": done.rates, "knee": done.knee, "summaries": done.summaries}
 
-
-def _one_request_ms(url, requests, common) -> float:
-    """One request alone, measured (after a warm-up): what the sweep's rates are sized from."""
-    alone = run_load(url, requests[:2], rate=math.inf, **{**common, "max_concurrency": 1, "progress": False})
-    return alone.summary["median_e2el_ms"]

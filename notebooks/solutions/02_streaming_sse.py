@@ -2,6 +2,7 @@
 
     python notebooks/solutions/02_streaming_sse.py    # runs every checker against the default model
 """
+import asyncio
 import json
 import time
 
@@ -39,12 +40,12 @@ def make_sse_app(engine):
     app = FastAPI()
 
     @app.post("/generate")
-    def generate(body: dict):
+    async def generate(body: dict):
         params = SamplingParams(max_tokens=int(body.get("max_tokens", 16)), temperature=0)
         tokens = engine.generate_stream(body["prompt"], params)
 
-        def frames():  # a plain generator: StreamingResponse runs each next() in its thread pool
-            for item in tokens:
+        async def frames():  # each blocking step runs on a worker thread; the loop stays free meanwhile
+            while (item := await asyncio.to_thread(next, tokens, None)) is not None:
                 if isinstance(item, TokenEvent):
                     yield f"data: {json.dumps({'token': item.token})}\n\n"
             yield "data: [DONE]\n\n"

@@ -9,9 +9,24 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def new_text(tokenizer, ids, prefix, read):
+    # Decode a window twice, ids[prefix:read] (sent already) and ids[prefix:]; the difference is new.
+    before, now = tokenizer.decode(ids[prefix:read]), tokenizer.decode(ids[prefix:])
+    if len(now) > len(before) and not now.endswith("\ufffd"):  # a whole character more
+        return now[len(before):], read, len(ids)
+    return "", prefix, read
+
+
+def hold_back(text, stop):
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        return text[:min(hits)], "", True
+    keep = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - keep], text[len(text) - keep:], False
+
+
 def sse_from_ids(outputs, tokenizer, stop):
-    ids, prefix, read = [], 0, 0  # decode ids[prefix:read] and ids[prefix:], send the difference
-    held = ""  # text that could still be the start of a stop string
+    ids, prefix, read, held = [], 0, 0, ""
     for out in outputs:
         if "token_id" not in out:  # the engine's finish: send what is still held back, then the summary
             tail = tokenizer.decode(ids[prefix:])[len(tokenizer.decode(ids[prefix:read])):]
@@ -20,18 +35,12 @@ def sse_from_ids(outputs, tokenizer, stop):
             yield sse(out)
             break
         ids.append(out["token_id"])
-        before, now = tokenizer.decode(ids[prefix:read]), tokenizer.decode(ids[prefix:])
-        text = held
-        if len(now) > len(before) and not now.endswith("\ufffd"):  # a whole character more
-            text, prefix, read = held + now[len(before):], read, len(ids)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if hits:  # a stop string: send the text before it, stop reading (the server aborts the request)
-            yield sse({**out, "token": text[:min(hits)]})
+        text, prefix, read = new_text(tokenizer, ids, prefix, read)
+        send, held, stopped = hold_back(held + text, stop)
+        yield sse({**out, "token": send})
+        if stopped:  # stop reading: the server aborts the request
             yield sse({"finish_reason": "stop", "usage": {"completion_tokens": len(ids)}})
             break
-        keep = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        held = text[len(text) - keep:]
-        yield sse({**out, "token": text[:len(text) - keep]})
     yield "data: [DONE]\n\n"
 
 
@@ -43,7 +52,8 @@ def should_restart(deaths_s, now_s, max_restarts, window_s):
 def run_checks(engine=None) -> bool:
     from labserver.lab import checks
 
-    return all([checks.check_sse_from_ids(sse_from_ids), checks.check_should_restart(should_restart)])
+    return all([checks.check_new_text(new_text), checks.check_hold_back(hold_back),
+                checks.check_sse_from_ids(sse_from_ids), checks.check_should_restart(should_restart)])
 
 
 if __name__ == "__main__":

@@ -29,15 +29,17 @@
 # long enough to see on a fast CPU and not forever on a slow one.
 
 # %% tags=["nbval-ignore-output"]
-from labserver import Engine, EngineConfig, SamplingParams
+from labserver import SamplingParams
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, baseline as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure import plotting
 from labserver.measure.client import blocking_generate, run_concurrent
 from labserver.measure.probes import HealthProbe
-from labserver.serve.background import start_flask, stop_all
+from labserver.serve.background import start_flask
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())  # SmolLM2-135M-Instruct on the CPU
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 MAX_TOKENS = lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)  # about a second of generation here
 params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)  # greedy: the same text every run
@@ -73,8 +75,8 @@ lab.plot_engine_steps(completion)
 
 # %% [markdown]
 # The decode steps are about the same size (a busy machine adds spikes): each one reads all 135M weights
-# once, whatever the token. So an answer of *n* tokens costs about `prefill + (n - 1) * step`. Whoever
-# waits for the complete answer waits for the sum of all these bars.
+# once, whatever the token. The first token comes out of the prefill, every later one out of a step:
+# whoever waits for the complete answer waits for the sum of all these bars.
 #
 # ## 2. The same engine behind Flask
 #
@@ -156,8 +158,8 @@ claim(f"the second user waited for the first user's answer, then for their own: 
 #
 # - The engine produces tokens one by one: a prefill over the whole prompt, then one decode step per
 #   token, each far cheaper than the prefill.
-# - A blocking server sends nothing until the last token: **TTFT = E2E ≈ prefill + (n - 1) × step**, and
-#   all ITLs are 0. The user stares at nothing for the whole generation.
+# - A blocking server sends nothing until the last token: **TTFT = E2E**, the prefill and every step
+#   summed (exercise 1 writes it down), and all ITLs are 0. The user stares at nothing for the whole generation.
 # - While it generates, a one-request-at-a-time server answers nothing: `/health` and a second user wait
 #   for the whole generation.
 #
@@ -207,7 +209,8 @@ _ = checks.check_queued(queued, flask.url)
 #
 # ## Clean up
 #
-# Stop the servers this notebook started (re-running the notebook starts fresh ones).
+# Stop the servers this notebook started (re-running the notebook starts fresh ones); the last line is
+# the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

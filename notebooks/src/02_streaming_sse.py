@@ -25,15 +25,16 @@
 # comes from the engine's speed, measured first.
 
 # %% tags=["nbval-ignore-output"]
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, streaming as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure import plotting
 from labserver.measure.client import blocking_generate, stream_generate
 from labserver.measure.stats import summarize
-from labserver.serve.background import start_fastapi, start_flask, stop_all
+from labserver.serve.background import start_fastapi, start_flask
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 PROMPT, MAX_TOKENS, RUNS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms), 3
 fastapi, flask = start_fastapi(engine), start_flask(engine)
@@ -208,7 +209,9 @@ _ = checks.check_my_stream(my_stream, fastapi.url)
 # (its text is `.token`) per token, then a `Finish`. Starlette's `StreamingResponse` sends whatever an
 # iterator yields, as it yields it (FastAPI's own `fastapi.sse.EventSourceResponse` writes the frames
 # for you: either way is fine). The checker serves your app on `fake_engine` and fails it if the tokens
-# all arrive at the end, if `[DONE]` is missing, or if the content type is wrong.
+# all arrive at the end, if an event lacks its blank line, if `[DONE]` is missing, or if the content
+# type is wrong. Notebook 3 is about what a blocking `generate_stream` does to the event loop: the
+# steps must not run on it.
 
 # %%
 from fastapi import FastAPI
@@ -233,6 +236,8 @@ _ = checks.check_sse_endpoint(make_sse_app)
 # streaming's first token to come 10 times sooner than blocking's? Check it with one request of each.
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

@@ -28,12 +28,14 @@
 # %% tags=["nbval-ignore-output"]
 import time
 
-from labserver import Engine, EngineConfig, SamplingParams
+from labserver import SamplingParams
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, event_loop as lab
 from labserver.lab.claims import claim
-from labserver.serve.background import start_fastapi, start_flask, stop_all
+from labserver.serve.background import start_fastapi, start_flask
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 recorder = lab.ThreadRecorder(engine)
 PROMPT, MAX_TOKENS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)
@@ -201,14 +203,15 @@ claim("with every step on one thread, no step recorded a graph",
 # engine **one long-lived thread** that owns every torch call. Requests reach it through a thread-safe queue; it advances each active generation
 # by one step in turn and hands each token back to the event loop with `loop.call_soon_threadsafe` into
 # a per-request `asyncio.Queue`. SGLang runs its scheduler in its own thread for the same reasons; vLLM
-# V1 goes one step further and runs it in a separate process (notebook 5).
+# V1 goes one step further and runs it in a separate process (notebook 7).
 #
 # ## Summary
 #
 # - The event loop runs everything else only while the current coroutine `await`s. Model steps never
 #   await: called on the loop, they stall every other request for a step at a time.
-# - Flask stalls `/health` for a whole generation, the naive async variant for one step at a time; the
-#   executor and the engine thread keep it at milliseconds.
+# - Flask stalls `/health` for a whole generation; the naive async variant holds it whenever a step runs
+#   on the loop (how long on your run: its table above); the executor and the engine thread keep the loop
+#   free.
 # - The first version's `except StopIteration` loop hangs after the last token: asyncio cannot carry
 #   `StopIteration` through a Future.
 # - Grad mode is thread-local: it follows the thread, not the generator. One dedicated engine thread
@@ -259,6 +262,8 @@ _ = checks.check_one_thread(stream_on_one_thread)
 
 # %% [markdown]
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

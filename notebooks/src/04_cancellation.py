@@ -26,13 +26,14 @@
 # progress) and `engine.tokens_generated` (a running total).
 
 # %% tags=["nbval-ignore-output"]
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, cancellation as lab
 from labserver.lab.claims import claim
 from labserver.measure.client import blocking_generate, stream_generate
-from labserver.serve.background import start_fastapi, start_flask, stop_all
+from labserver.serve.background import start_fastapi, start_flask
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 PROMPT = lab.PROMPT
 fastapi, flask = start_fastapi(engine), start_flask(engine)
 stream_generate(fastapi.url, PROMPT, 2, temperature=0)  # warm-up on each server
@@ -202,6 +203,8 @@ _ = checks.check_wait_or_cancel(wait_or_cancel)
 # non-streaming path listen? Explain from the counts.
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

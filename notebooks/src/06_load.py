@@ -10,10 +10,9 @@
 #
 # 1. Open-loop load: requests arriving at random times (a Poisson process) at a chosen rate, and why a
 #    closed loop of N users hides the queue that an open loop shows.
-# 2. The knee: latency stays flat while the server keeps up, then climbs without bound once the arrivals
-#    outpace it; where that happens on this machine, measured.
-# 3. Goodput: the requests per second that meet a service-level objective (SLO), which peaks at the knee
-#    while throughput keeps rising.
+# 2. The knee: the capacity measured first, then rates from well below it to past it; whether latency
+#    stays flat while the server keeps up, and what happens once the arrivals outpace it.
+# 3. Goodput: the requests per second that meet a service-level objective (SLO), and where it peaks.
 # 4. Backpressure: a server that refuses extra requests at once (429 + `Retry-After`) against one that
 #    queues them all.
 #
@@ -31,13 +30,14 @@
 # %% tags=["nbval-ignore-output"]
 import math
 
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, load as lab
 from labserver.lab.claims import claim, ratio
 from labserver.measure.arrivals import arrival_times
-from labserver.serve.background import start_fastapi, stop_all
+from labserver.serve.background import start_fastapi
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 tokenizer = engine.tokenizer
 server = start_fastapi(engine, backend="batched", name="fastapi-load")
 print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS, "tokens")
@@ -76,43 +76,51 @@ for burstiness in (0.25, 1.0, math.inf):
 #
 # ## 3. The knee
 #
-# The sweep sends 16 requests at each rate, from twice what one request alone sustains upward, doubling,
-# and stops once the server is *over-saturated*: the run lasted more than twice the time from the first
-# to the last arrival plus one request alone. A server that keeps up finishes about one request time
-# after the last arrival; one that falls behind has a backlog left to drain. The SLO for goodput: TTFT and
-# E2E at most 4 times what a request alone gets.
+# First the **capacity**: a closed loop that keeps as many requests in flight as the batch holds (16),
+# each replaced as soon as it ends, measures the most requests per second this server completes. An open
+# loop cannot complete more. The sweep then sends Poisson arrivals at fractions of that capacity, from a
+# quarter of it to past it, each rate for a few seconds of arrivals (enough for a backlog to build), and
+# stops after the first rate the server could not keep up with. *Over-saturated* means it completed
+# fewer than 0.9 times the requests per second that arrived (`kept up` < 0.9), or the last quarter of the
+# requests waited more than twice as long as the first (the queue grew). The **knee** is the highest rate
+# that kept up. The SLO for goodput: TTFT and E2E at most 4 times what a request alone gets.
+#
+# *Predict* before you run it: below the knee, does TTFT grow with the rate? And past it?
 
 # %% tags=["nbval-ignore-output"]
 slo = lab.slo_from(alone)
-knee = lab.knee(server.url, alone, slo, tokenizer)
-print("SLO:", slo)
+knee = lab.knee(server.url, alone, slo, tokenizer, concurrency=engine.config.max_batch)
+print(f"capacity (closed loop of {engine.config.max_batch}): {knee.capacity:.2f} requests/s;  SLO: {slo}")
 print(lab.sweep_table(knee))
 lab.plot_knee(knee)
 
 # %% [markdown]
-# Read the table from the top. While the server keeps up, the run ends soon after the last arrival and
-# the requests completed per second follow the offered rate: the batched scheduler folds each newcomer
-# into the running batch. Past the knee the completed rate stops following the offered one, the run
-# outlasts its arrivals by far, and TTFT jumps: newcomers wait for the batch's steps, which get slower as
-# the batch grows, and for their own prefill. In the left plot, latency climbs steeply against a throughput that barely grows: the
-# server is already giving all it has. The claims below are this run's numbers:
+# Below the knee the batched scheduler folds each newcomer into the running batch: a request waits for at
+# most a step before its prefill. Past it, newcomers queue behind a full batch, and every second of
+# arrivals adds to the backlog. How this run came out:
 
 # %% tags=["nbval-ignore-output"]
-last = knee.summaries[-1]
-claim(f"the sweep drove this server past its knee: over-saturated at {knee.rates[-1]:.2f} requests/s, "
-      f"knee {knee.knee} requests/s", knee.saturated[-1])
-claim(f"past the knee p99 TTFT is {ratio(last['p99_ttft_ms'], alone.ttft_ms)} that of a request alone "
-      f"({last['p99_ttft_ms']:.0f} against {alone.ttft_ms:.0f} ms)", last["p99_ttft_ms"] > 2 * alone.ttft_ms)
-best = knee.summaries[knee.rates.index(knee.best_goodput_rate)]
-claim(f"goodput peaks before the last rate: {best['request_goodput']:.2f} requests/s within the SLO at "
-      f"{knee.best_goodput_rate:.2f}, {last['request_goodput']:.2f} at {knee.rates[-1]:.2f}",
-      last["request_goodput"] < best["request_goodput"]);
+below, past = lab.below_and_past(knee)
+ttfts, p99s = [s["median_ttft_ms"] for s in below] or [math.nan], [s["p99_ttft_ms"] for s in below] or [math.nan]
+claim(f"the sweep went past this server's capacity and saw it: it kept up at {len(below)} rates up to "
+      f"{knee.knee} requests/s and fell behind at {knee.rates[-1]:.2f}", knee.saturated[-1] and len(below) >= 2)
+claim(f"latency is flat below the knee: TTFT p50 from {min(ttfts):.0f} to {max(ttfts):.0f} ms over those "
+      f"rates, within 3x though the rate grew {ratio(below[-1]['request_rate'], below[0]['request_rate'])}",
+      max(ttfts) < 3 * min(ttfts))
+claim(f"past the knee the queue shows: TTFT p99 {past['p99_ttft_ms']:.0f} ms, over twice that at the lowest "
+      f"rate ({p99s[0]:.0f} ms)", past["p99_ttft_ms"] > 2 * p99s[0])
+print(f"past the knee it completed {past['request_throughput']:.2f} requests/s of {knee.rates[-1]:.2f} offered "
+      f"(the closed loop measured {knee.capacity:.2f})")
+best = knee.best_goodput_rate
+print(f"goodput peaked at {best:.2f} requests/s, " + ("the knee" if best == knee.knee else
+      "below the knee: there the server still keeps up, but not within the SLO" if best < (knee.knee or 0)
+      else "past the knee: the SLO is loose enough that a short backlog still meets it"))
 
 # %% [markdown]
-# **Goodput** is the measure to size a server with: throughput keeps rising a little past the knee, but
-# the requests it adds finish too late to count. With a tight SLO, goodput may peak well below the knee:
-# the server still keeps up there, just not fast enough for the objective. Capacity planning reads the knee off a sweep like this
-# one, then runs the server below it with some margin for bursts.
+# **Goodput** is the measure to size a server with: past the knee, throughput cannot pass the capacity,
+# and the requests it completes finish later and later, too late to count. Capacity planning reads the knee off a sweep
+# like this one and keeps the offered load below it with some margin for bursts; the line above says
+# where goodput peaked on this run, and why when it was not at the knee.
 #
 # ## 4. Backpressure: refuse or queue?
 #
@@ -122,7 +130,7 @@ claim(f"goodput peaks before the last rate: {best['request_goodput']:.2f} reques
 # The same burst at the over-saturating rate, against both:
 
 # %% tags=["nbval-ignore-output"]
-burst = lab.backpressure(engine, knee.rates[-1], limit=4, tokenizer=tokenizer)
+burst = lab.backpressure(engine, knee.rates[-1], limit=4, tokenizer=tokenizer)  # the over-saturating rate
 print(lab.backpressure_table(burst))
 lab.plot_timelines(burst)
 
@@ -148,9 +156,9 @@ claim(f"with a limit of 4 the admitted requests' p99 TTFT is {limited.summary['p
 #
 # - Open-loop load sends requests at their arrival times (Poisson, or gamma with a burstiness) whatever
 #   the server does; only an open loop shows the queue a server builds when it falls behind.
-# - Latency is flat below the knee and grows without bound past it; the knee is found by a sweep of rates
-#   sized from one request's measured time.
-# - Goodput counts the requests within an SLO: it peaks near the knee, where throughput does not.
+# - A server's capacity is measured by a closed loop at its concurrency limit; the knee by an open loop at
+#   rates from well below that capacity to past it, each long enough for a backlog to show.
+# - Goodput counts the requests within an SLO; past the knee, throughput stays but goodput falls.
 # - A concurrency limit with 429 + `Retry-After` keeps the admitted requests fast and tells the others at
 #   once; an unbounded queue admits everyone and makes the late ones wait.
 #
@@ -190,6 +198,8 @@ _ = checks.check_queue_prediction(predict_queue_ms)
 
 # %% [markdown]
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

@@ -33,13 +33,14 @@
 # %% tags=["nbval-ignore-output"]
 import os
 
-from labserver import Engine, EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, process as lab
 from labserver.lab.claims import claim
 from labserver.measure.client import stream_generate
-from labserver.serve.background import start_fastapi, stop, stop_all
+from labserver.serve.background import start_fastapi, stop
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 thread = start_fastapi(engine, backend="batched", name="engine-thread")
 process = start_fastapi(engine, backend="process", name="engine-process")
 pids = {"this kernel": os.getpid(), "engine thread": lab.engine_pid(thread.url),
@@ -92,9 +93,11 @@ claim(f"the process boundary added less than half a step per token: client ITL p
       hop["process"] < 0.5 * rows["process"]["step p50 ms"]);
 
 # %% [markdown]
-# Per token, the boundary costs a small part of a step: packing a few numbers, one message through a
-# local socket, and a detokenizer step that the engine thread did before anyway. (The `ITL/step p50`
-# column is `make bench`'s P1, which it reports for both designs, with P0, P2 and P4, in one table.) The steps themselves
+# What a token pays at the boundary: packing a few numbers, one message through a local socket, and a
+# detokenizer step that the engine thread did before anyway; the claim above bounds it by this run's step. (The `ITL/step p50`
+# column, the client's gap over the server's step, is what `make bench` calls P1: its figures are
+# numbered P0 to P6, e.g. P0 is the server's step while streaming over the engine's step alone, and
+# `labserver/measure/bench.py` lists them all.) The steps themselves
 # may differ a little between the two columns: the engine process runs its own OpenMP team, and on a
 # busy machine it competes with other processes for the cores.
 #
@@ -184,7 +187,7 @@ stop("engine-thread")
 #
 # - With the engine in its own process, the API process keeps the text: it tokenizes, detokenizes and
 #   applies stop strings; the engine process sends token ids and step times, a few bytes a token.
-# - Per token the boundary costs a small part of a step.
+# - Per token the boundary adds a message of a few numbers; the run bounds its cost by its own step.
 # - Busy work in the API process slows its own `/health` whatever the design; with the engine in its own
 #   process the engine keeps its own GIL, so its steps lose only CPU, not turns at the GIL.
 # - When the engine dies, both designs end open streams with an error and `[DONE]` and answer 503; only
@@ -194,17 +197,44 @@ stop("engine-thread")
 #
 # Reference solutions: `notebooks/solutions/07_engine_process.py`.
 #
-# **1.** Write `sse_from_ids(outputs, tokenizer, stop)`, the API process's loop for one request. `outputs`
-# yields what the engine process sends: `{"token_id": 9, "index": 0, "step_ms": 6.1, ...}` per token,
-# then one `{"finish_reason": ..., "usage": ..., "timings": ...}`. Yield SSE frames (`str`): for each
-# token `data: {JSON}` and a blank line, with its fields and `"token"`: the text it adds (`""` while a
-# character is incomplete). Never decode an id alone: decode a window of recent ids twice and send the
-# difference. Cut the text before the first of the `stop` strings, holding back a tail that may still
-# become one; on a match, send the summary `{"finish_reason": "stop"}` and read no further. Text still
-# held back when the finish arrives goes out in one more `{"token": ...}` event before it. End with
-# `data: [DONE]`. The checker feeds it byte tokens (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and
-# the real engine's ids on the fake runner. (The server's own loop is split between
-# `engine/output.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them afterwards.)
+# **1.** The API process's loop for one request, in three parts. The engine process sends token ids,
+# never text: `{"token_id": 9, "index": 0, "step_ms": 6.1, ...}` per token, then one
+# `{"finish_reason": ..., "usage": ..., "timings": ...}`. The checkers use byte tokens
+# (`"Grüße aus 東京 🙂"`, one id per UTF-8 byte) and the real engine's ids on the fake runner.
+#
+# **1a.** Write `new_text(tokenizer, ids, prefix, read) -> (text, prefix, read)`: the text that the last id
+# of `ids` adds. Never decode an id alone: decode the window `ids[prefix:read]` (what was sent) and
+# `ids[prefix:]`, and return the difference with the window moved on, or `""` and the window unchanged
+# while the last character is incomplete (its decoding ends in `"\ufffd"`).
+
+# %%
+def new_text(tokenizer, ids, prefix, read):
+    """The text the last of `ids` adds, and the new (prefix, read) window."""
+    raise NotImplementedError  # your code here
+
+
+_ = checks.check_new_text(new_text)
+
+# %% [markdown]
+# **1b.** Write `hold_back(text, stop) -> (send, held, stopped)`: `text` is what is not sent yet. If a stop
+# string occurs in it, send the text before the first one and stop. Otherwise hold back the longest tail
+# that could still become a stop string (`"wor"` of `"world"`) and send the rest.
+
+# %%
+def hold_back(text, stop):
+    """What to send now, what to hold back, and whether a stop string was found."""
+    raise NotImplementedError  # your code here
+
+
+_ = checks.check_hold_back(hold_back)
+
+# %% [markdown]
+# **1c.** Write `sse_from_ids(outputs, tokenizer, stop)` with the two: for each token yield `data: {JSON}`
+# and a blank line, with the token's fields and `"token"`, the text to send. On a stop string, send the
+# summary `{"finish_reason": "stop"}` and read no further. Text still held back when the finish arrives
+# goes out in one more `{"token": ...}` event before it. End with `data: [DONE]`. (The server's own loop
+# is split between `engine/output.py`, `serve/stop_strings.py` and `serve/pipeline.py`: read them
+# afterwards.)
 
 # %%
 def sse_from_ids(outputs, tokenizer, stop):
@@ -235,6 +265,8 @@ _ = checks.check_should_restart(should_restart)
 # every 1 ms instead of 5), run section 3 again, and explain what changes for each design and why.
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

@@ -34,12 +34,14 @@
 import dataclasses
 from statistics import median
 
-from labserver import Engine, EngineConfig
+from labserver import Engine
+from labserver.lab.setup import load_engine
 from labserver.lab import checks, kv_cache as lab
 from labserver.lab.claims import claim, ratio
-from labserver.serve.background import start_fastapi, stop, stop_all
+from labserver.serve.background import start_fastapi, stop
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 CHUNK = engine.config.max_num_batched_tokens
 sizes = lab.measure_sizes(engine, CHUNK)
 print(f"{engine.runner.name}: decode step {sizes.step_ms:.1f} ms, a forward of {CHUNK} prompt tokens "
@@ -278,9 +280,8 @@ _ = checks.check_chunk_choice(next_forward)
 # with a budget of 64; what stops you from making the budget very small?
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
 # %% tags=["nbval-ignore-output"]
-print(f"the most memory this kernel held at once: {lab.peak_rss_bytes() / lab.MB:,.0f} MiB")
-
-# %%
 stop_all()

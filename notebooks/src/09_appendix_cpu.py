@@ -24,15 +24,16 @@
 # %% tags=["nbval-ignore-output"]
 import sys
 
-from labserver import Engine, EngineConfig
+from labserver import EngineConfig
+from labserver.lab.setup import load_engine
 from labserver.lab import cpu, sizing
 from labserver.lab.claims import claim
 from labserver.lab.display import print_table
 from labserver.model import kernels
 from labserver.model.blocks import lossless
-from labserver.serve.background import stop_all
+from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = Engine.from_config(EngineConfig())
+engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 print(sizing.measure_speed(engine))
 print(f"kernels: {kernels.path()} vector code, {kernels.features()}")
 
@@ -185,6 +186,8 @@ print_table([{"rows": b, "ms": ms, "x one row": ms / cost[1], "weights read GB/s
 # batch size at which a batched step stops being nearly free on this CPU?
 #
 # ## Clean up
+#
+# Stop the servers this notebook started; the last line is the most memory this notebook held at once.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 stop_all()

@@ -15,5 +15,5 @@ from .cancellation import check_hang_up, check_stop_string, check_wait_or_cancel
 from .concurrency import (check_aggregate_tokens_per_s, check_itl_prediction, check_batched_tokens_per_s,
                           check_one_round)
 from .load import check_poisson_arrivals, check_queue_prediction
-from .process import check_sse_from_ids, check_should_restart
+from .process import check_new_text, check_hold_back, check_sse_from_ids, check_should_restart
 from .kv_cache import check_block_allocator, check_prefix_lookup, check_chunk_choice

@@ -143,6 +143,7 @@ def check_should_restart(should_restart: Callable) -> bool:
         ([10.0, 20.0, 30.0, 40.0], 40.0, 3, 60.0, False, "a 4th death within 60 s: a crash loop"),
         ([10.0, 20.0, 30.0, 100.0], 100.0, 3, 60.0, True, "the first three are older than 60 s"),
         ([2.0, 50.0, 60.0, 61.0], 61.0, 3, 60.0, False, "all four within the last 60 s"),
+        ([10.0, 20.0, 30.0, 70.0], 70.0, 3, 60.0, True, "the death at 10 s is exactly 60 s old: out of the window"),
         ([5.0, 6.0], 6.0, 1, 10.0, False, "max_restarts 1: the second death gives up"),
         ([5.0], 5.0, 0, 10.0, False, "max_restarts 0: never restart"),
     ]
@@ -151,4 +152,53 @@ def check_should_restart(should_restart: Callable) -> bool:
         got = attempt(name, should_restart, list(deaths), now, limit, window)
         ok &= say(got is expected or got == expected, name, f"deaths at {deaths}, now {now}, max {limit} in "
                                                           f"{window:g} s -> {got!r} (expected {expected}: {why})")
+    return ok
+
+
+@checker
+def check_new_text(new_text: Callable) -> bool:
+    """``new_text(tokenizer, ids, prefix, read) -> (text, prefix, read)``: the text the last id of ``ids``
+    adds, decoding ``ids[prefix:read]`` and ``ids[prefix:]`` and sending the difference ("" while a
+    character is incomplete). Fed byte tokens one id at a time, and the fake runner's word tokens."""
+    name = "new_text"
+    ok = True
+    for label, tokenizer, ids in (("bytes", ByteTokenizer(), list("Grüße aus 東京 🙂".encode())),
+                                  ("fake runner words", fake_engine().tokenizer, [0, 1, 2, 3])):
+        whole = tokenizer.decode(ids)
+        pieces, prefix, read = [], 0, 0
+        for n in range(len(ids)):
+            text, prefix, read = attempt(name, new_text, tokenizer, ids[:n + 1], prefix, read)
+            pieces.append(text)
+        ok &= say("".join(pieces) == whole and not any(REPLACEMENT in t for t in pieces), name,
+                  f"{label}: the pieces join to {''.join(pieces)!r} (expected {whole!r}, no U+FFFD)")
+        # A character is complete when the bytes so far decode without a replacement at their end.
+        due = [not tokenizer.decode(ids[:n + 1]).endswith(REPLACEMENT) for n in range(len(ids))]
+        got = [bool(t) for t in pieces]
+        ok &= say(got == due, name, f"{label}: text came out at {sum(got)} of {len(ids)} ids (expected "
+                                    f"{sum(due)}: each at the id that completes a character)")
+    return ok
+
+
+HOLD_CASES = [  # (text, stop strings, expected (send, held, stopped), why)
+    ("Hello", [], ("Hello", "", False), "no stop strings: send it all"),
+    ("Hello wor", ["world"], ("Hello ", "wor", False), "'wor' may still become 'world'"),
+    ("say 東京 now", ["東京"], ("say ", "", True), "a stop string: the text before it, then stop"),
+    ("x. y", ["y", "."], ("x", "", True), "the first match in the text, not in the list"),
+    ("ab", ["abc", "b!"], ("", "ab", False), "the longest tail that could begin a stop string"),
+    ("end🙂", ["🙂!"], ("end", "🙂", False), "a whole character held back"),
+    ("one two", ["three"], ("one two", "", False), "'o' is not the start of 'three'"),
+]
+
+
+@checker
+def check_hold_back(hold_back: Callable) -> bool:
+    """``hold_back(text, stop) -> (send, held, stopped)``: of the text not yet sent, what to send now, the
+    tail to hold back (it may still become a stop string), and whether a stop string was found (then
+    ``send`` is the text before the first one and nothing is held)."""
+    name = "hold_back"
+    ok = True
+    for text, stop, expected, why in HOLD_CASES:
+        got = attempt(name, hold_back, text, list(stop))
+        got = tuple(got) if isinstance(got, (tuple, list)) else got
+        ok &= say(got == expected, name, f"{text!r}, stop {stop} -> {got!r} (expected {expected!r}: {why})")
     return ok
