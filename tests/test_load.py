@@ -231,6 +231,20 @@ def test_the_sweep_finds_the_knee_at_the_capacity_known_by_hand(batched_url):
     assert max(below) < 4 * min(below) + 2 * STEP_MS  # flat below the knee: no backlog builds there
 
 
+def test_a_capacity_measured_low_still_sweeps_past_the_knee(batched_url, monkeypatch):
+    # A closed loop on a busy client can come out at a third of the truth: the fractions of it (up to 1.6x)
+    # would then all keep up and no knee would be seen. The sweep must go on rising until one falls behind.
+    import labserver.measure.sweep as sweep_module
+
+    by_hand = BATCH / (LONG * STEP_MS / 1000)
+    monkeypatch.setattr(sweep_module, "capacity", lambda *a, **k: (0.3 * by_hand, None))
+    requests = lambda n: random_requests(n, 4, LONG)  # noqa: E731
+    done = sweep(batched_url, requests, concurrency=BATCH, seconds=1.5, min_requests=6, burstiness=EVEN)
+    assert len(done.rates) > len(sweep_module.FRACTIONS)  # it went beyond the last fraction...
+    assert done.saturated[-1] and done.rates[-1] > by_hand  # ...until it fell behind
+    assert done.knee is not None and done.knee <= 1.2 * by_hand
+
+
 def test_cli_writes_summary_and_requests(turns_url, tmp_path, capsys):
     from labserver.__main__ import main
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 from dataclasses import dataclass
 
 import httpx
@@ -81,15 +80,11 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The most memory this process has held at once (getrusage; psutil's peak on Windows)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        import psutil
+    """The most memory this process has held at once (`memory.process_peak_mb`)."""
+    from .memory import process_peak_mb
 
-        return psutil.Process().memory_info().peak_wset
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS counts bytes, Linux KiB
-    return max(peak if sys.platform == "darwin" else peak * 1024, rss_bytes())  # the kernel updates it lazily
+    peak = process_peak_mb()
+    return max(int((peak or 0) * 2**20), rss_bytes())  # the OS may update its mark lazily
 
 
 @dataclass

@@ -21,7 +21,9 @@ A run keeps up when the server completes requests about as fast as they arrive. 
     >>> over_saturated({**run, "duration": 13.0}, [100.0] * 90, one_request_ms=500.0)  # done in 12.5 s
     True
 
-The knee is the highest rate that kept up, below the lowest one that did not. Left out: bisecting between
+A closed loop's capacity can still come out low (a busy client, requests of uneven lengths): a sweep
+whose last fraction still kept up goes on at rising rates until one falls behind. The knee is the
+highest rate that kept up, below the lowest one that did not. Left out: bisecting between
 two rates (sweep again between the knee and the next rate), and rates that change within a run.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ KEEP_UP = 0.9  # completed / offered below this: the server fell behind
 GROWTH = 2.0   # the last quarter's wait over the first quarter's above this: the queue grew
 LAGGING = 0.97  # ...and completions below this fraction of the arrivals: a backlog, not a passing stall
 FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.25, 1.6)  # of the measured capacity
+BEYOND, MAX_BEYOND = 1.5, 4  # still keeping up at the last fraction: rates rise by this factor, this often
 
 
 def waits_ms(result: LoadResult) -> list[float]:
@@ -115,10 +118,31 @@ class SweepResult:
                  "over_saturated": sat} for rate, s, sat in zip(self.rates, self.summaries, self.saturated)]
 
 
+def steady_rate(records: Sequence[dict], concurrency: int) -> float | None:
+    """Completions per second while a closed loop was full: from the `concurrency`-th completion to the
+    `concurrency`-th from the end. The ramp (every request starting at once, prefills together) and the
+    tail (the last requests finishing with nobody to replace them) are left out: counted, they make the
+    capacity look lower than it is. None when the run is too short to have a full middle.
+
+    >>> rows = [{"error": None, "arrival_ms": 0.0, "queue_ms": 100.0 * (i // 2), "e2el_ms": 100.0} for i in range(8)]
+    >>> steady_rate(rows, 2)  # two in flight, each 100 ms: 20 requests/s
+    20.0
+    """
+    ends = sorted(r["arrival_ms"] + r["queue_ms"] + r["e2el_ms"] for r in records
+                  if not r["error"] and r["e2el_ms"] is not None)
+    n = len(ends)
+    if n < 2 * concurrency + 1:
+        return None
+    span_ms = ends[n - concurrency - 1] - ends[concurrency - 1]
+    return (n - 2 * concurrency) / span_ms * 1000 if span_ms > 0 else None
+
+
 def capacity(url: str, requests: Sequence[RequestSpec], concurrency: int, **load_kwargs) -> tuple[float, LoadResult]:
-    """Requests/s of a closed loop: `concurrency` requests in flight, each replaced when it ends."""
+    """Requests/s of a closed loop: `concurrency` requests in flight, each replaced when it ends (its
+    `steady_rate`, or the whole run's rate where the run is too short for one)."""
     result = run_load(url, requests, rate=math.inf, max_concurrency=concurrency, **load_kwargs)
-    return result.summary["completed"] / result.summary["duration"], result
+    steady = steady_rate(result.records, concurrency)
+    return steady or result.summary["completed"] / result.summary["duration"], result
 
 
 def rates_from_capacity(capacity_rps: float, fractions: Sequence[float] = FRACTIONS) -> list[float]:
@@ -149,17 +173,21 @@ def sweep(url: str, requests: Callable[[int], Sequence[RequestSpec]], rates: Seq
           on_result: Callable[[float, LoadResult], None] | None = None, **load_kwargs) -> SweepResult:
     """Measure one request alone and the capacity (closed loop at `concurrency`), then `run_load` at each
     rate (default: `FRACTIONS` of the capacity) in rising order, `requests(n)` giving each run's requests;
-    stop after the first over-saturated rate. Only the first run warms up."""
+    stop after the first over-saturated rate. Rates from the capacity go on rising past the last fraction
+    (`BEYOND`, at most `MAX_BEYOND` times) until one is over-saturated. Only the first run warms up."""
     out, warmup = SweepResult(), load_kwargs.pop("warmup", 1)
     if one_request_ms is None:
         alone = run_load(url, requests(3), rate=math.inf, max_concurrency=1, warmup=warmup, **load_kwargs)
         one_request_ms, warmup = alone.summary["median_e2el_ms"], 0
     out.one_request_ms = one_request_ms
-    if rates is None:
+    from_capacity = rates is None
+    if from_capacity:
         out.capacity, _ = capacity(url, requests(max(min_requests, 4 * concurrency)), concurrency, warmup=warmup,
                                    **load_kwargs)
         rates, warmup = rates_from_capacity(out.capacity), 0
-    for rate in sorted(rates):
+    rates, beyond = sorted(rates), MAX_BEYOND if from_capacity else 0
+    while rates:
+        rate = rates.pop(0)
         result = run_load(url, requests(requests_for(rate, seconds, min_requests)), rate=rate, burstiness=burstiness,
                           warmup=warmup, **load_kwargs)
         warmup = 0
@@ -170,4 +198,6 @@ def sweep(url: str, requests: Callable[[int], Sequence[RequestSpec]], rates: Seq
             on_result(rate, result)
         if stop_when_saturated and out.saturated[-1]:
             break
+        if not rates and beyond and stop_when_saturated:  # a capacity measured low: go on past it
+            rates, beyond = [round(rate * BEYOND, 3)], beyond - 1
     return out
