@@ -80,7 +80,8 @@ for burstiness in (0.25, 1.0, math.inf):
 # each replaced as soon as it ends, measures the most requests per second this server completes. An open
 # loop cannot complete more. The sweep then sends Poisson arrivals at fractions of that capacity, from a
 # quarter of it to past it, each rate for a few seconds of arrivals (enough for a backlog to build), and
-# stops after the first rate the server could not keep up with. *Over-saturated* means it completed
+# stops after the first rate the server could not keep up with (if it still keeps up at 1.6 times the
+# capacity, the closed loop measured low, and the rates go on rising by half until one falls behind). *Over-saturated* means it completed
 # fewer than 0.9 times the requests per second that arrived (`kept up` < 0.9), or the last quarter of the
 # requests waited more than twice as long as the first (the queue grew). The **knee** is the highest rate
 # that kept up. The SLO for goodput: TTFT and E2E at most 4 times what a request alone gets.
