@@ -28,9 +28,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The edit loop: no notebooks, nothing that loads the real model (tests marked `model`), ~1-2 minutes.
+# The edit loop: no notebooks, nothing that loads the real model (`model`), no sweeps, soak or cross
+# builds (`slow`), in 4 worker processes (most of these tests wait on sleeps and sockets, not the CPU).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not model" --ignore=tests/test_notebooks.py
+	$(PY) -m pytest -q -n 4 -m "not model and not slow" --ignore=tests/test_notebooks.py
 
 # Minutes of mixed, hostile traffic with an engine and an API-process kill (not part of `make test`).
 SOAK_SECONDS ?= 300

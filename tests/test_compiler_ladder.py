@@ -201,6 +201,7 @@ def harness(compiler: list[str], rung: Rung, out: Path, runner=()) -> tuple[str,
     return path, set(shown.split())
 
 
+@pytest.mark.slow
 @POSIX
 @pytest.mark.skipif(not X86, reason=f"the clang case is x86-64; this is {platform.machine()}")
 @pytest.mark.skipif(shutil.which("clang") is None, reason="no clang (Debian: apt-get install clang)")
@@ -237,6 +238,7 @@ def arm64_tools() -> tuple[str | None, str | None, str | None]:
 CROSS, QEMU, NO_ARM64 = arm64_tools()
 
 
+@pytest.mark.slow
 @POSIX
 @pytest.mark.skipif(NO_ARM64 is not None, reason=NO_ARM64 or "")
 def test_arm64_with_a_compiler_that_refuses_march_native(tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ def test_a_stub_is_todo(capsys):
     assert capsys.readouterr().out.startswith("TODO")
 
 
+@pytest.mark.slow
 def test_knee_and_backpressure_on_the_fake_engine():
     engine = fake_engine(prefill_ms=20, step_ms=10, config=EngineConfig(model="fake", threads=1, max_batch=4))
     try:

@@ -193,6 +193,7 @@ def test_a_429_limit_counts_as_failed_and_warmup_refusal_raises():
             run_load(server.url, random_requests(2, 4, 2), protocol=OpenAIProtocol("no-such-model"))
 
 
+@pytest.mark.slow
 def test_sweep_stops_after_the_server_is_over_saturated(turns_url):
     # Capacity: one request per >= 100 ms of sleeps, under 10/s. 2/s and 5/s keep up; 40/s cannot; 80 never runs.
     done = sweep(turns_url, lambda n: random_requests(n, 4, TOKENS), [80.0, 2.0, 40.0, 5.0], burstiness=EVEN,
@@ -214,6 +215,7 @@ def batched_url():
         yield server.url
 
 
+@pytest.mark.slow
 def test_the_sweep_finds_the_knee_at_the_capacity_known_by_hand(batched_url):
     # By hand: every forward (a prompt's or a step's) sleeps STEP_MS and makes one token for each of the
     # BATCH sequences it carries; a request needs LONG of them: BATCH / (LONG * step) = 12.5 requests/s
@@ -231,6 +233,7 @@ def test_the_sweep_finds_the_knee_at_the_capacity_known_by_hand(batched_url):
     assert max(below) < 4 * min(below) + 2 * STEP_MS  # flat below the knee: no backlog builds there
 
 
+@pytest.mark.slow
 def test_a_capacity_measured_low_still_sweeps_past_the_knee(batched_url, monkeypatch):
     # A closed loop on a busy client can come out at a third of the truth: the fractions of it (up to 1.6x)
     # would then all keep up and no knee would be seen. The sweep must go on rising until one falls behind.

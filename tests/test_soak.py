@@ -4,7 +4,7 @@ import pytest
 
 from labserver.measure.soak import growing, soak
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def test_a_short_soak_loses_nothing():
