@@ -94,28 +94,40 @@ static void rotary(float *x, long n, long Dh, const float *cos, const float *sin
     }
 }
 
-/* out [Dh] = softmax(q . k_t * scale) . v_t over a sequence's first n keys and values, which lie in blocks
-   of bs positions: position t at k + table[t / bs] * stride + (t % bs) * Dh (v likewise). Walked block by
-   block in key order, so every score, the maximum, the sum and the weighted sum take the same operations
-   in the same order as over n contiguous keys: where the blocks are does not change a bit. */
-static void attend(const float *q, const float *k, const float *v, const long *table, long bs, long stride, long n,
-                   long Dh, float scale, float *out) {
-    float scores[n], top = -INFINITY, sum = 0.0f;
+/* For each of R query heads r (q + r * Dh, adjacent in a row), out + r * Dh = softmax(q_r . k_t * scale) . v_t
+   over a sequence's first n keys and values, which lie in blocks of bs positions: position t at
+   k + table[t / bs] * stride + (t % bs) * Dh (v likewise). The R heads share the key-value head (grouped-
+   query attention), so each key and value is read once for all R: that read, not the arithmetic, is what a
+   long context costs. Walked block by block in key order, and each head's score, maximum, sum and weighted
+   sum take the same operations in the same order as one head alone over n contiguous keys: neither where
+   the blocks are nor R changes a bit. */
+static void attend(const float *q, long R, const float *k, const float *v, const long *table, long bs, long stride,
+                   long n, long Dh, float scale, float *out) {
+    float scores[R * n], top[R], sum[R];
+    for (long r = 0; r < R; r++) top[r] = -INFINITY, sum[r] = 0.0f;
     for (long t0 = 0; t0 < n; t0 += bs) {
         const float *kb = k + table[t0 / bs] * stride;
-        for (long t = t0; t < n && t < t0 + bs; t++) {
-            scores[t] = dot16(q, kb + (t - t0) * Dh, Dh) * scale;
-            top = scores[t] > top ? scores[t] : top;
-        }
+        for (long t = t0; t < n && t < t0 + bs; t++)
+            for (long r = 0; r < R; r++) {
+                const float s = dot16(q + r * Dh, kb + (t - t0) * Dh, Dh) * scale;
+                scores[r * n + t] = s;
+                top[r] = s > top[r] ? s : top[r];
+            }
     }
-    exp_shifted(scores, n, top);
-    for (long t = 0; t < n; t++) sum += scores[t];
-    for (long j = 0; j < Dh; j++) out[j] = 0.0f;
+    for (long r = 0; r < R; r++) {
+        exp_shifted(scores + r * n, n, top[r]);
+        for (long t = 0; t < n; t++) sum[r] += scores[r * n + t];
+    }
+    for (long j = 0; j < R * Dh; j++) out[j] = 0.0f;
     for (long t0 = 0; t0 < n; t0 += bs) {
         const float *vb = v + table[t0 / bs] * stride;
         for (long t = t0; t < n && t < t0 + bs; t++) {
-            const float pt = scores[t] / sum, *vt = vb + (t - t0) * Dh;
-            for (long j = 0; j < Dh; j++) out[j] += pt * vt[j];
+            const float *vt = vb + (t - t0) * Dh;
+            for (long r = 0; r < R; r++) {
+                const float pt = scores[r * n + t] / sum[r];
+                float *o = out + r * Dh;
+                for (long j = 0; j < Dh; j++) o[j] += pt * vt[j];
+            }
         }
     }
 }
@@ -211,10 +223,16 @@ void llama_decode(const void **w, const long *dims, float eps, float *x, const l
                     }
                 }
             barrier(&bar, nt);
-            for (work_t k = phase(B * H, 1); take(&k, &n0, &n1);) {
-                const long b = n0 / H, hd = n0 % H, head = hd / group * bs * Dh;
-                attend(qkv + b * Nqkv + hd * Dh, kl + head, vl + head, tables + seqs[b] * width, bs, stride,
-                       pos[b] + 1, Dh, scale, att + n0 * Dh);
+            /* An item is a row's query heads that share a key-value head (they read its keys once), or
+               one query head when that leaves too few items to keep every thread busy (a decode step of
+               one sequence). Items go key-value head by key-value head, every row of one before the
+               next: a prompt's rows then find that head's keys and values still in the core's cache. */
+            const long R = B * Hkv >= 4 * nt ? group : 1, per = group / R;
+            for (work_t k = phase(B * Hkv * per, 1); take(&k, &n0, &n1);) {
+                const long g = n0 / (B * per), b = n0 % (B * per) / per, hd = g * group + n0 % per * R;
+                const long head = g * bs * Dh;
+                attend(qkv + b * Nqkv + hd * Dh, R, kl + head, vl + head, tables + seqs[b] * width, bs, stride,
+                       pos[b] + 1, Dh, scale, att + (b * H + hd) * Dh);
             }
             barrier(&bar, nt);
             product(att, B, H * Dh, p + O, D, x, 1, a8, &bar, nt);
