@@ -21,21 +21,29 @@ A dead API process is replaced, as gunicorn replaces a dead worker: its own clie
 connections drop, the other processes serve on on the same port and the engine process keeps running.
 At most ``max_restarts`` replacements over the service's life (``api_restarts``, ``api_reason``); once
 they are used up a dead process stays dead and the others serve on. (vLLM's ``--api-server-count``
-shuts the whole server down when one API process dies.) Left out: balancing connections by load, backing
-off between replacements, and draining the streams of the other processes when the whole service stops
-(each process gets uvicorn's 2 s graceful shutdown).
+shuts the whole server down when one API process dies.)
+
+When the whole service stops (``run_foreground``: SIGTERM or Ctrl-C to the launcher, or the engine process
+gone for good), each API process gets SIGTERM and drains its own streams (``drain``: new requests get a
+503, open ones may finish for ``drain_timeout_s``, then an error event and ``[DONE]``); the engine process
+is stopped only after they have all exited. Left out: balancing connections by load, backing off between
+replacements, and a connection that arrives once every API process has closed its listening socket (it
+waits in the kernel's queue until the launcher closes the socket, then is reset).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
+import signal
 import threading
 import time
 from multiprocessing.connection import wait
 
+from .api_process import API_SERVER_HEADER, serve_api  # noqa: F401 (the header's name is used with ApiServers)
 from .background import BackgroundServer, bind_socket, start_server, stop
+from .drain import FINAL_WRITE_S
+from .limits import ServerLimits
 from .process.supervisor import MAX_RESTARTS
 from .process.core_proc import EngineSpec
 from .process.supervisor import EngineProcess
@@ -43,63 +51,19 @@ from .process.supervisor import EngineProcess
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # N fresh interpreters import FastAPI and torch at once on a small machine
-API_SERVER_HEADER = "x-api-server"
-
-
-class _Tagged:
-    """ASGI middleware: every HTTP response says which process answered it."""
-
-    def __init__(self, app):
-        self.app, self.pid = app, str(os.getpid()).encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def tagged(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (API_SERVER_HEADER.encode(), self.pid)]}
-            await send(message)
-
-        await self.app(scope, receive, tagged)
-
-
-def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_level: str, started) -> None:
-    """One API process's main: the app on the shared socket, its engine client at ``address``."""
-    import uvicorn
-
-    from .app import create_app
-    from .connections import uvicorn_config
-    from .process.frontend import Frontend
-
-    app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
-    server = uvicorn.Server(uvicorn_config(_Tagged(app), limits, log_level=log_level, lifespan="on",
-                                           timeout_graceful_shutdown=2))
-
-    def watch():
-        """Say when the server accepts connections; stop it if the parent process dies."""
-        parent = os.getppid()
-        while not server.started and not server.should_exit:
-            time.sleep(0.02)
-        started.set()
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        server.should_exit = True
-
-    threading.Thread(target=watch, daemon=True).start()
-    server.run(sockets=[sock])
 
 
 class ApiServers(BackgroundServer):
     """N API processes on one port, one engine process behind them (``engine_pid``)."""
 
     def __init__(self, spec: EngineSpec, n: int = 2, host: str = "127.0.0.1", port: int = 0, limits=None,
-                 log_level: str = "warning", max_restarts: int = MAX_RESTARTS):
+                 log_level: str = "warning", max_restarts: int = MAX_RESTARTS, engine_restarts: int = MAX_RESTARTS):
         if n < 1:
             raise ValueError(f"api_servers must be >= 1, got {n}")
         super().__init__(host, port)
-        self.spec, self.n, self.limits, self.log_level = spec, n, limits, log_level
-        self.max_restarts = max_restarts
+        self.spec, self.n, self.limits, self.log_level = spec, n, limits or ServerLimits(), log_level
+        self.max_restarts, self.engine_restarts = max_restarts, engine_restarts
+        self.failed: str | None = None  # why the service stopped by itself (its engine is gone for good)
         self.engine: EngineProcess | None = None
         self.workers: list = []
         self._sock = None
@@ -125,12 +89,12 @@ class ApiServers(BackgroundServer):
         self._sock.listen(2048)
         self.port = self._sock.getsockname()[1]
         try:
-            self.engine = EngineProcess(self.spec).start()
+            self.engine = EngineProcess(self.spec, self.engine_restarts).start()
         except BaseException:
             self._cleanup()
             raise
         self._stopping.clear()
-        self.api_restarts, self.api_reason, self._dead = 0, None, set()
+        self.api_restarts, self.api_reason, self._dead, self.failed = 0, None, set(), None
         self._started, self.workers = [None] * self.n, [None] * self.n
         for i in range(self.n):
             self._spawn(i)
@@ -144,7 +108,8 @@ class ApiServers(BackgroundServer):
         self.workers[i].start()
 
     def _run(self) -> None:
-        """Replace each API process that dies (bounded); end when asked to, or when none is left."""
+        """Replace each API process that dies (bounded); end when asked to, when none is left, or when the
+        engine is gone for good (then every API process drains, as on SIGTERM)."""
         while not self._stopping.is_set():
             alive = [w for w in self.workers if w.exitcode is None]
             if not alive:
@@ -155,6 +120,10 @@ class ApiServers(BackgroundServer):
                     continue
                 self._dead.add(worker)
                 self._replace(i, worker)
+            if self.engine.gave_up and not self._stopping.is_set():
+                self.failed = f"the engine failed: {self.engine.reason}"
+                logger.error("%s; stopping the service", self.failed)
+                self._shutdown()
         for worker in self.workers:
             worker.join()
 
@@ -177,11 +146,37 @@ class ApiServers(BackgroundServer):
     def _ready(self) -> bool:
         return all(e.is_set() for e in self._started)
 
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Drain every API process (SIGTERM: each ends its own streams), then stop the engine process."""
+        super().stop(self.limits.drain_timeout_s + FINAL_WRITE_S + 10 if timeout_s is None else timeout_s)
+
+    def run_foreground(self) -> int:
+        """Serve until SIGTERM or SIGINT (a second one stops at once), or until the engine is gone for good;
+        then drain and stop. Returns the exit code: 0 when asked to stop, 1 when the engine failed."""
+        signals = []
+
+        def on_signal(sig, frame):
+            signals.append(sig)
+            if len(signals) > 1:  # runs on the main thread, also while stop() below waits for the drain
+                for worker in self.workers:
+                    if worker is not None and worker.is_alive():
+                        worker.kill()
+
+        before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.running and not signals:
+                time.sleep(0.2)
+            self.stop()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        return 1 if self.failed else 0
+
     def _shutdown(self) -> None:
         self._stopping.set()
         for worker in self.workers:
             if worker.is_alive():
-                worker.terminate()  # SIGTERM: uvicorn closes its streams (2 s) and exits
+                worker.terminate()  # SIGTERM: it drains its streams (drain.DrainingServer) and exits 0
 
     def _cleanup(self) -> None:
         for worker in filter(None, self.workers):
