@@ -3,11 +3,12 @@
 It builds a ``Frontend`` (the tokenizer, no weights) for the engine process's address and serves the
 FastAPI app on the socket the launcher bound and handed over; its engine client connects to the engine's
 ROUTER with an identity of its own, so the engine sends every output back to the process that asked.
-Every response carries ``X-Api-Server: <pid>`` (``_Tagged``). SIGTERM drains its open streams (``drain.DrainingServer``);
+Every response carries ``X-Api-Server: <pid>`` (``_Tagged``). ``/health`` adds the launcher's view of
+all the API processes (``api_health``). SIGTERM drains its open streams (``drain.DrainingServer``);
 Ctrl-C is ignored here, since the terminal sends it to every process of the group and the launcher
 answers it with a SIGTERM to each. A watch thread stops the server if the launcher dies.
 
-Left out: anything shared between API processes but the socket and the engine.
+Left out: anything shared between API processes but the socket, the engine and the status file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import partial
+
+from .api_health import read_status
 from .process.core_proc import EngineSpec
 
 API_SERVER_HEADER = "x-api-server"
@@ -38,7 +42,8 @@ class _Tagged:
         await self.app(scope, receive, tagged)
 
 
-def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_level: str, started) -> None:
+def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_level: str, started,
+              status_path: str) -> None:
     """One API process's main: the app on the shared socket, its engine client at ``address``; SIGTERM
     drains its streams (``drain``), Ctrl-C is left to the launcher."""
     from .app import create_app
@@ -47,6 +52,7 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     from .process.frontend import Frontend
 
     app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
+    app.state.api_servers = partial(read_status, status_path)
     server = DrainingServer(uvicorn_config(_Tagged(app), limits, log_level=log_level, lifespan="on"), app,
                             app.state.limits.drain_timeout_s, ignore_sigint=True)
 

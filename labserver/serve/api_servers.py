@@ -21,7 +21,8 @@ A dead API process is replaced, as gunicorn replaces a dead worker: its own clie
 connections drop, the other processes serve on on the same port and the engine process keeps running.
 At most ``max_restarts`` replacements over the service's life (``api_restarts``, ``api_reason``); once
 they are used up a dead process stays dead and the others serve on. (vLLM's ``--api-server-count``
-shuts the whole server down when one API process dies.)
+shuts the whole server down when one API process dies.) Every API process's ``/health`` reports them
+all under ``"api_servers"`` (from a file the launcher rewrites: ``api_health``).
 
 When the whole service stops (``run_foreground``: SIGTERM or Ctrl-C to the launcher, or the engine process
 gone for good), each API process gets SIGTERM and drains its own streams (``drain``: new requests get a
@@ -35,11 +36,15 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from multiprocessing.connection import wait
 
+from .api_health import api_state, write_status
 from .api_process import API_SERVER_HEADER, serve_api  # noqa: F401 (the header's name is used with ApiServers)
 from .background import BackgroundServer, bind_socket, start_server, stop
 from .drain import FINAL_WRITE_S
@@ -64,6 +69,9 @@ class ApiServers(BackgroundServer):
         self.spec, self.n, self.limits, self.log_level = spec, n, limits or ServerLimits(), log_level
         self.max_restarts, self.engine_restarts = max_restarts, engine_restarts
         self.failed: str | None = None  # why the service stopped by itself (its engine is gone for good)
+        self._status_dir = self._status_path = None
+        self._status: dict | None = None
+        self._publishing = threading.Lock()  # start() and the monitor thread both publish
         self.engine: EngineProcess | None = None
         self.workers: list = []
         self._sock = None
@@ -82,7 +90,9 @@ class ApiServers(BackgroundServer):
         return [w.pid for w in self.workers]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "ApiServers":
-        return super().start(timeout_s)
+        super().start(timeout_s)
+        self._publish()  # all serve now: /health must not wait for the monitor's next round to say so
+        return self
 
     def _prepare(self) -> None:
         self._sock = bind_socket(self.host, self.requested_port)
@@ -96,15 +106,18 @@ class ApiServers(BackgroundServer):
         self._stopping.clear()
         self.api_restarts, self.api_reason, self._dead, self.failed = 0, None, set(), None
         self._started, self.workers = [None] * self.n, [None] * self.n
+        self._status_dir = tempfile.mkdtemp(prefix="labserver-api-servers-")
+        self._status_path = os.path.join(self._status_dir, "status.json")
         for i in range(self.n):
             self._spawn(i)
+        self._publish()
 
     def _spawn(self, i: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._started[i] = ctx.Event()
         self.workers[i] = ctx.Process(target=serve_api, name=f"labserver-api-{i}", daemon=True,
                                       args=(self.spec, self.engine.info, self.engine.address, self._sock,
-                                            self.limits, self.log_level, self._started[i]))
+                                            self.limits, self.log_level, self._started[i], self._status_path))
         self.workers[i].start()
 
     def _run(self) -> None:
@@ -120,6 +133,7 @@ class ApiServers(BackgroundServer):
                     continue
                 self._dead.add(worker)
                 self._replace(i, worker)
+            self._publish()
             if self.engine.gave_up and not self._stopping.is_set():
                 self.failed = f"the engine failed: {self.engine.reason}"
                 logger.error("%s; stopping the service", self.failed)
@@ -142,6 +156,20 @@ class ApiServers(BackgroundServer):
     @property
     def api_alive(self) -> int:
         return sum(w is not None and w.exitcode is None for w in self.workers)
+
+    def _publish(self) -> None:
+        """Rewrite the status file the API processes' /health reads (``api_health``) when it changed."""
+        serving = sum(w is not None and w.exitcode is None and e.is_set()
+                      for w, e in zip(self.workers, self._started))
+        replacing = any(w is not None and w.exitcode is None and not e.is_set()
+                        for w, e in zip(self.workers, self._started))
+        status = {"alive": serving, "of": self.n, "restarts": self.api_restarts, "max_restarts": self.max_restarts,
+                  **api_state(serving, self.n, self.api_restarts, self.max_restarts, replacing),
+                  "reason": self.api_reason}
+        with self._publishing:
+            if status != self._status:
+                write_status(self._status_path, status)
+                self._status = status
 
     def _ready(self) -> bool:
         return all(e.is_set() for e in self._started)
@@ -188,6 +216,9 @@ class ApiServers(BackgroundServer):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._status_dir is not None:
+            shutil.rmtree(self._status_dir, ignore_errors=True)
+            self._status_dir = None
 
 
 def start_api_servers(engine, n: int = 2, port: int = 0, name: str = "fastapi", host: str = "127.0.0.1",

@@ -16,7 +16,8 @@ Every generating route is one line into ``pipeline.run`` with its wire format's 
 A client that leaves cancels its generation: mid-stream Starlette notices on the next send or receive;
 a non-streaming request listens for the disconnect while it waits (``pipeline``). ``/health`` reports the
 engine (``backend.health()``, ``health.EngineHealth``) and answers 503 with a ``reason`` when it is dead
-or wedged, or while the server stops (``drain``); generating requests get the same 503 then. Limits (``limits.ServerLimits``): body size (413),
+or wedged, or while the server stops (``drain``); generating requests get the same 503 then. With
+``--api-servers`` it also reports the API processes (``api_health``). Limits (``limits.ServerLimits``): body size (413),
 JSON content type (415), concurrent generations (429), a client that reads nothing (dropped), a stream
 kept alive with SSE comments. Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's
 ``{"detail": ...}``. Left out: authentication, TLS, request queues.
@@ -82,6 +83,7 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     app.state.engine, app.state.limits = engine, limits
     app.state.admission = Admission(limits.max_concurrent)
     app.state.drain = Drain()
+    app.state.api_servers = None  # with --api-servers: reads the launcher's view of the API processes
     app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running, max_tokens=engine.context_len,
                                       kv=lambda: app.state.backend and app.state.backend.health().kv)
     app.state.started_at = int(time.time())
@@ -110,6 +112,8 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
                 "running": current.running, "backend": current.kind, "model": engine.config.model, "route": route}
         if stopping is not None:
             body["stopping"] = True
+        if request.app.state.api_servers is not None:
+            body["api_servers"] = request.app.state.api_servers()
         return body if reason is None else JSONResponse({**body, "reason": reason}, status_code=503)
 
     @app.get("/metrics", response_class=Response,
