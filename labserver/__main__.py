@@ -128,7 +128,8 @@ def flask(args) -> None:
     from .serve.background import FlaskServer, ServerStartError
 
     limits = _limits(args)
-    server = FlaskServer(create_flask_app(_load_engine(args), limits=limits), host=args.host, port=args.port)
+    server = FlaskServer(create_flask_app(_load_engine(args), limits=limits), host=args.host, port=args.port,
+                         limits=limits)
     try:
         server.start()
     except ServerStartError as exc:
