@@ -47,6 +47,13 @@ def _server_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
                    help="largest request body; larger gets a 413 (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=ServerLimits.idle_timeout_s,
+                   help="seconds a connection may stay open with no request in progress (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout_s,
+                   help="seconds from a request's first byte to its last header line, else a 408 "
+                        "(default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=ServerLimits.body_timeout_s,
+                   help="seconds from a request's headers to the end of its body, else a 408 (default %(default)s)")
 
 
 def _engine_fields(args) -> dict:
@@ -69,21 +76,19 @@ def _limits(args, **fields):
     from .serve.limits import ServerLimits
 
     try:
-        return ServerLimits(max_body_bytes=args.max_body_bytes, **fields)
+        return ServerLimits(max_body_bytes=args.max_body_bytes, idle_timeout_s=args.idle_timeout,
+                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, **fields)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
 
 
 def serve(args) -> None:
-    import uvicorn
-
     from .serve.app import create_app
-    from .serve.connections import uvicorn_config
+    from .serve.drain import serve_app
 
     limits = _limits(args, max_concurrent=args.max_concurrent, send_timeout_s=args.send_timeout,
-                     stream_interval=args.stream_interval, idle_timeout_s=args.idle_timeout,
-                     header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                     max_connections=args.max_connections)
+                     stream_interval=args.stream_interval, max_connections=args.max_connections,
+                     drain_timeout_s=args.drain_timeout)
     if args.backend == "process":
         return serve_processes(args, limits)
     if args.api_servers != 1:
@@ -91,14 +96,13 @@ def serve(args) -> None:
     app = create_app(_load_engine(args), backend=args.backend, limits=limits)
     print(f"labserver (FastAPI, streaming) on http://{args.host}:{args.port}  page: /  docs: /docs  "
           f"OpenAI API: /v1  metrics: /metrics", flush=True)
-    uvicorn.Server(uvicorn_config(app, limits, host=args.host, port=args.port, log_level="info")).run()
+    sys.exit(serve_app(app, limits, host=args.host, port=args.port, log_level="info"))
 
 
 def serve_processes(args, limits) -> None:
     """The engine in its own process, ``--api-servers`` API processes in front of it; the model is loaded
-    there only (this process supervises: it restarts the engine process if it dies)."""
-    import signal
-
+    there only (this process supervises: it restarts the engine process if it dies, and drains every API
+    process on SIGTERM or Ctrl-C)."""
     from .config import EngineConfig
     from .serve.api_servers import ApiServers
     from .serve.background import ServerStartError
@@ -111,18 +115,12 @@ def serve_processes(args, limits) -> None:
     except (ValueError, EngineStartError, ServerStartError) as exc:
         sys.exit(f"error: {exc}")
 
-    def terminate(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
     print(f"labserver (FastAPI, streaming) on {servers.url}: {args.api_servers} API process(es) "
           f"{servers.api_pids}, engine process {servers.engine_pid}", flush=True)
-    try:
-        while servers.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    servers.stop()
+    code = servers.run_foreground()
+    if servers.failed:
+        sys.exit(f"error: {servers.failed}")
+    sys.exit(code)
 
 
 def flask(args) -> None:
@@ -130,7 +128,8 @@ def flask(args) -> None:
     from .serve.background import FlaskServer, ServerStartError
 
     limits = _limits(args)
-    server = FlaskServer(create_flask_app(_load_engine(args), limits=limits), host=args.host, port=args.port)
+    server = FlaskServer(create_flask_app(_load_engine(args), limits=limits), host=args.host, port=args.port,
+                         limits=limits)
     try:
         server.start()
     except ServerStartError as exc:
@@ -162,13 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generations at once; one more gets a 429 (default %(default)s)")
     p.add_argument("--send-timeout", type=float, default=ServerLimits.send_timeout_s,
                    help="seconds a stream's client may read nothing before it is dropped (default %(default)s)")
-    p.add_argument("--idle-timeout", type=float, default=ServerLimits.idle_timeout_s,
-                   help="seconds a connection may stay open with no request in progress (default %(default)s)")
-    p.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout_s,
-                   help="seconds from a request's first byte to its last header line, else a 408 "
-                        "(default %(default)s)")
-    p.add_argument("--body-timeout", type=float, default=ServerLimits.body_timeout_s,
-                   help="seconds from a request's headers to the end of its body, else a 408 (default %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=ServerLimits.drain_timeout_s,
+                   help="on SIGTERM or Ctrl-C: seconds open requests may finish before they end with an error "
+                        "event and [DONE]; new ones get a 503 meanwhile (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=ServerLimits.max_connections,
                    help="open connections per API server; a request beyond them gets a 503 (default %(default)s)")
     p.add_argument("--stream-interval", type=int, default=ServerLimits.stream_interval,

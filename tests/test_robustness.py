@@ -424,15 +424,16 @@ def test_cli_body_limit_reaches_the_flask_app(monkeypatch):
     class NoServer:  # stands in for FlaskServer: keeps the app, never listens
         running, url = False, "http://127.0.0.1:0"
 
-        def __init__(self, app, host, port):
-            made["app"] = app
+        def __init__(self, app, host, port, limits=None):
+            made["app"], made["limits"] = app, limits
 
         def start(self):
             return self
 
     monkeypatch.setattr(cli, "_load_engine", lambda args: fake_engine())
     monkeypatch.setattr(serving, "FlaskServer", NoServer)
-    cli.main(["flask", "--max-body-bytes", "1000"])
+    cli.main(["flask", "--max-body-bytes", "1000", "--header-timeout", "3"])
+    assert made["limits"].header_timeout_s == 3  # the connection deadlines reach the server too
     with made["app"].test_client() as client:
         over = client.post("/generate", data=b" " * 1001, content_type="application/json")
         ok = client.post("/generate", json={"prompt": "hi", "max_tokens": 1})

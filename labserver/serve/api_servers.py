@@ -21,9 +21,15 @@ A dead API process is replaced, as gunicorn replaces a dead worker: its own clie
 connections drop, the other processes serve on on the same port and the engine process keeps running.
 At most ``max_restarts`` replacements over the service's life (``api_restarts``, ``api_reason``); once
 they are used up a dead process stays dead and the others serve on. (vLLM's ``--api-server-count``
-shuts the whole server down when one API process dies.) Left out: balancing connections by load, backing
-off between replacements, and draining the streams of the other processes when the whole service stops
-(each process gets uvicorn's 2 s graceful shutdown).
+shuts the whole server down when one API process dies.) Every API process's ``/health`` reports them
+all under ``"api_servers"`` (from a file the launcher rewrites: ``api_health``).
+
+When the whole service stops (``run_foreground``: SIGTERM or Ctrl-C to the launcher, or the engine process
+gone for good), each API process gets SIGTERM and drains its own streams (``drain``: new requests get a
+503, open ones may finish for ``drain_timeout_s``, then an error event and ``[DONE]``); the engine process
+is stopped only after they have all exited. Left out: balancing connections by load, backing off between
+replacements, and a connection that arrives once every API process has closed its listening socket (it
+waits in the kernel's queue until the launcher closes the socket, then is reset).
 """
 
 from __future__ import annotations
@@ -31,11 +37,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
 import threading
 import time
 from multiprocessing.connection import wait
 
+from .api_health import api_state, write_status
+from .api_process import API_SERVER_HEADER, serve_api  # noqa: F401 (the header's name is used with ApiServers)
 from .background import BackgroundServer, bind_socket, start_server, stop
+from .drain import FINAL_WRITE_S
+from .limits import ServerLimits
 from .process.supervisor import MAX_RESTARTS
 from .process.core_proc import EngineSpec
 from .process.supervisor import EngineProcess
@@ -43,63 +56,22 @@ from .process.supervisor import EngineProcess
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # N fresh interpreters import FastAPI and torch at once on a small machine
-API_SERVER_HEADER = "x-api-server"
-
-
-class _Tagged:
-    """ASGI middleware: every HTTP response says which process answered it."""
-
-    def __init__(self, app):
-        self.app, self.pid = app, str(os.getpid()).encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def tagged(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (API_SERVER_HEADER.encode(), self.pid)]}
-            await send(message)
-
-        await self.app(scope, receive, tagged)
-
-
-def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_level: str, started) -> None:
-    """One API process's main: the app on the shared socket, its engine client at ``address``."""
-    import uvicorn
-
-    from .app import create_app
-    from .connections import uvicorn_config
-    from .process.frontend import Frontend
-
-    app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
-    server = uvicorn.Server(uvicorn_config(_Tagged(app), limits, log_level=log_level, lifespan="on",
-                                           timeout_graceful_shutdown=2))
-
-    def watch():
-        """Say when the server accepts connections; stop it if the parent process dies."""
-        parent = os.getppid()
-        while not server.started and not server.should_exit:
-            time.sleep(0.02)
-        started.set()
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        server.should_exit = True
-
-    threading.Thread(target=watch, daemon=True).start()
-    server.run(sockets=[sock])
 
 
 class ApiServers(BackgroundServer):
     """N API processes on one port, one engine process behind them (``engine_pid``)."""
 
     def __init__(self, spec: EngineSpec, n: int = 2, host: str = "127.0.0.1", port: int = 0, limits=None,
-                 log_level: str = "warning", max_restarts: int = MAX_RESTARTS):
+                 log_level: str = "warning", max_restarts: int = MAX_RESTARTS, engine_restarts: int = MAX_RESTARTS):
         if n < 1:
             raise ValueError(f"api_servers must be >= 1, got {n}")
         super().__init__(host, port)
-        self.spec, self.n, self.limits, self.log_level = spec, n, limits, log_level
-        self.max_restarts = max_restarts
+        self.spec, self.n, self.limits, self.log_level = spec, n, limits or ServerLimits(), log_level
+        self.max_restarts, self.engine_restarts = max_restarts, engine_restarts
+        self.failed: str | None = None  # why the service stopped by itself (its engine is gone for good)
+        self._status_dir = self._status_path = None
+        self._status: dict | None = None
+        self._publishing = threading.Lock()  # start() and the monitor thread both publish
         self.engine: EngineProcess | None = None
         self.workers: list = []
         self._sock = None
@@ -118,33 +90,39 @@ class ApiServers(BackgroundServer):
         return [w.pid for w in self.workers]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "ApiServers":
-        return super().start(timeout_s)
+        super().start(timeout_s)
+        self._publish()  # all serve now: /health must not wait for the monitor's next round to say so
+        return self
 
     def _prepare(self) -> None:
         self._sock = bind_socket(self.host, self.requested_port)
         self._sock.listen(2048)
         self.port = self._sock.getsockname()[1]
         try:
-            self.engine = EngineProcess(self.spec).start()
+            self.engine = EngineProcess(self.spec, self.engine_restarts).start()
         except BaseException:
             self._cleanup()
             raise
         self._stopping.clear()
-        self.api_restarts, self.api_reason, self._dead = 0, None, set()
+        self.api_restarts, self.api_reason, self._dead, self.failed = 0, None, set(), None
         self._started, self.workers = [None] * self.n, [None] * self.n
+        self._status_dir = tempfile.mkdtemp(prefix="labserver-api-servers-")
+        self._status_path = os.path.join(self._status_dir, "status.json")
         for i in range(self.n):
             self._spawn(i)
+        self._publish()
 
     def _spawn(self, i: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._started[i] = ctx.Event()
         self.workers[i] = ctx.Process(target=serve_api, name=f"labserver-api-{i}", daemon=True,
                                       args=(self.spec, self.engine.info, self.engine.address, self._sock,
-                                            self.limits, self.log_level, self._started[i]))
+                                            self.limits, self.log_level, self._started[i], self._status_path))
         self.workers[i].start()
 
     def _run(self) -> None:
-        """Replace each API process that dies (bounded); end when asked to, or when none is left."""
+        """Replace each API process that dies (bounded); end when asked to, when none is left, or when the
+        engine is gone for good (then every API process drains, as on SIGTERM)."""
         while not self._stopping.is_set():
             alive = [w for w in self.workers if w.exitcode is None]
             if not alive:
@@ -155,6 +133,11 @@ class ApiServers(BackgroundServer):
                     continue
                 self._dead.add(worker)
                 self._replace(i, worker)
+            self._publish()
+            if self.engine.gave_up and not self._stopping.is_set():
+                self.failed = f"the engine failed: {self.engine.reason}"
+                logger.error("%s; stopping the service", self.failed)
+                self._shutdown()
         for worker in self.workers:
             worker.join()
 
@@ -174,14 +157,54 @@ class ApiServers(BackgroundServer):
     def api_alive(self) -> int:
         return sum(w is not None and w.exitcode is None for w in self.workers)
 
+    def _publish(self) -> None:
+        """Rewrite the status file the API processes' /health reads (``api_health``) when it changed."""
+        serving = sum(w is not None and w.exitcode is None and e.is_set()
+                      for w, e in zip(self.workers, self._started))
+        replacing = any(w is not None and w.exitcode is None and not e.is_set()
+                        for w, e in zip(self.workers, self._started))
+        status = {"alive": serving, "of": self.n, "restarts": self.api_restarts, "max_restarts": self.max_restarts,
+                  **api_state(serving, self.n, self.api_restarts, self.max_restarts, replacing),
+                  "reason": self.api_reason}
+        with self._publishing:
+            if status != self._status:
+                write_status(self._status_path, status)
+                self._status = status
+
     def _ready(self) -> bool:
         return all(e.is_set() for e in self._started)
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Drain every API process (SIGTERM: each ends its own streams), then stop the engine process."""
+        super().stop(self.limits.drain_timeout_s + FINAL_WRITE_S + 10 if timeout_s is None else timeout_s)
+
+    def run_foreground(self) -> int:
+        """Serve until SIGTERM or SIGINT (a second one stops at once), or until the engine is gone for good;
+        then drain and stop. Returns the exit code: 0 when asked to stop, 1 when the engine failed."""
+        signals = []
+
+        def on_signal(sig, frame):
+            signals.append(sig)
+            if len(signals) > 1:  # runs on the main thread, also while stop() below waits for the drain
+                for worker in self.workers:
+                    if worker is not None and worker.is_alive():
+                        worker.kill()
+
+        before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.running and not signals:
+                time.sleep(0.2)
+            self.stop()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        return 1 if self.failed else 0
 
     def _shutdown(self) -> None:
         self._stopping.set()
         for worker in self.workers:
             if worker.is_alive():
-                worker.terminate()  # SIGTERM: uvicorn closes its streams (2 s) and exits
+                worker.terminate()  # SIGTERM: it drains its streams (drain.DrainingServer) and exits 0
 
     def _cleanup(self) -> None:
         for worker in filter(None, self.workers):
@@ -193,6 +216,9 @@ class ApiServers(BackgroundServer):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._status_dir is not None:
+            shutil.rmtree(self._status_dir, ignore_errors=True)
+            self._status_dir = None
 
 
 def start_api_servers(engine, n: int = 2, port: int = 0, name: str = "fastapi", host: str = "127.0.0.1",

@@ -16,7 +16,8 @@ Every generating route is one line into ``pipeline.run`` with its wire format's 
 A client that leaves cancels its generation: mid-stream Starlette notices on the next send or receive;
 a non-streaming request listens for the disconnect while it waits (``pipeline``). ``/health`` reports the
 engine (``backend.health()``, ``health.EngineHealth``) and answers 503 with a ``reason`` when it is dead
-or wedged; generating requests get the same 503 then. Limits (``limits.ServerLimits``): body size (413),
+or wedged, or while the server stops (``drain``); generating requests get the same 503 then. With
+``--api-servers`` it also reports the API processes (``api_health``). Limits (``limits.ServerLimits``): body size (413),
 JSON content type (415), concurrent generations (429), a client that reads nothing (dropped), a stream
 kept alive with SSE comments. Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's
 ``{"detail": ...}``. Left out: authentication, TLS, request queues.
@@ -40,6 +41,7 @@ from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, Comp
                              CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .pipeline import install_error_handlers, run
 from .sse import SSE_EVENT_SCHEMA
+from .drain import Drain
 from .health import engine_state, unavailable
 from .backends import make_backend
 from .generate_api import GenerateJob, GenerateRequest, GenerateResponse
@@ -80,6 +82,8 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     app.state.backend = make_backend(engine, backend, limits.stream_interval)
     app.state.engine, app.state.limits = engine, limits
     app.state.admission = Admission(limits.max_concurrent)
+    app.state.drain = Drain()
+    app.state.api_servers = None  # with --api-servers: reads the launcher's view of the API processes
     app.state.metrics = ServerMetrics(engine.config.model, lambda: engine.running, max_tokens=engine.context_len,
                                       kv=lambda: app.state.backend and app.state.backend.health().kv)
     app.state.started_at = int(time.time())
@@ -91,7 +95,8 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
-    @app.get("/health", responses={503: {"description": "the engine is dead or wedged: see `reason`"}})
+    @app.get("/health", responses={503: {"description": "the engine is dead or wedged, or the server is "
+                                                      "stopping: see `reason`"}})
     async def health(request: Request):
         """Asks the backend what it knows (no engine work): it stalls only if something blocks the event loop."""
         current = request.app.state.backend
@@ -99,11 +104,16 @@ def create_app(engine, backend: str = "auto", limits: ServerLimits | None = None
             return JSONResponse({"status": "unavailable", "reason": "the server is stopping", "running": 0,
                                  "backend": backend, "model": engine.config.model, "route": route}, 503)
         state = current.health()
-        reason = unavailable(state, limits.wedged_after_s)
+        stopping = request.app.state.drain.reason
+        reason = stopping or unavailable(state, limits.wedged_after_s)
         # A backend that never restarts its engine (the engine thread) has max_restarts 0: dead is failed.
         states = engine_state(state, getattr(current, "max_restarts", 0), limits.wedged_after_s)
         body = {"status": "ok" if reason is None else "unavailable", **states, "engine": state.to_dict(),
                 "running": current.running, "backend": current.kind, "model": engine.config.model, "route": route}
+        if stopping is not None:
+            body["stopping"] = True
+        if request.app.state.api_servers is not None:
+            body["api_servers"] = request.app.state.api_servers()
         return body if reason is None else JSONResponse({**body, "reason": reason}, status_code=503)
 
     @app.get("/metrics", response_class=Response,

@@ -42,6 +42,8 @@ class Backend:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine, self.stream_interval = engine, stream_interval
+        self.stopping: BaseException | None = None  # set by end_all: what every open request ended with
+        self._sinks: set = set()  # the sinks of the requests open on the event loop (``outputs``)
 
     # -- what a backend supplies ----------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, sink: Callable[[Any], None]):
@@ -88,7 +90,10 @@ class Backend:
                 if handle is not None:
                     handle.abort()
 
+        if self.stopping is not None:  # admitted just before the drain ended the open requests
+            raise self.stopping
         handle = self.submit(ids, params, sink)
+        self._sinks.add(sink)
         try:
             while True:
                 items = [await inbox.get()]
@@ -99,7 +104,17 @@ class Backend:
                 if items[-1] is DONE or isinstance(items[-1], BaseException):
                     return
         finally:
+            self._sinks.discard(sink)
             handle.abort()
+
+    def end_all(self, exc: BaseException) -> int:
+        """End every request open on the event loop with ``exc``, as a dead engine ends them (the text held
+        back is sent first, then the error); returns how many. Call it on the event loop's thread."""
+        self.stopping = exc
+        sinks = list(self._sinks)
+        for sink in sinks:
+            sink(exc)
+        return len(sinks)
 
     async def deliveries(self, prompt, params: SamplingParams, interval: int | None = None) -> AsyncIterator[list]:
         """Lists of ``TokenEvent``s (and the ``Finish``, last) to send at once: each token at once with an

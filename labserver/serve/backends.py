@@ -103,6 +103,8 @@ class ExecutorBackend(_DirectBackend):
 
         try:
             while (item := await loop.run_in_executor(self.executor, step)) is not DONE:
+                if self.stopping is not None:  # the server stops (end_all): no sink to hand it to
+                    raise self.stopping
                 yield [item]
             yield [DONE]
         finally:
@@ -119,6 +121,8 @@ class BlockingBackend(_DirectBackend):
         gen = self.engine.steps(ids, params)
         try:
             for item in gen:  # each next() blocks the whole event loop for one model step
+                if self.stopping is not None:  # the server stops (end_all): no sink to hand it to
+                    raise self.stopping
                 yield [item]
                 await asyncio.sleep(0)  # lets the response send this token; /health still waits per step
             yield [DONE]

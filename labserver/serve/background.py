@@ -20,7 +20,9 @@ import threading
 import time
 
 import uvicorn
-from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.serving import make_server
+
+from .wsgi_deadlines import guarded_handler
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -160,17 +162,13 @@ class UvicornServer(BackgroundServer):
             self._sock = None
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, *args) -> None:  # one stderr line per request would flood a notebook
-        pass
-
-
 class FlaskServer(BackgroundServer):
-    """A WSGI app on werkzeug, one request at a time (``threaded=False``), as the Blog-1 baseline."""
+    """A WSGI app on werkzeug, one request at a time (``threaded=False``), as the Blog-1 baseline, with the
+    connection deadlines of ``limits`` (``wsgi_deadlines``; None: the defaults)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits=None):
         super().__init__(host, port)
-        self.app = app
+        self.app, self.limits = app, limits
         self.server = None
 
     def _prepare(self) -> None:
@@ -178,8 +176,8 @@ class FlaskServer(BackgroundServer):
         sock = bind_socket(self.host, self.requested_port)
         try:
             sock.listen(128)
-            self.server = make_server(self.host, 0, self.app, threaded=False, request_handler=_QuietHandler,
-                                      fd=sock.fileno())
+            self.server = make_server(self.host, 0, self.app, threaded=False, fd=sock.fileno(),
+                                      request_handler=guarded_handler(self.limits))
         finally:
             sock.close()  # the server holds its own duplicate of the descriptor
         self.port = self.server.port
@@ -235,12 +233,12 @@ def start_fastapi(engine, port: int = 0, backend: str = "auto", name: str = "fas
         raise
 
 
-def start_flask(engine, port: int = 0, name: str = "flask", host: str = "127.0.0.1") -> FlaskServer:
+def start_flask(engine, port: int = 0, name: str = "flask", host: str = "127.0.0.1", limits=None) -> FlaskServer:
     """Serve ``engine`` with the blocking Flask baseline in the background; re-running replaces it."""
     from .flask_app import create_flask_app
 
     stop(name)
-    return start_server(name, FlaskServer(create_flask_app(engine), host, port))
+    return start_server(name, FlaskServer(create_flask_app(engine, limits), host, port, limits))
 
 
 def stop(name: str) -> None:

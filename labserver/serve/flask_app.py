@@ -7,9 +7,14 @@ request for request. The engine runs in the request's own thread; served by ``ba
 (one request at a time), a ``/health`` call waits behind a running generation. That is the point of the
 baseline, not a bug to fix here.
 
+Served by ``background.FlaskServer``, a connection has the FastAPI app's deadlines before its request
+reaches this app (``wsgi_deadlines``: idle, headers, body; a 408 or a closed connection), so a silent or
+slowloris client holds the one thread for seconds, not for good.
+
 Left out on purpose: streaming (``stream=true`` is a 400), the engine thread, the concurrency limit
-(one request at a time already), the ``/v1`` API, debug mode (it would run arbitrary code from the
-browser and reload the model).
+(one request at a time already), the cap on connections (they wait in the kernel's backlog), a deadline
+on the generation and on writing the answer, the drain on SIGTERM (a request in progress is cut), the
+``/v1`` API, debug mode (it would run arbitrary code from the browser and reload the model).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ that never restarts, with the last reason).
     {'state': 'failed'}
 
 Left out: restarting a dead engine (the process backend's supervisor does; a dead engine thread stays
-dead and the server answers 503 until it is restarted).
+dead: ``python -m labserver serve`` then drains and exits 1, ``drain``, and a background server answers
+503 until it is restarted).
 """
 
 from __future__ import annotations

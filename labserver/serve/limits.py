@@ -26,6 +26,8 @@ pile-up that slows everyone:
 - ``stream_interval``: tokens per write of a stream (vLLM's ``--stream-interval``): the first at once,
   then every ``stream_interval`` tokens, the rest with the finish; above 1 it trades a little latency
   per token for less host work per token (``engine.output``).
+- ``drain_timeout_s``: when the whole server stops, how long open requests may finish by themselves
+  before they end with an error event and ``[DONE]`` (``drain``).
 - ``wedged_after_s``: the engine is reported wedged (``/health`` and new requests: 503) when its loop has
   work but has not come round for this long (``health.unavailable``).
 
@@ -66,6 +68,8 @@ class ServerLimits:
     body_timeout_s: float = 30.0  # 1 MiB (max_body_bytes) at ~35 KB/s
     # Under the usual 1,024 file descriptors a process gets, with room for the model's files and the engine.
     max_connections: int = 512
+    # When the server stops, open requests may finish by themselves this long (0: they end at once).
+    drain_timeout_s: float = 5.0
 
     def __post_init__(self):
         for name in ("max_concurrent", "max_body_bytes", "retry_after_s", "stream_interval", "max_connections"):
@@ -77,6 +81,9 @@ class ServerLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        value = self.drain_timeout_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"drain_timeout_s must be a number of seconds >= 0, got {value!r}")
 
 
 class Slot:

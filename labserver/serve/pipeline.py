@@ -15,7 +15,7 @@ becomes a prompt and ``SamplingParams`` and how events become its payloads and i
 - ``fault(exc)``: the payload that reports a fault during generation, in that format's shape.
 
 Everything else happens here, once. Admission (``start_generation``): a 503 when the engine cannot serve
-(dead or wedged: ``health.unavailable``), a concurrency slot from the app's ``Admission`` or the 429, a
+(dead or wedged: ``health.unavailable``) or the server is stopping (``drain``), a concurrency slot from the app's ``Admission`` or the 429, a
 ``RequestRecord`` for ``/metrics``. Then the ``Generation``, whose ``close`` runs exactly once however the
 request ends (finished, failed, client gone, never started): it gives the slot back and books the
 metrics. Then the answer: SSE (``sse.ClosingStreamingResponse``, with its keep-alive comments and its send
@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from ..engine.protocols import EngineDeadError
+from .drain import ServerStopping
 from .generate_api import InputError
 from .health import unavailable
 from .limits import ServerLimits, Slot, engine_unavailable, too_many_requests
@@ -88,6 +89,8 @@ async def _sse(job: Job, gen: Generation):
         async with aclosing(job.frames(gen)) as groups:
             async for payloads in groups:
                 yield b"".join(sse_frame(payload) for payload in payloads)
+    except ServerStopping as exc:  # the drain logs how many it ended
+        yield sse_frame(job.fault(exc))
     except EngineDeadError as exc:  # one line per stream: the engine's own failure is logged where it died
         logger.error("stream lost with the engine: %s", exc)
         yield sse_frame(job.fault(exc))
@@ -167,6 +170,10 @@ class Generation:
 def start_generation(request: Request, prompt, params: SamplingParams, prompt_tokens: int) -> Generation:
     """Admit one generation for ``request``'s app or raise the 503 (no engine) or 429 ``HTTPException``."""
     state = request.app.state
+    if state.drain.reason is not None:  # Connection: close, so a client's next request goes elsewhere
+        state.metrics.reject("unavailable")
+        raise HTTPException(503, detail=f"{state.drain.reason}: it takes no new requests",
+                            headers={"Connection": "close"})
     reason = unavailable(state.backend.health(), state.limits.wedged_after_s)
     if reason is not None:
         state.metrics.reject("unavailable")

@@ -6,8 +6,9 @@ model and bound its socket, or raises ``EngineStartError`` with the child's own 
 cannot be found, a startup crash, a timeout). A monitor thread then waits on the process's sentinel (a
 file descriptor that becomes readable the moment the process ends, however it ends: ``kill -9`` too),
 tells its listeners at once (the engine client fails every open stream with ``EngineDeadError``) and
-spawns a new engine at the same address, at most ``max_restarts`` times over the supervisor's life. API
-processes reconnect by themselves (ZMQ reconnects; their next ``Hello`` meets the new engine).
+spawns a new engine at the same address, at most ``max_restarts`` times over the supervisor's life
+(then ``gave_up``: the launcher of ``--api-servers`` stops the service). API processes reconnect by
+themselves (ZMQ reconnects; their next ``Hello`` meets the new engine).
 
 Left out: backing off between restarts, and telling a crash loop from bad luck (every death counts).
 """
@@ -46,6 +47,7 @@ class EngineProcess:
         self.info: dict | None = None  # {"pid", "context_len", "route"} of the engine that runs now
         self.restarts = 0
         self.reason: str | None = None  # why no engine runs now (dead, restarting, gave up)
+        self.gave_up = False  # restarts used up: no engine will run again
         self._proc = None
         self._closing = False
         self._monitor: threading.Thread | None = None
@@ -132,6 +134,7 @@ class EngineProcess:
             logger.warning("the engine process restarted (pid %d)", self._proc.pid)
             return True
         self.reason += f"; not restarted again (it died {self.restarts + 1} times)"
+        self.gave_up = not self._closing
         return False
 
     def close(self, timeout: float = 5.0) -> None:
