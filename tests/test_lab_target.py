@@ -141,6 +141,6 @@ def test_the_lab_measures_llama_server_as_a_shared_server(llama_server, capsys):
     # later one must come in under half of it (the prompt is long enough that its prefill dominates).
     system = "You are a patient teacher of computer science; answer briefly with one example. " * 32
     runs = kv_cache.prefix_demo(server, system, answer_tokens=4)
-    first, *later = runs["shared"]
-    assert first.usage["prompt_tokens"] > 400
-    assert max(t.ttft_ms for t in later) < first.ttft_ms / 2, [t.ttft_ms for t in runs["shared"]]
+    assert runs["shared"][0].usage["prompt_tokens"] > 400
+    first, later, spread = kv_cache.prefix_reuse(runs["shared"])  # what notebook 8 claims with
+    assert later + spread < first and later < first / 2, [t.ttft_ms for t in runs["shared"]]

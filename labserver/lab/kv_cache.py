@@ -180,6 +180,12 @@ def prefix_demo(server: Target | str, system: str, answer_tokens: int) -> dict[s
     return {"shared": shared, "chat": chat}
 
 
+def prefix_reuse(traces: list[Trace]) -> tuple[float, float, float]:
+    """TTFT of the first request, and the median and spread (max - min) of the later ones' TTFT, in ms."""
+    later = [t.ttft_ms for t in traces[1:]]
+    return traces[0].ttft_ms, float(np.median(later)), max(later) - min(later)
+
+
 def cached_tokens(trace: Trace) -> int:
     return (trace.usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 

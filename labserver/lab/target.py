@@ -110,11 +110,18 @@ def shared(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> Tar
 
 
 def target(own=None, environ: Mapping[str, str] | None = None) -> Target:
-    """The shared server if ``LABSERVER_URL`` is set, else ``own`` (our running server, or its URL)."""
+    """The shared server if ``LABSERVER_URL`` is set, else ``own``: our running server, its URL, or a
+    function that starts it (called only when it is needed, so a shared server costs no engine thread)."""
     environ = os.environ if environ is None else environ
     url = external_url(environ)
     if url is not None:
         return shared(url, environ.get(KEY_ENV) or None)
     if own is None:
         raise ValueError(f"{ENV} is not set: pass the lab's own server (e.g. start_fastapi(engine))")
-    return ours(own)
+    return ours(own() if callable(own) else own)
+
+
+def has_engine(what: str = "", environ: Mapping[str, str] | None = None) -> bool:
+    """``Target.has_engine`` before any server is started: False, with the skip line, when ``LABSERVER_URL``
+    is set."""
+    return Target("", external=external_url(environ) is not None).has_engine(what)

@@ -29,6 +29,10 @@
 #
 # The length of the answers and how often `/health` is probed come from this machine's prefill and step
 # times, measured first: enough decode steps that decoding is not hidden behind the prefills.
+#
+# With `LABSERVER_URL` set (a shared vLLM or SGLang server, see notebook 2), section 2 and the table
+# measure that server instead of the batched one started here; taking turns, the batch sizes of the
+# steps and section 4 need labserver's own engine and print one line saying they were skipped.
 
 # %% tags=["nbval-ignore-output"]
 import math
@@ -36,6 +40,7 @@ import math
 from labserver.lab.setup import load_engine
 from labserver.lab import checks, concurrency as lab
 from labserver.lab.claims import claim
+from labserver.lab.target import has_engine, target
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
@@ -55,10 +60,12 @@ print(f"{engine.runner.name}, {engine.config.max_batch} cache slots; prefill {pr
 # For each N: N greedy streams sent together to the `"thread"` server, while `/health` is probed.
 
 # %% tags=["nbval-ignore-output"]
-thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
-turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
-stop("fastapi-thread")  # its engine thread ends with it
-lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine thread")
+turns = []
+if has_engine("taking turns is a scheduler of labserver's engine"):
+    thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
+    turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
+    stop("fastapi-thread")  # its engine thread ends with it
+lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine thread") if turns else None
 
 # %% [markdown]
 # Four staircases climbing together, each with a quarter of the slope of one stream alone: the engine
@@ -67,14 +74,15 @@ lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine threa
 # prefills of requests that arrive together run one after another.
 
 # %% tags=["nbval-ignore-output"]
-last = turns[-1]
-claim(f"taking turns, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
-      f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms), within 0.6-1.6x of N",
-      0.6 * last.n <= last.itl_p50_ms / last.step_p50_ms <= 1.6 * last.n)
-ttft_max, prefill = max(t.ttft_ms for t in last.traces), min(t.prefill_time_ms for t in last.traces)
-claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill:.1f} times one prefill "
-      f"({ttft_max:.0f} ms against {prefill:.0f} ms): it waited for the prefills before it",
-      ttft_max >= last.n / 2 * prefill);
+if turns:  # empty when LABSERVER_URL is set
+    last = turns[-1]
+    claim(f"taking turns, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
+          f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms), within 0.6-1.6x of N",
+          0.6 * last.n <= last.itl_p50_ms / last.step_p50_ms <= 1.6 * last.n)
+    ttft_max, prefill = max(t.ttft_ms for t in last.traces), min(t.prefill_time_ms for t in last.traces)
+    claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill:.1f} times one prefill "
+          f"({ttft_max:.0f} ms against {prefill:.0f} ms): it waited for the prefills before it",
+          ttft_max >= last.n / 2 * prefill);
 
 # %% [markdown]
 # ## 2. The same N streams, batched
@@ -87,8 +95,9 @@ claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill
 # waits for a batch to fill or drain: *continuous* batching, as in vLLM, SGLang and nano-vllm.
 
 # %% tags=["nbval-ignore-output"]
-batched = start_fastapi(engine, backend="batched", name="fastapi-batched")
-together = lab.sweep(batched.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
+server = target(lambda: start_fastapi(engine, backend="batched", name="fastapi-batched"))  # or LABSERVER_URL's
+print(server)
+together = lab.sweep(server, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
 stop("fastapi-batched")
 lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 
@@ -104,33 +113,35 @@ lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 # Did the newcomers join a batch already running, or wait for it to drain (a static batch would)?
 
 # %% tags=["nbval-ignore-output"]
-budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
-for load in together:
-    print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
-          f"decode steps carried B = {sorted(lab.step_ms_by_batch([load]))}")
-groups, last_first, first_last = lab.prefill_groups(together[-1]), *lab.joined_while_running(together[-1])
-claim(f"the {together[-1].n} prompts ({prompt_tokens} tokens each; a budget of {budget} tokens a forward) joined "
-      f"in forwards of {groups} sequences while the others decoded: the last first token came {last_first:.0f} ms after the "
-      f"request was sent, before any stream had its last token ({first_last:.0f} ms)",
-      last_first < first_last)
-last = together[-1]
-claim(f"batched, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
-      f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): one step carries them all",
-      last.itl_p50_ms / last.step_p50_ms < 1.6);
+if server.has_engine("the batch sizes and step_ms that labserver's events report"):
+    budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
+    for load in together:
+        print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
+              f"decode steps carried B = {sorted(lab.step_ms_by_batch([load]))}")
+    groups, last_first, first_last = lab.prefill_groups(together[-1]), *lab.joined_while_running(together[-1])
+    claim(f"the {together[-1].n} prompts ({prompt_tokens} tokens each; a budget of {budget} tokens a forward) joined "
+          f"in forwards of {groups} sequences while the others decoded: the last first token came {last_first:.0f} ms after the "
+          f"request was sent, before any stream had its last token ({first_last:.0f} ms)",
+          last_first < first_last)
+    last = together[-1]
+    claim(f"batched, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
+          f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): one step carries them all",
+          last.itl_p50_ms / last.step_p50_ms < 1.6);
 
 # %% [markdown]
 # ## 3. TTFT, ITL, throughput and `/health` against N
 
 # %% tags=["nbval-ignore-output"]
-print("taking turns"); print(lab.sweep_table(turns))
-print("\nbatched"); print(lab.sweep_table(together))
+sweeps = {"taking turns": turns, "batched" if not server.external else "the shared server": together}
+for label, loads in sweeps.items():
+    print(label); print(lab.sweep_table(loads) if loads else "(skipped)\n")
 health = max(lab.health_p50_ms(load) for load in turns + together)
-e2e = min(lab.e2e_p50_ms(turns[-1]), lab.e2e_p50_ms(together[-1]))
-claim(f"/health answered in {health:.1f} ms (p50) or less at every N on both servers, while a stream at "
-      f"N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10);
+e2e = min(lab.e2e_p50_ms(loads[-1]) for loads in sweeps.values() if loads)
+claim(f"/health answered in {health:.1f} ms (p50) or less at every N on every server measured, while a stream "
+      f"at N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10);
 
 # %% tags=["nbval-ignore-output"]
-lab.plot_sweep({"taking turns": turns, "batched": together})
+lab.plot_sweep({label: loads for label, loads in sweeps.items() if loads})
 
 # %% [markdown]
 # - **ITL**, taking turns, grows with N: between two tokens of one stream the engine runs one step for
