@@ -76,7 +76,8 @@ if server.has_engine("the server's step_ms between the tokens"):
 #   token: `token` (the text it adds), `token_id`, `index` and `step_ms` (the server's compute time for
 #   it). The first one also carries `prefill_time_ms`.
 # - After the last token, a summary event (`finish_reason`, `usage`, `timings`), then `data: [DONE]`.
-# - The arrival times grow by about one decode step per token. (The claim allows the first token to be
+# - The arrival times step by the server's decode steps: the claim above puts the spread of the token
+#   lines next to the `step_ms` the server reported between them. (The claim allows the first token to be
 #   late by up to half the computing time between first and last: a busy machine delays some lines.)
 # - A shared server (`LABSERVER_URL`) speaks OpenAI's format instead: each `data:` is a chunk whose
 #   `choices[0].text` holds the new text, with no `step_ms`; the last chunk carries `usage`.
@@ -101,8 +102,8 @@ print("first gaps (ITL, ms):", [round(g, 1) for g in trace.itl_ms[:8]])
 # - **TTFT**: first token event received − request sent. About one prefill now, not the whole answer.
 # - **ITL**: the gap before each later token. **TPOT** (time per output token) = (E2E − TTFT) / (n − 1),
 #   the mean ITL.
-# - **E2E**: last token received − request sent. About the same as the blocking server's TTFT: the total
-#   work did not change, only when the user sees it.
+# - **E2E**: last token received − request sent. The total work did not change, only when the user sees
+#   it: section 4 compares the E2E with the blocking server's.
 #
 # ## 3. What streaming costs per token
 #
@@ -180,7 +181,8 @@ claim(f"the whole answer took about as long either way: E2E {st['p50_e2e_ms']:.0
 #   **TTFT ≈ prefill**, and each later token arrives one decode step after the previous one
 #   (ITL ≈ `step_ms`).
 # - Sending each token costs little next to computing it: client gaps and server steps agree closely.
-# - The total time does not change: streaming makes the wait *visible*, not shorter.
+# - The total work does not change (section 4's second claim compares the E2E of both): streaming makes
+#   the wait *visible*.
 #
 # ## Exercises
 #

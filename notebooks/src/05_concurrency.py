@@ -104,7 +104,7 @@ lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 # %% [markdown]
 # The staircases now climb together, one token each per batched step. Every event of the batched server
 # says what its step did (`"batch": 4` next to `step_ms`), so the per-token times stay honest: this is the
-# time of one forward for four sequences, longer than a step of one.
+# time of one forward for four sequences (section 4 times such a step against a step of one).
 #
 # Which batch sizes B did the steps carry? Prompts that arrive together join in *prefill groups*: in
 # arrival order, as much as fits the budget of tokens per forward after the running streams' tokens, and
@@ -157,8 +157,8 @@ lab.plot_sweep({label: loads for label, loads in sweeps.items() if loads})
 #   prompts share one forward, and everyone in the group gets the first token only when it ends. Compare
 #   a group's forward with one prompt's (N=1) in section 2's output: a prompt of this length already gives
 #   a CPU plenty of arithmetic for each weight it reads, so on many CPUs a group costs not much less than
-#   its prompts one by one. Then the batched median TTFT can be higher than taking turns, while the worst
-#   one is about the same. (Splitting prompts into chunks that ride along with the decode steps, as vLLM
+#   its prompts one by one. Then the batched median TTFT can be higher than taking turns; compare the
+#   worst ones in the table. (Splitting prompts into chunks that ride along with the decode steps, as vLLM
 #   does, is the next refinement.)
 # - **`/health`** stays in milliseconds at every N. Its odd spike comes from the shared GIL: the engine's
 #   Python code, the server and this notebook's client and probe all run in one process here.
@@ -175,6 +175,7 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
       f"{steps[1]:.1f} ms ({steps[8] / steps[1]:.1f} steps of one)", steps[8] < 8 * steps[1]);
 
 # %% [markdown]
+# <!-- mechanism -->
 # A decode step reads all of the model's weights and does a little arithmetic with each of them, per
 # sequence. With B sequences the weights are read once for all of them; only the arithmetic, and the
 # attention over each sequence's own KV cache, grow with B. So the "step vs B=1" column stays below B.
@@ -194,8 +195,8 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
 #
 # ## Summary
 #
-# - N streams on an engine thread that takes turns: a stream's gap grows with N (exercise 3: by how
-#   much), the last first token waits for the prefills before it, and the streams share one token a step.
+# - N streams on an engine thread that takes turns: a stream's gap is about N steps (section 1's claim;
+#   exercise 3 predicts it), the last first token waits for the prefills before it, and the streams share one token a step.
 # - Continuous batching runs one step for all running sequences; a stream's gap is one step of B, which
 #   costs less than B steps of one, so the server can deliver more tokens per second in total (how many
 #   more depends on your CPU and on how much time goes to prefills).

@@ -63,6 +63,7 @@ print(f"alone: TTFT {alone.ttft_ms:.0f} ms, TPOT (the decode step, as the client
 # %% [markdown]
 # ## 2. Arrivals at a rate
 #
+# <!-- mechanism -->
 # At rate λ, a Poisson process sends each next request after a gap drawn from an exponential distribution
 # of mean 1/λ: most gaps are short, a few long, so requests come in small clumps. `vllm bench serve
 # --burstiness B` draws the gaps from a gamma distribution instead: B = 1 is Poisson, B < 1 burstier,
@@ -81,6 +82,7 @@ for burstiness in (0.25, 1.0, math.inf):
 #
 # ## 3. The knee
 #
+# <!-- mechanism -->
 # First the **capacity**: a closed loop that keeps as many requests in flight as the batch holds (16),
 # each replaced as soon as it ends, measures the most requests per second this server completes. An open
 # loop cannot complete more. The sweep then sends Poisson arrivals at fractions of that capacity, from a

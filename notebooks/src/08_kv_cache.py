@@ -70,11 +70,13 @@ print(f"{shape.num_hidden_layers} layers x 2 (K and V) x {shape.num_key_value_he
       f"= {per_token:,} bytes a token (the server's pool: {engine.runner.lean.cache.bytes_per_token:,})")
 
 # %% [markdown]
+# <!-- mechanism -->
 # Until this version the server kept one *slot* per sequence, and all its slots shared one position axis
 # that grew with the longest sequence: one long request made every slot that long. A server that sets
 # its slots up front must size each for the longest request it accepts. Both hold `max_batch` times the
 # K/V of a request that long, whoever uses them.
 #
+# <!-- mechanism -->
 # Now the K/V live in a pool of blocks of 16 tokens. A sequence's *block table* lists its blocks: token
 # `p` is in block `table[p // 16]` at slot `p % 16`, so blocks need not be adjacent, and a sequence takes
 # blocks as its tokens need them: its prompt's when it is admitted, one more whenever its answer crosses
@@ -208,6 +210,7 @@ if arrivals:
           f"at once (a forward of {CHUNK} prompt tokens took {sizes.chunk_ms:.0f} ms in the setup)")
 
 # %% [markdown]
+# <!-- mechanism -->
 # What chunking costs the long prompt itself depends on the machine, and the last line says how it came
 # out here. Each chunk's forward reads all the weights again and carries the streams' tokens too, which
 # makes the prompt slower; but a CPU may run a forward of a few hundred tokens more efficiently than one
@@ -216,12 +219,13 @@ if arrivals:
 #
 # ## Summary
 #
+# <!-- mechanism -->
 # - One token's K/V is layers × 2 × KV heads × head dim × 4 bytes in float32. A cache of one slot per
 #   sequence holds `max_batch` times the longest request; a pool of blocks holds the blocks in use, so
 #   memory grows with the tokens, not with the slots.
 # - Prefix caching names each full block by its tokens and everything before them; later requests take
 #   the named blocks they find, so a shared system prompt and a chat's history are computed once, and
-#   their TTFT no longer grows with what came before.
+#   section 2's claims compare their TTFT with and without the cache.
 # - A long prompt in one forward stops every running stream for its whole prefill; a budget of tokens per
 #   forward (decode tokens first, then a chunk of the prompt) bounds their gap to one chunk's forward.
 #
