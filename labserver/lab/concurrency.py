@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..config import SamplingParams
-from ..measure.client import run_concurrent
 from ..measure.plotting import LabFigure, plot_arrivals
 from ..measure.probes import HealthProbe
 from ..measure.stats import aggregate_tokens_per_s, percentiles
@@ -22,6 +21,7 @@ from ..measure.trace import Trace
 from .display import PROMPT, median, print_table
 
 from .rounds import drive, print_rounds
+from .target import Target, as_target
 
 __all__ = ["PROMPT", "print_table", "Load", "sweep", "sweep_table", "plot_streams", "plot_sweep",
            "step_ms_by_batch", "prefill_forwards", "prefill_groups", "joined_while_running", "decode_tokens_per_s", "engine_timing",
@@ -59,15 +59,17 @@ class Load:
                 "/health p50 ms": health["p50_ms"], "/health p99 ms": health["p99_ms"]}
 
 
-def sweep(url: str, ns: Sequence[int] = (1, 2, 4, 8), max_tokens: int = 32, prompt: str = PROMPT,
+def sweep(server: Target | str, ns: Sequence[int] = (1, 2, 4, 8), max_tokens: int = 32, prompt: str = PROMPT,
           interval_ms: float = 20.0) -> list[Load]:
-    """For each N: N greedy streams at once (``run_concurrent``) while ``/health`` is probed."""
-    run_concurrent(url, 1, prompt=prompt, max_tokens=2, temperature=0.0)  # warm-up, the same path as below
+    """For each N: N greedy streams at once while ``/health`` is probed. ``server``: a ``Target`` (ours
+    or a shared one) or our server's URL."""
+    server = as_target(server)
+    server.concurrent(1, 2, prompt)  # warm-up, the same path as below
     loads = []
     for n in ns:
-        with HealthProbe(url, interval_ms=interval_ms) as probe:
+        with HealthProbe(server.url, interval_ms=interval_ms) as probe:
             start = time.perf_counter()
-            traces = run_concurrent(url, n, prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+            traces = server.concurrent(n, max_tokens, prompt)
             wall_s = time.perf_counter() - start
         failed = [t.error for t in traces if not t.ok]
         if failed:

@@ -23,11 +23,11 @@ from ..config import SamplingParams
 from ..measure.client import astream_generate, run_sync, stream_generate
 from ..measure.datasets import token_text
 from ..measure.plotting import LabFigure, draw_arrivals
-from ..measure.protocols import openai_protocol
 from ..measure.tables import format_table
 from ..measure.trace import Trace
 from .display import PROMPT
 from .sizing import measure_speed
+from .target import Target, as_target
 
 LONG_MS, SYSTEM_MS, ANSWER_MS = 1500.0, 600.0, 200.0  # how long each demo's prompt or answer should take
 STREAMS, AFTER = 3, 8  # streams decoding when the long prompt arrives, and their tokens before it does
@@ -160,13 +160,15 @@ def _ok(*traces: Trace) -> Trace:
     return traces[0]
 
 
-def prefix_demo(url: str, system: str, answer_tokens: int) -> dict[str, list[Trace]]:
+def prefix_demo(server: Target | str, system: str, answer_tokens: int) -> dict[str, list[Trace]]:
     """``QUESTIONS`` one after another after the same system prompt (answers of 8 tokens); then a chat of
-    ``CHAT`` turns that opens with it, each turn sending the whole history, as chat clients do."""
-    protocol = openai_protocol(url, chat=True)
+    ``CHAT`` turns that opens with it, each turn sending the whole history, as chat clients do.
+    ``server``: a ``Target`` (ours or a shared one) or our server's URL."""
+    server = as_target(server)
+    protocol = server.chat()
 
     def ask(messages: list[dict], max_tokens: int) -> Trace:
-        return _ok(stream_generate(url, "", max_tokens, 0.0, protocol=protocol, messages=messages))
+        return _ok(stream_generate(server.url, "", max_tokens, 0.0, protocol=protocol, messages=messages))
 
     head = [{"role": "system", "content": system}]
     shared = [ask(head + [{"role": "user", "content": q}], 8) for q in QUESTIONS]
@@ -176,6 +178,12 @@ def prefix_demo(url: str, system: str, answer_tokens: int) -> dict[str, list[Tra
         chat.append(ask(history, answer_tokens))
         history.append({"role": "assistant", "content": chat[-1].text})
     return {"shared": shared, "chat": chat}
+
+
+def prefix_reuse(traces: list[Trace]) -> tuple[float, float, float]:
+    """TTFT of the first request, and the median and spread (max - min) of the later ones' TTFT, in ms."""
+    later = [t.ttft_ms for t in traces[1:]]
+    return traces[0].ttft_ms, float(np.median(later)), max(later) - min(later)
 
 
 def cached_tokens(trace: Trace) -> int:

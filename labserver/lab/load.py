@@ -19,6 +19,7 @@ from ..measure.sweep import SweepResult, sweep
 from ..measure.tables import format_table
 from ..serve.background import start_fastapi, stop
 from ..serve.limits import ServerLimits
+from .target import Target, as_target
 
 INPUT_TOKENS, OUTPUT_TOKENS = 32, 16
 SECONDS_PER_RATE = 5.0  # of arrivals at each rate: a backlog past the knee grows that long
@@ -41,9 +42,10 @@ def requests(n: int, tokenizer=None, seed: int = 0):
     return random_requests(n, INPUT_TOKENS, OUTPUT_TOKENS, tokenizer=tokenizer, seed=seed)
 
 
-def measure_alone(url: str, tokenizer=None, n: int = 3) -> Alone:
-    """`n` requests one after another (after a warm-up): medians of TTFT, TPOT, E2E."""
-    s = run_load(url, requests(n, tokenizer, seed=99), rate=math.inf, max_concurrency=1).summary
+def measure_alone(server: Target | str, tokenizer=None, n: int = 3) -> Alone:
+    """`n` requests one after another (after a warm-up): medians of TTFT, TPOT, E2E. ``server``: a
+    ``Target`` (ours or a shared one) or our server's URL."""
+    s = as_target(server).load(requests(n, tokenizer, seed=99), rate=math.inf, max_concurrency=1).summary
     return Alone(s["median_ttft_ms"], s["median_tpot_ms"], s["median_e2el_ms"])
 
 
@@ -52,12 +54,13 @@ def slo_from(alone: Alone, factor: float = 4.0) -> dict:
     return {"ttft": round(factor * alone.ttft_ms, 1), "e2el": round(factor * alone.e2el_ms, 1)}
 
 
-def knee(url: str, alone: Alone, slo: dict, tokenizer=None, concurrency: int = 16,
+def knee(server: Target | str, alone: Alone, slo: dict, tokenizer=None, concurrency: int = 16,
          seconds: float = SECONDS_PER_RATE) -> SweepResult:
     """The capacity (a closed loop of `concurrency`, the batch limit), then Poisson arrivals at fractions
     of it, rising, until the server falls behind (`measure.sweep`)."""
-    return sweep(url, lambda n: requests(n, tokenizer), concurrency=concurrency, seconds=seconds, min_requests=12,
-                 one_request_ms=alone.e2el_ms, slo=slo, warmup=1)
+    server = as_target(server)
+    return sweep(server.url, lambda n: requests(n, tokenizer), concurrency=concurrency, seconds=seconds,
+                 min_requests=12, one_request_ms=alone.e2el_ms, slo=slo, warmup=1, protocol=server.protocol)
 
 
 def sweep_table(result: SweepResult) -> str:

@@ -74,8 +74,8 @@ claim(f"the prefill of {completion.finish.usage['prompt_tokens']} prompt tokens 
 lab.plot_engine_steps(completion)
 
 # %% [markdown]
-# The decode steps are about the same size (a busy machine adds spikes): each one reads all 135M weights
-# once, whatever the token. The first token comes out of the prefill, every later one out of a step:
+# Each decode step reads all 135M weights once, whatever the token, so the steps are alike by design; the
+# spikes are moments when other programs took the CPU. The first token comes out of the prefill, every later one out of a step:
 # whoever waits for the complete answer waits for the sum of all these bars.
 #
 # ## 2. The same engine behind Flask
@@ -157,7 +157,8 @@ claim(f"the second user waited for the first user's answer, then for their own: 
 # ## Summary
 #
 # - The engine produces tokens one by one: a prefill over the whole prompt, then one decode step per
-#   token, each far cheaper than the prefill.
+#   token (section 1's claim printed what each cost here; the medians printed in the setup, in section 1
+#   and behind Flask are separate runs, on different threads, so they need not agree to the millisecond).
 # - A blocking server sends nothing until the last token: **TTFT = E2E**, the prefill and every step
 #   summed (exercise 1 writes it down), and all ITLs are 0. The user stares at nothing for the whole generation.
 # - While it generates, a one-request-at-a-time server answers nothing: `/health` and a second user wait

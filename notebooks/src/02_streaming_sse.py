@@ -23,13 +23,19 @@
 # Two servers in background threads of this process, on the same engine: the FastAPI app (streaming,
 # its engine on a dedicated engine thread) and the Flask baseline from notebook 1. The demos' length
 # comes from the engine's speed, measured first.
+#
+# A class that shares one server (vLLM or SGLang on a GPU box) sets `LABSERVER_URL` to its address
+# before starting Jupyter: `target` then returns that server, with the model it lists at `/v1/models`,
+# and the experiments measure it through `/v1/completions`; the parts that need labserver's own engine
+# (its `step_ms`, its prefill time) print one line saying they were skipped. Unset, `target` returns the
+# FastAPI server started here.
 
 # %% tags=["nbval-ignore-output"]
 from labserver.lab.setup import load_engine
 from labserver.lab import checks, streaming as lab
 from labserver.lab.claims import claim, ratio
+from labserver.lab.target import ours, target
 from labserver.measure import plotting
-from labserver.measure.client import blocking_generate, stream_generate
 from labserver.measure.stats import summarize
 from labserver.serve.background import start_fastapi, start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
@@ -37,8 +43,10 @@ from labserver.lab.memory import stop_all  # stops the servers, then prints the 
 engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 speed = lab.measure_speed(engine)
 PROMPT, MAX_TOKENS, RUNS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms), 3
-fastapi, flask = start_fastapi(engine), start_flask(engine)
-print(f"{speed}; the demos generate {MAX_TOKENS} tokens\n{fastapi}\n{flask}")
+fastapi, flask = start_fastapi(engine), start_flask(engine)  # the exercises use fastapi in any case
+server = target(fastapi)  # LABSERVER_URL's server if it is set
+blocking = server if server.external else ours(flask)  # there: the same server asked with stream=false
+print(f"{speed}; the demos generate {MAX_TOKENS} tokens\n{server}\n{flask}")
 
 # %% [markdown]
 # **Setup ends here.** Every cell below runs an experiment.
@@ -54,10 +62,11 @@ print(f"{speed}; the demos generate {MAX_TOKENS} tokens\n{fastapi}\n{flask}")
 # ```
 
 # %% tags=["nbval-ignore-output"]
-lines = lab.raw_sse(fastapi.url, PROMPT, max_tokens=6)
-spread, stepped = lab.raw_spread(lines)
-claim(f"the tokens left one at a time: the last arrived {spread:.0f} ms after the first, and the server "
-      f"computed for {stepped:.0f} ms between them", spread >= 0.5 * stepped);
+lines = lab.raw_sse(server, PROMPT, max_tokens=6)
+if server.has_engine("the server's step_ms between the tokens"):
+    spread, stepped = lab.raw_spread(lines)
+    claim(f"the tokens left one at a time: the last arrived {spread:.0f} ms after the first, and the server "
+          f"computed for {stepped:.0f} ms between them", spread >= 0.5 * stepped);
 
 # %% [markdown]
 # Read it line by line:
@@ -67,21 +76,23 @@ claim(f"the tokens left one at a time: the last arrived {spread:.0f} ms after th
 #   token: `token` (the text it adds), `token_id`, `index` and `step_ms` (the server's compute time for
 #   it). The first one also carries `prefill_time_ms`.
 # - After the last token, a summary event (`finish_reason`, `usage`, `timings`), then `data: [DONE]`.
-# - The arrival times grow by about one decode step per token. (The claim allows the first token to be
+# - The arrival times step by the server's decode steps: the claim above puts the spread of the token
+#   lines next to the `step_ms` the server reported between them. (The claim allows the first token to be
 #   late by up to half the computing time between first and last: a busy machine delays some lines.)
+# - A shared server (`LABSERVER_URL`) speaks OpenAI's format instead: each `data:` is a chunk whose
+#   `choices[0].text` holds the new text, with no `step_ms`; the last chunk carries `usage`.
 #
 # Concatenating the `token` fields gives the text; never decode each token id alone (a character can be
 # split over two tokens, and a space may depend on the next token).
 #
 # ## 2. The parsed stream: a `Trace`
 #
-# `stream_generate` parses the same stream (with `httpx-sse`) and records a `Trace`. `on_token` runs as
+# `server.stream` (`measure.client.stream_generate`) parses the same stream (with `httpx-sse`) and records a `Trace`. `on_token` runs as
 # each token arrives, so the text appears here piece by piece.
 
 # %% tags=["nbval-ignore-output"]
-stream_generate(fastapi.url, PROMPT, 2, temperature=0)  # warm-up
-trace = stream_generate(fastapi.url, PROMPT, MAX_TOKENS, temperature=0,
-                        on_token=lambda text: print(text, end="", flush=True))
+server.stream(PROMPT, 2)  # warm-up
+trace = server.stream(PROMPT, MAX_TOKENS, on_token=lambda text: print(text, end="", flush=True))
 print(f"\n\nTTFT {trace.ttft_ms:.0f} ms   TPOT {trace.tpot_ms:.1f} ms   E2E {trace.e2e_ms:.0f} ms")
 print("first gaps (ITL, ms):", [round(g, 1) for g in trace.itl_ms[:8]])
 
@@ -91,8 +102,8 @@ print("first gaps (ITL, ms):", [round(g, 1) for g in trace.itl_ms[:8]])
 # - **TTFT**: first token event received − request sent. About one prefill now, not the whole answer.
 # - **ITL**: the gap before each later token. **TPOT** (time per output token) = (E2E − TTFT) / (n − 1),
 #   the mean ITL.
-# - **E2E**: last token received − request sent. About the same as the blocking server's TTFT: the total
-#   work did not change, only when the user sees it.
+# - **E2E**: last token received − request sent. The total work did not change, only when the user sees
+#   it: section 4 compares the E2E with the blocking server's.
 #
 # ## 3. What streaming costs per token
 #
@@ -106,11 +117,12 @@ plotting.plot_token_timeline(trace)
 # %% tags=["nbval-ignore-output"]
 s = summarize([trace])
 itl, step = s["p50_itl_ms"], s["p50_step_ms"]
-claim(f"the client's first token came after the server's prefill: TTFT {trace.ttft_ms:.1f} ms, prefill "
-      f"{trace.prefill_time_ms:.1f} ms", trace.ttft_ms >= trace.prefill_time_ms)
-# Within half a step (and 1 ms for the clock): framing and sending a token is small next to computing it.
-claim(f"the client's gaps follow the server's steps: ITL p50 {itl:.2f} ms, step p50 {step:.2f} ms "
-      f"(ratio {itl / step:.3f})", abs(itl - step) <= 0.5 * step + 1.0);
+if server.has_engine("the client's times against the server's prefill_time_ms and step_ms"):
+    claim(f"the client's first token came after the server's prefill: TTFT {trace.ttft_ms:.1f} ms, prefill "
+          f"{trace.prefill_time_ms:.1f} ms", trace.ttft_ms >= trace.prefill_time_ms)
+    # Within half a step (and 1 ms for the clock): framing and sending a token is small next to computing it.
+    claim(f"the client's gaps follow the server's steps: ITL p50 {itl:.2f} ms, step p50 {step:.2f} ms "
+          f"(ratio {itl / step:.3f})", abs(itl - step) <= 0.5 * step + 1.0);
 
 # %% [markdown]
 # Framing a token as SSE and sending it takes a fraction of a millisecond; how large a fraction of a
@@ -122,11 +134,12 @@ claim(f"the client's gaps follow the server's steps: ITL p50 {itl:.2f} ms, step 
 #
 # The same prompt and length, greedy, `RUNS` times each, one server after the other. Flask is warmed up
 # first, so that both servers are measured with the same threads of this process running the model.
+# (A shared server is asked both ways: streamed, and with `"stream": false`.)
 
 # %% tags=["nbval-ignore-output"]
-blocking_generate(flask.url, PROMPT, 2, temperature=0)  # warm-up
-streamed = [stream_generate(fastapi.url, PROMPT, MAX_TOKENS, temperature=0) for _ in range(RUNS)]
-blocked = [blocking_generate(flask.url, PROMPT, MAX_TOKENS, temperature=0) for _ in range(RUNS)]
+blocking.blocking(PROMPT, 2)  # warm-up
+streamed = [server.stream(PROMPT, MAX_TOKENS) for _ in range(RUNS)]
+blocked = [blocking.blocking(PROMPT, MAX_TOKENS) for _ in range(RUNS)]
 print("same text from both servers:", streamed[0].text == blocked[0].text)  # one engine, greedy
 print(lab.compare_table({"FastAPI streaming": streamed, "Flask blocking": blocked}))
 
@@ -145,7 +158,7 @@ plotting.plot_arrivals({"FastAPI streaming": streamed[0], "Flask blocking": bloc
 
 # %% tags=["nbval-ignore-output"]
 st, bl = summarize(streamed), summarize(blocked)
-predicted = 1 + (MAX_TOKENS - 1) * bl["p50_step_ms"] / bl["p50_prefill_ms"]
+predicted = lab.predicted_gain(streamed, blocked, MAX_TOKENS)  # a shared server: from the client's times
 gain = bl["p50_ttft_ms"] / st["p50_ttft_ms"]
 claim(f"streaming showed the first token {gain:.1f}x sooner ({st['p50_ttft_ms']:.0f} against "
       f"{bl['p50_ttft_ms']:.0f} ms); the formula predicts {predicted:.1f}x from this run's prefill and step",
@@ -168,7 +181,8 @@ claim(f"the whole answer took about as long either way: E2E {st['p50_e2e_ms']:.0
 #   **TTFT ≈ prefill**, and each later token arrives one decode step after the previous one
 #   (ITL ≈ `step_ms`).
 # - Sending each token costs little next to computing it: client gaps and server steps agree closely.
-# - The total time does not change: streaming makes the wait *visible*, not shorter.
+# - The total work does not change (section 4's second claim compares the E2E of both): streaming makes
+#   the wait *visible*.
 #
 # ## Exercises
 #

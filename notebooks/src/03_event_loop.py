@@ -97,7 +97,9 @@ lab.plot_runs(runs)
 #
 # The "step p50" column differs between the variants too. How fast a step runs depends on which thread
 # runs it and on how many threads of the process have run the model: the optional appendix notebook
-# (`09_appendix_cpu`) measures that. This notebook is about the event loop.
+# (`09_appendix_cpu`) measures that. E2E follows the steps: whichever variant's steps ran slowest on this
+# run has the longest E2E, the engine thread this server uses included, and which one that is may change
+# from CPU to CPU and from run to run. This notebook is about the event loop, whose measure is `/health`.
 #
 # ## 2. A closer look at the event loop: a heartbeat
 #
@@ -124,10 +126,10 @@ claim(f"on the loop the heartbeat stopped for {max(on_loop):.0f} ms, as long as 
 
 # %% [markdown]
 # Called on the loop, the generation stops the heartbeat for its whole duration: no other coroutine
-# (no other request, no `/health`) runs meanwhile. In a thread the heartbeat keeps going. Its gaps are
-# not all 5 ms: both threads share the interpreter's lock (the GIL), and the engine's Python code
-# (sampling, detokenizing; the default model's forward itself runs in C and lets go of it) holds it now
-# and then. That costs milliseconds, not whole generations.
+# (no other request, no `/health`) runs meanwhile. In a thread the heartbeat keeps going. If its gaps are
+# not all 5 ms, it is because both threads share the interpreter's lock (the GIL), and the engine's Python
+# code (sampling, detokenizing; the default model's forward itself runs in C and lets go of it) holds it
+# now and then: the claim above compares its longest gap with the whole generation.
 #
 # ## 3. Trap 1: the first version's loop never ends
 #
@@ -193,6 +195,7 @@ claim("with every step on one thread, no step recorded a graph",
       all(row.get("inference_mode") and not row.get("graph_recorded") for row in steady));
 
 # %% [markdown]
+# <!-- mechanism -->
 # This engine avoids the trap twice: each phase (`prefill`, `decode_one_token`) enters
 # `inference_mode` itself, and all its steps run on one thread anyway.
 #
@@ -208,7 +211,8 @@ claim("with every step on one thread, no step recorded a graph",
 # ## Summary
 #
 # - The event loop runs everything else only while the current coroutine `await`s. Model steps never
-#   await: called on the loop, they stall every other request for a step at a time.
+#   await: called on the loop, they stall every other request while they run: step by step when the
+#   loop gets a turn between two steps, for the whole generation when it gets none.
 # - Flask stalls `/health` for a whole generation; the naive async variant holds it whenever a step runs
 #   on the loop (how long on your run: its table above); the executor and the engine thread keep the loop
 #   free.

@@ -29,6 +29,10 @@
 #
 # The length of the answers and how often `/health` is probed come from this machine's prefill and step
 # times, measured first: enough decode steps that decoding is not hidden behind the prefills.
+#
+# With `LABSERVER_URL` set (a shared vLLM or SGLang server, see notebook 2), section 2 and the table
+# measure that server instead of the batched one started here; taking turns, the batch sizes of the
+# steps and section 4 need labserver's own engine and print one line saying they were skipped.
 
 # %% tags=["nbval-ignore-output"]
 import math
@@ -36,6 +40,7 @@ import math
 from labserver.lab.setup import load_engine
 from labserver.lab import checks, concurrency as lab
 from labserver.lab.claims import claim
+from labserver.lab.target import has_engine, target
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
@@ -55,10 +60,12 @@ print(f"{engine.runner.name}, {engine.config.max_batch} cache slots; prefill {pr
 # For each N: N greedy streams sent together to the `"thread"` server, while `/health` is probed.
 
 # %% tags=["nbval-ignore-output"]
-thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
-turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
-stop("fastapi-thread")  # its engine thread ends with it
-lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine thread")
+turns = []
+if has_engine("taking turns is a scheduler of labserver's engine"):
+    thread = start_fastapi(engine, backend="thread", name="fastapi-thread")
+    turns = lab.sweep(thread.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
+    stop("fastapi-thread")  # its engine thread ends with it
+lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine thread") if turns else None
 
 # %% [markdown]
 # Four staircases climbing together, each with a quarter of the slope of one stream alone: the engine
@@ -67,14 +74,15 @@ lab.plot_streams(turns[NS.index(4)], "4 streams taking turns on one engine threa
 # prefills of requests that arrive together run one after another.
 
 # %% tags=["nbval-ignore-output"]
-last = turns[-1]
-claim(f"taking turns, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
-      f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms), within 0.6-1.6x of N",
-      0.6 * last.n <= last.itl_p50_ms / last.step_p50_ms <= 1.6 * last.n)
-ttft_max, prefill = max(t.ttft_ms for t in last.traces), min(t.prefill_time_ms for t in last.traces)
-claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill:.1f} times one prefill "
-      f"({ttft_max:.0f} ms against {prefill:.0f} ms): it waited for the prefills before it",
-      ttft_max >= last.n / 2 * prefill);
+if turns:  # empty when LABSERVER_URL is set
+    last = turns[-1]
+    claim(f"taking turns, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
+          f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms), within 0.6-1.6x of N",
+          0.6 * last.n <= last.itl_p50_ms / last.step_p50_ms <= 1.6 * last.n)
+    ttft_max, prefill = max(t.ttft_ms for t in last.traces), min(t.prefill_time_ms for t in last.traces)
+    claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill:.1f} times one prefill "
+          f"({ttft_max:.0f} ms against {prefill:.0f} ms): it waited for the prefills before it",
+          ttft_max >= last.n / 2 * prefill);
 
 # %% [markdown]
 # ## 2. The same N streams, batched
@@ -87,15 +95,16 @@ claim(f"taking turns, the last of {last.n} first tokens took {ttft_max / prefill
 # waits for a batch to fill or drain: *continuous* batching, as in vLLM, SGLang and nano-vllm.
 
 # %% tags=["nbval-ignore-output"]
-batched = start_fastapi(engine, backend="batched", name="fastapi-batched")
-together = lab.sweep(batched.url, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
+server = target(lambda: start_fastapi(engine, backend="batched", name="fastapi-batched"))  # or LABSERVER_URL's
+print(server)
+together = lab.sweep(server, NS, MAX_TOKENS, PROMPT, interval_ms=PROBE_MS)
 stop("fastapi-batched")
 lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 
 # %% [markdown]
 # The staircases now climb together, one token each per batched step. Every event of the batched server
 # says what its step did (`"batch": 4` next to `step_ms`), so the per-token times stay honest: this is the
-# time of one forward for four sequences, longer than a step of one.
+# time of one forward for four sequences (section 4 times such a step against a step of one).
 #
 # Which batch sizes B did the steps carry? Prompts that arrive together join in *prefill groups*: in
 # arrival order, as much as fits the budget of tokens per forward after the running streams' tokens, and
@@ -104,33 +113,35 @@ lab.plot_streams(together[NS.index(4)], "4 streams batched into one step")
 # Did the newcomers join a batch already running, or wait for it to drain (a static batch would)?
 
 # %% tags=["nbval-ignore-output"]
-budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
-for load in together:
-    print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
-          f"decode steps carried B = {sorted(lab.step_ms_by_batch([load]))}")
-groups, last_first, first_last = lab.prefill_groups(together[-1]), *lab.joined_while_running(together[-1])
-claim(f"the {together[-1].n} prompts ({prompt_tokens} tokens each; a budget of {budget} tokens a forward) joined "
-      f"in forwards of {groups} sequences while the others decoded: the last first token came {last_first:.0f} ms after the "
-      f"request was sent, before any stream had its last token ({first_last:.0f} ms)",
-      last_first < first_last)
-last = together[-1]
-claim(f"batched, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
-      f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): one step carries them all",
-      last.itl_p50_ms / last.step_p50_ms < 1.6);
+if server.has_engine("the batch sizes and step_ms that labserver's events report"):
+    budget, prompt_tokens = lab.prefill_budget(), together[-1].traces[0].usage["prompt_tokens"]
+    for load in together:
+        print(f"N={load.n}: prefill groups (prompts, ms) {[(k, round(ms)) for k, ms in lab.prefill_forwards(load)]}; "
+              f"decode steps carried B = {sorted(lab.step_ms_by_batch([load]))}")
+    groups, last_first, first_last = lab.prefill_groups(together[-1]), *lab.joined_while_running(together[-1])
+    claim(f"the {together[-1].n} prompts ({prompt_tokens} tokens each; a budget of {budget} tokens a forward) joined "
+          f"in forwards of {groups} sequences while the others decoded: the last first token came {last_first:.0f} ms after the "
+          f"request was sent, before any stream had its last token ({first_last:.0f} ms)",
+          last_first < first_last)
+    last = together[-1]
+    claim(f"batched, a stream's gap at N={last.n} is {last.itl_p50_ms / last.step_p50_ms:.1f} server steps "
+          f"(ITL p50 {last.itl_p50_ms:.1f} ms, step p50 {last.step_p50_ms:.1f} ms): one step carries them all",
+          last.itl_p50_ms / last.step_p50_ms < 1.6);
 
 # %% [markdown]
 # ## 3. TTFT, ITL, throughput and `/health` against N
 
 # %% tags=["nbval-ignore-output"]
-print("taking turns"); print(lab.sweep_table(turns))
-print("\nbatched"); print(lab.sweep_table(together))
+sweeps = {"taking turns": turns, "batched" if not server.external else "the shared server": together}
+for label, loads in sweeps.items():
+    print(label); print(lab.sweep_table(loads) if loads else "(skipped)\n")
 health = max(lab.health_p50_ms(load) for load in turns + together)
-e2e = min(lab.e2e_p50_ms(turns[-1]), lab.e2e_p50_ms(together[-1]))
-claim(f"/health answered in {health:.1f} ms (p50) or less at every N on both servers, while a stream at "
-      f"N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10);
+e2e = min(lab.e2e_p50_ms(loads[-1]) for loads in sweeps.values() if loads)
+claim(f"/health answered in {health:.1f} ms (p50) or less at every N on every server measured, while a stream "
+      f"at N=8 took {e2e:.0f} ms: the event loop only moves bytes", health < e2e / 10);
 
 # %% tags=["nbval-ignore-output"]
-lab.plot_sweep({"taking turns": turns, "batched": together})
+lab.plot_sweep({label: loads for label, loads in sweeps.items() if loads})
 
 # %% [markdown]
 # - **ITL**, taking turns, grows with N: between two tokens of one stream the engine runs one step for
@@ -146,8 +157,8 @@ lab.plot_sweep({"taking turns": turns, "batched": together})
 #   prompts share one forward, and everyone in the group gets the first token only when it ends. Compare
 #   a group's forward with one prompt's (N=1) in section 2's output: a prompt of this length already gives
 #   a CPU plenty of arithmetic for each weight it reads, so on many CPUs a group costs not much less than
-#   its prompts one by one. Then the batched median TTFT can be higher than taking turns, while the worst
-#   one is about the same. (Splitting prompts into chunks that ride along with the decode steps, as vLLM
+#   its prompts one by one. Then the batched median TTFT can be higher than taking turns; compare the
+#   worst ones in the table. (Splitting prompts into chunks that ride along with the decode steps, as vLLM
 #   does, is the next refinement.)
 # - **`/health`** stays in milliseconds at every N. Its odd spike comes from the shared GIL: the engine's
 #   Python code, the server and this notebook's client and probe all run in one process here.
@@ -164,6 +175,7 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
       f"{steps[1]:.1f} ms ({steps[8] / steps[1]:.1f} steps of one)", steps[8] < 8 * steps[1]);
 
 # %% [markdown]
+# <!-- mechanism -->
 # A decode step reads all of the model's weights and does a little arithmetic with each of them, per
 # sequence. With B sequences the weights are read once for all of them; only the arithmetic, and the
 # attention over each sequence's own KV cache, grow with B. So the "step vs B=1" column stays below B.
@@ -183,8 +195,8 @@ claim(f"a decode step of 8 sequences costs less than 8 steps of one: {steps[8]:.
 #
 # ## Summary
 #
-# - N streams on an engine thread that takes turns: a stream's gap grows with N (exercise 3: by how
-#   much), the last first token waits for the prefills before it, and the streams share one token a step.
+# - N streams on an engine thread that takes turns: a stream's gap is about N steps (section 1's claim;
+#   exercise 3 predicts it), the last first token waits for the prefills before it, and the streams share one token a step.
 # - Continuous batching runs one step for all running sequences; a stream's gap is one step of B, which
 #   costs less than B steps of one, so the server can deliver more tokens per second in total (how many
 #   more depends on your CPU and on how much time goes to prefills).

@@ -26,6 +26,10 @@
 # llama.cpp's server by URL (`python -m labserver load --url ...` on the command line). Prompts are made of
 # the model's own tokens, so that a prompt of 32 tokens is 32 tokens on the server; `ignore_eos` makes
 # every answer exactly its asked length (16 tokens), as benchmarks do.
+#
+# With `LABSERVER_URL` set (a shared vLLM or SGLang server, see notebook 2) sections 1 to 3 measure that
+# server, whose capacity is its own; section 4 compares two settings of labserver's own server and prints
+# one line saying it was skipped.
 
 # %% tags=["nbval-ignore-output"]
 import math
@@ -33,13 +37,14 @@ import math
 from labserver.lab.setup import load_engine
 from labserver.lab import checks, load as lab
 from labserver.lab.claims import claim, ratio
+from labserver.lab.target import has_engine, target
 from labserver.measure.arrivals import arrival_times
 from labserver.serve.background import start_fastapi
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
 engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
 tokenizer = engine.tokenizer
-server = start_fastapi(engine, backend="batched", name="fastapi-load")
+server = target(lambda: start_fastapi(engine, backend="batched", name="fastapi-load"))  # or LABSERVER_URL's
 print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS, "tokens")
 
 # %% [markdown]
@@ -51,13 +56,14 @@ print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS,
 # a slow machine. A server that served one request at a time would sustain 1 / E2E requests per second.
 
 # %% tags=["nbval-ignore-output"]
-alone = lab.measure_alone(server.url, tokenizer)
+alone = lab.measure_alone(server, tokenizer)
 print(f"alone: TTFT {alone.ttft_ms:.0f} ms, TPOT (the decode step, as the client sees it) "
       f"{alone.tpot_ms:.1f} ms, E2E {alone.e2el_ms:.0f} ms -> 1 / E2E = {alone.rate:.2f} requests/s")
 
 # %% [markdown]
 # ## 2. Arrivals at a rate
 #
+# <!-- mechanism -->
 # At rate λ, a Poisson process sends each next request after a gap drawn from an exponential distribution
 # of mean 1/λ: most gaps are short, a few long, so requests come in small clumps. `vllm bench serve
 # --burstiness B` draws the gaps from a gamma distribution instead: B = 1 is Poisson, B < 1 burstier,
@@ -76,6 +82,7 @@ for burstiness in (0.25, 1.0, math.inf):
 #
 # ## 3. The knee
 #
+# <!-- mechanism -->
 # First the **capacity**: a closed loop that keeps as many requests in flight as the batch holds (16),
 # each replaced as soon as it ends, measures the most requests per second this server completes. An open
 # loop cannot complete more. The sweep then sends Poisson arrivals at fractions of that capacity, from a
@@ -90,7 +97,7 @@ for burstiness in (0.25, 1.0, math.inf):
 
 # %% tags=["nbval-ignore-output"]
 slo = lab.slo_from(alone)
-knee = lab.knee(server.url, alone, slo, tokenizer, concurrency=engine.config.max_batch)
+knee = lab.knee(server, alone, slo, tokenizer, concurrency=engine.config.max_batch)
 print(f"capacity (closed loop of {engine.config.max_batch}): {knee.capacity:.2f} requests/s;  SLO: {slo}")
 print(lab.sweep_table(knee))
 lab.plot_knee(knee)
@@ -131,9 +138,11 @@ print(f"goodput peaked at {best:.2f} requests/s, " + ("the knee" if best == knee
 # The same burst at the over-saturating rate, against both:
 
 # %% tags=["nbval-ignore-output"]
-burst = lab.backpressure(engine, knee.rates[-1], limit=4, tokenizer=tokenizer)  # the over-saturating rate
-print(lab.backpressure_table(burst))
-lab.plot_timelines(burst)
+burst = None
+if has_engine("a limit of labserver's own server against its unbounded queue"):
+    burst = lab.backpressure(engine, knee.rates[-1], limit=4, tokenizer=tokenizer)  # the over-saturating rate
+    print(lab.backpressure_table(burst))
+lab.plot_timelines(burst) if burst else None
 
 # %% [markdown]
 # Grey is waiting (arrival to first token), blue is streaming, red ticks are requests refused with a 429.
@@ -142,11 +151,12 @@ lab.plot_timelines(burst)
 # earlier ones: their TTFT grows with their place in the queue.
 
 # %% tags=["nbval-ignore-output"]
-limited, unbounded = burst.values()
-claim(f"with a limit of 4 the admitted requests' p99 TTFT is {limited.summary['p99_ttft_ms']:.0f} ms against "
-      f"{unbounded.summary['p99_ttft_ms']:.0f} ms for the unbounded queue, and "
-      f"{limited.summary['failed_429']} requests were refused with a 429",
-      limited.summary["p99_ttft_ms"] < unbounded.summary["p99_ttft_ms"] and limited.summary["failed_429"] > 0);
+if burst:
+    limited, unbounded = burst.values()
+    claim(f"with a limit of 4 the admitted requests' p99 TTFT is {limited.summary['p99_ttft_ms']:.0f} ms against "
+          f"{unbounded.summary['p99_ttft_ms']:.0f} ms for the unbounded queue, and "
+          f"{limited.summary['failed_429']} requests were refused with a 429",
+          limited.summary["p99_ttft_ms"] < unbounded.summary["p99_ttft_ms"] and limited.summary["failed_429"] > 0);
 
 # %% [markdown]
 # Neither is free: the 429s are users turned away (or retrying), the queue is users waiting longer than

@@ -139,8 +139,9 @@ lab.plot_isolation({**{(k, "quiet"): r for k, r in quiet.items()}, **{(k, "loade
 #   thread they also share the GIL: the model's C code runs without it, but the Python around every step
 #   (sampling, the scheduler, detokenizing, handing events to the loop) needs it back, and a thread that
 #   wants the GIL from one that runs Python without pause waits up to 5 ms for it
-#   (`sys.getswitchinterval()`), several times a step. The engine process has a GIL of its own. So the
-#   engine thread's steps usually stretch more under the same load than the engine process's. On a
+#   (`sys.getswitchinterval()`), which can happen several times a step. The engine process has a GIL of its own. Do the
+#   engine thread's steps then stretch further under the same load than the engine process's? The GIL
+#   says they should. On a
 #   machine shared with other busy programs (a hub, a laptop compiling something) the steps of both vary
 #   a lot from run to run, and one run can show the opposite: compare the quiet rows first, and run the
 #   cell again before you conclude. The client's gaps (ITL) carry the API process's delays too, whatever
@@ -148,6 +149,7 @@ lab.plot_isolation({**{(k, "quiet"): r for k, r in quiet.items()}, **{(k, "loade
 #
 # ## 4. When the engine dies
 #
+# <!-- mechanism -->
 # Two long streams run on each server; after a few tokens the engine dies. On the engine thread a fault
 # is injected into its loop (its scheduler raises: a bug, not one failed request). The engine process is
 # killed with `kill -9`, as the kernel's out-of-memory killer would. Meanwhile `/health` is asked every

@@ -29,6 +29,11 @@
 # forward (`max_num_batched_tokens`). Sections 2 and 3 compare it with engines on the same weights that
 # differ in one setting each. The demos size themselves from two measurements made first: a decode step,
 # and one forward of 256 new prompt tokens (what a prompt costs per token here).
+#
+# With `LABSERVER_URL` set (a shared vLLM or SGLang server, see notebook 2), section 2 sends its requests
+# to that server and compares its first request with the later ones (most such servers keep a prefix
+# cache; llama-server keeps each slot's last prompt); sections 1 and 3 measure labserver's own KV pool
+# and its scheduler, and print one line saying they were skipped.
 
 # %% tags=["nbval-ignore-output"]
 import dataclasses
@@ -38,6 +43,7 @@ from labserver import Engine
 from labserver.lab.setup import load_engine
 from labserver.lab import checks, kv_cache as lab
 from labserver.lab.claims import claim, ratio
+from labserver.lab.target import has_engine, target
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
@@ -64,11 +70,13 @@ print(f"{shape.num_hidden_layers} layers x 2 (K and V) x {shape.num_key_value_he
       f"= {per_token:,} bytes a token (the server's pool: {engine.runner.lean.cache.bytes_per_token:,})")
 
 # %% [markdown]
+# <!-- mechanism -->
 # Until this version the server kept one *slot* per sequence, and all its slots shared one position axis
 # that grew with the longest sequence: one long request made every slot that long. A server that sets
 # its slots up front must size each for the longest request it accepts. Both hold `max_batch` times the
 # K/V of a request that long, whoever uses them.
 #
+# <!-- mechanism -->
 # Now the K/V live in a pool of blocks of 16 tokens. A sequence's *block table* lists its blocks: token
 # `p` is in block `table[p // 16]` at slot `p % 16`, so blocks need not be adjacent, and a sequence takes
 # blocks as its tokens need them: its prompt's when it is admitted, one more whenever its answer crosses
@@ -78,15 +86,18 @@ print(f"{shape.num_hidden_layers} layers x 2 (K and V) x {shape.num_key_value_he
 # in chunks on this thread, with the process's resident memory (RSS) read before and after.
 
 # %% tags=["nbval-ignore-output"]
-mem = lab.memory_of_long_request(engine, sizes.long_tokens, CHUNK, per_token)
-print(lab.memory_table(mem))
-print("\nengine.kv_report() while it held its blocks:", mem.kv)
+mem = None
+if has_engine("the memory of labserver's KV pool"):
+    mem = lab.memory_of_long_request(engine, sizes.long_tokens, CHUNK, per_token)
+    print(lab.memory_table(mem))
+    print("\nengine.kv_report() while it held its blocks:", mem.kv)
 
 # %% tags=["nbval-ignore-output"]
-growth, own, noise = mem.rss_growth, mem.own_kv, mem.rss_noise
-claim(f"one request of {mem.tokens} tokens grew this process by {growth / lab.MB:.1f} MiB, {growth / own:.2f}x its "
-      f"own K/V ({own / lab.MB:.1f} MiB), within 1.5x of it and the noise ({noise / lab.MB:.2f} MiB); slots "
-      f"grown to it would hold {mem.max_batch * own / lab.MB:.0f} MiB", growth <= 1.5 * own + noise);
+if mem:
+    growth, own, noise = mem.rss_growth, mem.own_kv, mem.rss_noise
+    claim(f"one request of {mem.tokens} tokens grew this process by {growth / lab.MB:.1f} MiB, {growth / own:.2f}x its "
+          f"own K/V ({own / lab.MB:.1f} MiB), within 1.5x of it and the noise ({noise / lab.MB:.2f} MiB); slots "
+          f"grown to it would hold {mem.max_batch * own / lab.MB:.0f} MiB", growth <= 1.5 * own + noise);
 
 # %% [markdown]
 # Besides its K/V a request may leave behind buffers whose size follows its length (attention over a
@@ -112,13 +123,16 @@ claim(f"one request of {mem.tokens} tokens grew this process by {growth / lab.MB
 # prompt tokens were found cached (`usage.prompt_tokens_details.cached_tokens`).
 
 # %% tags=["nbval-ignore-output"]
-no_prefix = Engine(engine.source, engine.tokenizer, dataclasses.replace(engine.config, prefix_caching=False))
 system = lab.system_prompt(engine.tokenizer, sizes.system_tokens)
 runs = {}
-for label, served in (("prefix caching", engine), ("none", no_prefix)):
-    server = start_fastapi(served, name="kv-prefix")
-    runs[label] = lab.prefix_demo(server.url, system, sizes.answer_tokens)
-    stop("kv-prefix")
+if has_engine("the same engine without prefix caching, to compare with"):
+    no_prefix = Engine(engine.source, engine.tokenizer, dataclasses.replace(engine.config, prefix_caching=False))
+    for label, served in (("prefix caching", engine), ("none", no_prefix)):
+        server = start_fastapi(served, name="kv-prefix")
+        runs[label] = lab.prefix_demo(server.url, system, sizes.answer_tokens)
+        stop("kv-prefix")
+else:
+    runs["the shared server"] = lab.prefix_demo(target(), system, sizes.answer_tokens)
 print(lab.prefix_table(runs, "shared"), "\n")
 print(lab.prefix_table(runs, "chat"))
 lab.plot_prefix(runs)
@@ -132,18 +146,26 @@ lab.plot_prefix(runs)
 # do the same work, so their spread without the cache shows how much TTFT moves by itself here.
 
 # %% tags=["nbval-ignore-output"]
-later = {label: [t.ttft_ms for t in run["shared"][1:]] for label, run in runs.items()}
-cached, uncached = later.values()
-spread = max(uncached) - min(uncached)
-hit = runs["prefix caching"]["shared"][-1]
-claim(f"after the first request, a shared system prompt gave a median TTFT of {median(cached):.0f} ms with prefix "
-      f"caching ({lab.cached_tokens(hit)} of {hit.usage['prompt_tokens']} prompt tokens cached) against "
-      f"{median(uncached):.0f} ms without: lower by more than the spread of the uncached ones ({spread:.0f} ms)",
-      median(cached) + spread < median(uncached))
-on, off = (run["chat"][-1] for run in runs.values())
-claim(f"at turn {len(lab.CHAT)} of the chat ({off.usage['prompt_tokens']} prompt tokens) TTFT was {on.ttft_ms:.0f} ms "
-      f"with prefix caching ({lab.cached_tokens(on)} cached) against {off.ttft_ms:.0f} ms without: lower by more "
-      f"than that spread", on.ttft_ms + spread < off.ttft_ms);
+if "none" in runs:  # both of our servers
+    later = {label: [t.ttft_ms for t in run["shared"][1:]] for label, run in runs.items()}
+    cached, uncached = later.values()
+    spread = max(uncached) - min(uncached)
+    hit = runs["prefix caching"]["shared"][-1]
+    claim(f"after the first request, a shared system prompt gave a median TTFT of {median(cached):.0f} ms with prefix "
+          f"caching ({lab.cached_tokens(hit)} of {hit.usage['prompt_tokens']} prompt tokens cached) against "
+          f"{median(uncached):.0f} ms without: lower by more than the spread of the uncached ones ({spread:.0f} ms)",
+          median(cached) + spread < median(uncached))
+    on, off = (run["chat"][-1] for run in runs.values())
+    claim(f"at turn {len(lab.CHAT)} of the chat ({off.usage['prompt_tokens']} prompt tokens) TTFT was {on.ttft_ms:.0f} ms "
+          f"with prefix caching ({lab.cached_tokens(on)} cached) against {off.ttft_ms:.0f} ms without: lower by more "
+          f"than that spread", on.ttft_ms + spread < off.ttft_ms);
+
+# %% tags=["nbval-ignore-output"]
+if "none" not in runs:  # the shared server: its first request computed the system prompt, the later ones?
+    first, later, spread = lab.prefix_reuse(runs["the shared server"]["shared"])
+    claim(f"after the first request ({first:.0f} ms), the shared server answered the same system prompt with a "
+          f"median TTFT of {later:.0f} ms: lower by more than the later ones' spread ({spread:.0f} ms)",
+          later + spread < first)
 
 # %% [markdown]
 # ## 3. The running streams' gaps when a long prompt arrives, with and without chunking
@@ -157,16 +179,17 @@ claim(f"at turn {len(lab.CHAT)} of the chat ({off.usage['prompt_tokens']} prompt
 # (chunks of `max_num_batched_tokens`, printed in the table), and one whose budget takes any prompt the server accepts in one forward.
 
 # %% tags=["nbval-ignore-output"]
-whole = Engine(engine.source, engine.tokenizer,
-               dataclasses.replace(engine.config, max_num_batched_tokens=engine.config.max_prompt_tokens))
 arrivals = {}
-for seed, (label, served) in enumerate(((f"chunks of {CHUNK} tokens", engine), ("whole prompt at once", whole))):
-    server = start_fastapi(served, name="kv-chunks")
-    arrivals[label] = lab.long_prompt_arrives(server.url, engine.tokenizer, sizes.long_tokens, seed,
-                                              sizes.stream_tokens)
-    stop("kv-chunks")
-print(lab.arrival_table(arrivals))
-lab.plot_arrivals(arrivals)
+if has_engine("two settings of labserver's scheduler"):
+    whole = Engine(engine.source, engine.tokenizer,
+                   dataclasses.replace(engine.config, max_num_batched_tokens=engine.config.max_prompt_tokens))
+    for seed, (label, served) in enumerate(((f"chunks of {CHUNK} tokens", engine), ("whole prompt at once", whole))):
+        server = start_fastapi(served, name="kv-chunks")
+        arrivals[label] = lab.long_prompt_arrives(server.url, engine.tokenizer, sizes.long_tokens, seed,
+                                                  sizes.stream_tokens)
+        stop("kv-chunks")
+    print(lab.arrival_table(arrivals))
+lab.plot_arrivals(arrivals) if arrivals else None
 
 # %% [markdown]
 # The grey band runs from sending the long prompt (the black line) to its first token. With the whole
@@ -176,16 +199,18 @@ lab.plot_arrivals(arrivals)
 # chunk's forward.
 
 # %% tags=["nbval-ignore-output"]
-chunked, at_once = arrivals.values()
-noise = max(a.quiet_gap_ms for a in arrivals.values())
-claim(f"in chunks of {CHUNK}, a running stream's longest gap was {chunked.longest_gap_ms:.0f} ms, against "
-      f"{at_once.longest_gap_ms:.0f} ms with the whole prompt at once: less than half of it, with room for the "
-      f"noise ({noise:.0f} ms, the longest gap before the prompt arrived)",
-      chunked.longest_gap_ms + noise < at_once.longest_gap_ms / 2)
-print(f"the long prompt's own TTFT in chunks: {ratio(chunked.long.ttft_ms, at_once.long.ttft_ms)} of its TTFT "
-      f"at once (a forward of {CHUNK} prompt tokens took {sizes.chunk_ms:.0f} ms in the setup)")
+if arrivals:
+    chunked, at_once = arrivals.values()
+    noise = max(a.quiet_gap_ms for a in arrivals.values())
+    claim(f"in chunks of {CHUNK}, a running stream's longest gap was {chunked.longest_gap_ms:.0f} ms, against "
+          f"{at_once.longest_gap_ms:.0f} ms with the whole prompt at once: less than half of it, with room for the "
+          f"noise ({noise:.0f} ms, the longest gap before the prompt arrived)",
+          chunked.longest_gap_ms + noise < at_once.longest_gap_ms / 2)
+    print(f"the long prompt's own TTFT in chunks: {ratio(chunked.long.ttft_ms, at_once.long.ttft_ms)} of its TTFT "
+          f"at once (a forward of {CHUNK} prompt tokens took {sizes.chunk_ms:.0f} ms in the setup)")
 
 # %% [markdown]
+# <!-- mechanism -->
 # What chunking costs the long prompt itself depends on the machine, and the last line says how it came
 # out here. Each chunk's forward reads all the weights again and carries the streams' tokens too, which
 # makes the prompt slower; but a CPU may run a forward of a few hundred tokens more efficiently than one
@@ -194,12 +219,13 @@ print(f"the long prompt's own TTFT in chunks: {ratio(chunked.long.ttft_ms, at_on
 #
 # ## Summary
 #
+# <!-- mechanism -->
 # - One token's K/V is layers × 2 × KV heads × head dim × 4 bytes in float32. A cache of one slot per
 #   sequence holds `max_batch` times the longest request; a pool of blocks holds the blocks in use, so
 #   memory grows with the tokens, not with the slots.
 # - Prefix caching names each full block by its tokens and everything before them; later requests take
 #   the named blocks they find, so a shared system prompt and a chat's history are computed once, and
-#   their TTFT no longer grows with what came before.
+#   section 2's claims compare their TTFT with and without the cache.
 # - A long prompt in one forward stops every running stream for its whole prefill; a budget of tokens per
 #   forward (decode tokens first, then a chunk of the prompt) bounds their gap to one chunk's forward.
 #

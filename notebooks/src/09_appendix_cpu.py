@@ -63,10 +63,11 @@ if "openmp" in (kernels.features() or "") and sys.platform == "linux":
 # so the hundreds of small operations of a step on PyTorch's own path start at once. Once a second
 # thread has run the model there are more OpenMP threads than cores, and libgomp (the OpenMP runtime in
 # PyTorch's Linux CPU wheels) then spins only briefly before putting its workers to sleep (see
-# `GOMP_SPINCOUNT` in its manual): from then on every operation pays to wake them up, in every thread.
+# `GOMP_SPINCOUNT` in its manual): from then on an operation may have to wake them up, in every thread.
 # This lab's C kernel is built around that: a whole decode step is *one* parallel region, so it wakes its
 # team once per step instead of once per operation.
 #
+# <!-- mechanism -->
 # Spinning is fast only while the team has the cores to itself. On a machine where other programs are
 # busy, a spinning thread burns its time slice waiting for a teammate the OS has paused, and sleeping
 # workers can be the faster ones: the same experiment can go either way. That is why the main notebooks
@@ -122,6 +123,7 @@ claim(f"the hand dequantization of block 0 of {tensor.name} equals gguf's: large
 # %% [markdown]
 # ## 3. Vector width, and why a batched step is cheap
 #
+# <!-- mechanism -->
 # A decode step multiplies one row of activations by every weight matrix. For each weight it reads half
 # a byte and does one multiply-add: far more bytes than arithmetic per second, so one row's product runs
 # at the speed of memory. The kernels unpack the nibbles and do the multiply-adds in float32, as many per
@@ -161,7 +163,10 @@ print_table([{"rows": b, "ms": ms, "x one row": ms / cost[1], "weights read GB/s
 # the rows, the float32 multiply-adds take longer than the reading: with narrow registers that happens
 # early, with wide ones late, and on a machine whose other programs keep the caches and cores busy the
 # column can move from one run to the next (run the cell again). That is why no sentence here claims a
-# number for it. Rounding the activations to 8 bits (`EngineConfig(quant="w4a8")`, what llama.cpp does
+# number for it.
+#
+# <!-- mechanism -->
+# Rounding the activations to 8 bits (`EngineConfig(quant="w4a8")`, what llama.cpp does
 # with these weights) turns the multiply-adds into integer dot products, four times as many per
 # instruction; the logits then move a little and some greedy tokens change (`make bench` prints both
 # routes side by side).
