@@ -25,13 +25,17 @@ demo: $(STAMP)
 
 # tests/test_notebooks.py runs every notebook once, under `pytest --nbval-lax` (notebooks/conftest.py
 # fails a notebook on any `CLAIM FAILS` line); `$(PY) -m pytest --nbval-lax notebooks/` runs that alone.
+# Bytecode is kept even where the environment says not to write it: the tests start dozens of Python
+# processes (servers, engine processes), and each would compile the package again.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q
 
-# The edit loop: no notebooks, nothing that loads the real model (`model`), no sweeps, soak or cross
-# builds (`slow`), in 4 worker processes (most of these tests wait on sleeps and sockets, not the CPU).
+# The edit loop: no notebooks (nor nbval, ~3 s to import in every worker), nothing that loads the real
+# model (`model`), no sweeps, soak or cross builds (`slow`), in 4 worker processes that steal each
+# other's queued tests (most of these tests wait on sleeps and sockets, not the CPU).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 4 -m "not model and not slow" --ignore=tests/test_notebooks.py
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -p no:nbval -n 4 --dist worksteal \
+		-m "not model and not slow" --ignore=tests/test_notebooks.py
 
 # Minutes of mixed, hostile traffic with an engine and an API-process kill (not part of `make test`).
 SOAK_SECONDS ?= 300

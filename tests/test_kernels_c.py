@@ -72,6 +72,9 @@ def cases():
 
 
 CASES = cases()
+# The edit loop (make test-fast) checks the build for this CPU; the other paths are cross builds (and
+# ARM64 runs under an emulator), so they are `slow`: make test runs them all.
+PARAMS = [pytest.param(name, marks=() if name == "native" else pytest.mark.slow) for name in CASES]
 # The vector path each build must report (the harness's `build:` line, from the library itself), and
 # the features it must (+) and must not (-) show: proof that the flags reached the compiler.
 NATIVE = "neon" if ARM64 else "avx512" if cpu_has("avx512f") else "avx2" if cpu_has("avx2", "fma") else "portable"
@@ -147,7 +150,7 @@ def run(command, *args):
     return done, int(summary[1]), int(summary[2]), lines
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", PARAMS)
 def test_every_check_passes(result, name):
     done, passed, failed, lines = result(name)
     failures = [line for line in lines if line.startswith("FAIL")]
@@ -160,14 +163,14 @@ def test_every_check_passes(result, name):
     assert path == want_path and wanted <= shown and not unwanted & shown, f"{name}: {build_line}"
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", PARAMS)
 def test_chunks_and_shared_prefixes_give_the_whole_prompts_bits(result, name):
     """The harness's check of the paged step that is exact by construction (llama_steps.c, section 3)."""
     lines = result(name)[3]
     assert any(re.match(r"PASS llama_decode: a prompt in 3 chunks.*whole prompt's bits", line) for line in lines)
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if name != "native"])
+@pytest.mark.parametrize("name", [p for p in PARAMS if p.values[0] != "native"])
 def test_the_w4a8_step_gives_the_same_bits_on_every_path(result, name):
     """The W4A8 step runs one fixed order of float32 operations on every path (kernels.c), so its logits
     and cache are the same bits as the native build's; the harness prints their digest."""
