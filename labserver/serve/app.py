@@ -34,7 +34,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..model import kernels
 from . import generate_api, openai_api
-from .limits import Admission, BodyLimit, ServerLimits, require_json, too_large_message
+from .asgi_limits import BodyLimit, require_json
+from .limits import Admission, ServerLimits, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openai_api import OpenAIError, OpenAIJob
 from .openai_schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,

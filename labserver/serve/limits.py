@@ -7,7 +7,7 @@ pile-up that slows everyone:
 
 - ``max_body_bytes``: a larger body is a 413, checked while the body is read and before any JSON
   parsing, from ``Content-Length`` or, for a chunked body, from the bytes received so far. FastAPI has
-  no such limit of its own: the ``BodyLimit`` middleware below counts, and each route's format words
+  no such limit of its own: the ``BodyLimit`` middleware (``asgi_limits``) counts, and each route's format words
   the 413. The Flask baseline gets the same limit and message (werkzeug's ``MAX_CONTENT_LENGTH``).
 - A ``POST`` body must be sent as ``application/json``; anything else is a 415, in both apps. (A
   browser cannot send JSON to another origin without a CORS preflight, which this server never grants.)
@@ -31,6 +31,9 @@ pile-up that slows everyone:
 - ``wedged_after_s``: the engine is reported wedged (``/health`` and new requests: 503) when its loop has
   work but has not come round for this long (``health.unavailable``).
 
+This module is the limits themselves and their words, with no web framework: the FastAPI app enforces
+them with ``asgi_limits``, the Flask baseline with werkzeug's own settings (``flask_app``).
+
 Left out: per-client quotas, authentication, queueing with a wait limit, and limits on a request's
 total time.
 """
@@ -40,7 +43,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
 
 
 @dataclass(frozen=True)
@@ -119,16 +121,6 @@ class Admission:
             self.active -= 1
 
 
-def too_many_requests(limits: ServerLimits) -> HTTPException:
-    message = (f"the server is busy: {limits.max_concurrent} generations are already running "
-               f"(its max_concurrent limit). Retry in {limits.retry_after_s} s.")
-    return HTTPException(429, detail=message, headers={"Retry-After": str(limits.retry_after_s)})
-
-
-def engine_unavailable(reason: str) -> HTTPException:
-    return HTTPException(503, detail=f"the engine cannot serve requests now: {reason}")
-
-
 def too_large_message(limits: ServerLimits) -> str:
     return f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes"
 
@@ -148,56 +140,3 @@ def not_json_message(headers) -> str | None:
     if media_type == "application/json" or media_type.endswith("+json"):
         return None
     return f"send the body as JSON with 'Content-Type: application/json' (got Content-Type: {content_type or 'none'})"
-
-
-def require_json(request: Request) -> None:
-    """A route dependency: 415 unless the body is declared as JSON.
-
-    It runs before the body is validated, so the client learns what is wrong rather than that its
-    bytes are "not a valid dictionary".
-    """
-    message = not_json_message(request.headers)
-    if message:
-        raise HTTPException(415, detail=message)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body beyond ``max_bytes`` becomes ``HTTPException(413)`` on reading.
-
-    ``Content-Length`` is checked at the first read, before any byte is parsed; a chunked body (no
-    ``Content-Length``) is counted as it arrives and refused as soon as it passes the limit. Raising
-    from ``receive`` lets FastAPI's exception handlers word the answer for each route.
-    """
-
-    def __init__(self, app, max_bytes: int, message: str):
-        self.app, self.max_bytes, self.message = app, max_bytes, message
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = _content_length(scope)
-        received, done = 0, False
-
-        async def limited_receive():
-            nonlocal received, done
-            if not done and declared is not None and declared > self.max_bytes:
-                raise HTTPException(413, detail=self.message)
-            message = await receive()
-            if message["type"] == "http.request" and not done:
-                received += len(message.get("body", b""))
-                done = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    raise HTTPException(413, detail=self.message)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

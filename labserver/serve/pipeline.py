@@ -45,7 +45,8 @@ from ..engine.protocols import EngineDeadError
 from .drain import ServerStopping
 from .generate_api import InputError
 from .health import unavailable
-from .limits import ServerLimits, Slot, engine_unavailable, too_many_requests
+from .asgi_limits import engine_unavailable, too_many_requests
+from .limits import ServerLimits, Slot
 from .metrics import RequestRecord
 from .sse import DONE_FRAME, SSE_HEADERS, ClosingStreamingResponse, sse_frame
 
