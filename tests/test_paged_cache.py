@@ -88,6 +88,22 @@ def test_a_suffix_after_a_shared_prefix_equals_the_whole_prompt(route):
     same(step, route.decode([7], [len(b)], [[12, 13, 14, 15, 16]])[0], route)
 
 
+def test_a_suffix_after_a_prefix_that_ends_inside_a_block_equals_the_whole_prompt(route):
+    """Sequence b shares a's first 10 tokens: a's first two blocks, then two rows of a's third block,
+    copied into b's own block (b writes on into it); b prefills its 7 tokens after them."""
+    a = ids(14, 7)
+    b = a[:10] + ids(7, 8)
+    table_a, table_b = [5, 11, 2, 30], [5, 11, 6, 1, 19]
+    route.prefill(a, table_a)
+    k_a = route.cache.k[table_a].clone()
+    route.cache.copy_rows(table_a[2], table_b[2], 10 - 2 * BLOCK)
+    suffix = route.forward([(b[10:], 10, table_b)])[0]
+    assert torch.equal(route.cache.k[table_a], k_a)  # the lender is only read
+    whole = route.prefill(b, [12, 13, 14, 15, 16])
+    same(suffix, whole, route)
+    assert torch.equal(route.cache.k[[6, 1]], route.cache.k[[14, 15]]) or route.fused is None
+
+
 def test_a_mixed_call_equals_the_separate_calls(route):
     """Two decode steps, a chunk continuing a prompt, a new prompt and a one-token prompt in one forward."""
     p, q, r = ids(6, 4), ids(11, 5), ids(7, 6)

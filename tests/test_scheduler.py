@@ -189,7 +189,7 @@ def test_turn_taking_gives_everyone_a_step_in_turn():
     policy = numbered(TurnTaking.of(engine.config), [a, b, c])
     assert [run_step(engine, policy) for _ in range(3)] == [[(0, 3)], [(1, 2)], [(2, 1)]]  # whole prompts
     assert [run_step(engine, policy) for _ in range(4)] == [[(0, 1)], [(1, 1)], [(2, 1)], [(0, 1)]]
-    late = request(engine, 4)
+    late = request(engine, 4, first=4)  # its own words: no prefix of a's cached block to reuse
     policy.number[id(late)] = 3
     policy.add(late)
     assert [run_step(engine, policy) for _ in range(4)] == [[(1, 1)], [(2, 1)], [(0, 1)], [(3, 4)]]

@@ -142,7 +142,7 @@ class Engine(PromptEncoder):
         From here until ``end(seq)`` (or ``preempt(seq)``) the sequence counts as running.
         """
         if self.kv is not None:
-            cached = self.kv.allocate(seq, seq.tokens)
+            cached = self.kv.allocate(seq, seq.tokens, copy=getattr(self.runner, "copy_rows", None))
             if cached is None:
                 return False
             seq.computed = cached

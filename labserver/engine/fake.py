@@ -103,6 +103,9 @@ class FakeRunner:
         if seq.state is not None:
             seq.state, self.active = None, self.active - 1
 
+    def copy_rows(self, src: int, dst: int, rows: int) -> None:
+        """Nothing is stored: the engine's bookkeeping of a prefix that ends inside a block is all there is."""
+
 
 def fake_engine(prefill_ms: float = 50, step_ms: float = 20, fail_at: int | None = None,
                 config: EngineConfig | None = None, kv_blocks: int | None = None) -> Engine:

@@ -40,7 +40,22 @@ True
 >>> kv.allocate("d", list(range(100, 108))), kv.table("d"), kv.stats   # takes 4, then evicts block 1
 (0, [4, 1], PrefixCacheStats(queries=36, hits=12, evictions=1))
 
-Left out: a radix tree (SGLang matches any length of prefix; here only whole blocks), sliding windows,
+A prefix that ends inside a block is reused to the token when the engine can copy K/V (``copy``): the
+cached full block after the hits whose tokens agree longest with the prompt's next ones lends its first
+rows, copied into the sequence's own new block (a shared block is read-only, and this one the sequence
+goes on writing). llama.cpp and SGLang also match to the token; vLLM matches whole blocks only. A chat's
+questions after one system prompt then compute their own tokens only, not up to a block more.
+
+>>> kv = KVCacheManager(num_blocks=5, block_size=4)
+>>> copies = []
+>>> kv.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]); kv.commit("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 9)
+0
+>>> kv.allocate("b", [1, 2, 3, 4, 5, 6, 0, 0], copy=lambda *c: copies.append(c)), kv.table("b"), copies
+(6, [0, 3], [(1, 3, 2)])
+
+Block 0 is shared; block 1 (tokens 5-8, a's) lends its first two rows to b's own block 3.
+
+Left out: a radix tree (SGLang's; here a block's cached children are scanned), sliding windows,
 several KV cache groups, and swapping blocks to host memory (a preempted sequence frees its blocks and is
 recomputed later, mostly from its own cached blocks).
 """
@@ -48,7 +63,7 @@ recomputed later, mostly from its own cached blocks).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 
@@ -113,27 +128,42 @@ class KVCacheManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head: next to reuse
         self._cached: dict[BlockName, Block] = {}
+        self._children: dict[BlockName | None, dict[int, Block]] = {}  # named blocks by their parent's name
         self._seqs: dict[Hashable, _Seq] = {}
         self.stats = PrefixCacheStats()
 
-    def allocate(self, seq_id: Hashable, token_ids: list[int], num_tokens: int | None = None) -> int | None:
+    def allocate(self, seq_id: Hashable, token_ids: list[int], num_tokens: int | None = None,
+                 copy: Callable[[int, int, int], None] | None = None) -> int | None:
         """Give ``seq_id`` a table for its first ``num_tokens`` tokens (default: all ``token_ids``).
 
         Reuses the longest cached prefix of full blocks of ``token_ids``, at most ``len(token_ids) - 1``
-        tokens, and returns its length (a multiple of ``block_size``); the table covers at least that.
-        Returns None, with nothing changed, when the free blocks cannot cover it.
+        tokens, and returns its length; the table covers at least that. With ``copy(src, dst, rows)``, which
+        copies the K/V of the first ``rows`` positions of block ``src`` into block ``dst``, the prefix may
+        end inside a block (rows copied from a cached block into the sequence's own). Returns None, with
+        nothing changed, when the free blocks cannot cover it.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         hits = self._lookup(token_ids)
         num_cached = len(hits) * self.block_size
         num_tokens = len(token_ids) if num_tokens is None else num_tokens
-        num_new = self._blocks_for(max(num_tokens, num_cached)) - len(hits)
-        if num_new + sum(block.ref_count == 0 for block in hits) > len(self._free):
+        lender, rows = self._lender(token_ids, hits) if copy else (None, 0)
+        need = sum(block.ref_count == 0 for block in hits)  # hits in the free queue come out of it
+        num_new = self._blocks_for(max(num_tokens, num_cached + rows)) - len(hits)
+        if lender is not None and num_new + need + (lender.ref_count == 0) > len(self._free):
+            lender, rows = None, 0  # no room to hold the lender while it is copied: compute those rows
+            num_new = self._blocks_for(max(num_tokens, num_cached)) - len(hits)
+        if num_new + need > len(self._free):
             return None
         table = [self._take_cached_block(block) for block in hits]  # first: new blocks cannot evict them
+        if lender is not None:
+            self._take_cached_block(lender)  # held, so no new block evicts it before it is copied
         table += [self._take_free_block() for _ in range(num_new)]
+        if lender is not None:
+            copy(lender.block_id, table[len(hits)], rows)
+            self._drop(lender.block_id)
         self._seqs[seq_id] = _Seq(table, [block.name for block in hits])
+        num_cached += rows
         if self.prefix_caching:
             self.stats.queries += len(token_ids)
             self.stats.hits += num_cached
@@ -163,18 +193,22 @@ class KVCacheManager:
             else:
                 block = self.blocks[seq.table[i]]
                 block.name, self._cached[name] = name, block
+                self._children.setdefault(name.parent, {})[block.block_id] = block
             seq.names.append(name)
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's table (again: nothing happens); named blocks stay cached until reused."""
         seq = self._seqs.pop(seq_id, None)
         for block_id in reversed(seq.table if seq else []):  # tail first: evicted first
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.name is None:
-                    self._free.move_to_end(block_id, last=False)
+            self._drop(block_id)
+
+    def _drop(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.name is None:
+                self._free.move_to_end(block_id, last=False)
 
     def table(self, seq_id: Hashable) -> list[int]:
         return list(self._seqs[seq_id].table)
@@ -210,6 +244,7 @@ class KVCacheManager:
         for block in self._cached.values():
             block.name = None
         self._cached.clear()
+        self._children.clear()
         self.stats = PrefixCacheStats()
 
     def _lookup(self, token_ids: list[int]) -> list[Block]:
@@ -225,6 +260,18 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
+    def _lender(self, token_ids: list[int], hits: list[Block]) -> tuple[Block | None, int]:
+        """The cached block after ``hits`` that agrees longest with the prompt's next tokens (at most up to
+        its last token, which is always computed), and how many of its first positions agree."""
+        start = len(hits) * self.block_size
+        want = token_ids[start:min(start + self.block_size, len(token_ids) - 1)]
+        best, rows = None, 0
+        for block in self._children.get(hits[-1].name if hits else None, {}).values() if want else ():
+            agree = next((i for i, (a, b) in enumerate(zip(block.name.token_ids, want)) if a != b), len(want))
+            if agree > rows:
+                best, rows = block, agree
+        return best, rows
+
     def _take_cached_block(self, block: Block) -> int:
         if block.ref_count == 0:
             del self._free[block.block_id]
@@ -236,6 +283,10 @@ class KVCacheManager:
         block = self.blocks[block_id]
         if block.name is not None:
             del self._cached[block.name]
+            siblings = self._children[block.name.parent]
+            del siblings[block_id]
+            if not siblings:
+                del self._children[block.name.parent]
             block.name = None
             self.stats.evictions += 1
         block.ref_count = 1

@@ -54,11 +54,14 @@ class Runner(Protocol):
 
     name: str
     free_slots: int | float  # sequences that can still be prefilled now
+    kv_layout: tuple[int, int] | None  # (num_blocks, block_size) of its paged KV pool; None: no pool
 
-    def prefill(self, seq: "Sequence") -> "torch.Tensor": ...  # logits [V] after the prompt
-    def prefill_many(self, seqs: list["Sequence"]) -> "torch.Tensor": ...  # [B, V]
-    def decode(self, seqs: list["Sequence"]) -> "torch.Tensor": ...  # [B, V] after each last token
+    # For each (seq, start, n, block table): feed seq.tokens[start:start + n]; the logits after each
+    # entry's last token [len(entries), V] (decode steps, prompts, chunks of prompts, or a mix).
+    def forward(self, entries: list[tuple["Sequence", int, int, list[int] | None]]) -> "torch.Tensor": ...
     def release(self, seq: "Sequence") -> None: ...
+    # With a pool: K/V of block src's first rows positions into block dst (a prefix ending inside a block).
+    def copy_rows(self, src: int, dst: int, rows: int) -> None: ...
 
 
 class EngineProtocol(Protocol):

@@ -3,7 +3,8 @@
 Every runner has one small interface: ``forward(entries) -> logits [len(entries), V]``, where an entry
 ``(seq, start, n, table)`` feeds ``seq.tokens[start:start + n]`` (a decode step's one token, a prompt, or
 a chunk of one) through the sequence's KV block table; ``release(seq)``; ``free_slots``; and
-``kv_layout``, the ``(num_blocks, block_size)`` of its paged KV pool (None: no pool).
+``kv_layout``, the ``(num_blocks, block_size)`` of its paged KV pool (None: no pool), with
+``copy_rows(src, dst, rows)`` when it has one (a cached prefix that ends inside a block).
 
 - ``TransformersRunner`` calls the transformers model with a ``DynamicCache`` per sequence. It runs any
   causal LM; a "batch" is a loop of single-sequence steps, and it has no pool (no prefix caching).
@@ -123,6 +124,10 @@ class LeanRunner:
     def release(self, seq) -> None:
         if seq.state is not None:
             seq.state, self.active = None, self.active - 1
+
+    def copy_rows(self, src: int, dst: int, rows: int) -> None:
+        """K/V of block ``src``'s first ``rows`` positions into block ``dst`` (``KVCacheManager.allocate``)."""
+        self.lean.cache.copy_rows(src, dst, rows)
 
 
 def make_runner(model, config: EngineConfig, context_len: int):

@@ -45,6 +45,12 @@ class PagedKVCache:
         """Blocks a sequence of ``tokens`` positions needs."""
         return -(-tokens // self.block_size)
 
+    def copy_rows(self, src: int, dst: int, rows: int) -> None:
+        """Copy the keys and values of block ``src``'s first ``rows`` positions, every layer, into block
+        ``dst`` (a prefix that ends inside a block: the sequence writes on into its own copy)."""
+        self.k[dst, :, :, :rows] = self.k[src, :, :, :rows]
+        self.v[dst, :, :, :rows] = self.v[src, :, :, :rows]
+
     def check(self, table: list[int], tokens: int) -> None:
         """Raise ``ValueError`` unless ``table`` holds ``tokens`` positions in blocks of this pool."""
         if len(table) < self.blocks_for(tokens):

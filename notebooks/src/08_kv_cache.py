@@ -115,7 +115,10 @@ if mem:
 # finds (the block's *reference count* goes up: several sequences read it, none writes it); it stops at
 # the first block it does not find, and it always computes its last prompt token itself, whose logits give
 # the first output token. A block that nobody holds any more keeps its name in a free queue, least
-# recently used first in line to be reused, so a later request may still find it.
+# recently used first in line to be reused, so a later request may still find it. Where the first block it
+# does not find is a named block's near twin (the prompts part ways inside it), the server copies that
+# block's rows up to the parting token into the request's own block, which the request then writes on:
+# the prefix is reused to the token, as llama.cpp and SGLang do (vLLM stops at the last whole block).
 #
 # Two servers, one after the other: the engine above, and one that differs only in `prefix_caching=False`.
 # Each answers four questions after the same system prompt, then one chat of five turns that opens with
@@ -139,7 +142,8 @@ lab.plot_prefix(runs)
 
 # %% [markdown]
 # The first request finds nothing: it computes the system prompt and leaves its full blocks named. Every
-# later one finds them and computes only its own question and the rest of the last partial block. In the
+# later one finds them, copies the rows its prompt shares with the block where the prompts part, and
+# computes only its own question. In the
 # chat, each turn also finds the turns before it, the earlier answers included: the server named the
 # blocks of the answer's tokens as it generated them. Without prefix caching every request computes its
 # whole prompt again, and a chat's TTFT grows with its history. The later requests of the first part all
@@ -301,7 +305,8 @@ _ = checks.check_chunk_choice(next_forward)
 # 1's cell again: RSS grows again by about the request's K/V, although the first request's blocks are
 # free. Why? (Where do the next request's blocks come from, and what does that say about a server's RSS
 # after a day of different prompts?) (c) From section 2's table, compute each turn's cached tokens from
-# the turn before: why a multiple of 16, and why fewer than the previous turn's prompt plus its answer?
+# the turn before: why a multiple of 16 here, when the shared system prompt's later requests found a
+# number that is not, and why fewer than the previous turn's prompt plus its answer?
 # (d) From your setup's forward of 256 tokens, predict a stream's longest gap and the long prompt's TTFT
 # with a budget of 64; what stops you from making the budget very small?
 #
