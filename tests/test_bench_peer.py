@@ -126,6 +126,8 @@ def test_problems_name_short_answers_cache_hits_and_other_prompt_tokens():
     retokenized = _trace(0, range(4), usage={"prompt_tokens": 4}, prompt=[1, 2, 3])
     found = problems("peer", [short, cached, retokenized], 4, len)
     assert len(found) == 3 and "shorter" in found[0] and "cache" in found[1] and "prompt tokens" in found[2]
+    ours_cached = _trace(0, range(4), timings={"cached_tokens": 24}, prompt=[1, 2, 3])
+    assert problems("ours", [ok, ours_cached], 4) == ["ours: prefix-cache hits (timings.cache_n or cached_tokens > 0)"]
 
 
 def test_a_build_that_crashes_is_rebuilt_without_amx(monkeypatch, tmp_path):

@@ -147,7 +147,7 @@ class KVCacheManager:
         hits = self._lookup(token_ids)
         num_cached = len(hits) * self.block_size
         num_tokens = len(token_ids) if num_tokens is None else num_tokens
-        lender, rows = self._lender(token_ids, hits) if copy else (None, 0)
+        lender, rows = self._lender(token_ids, hits) if copy and self.prefix_caching else (None, 0)
         need = sum(block.ref_count == 0 for block in hits)  # hits in the free queue come out of it
         num_new = self._blocks_for(max(num_tokens, num_cached + rows)) - len(hits)
         if lender is not None and num_new + need + (lender.ref_count == 0) > len(self._free):

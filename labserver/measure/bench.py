@@ -17,6 +17,8 @@ Steps, each warmed up first, greedy (temperature 0), one fixed prompt so runs co
   (j) the KV cache (``bench_kv.py``): resident memory after one 3.75k-token request against its own K/V,
       and the long-prompt trade-off of chunked prefill for a few token budgets.
 
+The engine runs without its prefix cache, so every fresh prompt's TTFT holds a whole prefill.
+
 The figures (P0-P3 ratios of medians; P5, P6_hf of best-of-3 steps, see ``bench_speed.py``), with a
 goal where the project commits to one (``GOALS``, ``SPEED_GOALS``: they decide ``all_pass``); the
 others are printed to compare:
@@ -248,7 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         return _main_url(args)
     from ..engine.engine import Engine
 
-    engine = Engine.from_config(EngineConfig.from_env())
+    # No prefix cache: each fresh prompt is then prefilled whole, so that P2's server prefill is a prefill.
+    # Reusing to the token, the cache would leave only the words after the chat template's opening and
+    # the fresh tag (llama.cpp's side of make bench-peer likewise runs with cache_prompt off).
+    engine = Engine.from_config(EngineConfig.from_env(prefix_caching=False))
     result = run_bench(engine, args.max_tokens, args.runs, args.concurrency, args.prompt, out=args.out)
     print(report(result))
     print(f"\nwrote {args.out} in {result['setup']['duration_s']} s")

@@ -4,8 +4,8 @@
 
 llama.cpp's C++ server, built natively for this CPU (`peer.py`), is what a CPU user runs instead. Both
 servers get the same prompt tokens (our chat template, sent to `/completion` as ids), greedy, a fresh
-prompt per request and `cache_prompt: false` on llama.cpp (no prefix-cache hits: every TTFT is a
-prefill), the same number of output tokens (`n_predict` + `ignore_eos` there). Each figure comes from
+prompt per request, `cache_prompt: false` on llama.cpp and no prefix cache on ours (no prefix-cache
+hits: every TTFT is a whole prefill), the same number of output tokens (`n_predict` + `ignore_eos` there). Each figure comes from
 one client (`client.py`); the servers run side by side but only one is busy at a time, in rounds that
 alternate between them so that the load of other processes on the machine falls on both alike.
 
@@ -33,6 +33,7 @@ Left out: other quantizations, llama.cpp's OpenAI endpoints, speculative decodin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -120,13 +121,13 @@ def timings_agreement(traces: list[Trace], delivery_ms: float = DELIVERY_MS) -> 
 
 
 def problems(name: str, traces: list[Trace], max_tokens: int, prompt_tokens: Callable | None = None) -> list[str]:
-    """Failed requests, answers cut short, llama.cpp reusing a cached prefix, a prompt tokenized otherwise."""
+    """Failed requests, answers cut short, a server reusing a cached prefix, a prompt tokenized otherwise."""
     out = [f"{name}: {t.error}" for t in traces if not t.ok]
     short = [t.n_tokens for t in traces if t.ok and t.n_tokens < max_tokens]
     if short:
         out.append(f"{name}: {len(short)} answers shorter than {max_tokens} tokens ({min(short)})")
-    if any(t.timings.get("cache_n") for t in traces):
-        out.append(f"{name}: prefix-cache hits (timings.cache_n > 0)")
+    if any(t.timings.get("cache_n") or t.timings.get("cached_tokens") for t in traces):  # theirs, ours
+        out.append(f"{name}: prefix-cache hits (timings.cache_n or cached_tokens > 0)")
     if prompt_tokens and any(t.usage.get("prompt_tokens") not in (None, prompt_tokens(t.prompt)) for t in traces):
         out.append(f"{name}: the server counted other prompt tokens than we sent")
     return out
@@ -145,11 +146,15 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
 
     gguf = default_gguf_path()
     binary, build_note, extra = (Path(peer_binary), "given", ()) if peer_binary else ensure_server(gguf, log=log)
-    engine = Engine.from_config(EngineConfig.from_env(threads=threads))
+    # The KV experiments need the prefix cache; the rest runs without it, as llama-server with
+    # cache_prompt off: each fresh prompt is prefilled whole on both sides (ours would reuse the chat
+    # template's opening to the token).
+    cached = Engine.from_config(EngineConfig.from_env(threads=threads))
     if kv_only:
         log("the KV cache against llama-server ...")
-        return {"kv": against_peer(engine, binary, gguf, threads, extra=extra, log=log), "cpu": this_cpu().describe(),
+        return {"kv": against_peer(cached, binary, gguf, threads, extra=extra, log=log), "cpu": this_cpu().describe(),
                 "kernels": kernels_note(), "peer": {"binary": str(binary), "build": build_note, "args": list(extra)}}
+    engine = Engine(cached.source, cached.tokenizer, dataclasses.replace(cached.config, prefix_caching=False))
     ids = engine.encode  # the chat template's ids; llama-server gets exactly these tokens
     count = iter(range(10**9))
 
@@ -180,7 +185,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
         for route in routes:  # further routes: 1 stream and the greedy text only
             log(f"labserver, {route} route ...")
             quant = "none" if route == "float32" else route
-            other = Engine.from_config(EngineConfig.from_env(quant=quant, threads=threads))
+            other = Engine.from_config(EngineConfig.from_env(quant=quant, threads=threads, prefix_caching=False))
             with UvicornServer(create_app(other)) as server:
                 target = Target(f"labserver {route} ({other.runner.name})", server.url, LABSERVER, lambda t: t,
                                 OURS_EXTRA)
@@ -191,7 +196,7 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
     kv_result = None
     if kv:
         log("the KV cache against llama-server ...")
-        kv_result = against_peer(engine, binary, gguf, threads, extra=extra, log=log)
+        kv_result = against_peer(cached, binary, gguf, threads, extra=extra, log=log)
     setup = {"prompt": prompt, "prompt_tokens": len(ids(prompt)), "max_tokens": max_tokens, "repeats": repeats,
              "runs": runs, "streams": STREAMS, "threads": threads, "gguf": str(gguf), "peer_extra": PEER_EXTRA,
              "ours_extra": OURS_EXTRA}
