@@ -146,9 +146,8 @@ def run_peer(prompt: str = DEFAULT_PROMPT, repeats: int = 3, runs: int = 5, max_
 
     gguf = default_gguf_path()
     binary, build_note, extra = (Path(peer_binary), "given", ()) if peer_binary else ensure_server(gguf, log=log)
-    # The KV experiments need the prefix cache; the rest runs without it, as llama-server with
-    # cache_prompt off: each fresh prompt is prefilled whole on both sides (ours would reuse the chat
-    # template's opening to the token).
+    # The KV experiments need the prefix cache; the rest runs without, as llama-server with cache_prompt
+    # off: each fresh prompt is prefilled whole on both sides (ours reuses the template's opening).
     cached = Engine.from_config(EngineConfig.from_env(threads=threads))
     if kv_only:
         log("the KV cache against llama-server ...")
