@@ -3,7 +3,6 @@ state (ok, restarting, failed) and the last reason, from the status file the lau
 
 import os
 import signal
-import time
 
 import httpx
 import pytest
@@ -12,17 +11,9 @@ from labserver import fake_engine
 from labserver.serve.api_health import api_state, read_status, write_status
 from labserver.serve.api_servers import API_SERVER_HEADER, ApiServers
 from labserver.serve.process.core_proc import EngineSpec
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def health(url: str) -> httpx.Response:

@@ -15,19 +15,13 @@ from labserver.__main__ import build_parser
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
 from labserver.serve.limits import ServerLimits
+from tests.waiting import seconds_until
 
 pytestmark = pytest.mark.timeout(60)
 
 BODY = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
 REQUEST = (b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
            % (len(BODY), BODY))
-
-
-def wait_for(condition, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not condition() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.01)
-    return time.perf_counter() - start
 
 
 def answer(sock: socket.socket, timeout_s: float = 10) -> bytes:
@@ -123,7 +117,7 @@ def test_connections_beyond_the_cap_get_a_503(server):
         crowded = client.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 2})
     for s in held:
         s.close()
-    wait_for(lambda: False, 0.2)
+    seconds_until(lambda: False, 0.2)
     with httpx.Client() as client:
         fine = client.post(server.url + "/generate", json={"prompt": "hi", "max_tokens": 2})
     assert crowded.status_code == 503
@@ -136,8 +130,8 @@ def test_a_frozen_reader_is_dropped_with_the_kernels_default_buffers(server):
     sock = connect(server.port)
     sock.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d"
                  b"\r\n\r\n%s" % (len(body), body))  # and never a recv
-    assert wait_for(lambda: server.app.state.admission.active == 1, 5) < 5
-    dropped_s = wait_for(lambda: server.app.state.admission.active == 0 and server.engine.running == 0, 20)
+    assert seconds_until(lambda: server.app.state.admission.active == 1, 5) < 5
+    dropped_s = seconds_until(lambda: server.app.state.admission.active == 0 and server.engine.running == 0, 20)
     tokens = server.engine.tokens_generated
     sock.close()
     assert dropped_s < 20, "the frozen reader kept its slot"

@@ -16,6 +16,7 @@ from labserver import EngineConfig, fake_engine
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
 from labserver.serve.limits import ServerLimits
+from tests.waiting import seconds_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,23 +34,16 @@ def post_raw(port: int, path: str, body: dict) -> socket.socket:
     return sock
 
 
-def wait_for(condition, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not condition() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.005)
-    return time.perf_counter() - start
-
-
 def check_leaving_stops_a_non_streaming_generation(engine, backend: str, path: str, max_tokens: int) -> None:
     app = create_app(engine, backend)
     with UvicornServer(app) as server:
         before = engine.tokens_generated
         sock = post_raw(server.port, path, {**ROUTES[path], "max_tokens": max_tokens, "temperature": 0})
-        assert wait_for(lambda: engine.tokens_generated - before >= 2, 60) < 60  # it is generating
+        assert seconds_until(lambda: engine.tokens_generated - before >= 2, 60) < 60  # it is generating
         time.sleep(0.5)
         made_at_close = engine.tokens_generated - before
         sock.close()
-        waited_s = wait_for(lambda: engine.running == 0 and app.state.admission.active == 0, 5)
+        waited_s = seconds_until(lambda: engine.running == 0 and app.state.admission.active == 0, 5)
         stopped = engine.tokens_generated - before
         time.sleep(0.3)  # a generation that had kept going would show up here
         after = engine.tokens_generated - before
@@ -91,18 +85,18 @@ def test_a_request_whose_client_leaves_while_it_waits_is_never_prefilled(backend
     with UvicornServer(app) as server:
         holder = post_raw(server.port, "/generate", {"prompt": "one", "max_tokens": 1000, "stream": True})
         backend_ = app.state.backend
-        assert wait_for(lambda: backend_.health().running == 1, 30) < 30
+        assert seconds_until(lambda: backend_.health().running == 1, 30) < 30
         leaving = [post_raw(server.port, "/generate", {"prompt": "two", "max_tokens": 5, "stream": True}),
                    post_raw(server.port, "/v1/completions", {"prompt": "three", "max_tokens": 5})]
-        assert wait_for(lambda: backend_.health().waiting == 2, 30) < 30
+        assert seconds_until(lambda: backend_.health().waiting == 2, 30) < 30
         time.sleep(0.1)  # the waiting stream has had keep-alive comments meanwhile: it is well under way
         for sock in leaving:
             sock.close()
-        gone_s = wait_for(lambda: backend_.health().waiting == 0 and app.state.admission.active == 1, 5)
+        gone_s = seconds_until(lambda: backend_.health().waiting == 0 and app.state.admission.active == 1, 5)
         holder.close()
-        assert wait_for(lambda: backend_.health().running == 0 and app.state.admission.active == 0, 5) < 5
+        assert seconds_until(lambda: backend_.health().running == 0 and app.state.admission.active == 0, 5) < 5
         ok = httpx.post(server.url + "/generate", json={"prompt": "four", "max_tokens": 2}, timeout=30)
-        assert wait_for(lambda: backend_.health().running == 0, 5) < 5  # the engine's counts have come back
+        assert seconds_until(lambda: backend_.health().running == 0, 5) < 5  # the engine's counts have come back
         health = httpx.get(server.url + "/health", timeout=30).json()["engine"]
     assert gone_s < 1.0, f"the requests whose clients left still waited {gone_s:.2f} s later"
     assert ok.status_code == 200

@@ -20,6 +20,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from labserver.serve.api_servers import API_SERVER_HEADER
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,15 +67,6 @@ def start(script: str, *args) -> tuple[subprocess.Popen, dict]:
     line = proc.stdout.readline()  # the server is up (or the script failed: then the line is empty)
     assert line, f"the server did not start (exit code {proc.wait(60)})"
     return proc, json.loads(line)
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def gone(pid: int) -> bool:

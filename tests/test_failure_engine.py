@@ -20,6 +20,7 @@ from labserver.engine.protocols import EngineDeadError, EngineHealth
 from labserver.serve.health import unavailable
 from labserver.serve.limits import ServerLimits
 from labserver.serve.backends import make_backend
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,15 +30,6 @@ ROUTES = {"/generate": {"prompt": "hi"}, "/v1/completions": {"prompt": "hi"}, "/
 
 def read_events(source) -> list:
     return [e.data if e.data == "[DONE]" else json.loads(e.data) for e in source.iter_sse()]
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.mark.parametrize("kind", ["batched", "thread", "executor", "blocking"])

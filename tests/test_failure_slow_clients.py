@@ -23,15 +23,9 @@ from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
 from labserver.serve.sse import KEEPALIVE_FRAME, ClosingStreamingResponse
 from labserver.serve.limits import ServerLimits
+from tests.waiting import seconds_until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(condition, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not condition() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.005)
-    return time.perf_counter() - start
 
 
 def small_send_buffers(server: UvicornServer, size: int = 4096) -> None:
@@ -85,12 +79,12 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_go_on(backend):
             counts.append(engine.tokens_generated)
             time.sleep(0.05)
             return len(counts) > 6 and counts[-1] == counts[-7] > 0
-        assert wait_for(plateaued, 30) < 30
+        assert seconds_until(plateaued, 30) < 30
         held_at = counts[-1]
         assert engine.running == 1 and app.state.admission.active == 1  # held, not yet dropped
 
         other = read_stream(server.url, {"prompt": "two", "max_tokens": 50, "stream": True})  # unaffected
-        dropped_s = wait_for(lambda: app.state.admission.active == 0 and engine.running == 0, send_timeout_s + 5)
+        dropped_s = seconds_until(lambda: app.state.admission.active == 0 and engine.running == 0, send_timeout_s + 5)
         after_drop = engine.tokens_generated
         time.sleep(0.2)
         assert engine.tokens_generated == after_drop  # nothing generates for the dropped client
@@ -187,7 +181,7 @@ def queued_server():
             holder = threading.Thread(target=read_stream, args=(server.url, {"prompt": "x", "max_tokens": 100,
                                                                              "stream": True}))
             holder.start()
-            assert wait_for(lambda: engine.running == 1, 10) < 10
+            assert seconds_until(lambda: engine.running == 1, 10) < 10
             return holder
         yield server, hold
 

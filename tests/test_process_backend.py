@@ -16,6 +16,7 @@ from labserver.serve.process.frontend import Frontend
 from labserver.engine.protocols import EngineDeadError
 from labserver.serve.backends import make_backend
 from labserver.serve.health import engine_state
+from tests.waiting import seconds_until
 
 STEP_MS = 20
 
@@ -36,13 +37,6 @@ def backend():
 
 async def collect_stream(backend, prompt, params):
     return [item async for item in backend.stream(prompt, params)]
-
-
-def wait_for(predicate, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not predicate() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.005)
-    return time.perf_counter() - start
 
 
 def test_the_engine_runs_in_another_process(backend):
@@ -108,7 +102,7 @@ def test_leaving_a_stream_aborts_it_in_the_engine_process(backend):
 
     asyncio.run(read_three_then_leave())
     # 1000 tokens would take 20 s; the abort stops the sequence before its next forward.
-    waited = wait_for(lambda: backend.running == 0, timeout_s=1.0)
+    waited = seconds_until(lambda: backend.running == 0, timeout_s=1.0)
     assert backend.running == 0 and backend.health().running == 0, f"still running {waited:.2f} s later"
 
 
@@ -154,14 +148,14 @@ def test_a_killed_engine_process_fails_open_streams_refuses_then_restarts():
             with pytest.raises(EngineDeadError):
                 backend.generate("hi", SamplingParams(max_tokens=2))
         # The supervisor restarts the engine process once: a new pid, and it serves.
-        wait_for(lambda: backend.health().ok, timeout_s=60)
+        seconds_until(lambda: backend.health().ok, timeout_s=60)
         health = backend.health()
         assert health.ok and health.restarts == 1 and health.pid not in (first_pid, None)
         assert backend.generate("hi", SamplingParams(max_tokens=2)).text == " one two"
         # The second death exhausts max_restarts=1: refused, reported, nothing hangs.
         os.kill(health.pid, signal.SIGKILL)
-        wait_for(lambda: not backend.alive, timeout_s=2)
-        wait_for(lambda: "not restarted" in (backend.health().reason or ""), timeout_s=2)
+        seconds_until(lambda: not backend.alive, timeout_s=2)
+        seconds_until(lambda: "not restarted" in (backend.health().reason or ""), timeout_s=2)
         assert not backend.health().ok and "not restarted" in backend.health().reason
         assert engine_state(backend.health(), backend.max_restarts, 300) == {"state": "failed"}
         with pytest.raises(EngineDeadError):
@@ -235,10 +229,10 @@ def test_an_api_process_killed_without_a_word_loses_its_requests_in_the_engine()
                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         assert other.stdout.readline().strip() == "streaming"
-        assert wait_for(lambda: watcher.running == 1, timeout_s=5) < 5  # the engine runs its request
+        assert seconds_until(lambda: watcher.running == 1, timeout_s=5) < 5  # the engine runs its request
         other.kill()  # no Bye, no Abort: the engine notices that its pid is gone
         other.wait()
-        waited = wait_for(lambda: watcher.running == 0, timeout_s=3)
+        waited = seconds_until(lambda: watcher.running == 0, timeout_s=3)
         assert watcher.running == 0, f"the engine still runs a dead process's request {waited:.2f} s later"
         assert watcher.generate("hi", SamplingParams(max_tokens=2)).text == " one two"
     finally:

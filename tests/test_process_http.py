@@ -14,6 +14,7 @@ from httpx_sse import connect_sse
 from labserver import fake_engine
 from labserver.serve.api_servers import API_SERVER_HEADER, start_api_servers
 from labserver.serve.background import start_fastapi, stop
+from tests.waiting import seconds_until
 
 TIMED = ("step_ms", "prefill_time_ms", "timings", "id", "created")
 
@@ -33,13 +34,6 @@ def events(url: str, path: str, body: dict, client: httpx.Client | None = None) 
             return [event.data for event in source.iter_sse()]
 
 
-def wait_for(predicate, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not predicate() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.01)
-    return time.perf_counter() - start
-
-
 def check_disconnect_aborts(server, body: dict) -> None:
     """Read three token events, leave; the engine process's running count is 0 a step or two later."""
     backend = server.app.state.backend
@@ -52,7 +46,7 @@ def check_disconnect_aborts(server, body: dict) -> None:
     assert backend.running == 1 or backend.running == 0  # nothing else runs on this server
     slowest_step_s = max(e["step_ms"] for e in received[1:]) / 1000
     # One second, or two decode steps on a machine so busy that a step takes longer than that.
-    waited = wait_for(lambda: backend.running == 0, timeout_s=max(1.0, 2 * slowest_step_s))
+    waited = seconds_until(lambda: backend.running == 0, timeout_s=max(1.0, 2 * slowest_step_s))
     assert backend.running == 0, f"the engine process still runs it {waited:.2f} s after the client left"
 
 
@@ -76,7 +70,7 @@ def check_kill_mid_stream(server, body: dict, ok_body: dict) -> None:
     assert health.status_code == 503 and str(first_pid) in health.json()["reason"]
     meanwhile = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
     assert meanwhile.status_code == 503 and str(first_pid) in meanwhile.text, meanwhile.text
-    wait_for(lambda: backend.health().ok, timeout_s=180)
+    seconds_until(lambda: backend.health().ok, timeout_s=180)
     health = backend.health()
     assert health.ok and health.restarts == 1 and health.pid != first_pid
     again = httpx.post(server.url + "/generate", json=ok_body, timeout=60)
@@ -195,7 +189,7 @@ def test_a_non_streaming_client_that_leaves_aborts_across_the_boundary(servers, 
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes its connection
         httpx.post(process.url + path, json={**body, "max_tokens": 2000}, timeout=httpx.Timeout(10, read=0.5))
     # 2000 steps of 10 ms: unnoticed, the generation would go on for ~20 s.
-    waited = wait_for(lambda: backend.running == 0, timeout_s=1.0)
+    waited = seconds_until(lambda: backend.running == 0, timeout_s=1.0)
     assert backend.running == 0, f"the engine process still runs it {waited:.2f} s after the client left"
 
 
@@ -233,7 +227,7 @@ def test_two_api_processes_survive_a_killed_engine_process():
             health = httpx.get(servers.url + "/health", timeout=10)
             return (health.status_code == 200 and health.json()["engine"]["pid"] != first_pid
                     and health.json()["state"] == "ok")
-        assert wait_for(healthy, timeout_s=120) < 120
+        assert seconds_until(healthy, timeout_s=120) < 120
         seen = set()
         for _ in range(40):
             response = httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
@@ -289,7 +283,7 @@ def test_a_killed_api_process_is_replaced_and_the_other_streams_go_on():
         survivors = [data for api, data in answers if api == first_pids[1]]
         assert survivors and all(data[-1] == "[DONE]" and json.loads(data[-2])["usage"]["completion_tokens"] == 150
                                  for data in survivors)
-        assert wait_for(lambda: servers.api_restarts == 1 and servers.api_alive == 2, 60) < 60
+        assert seconds_until(lambda: servers.api_restarts == 1 and servers.api_alive == 2, 60) < 60
         assert servers.engine_pid == engine_pid and servers.running
         new_pid = (set(servers.api_pids) - set(first_pids)).pop()
         assert "replaced (1 of 1)" in servers.api_reason
@@ -297,7 +291,7 @@ def test_a_killed_api_process_is_replaced_and_the_other_streams_go_on():
         assert ok.status_code == 200
 
         os.kill(new_pid, signal.SIGKILL)  # no replacement left: the other one serves on alone
-        assert wait_for(lambda: "not replaced" in (servers.api_reason or ""), 10) < 10
+        assert seconds_until(lambda: "not replaced" in (servers.api_reason or ""), 10) < 10
         assert servers.api_alive == 1 and servers.running
         for _ in range(5):
             assert httpx.post(servers.url + "/generate", json={"prompt": "hi", "max_tokens": 2},

@@ -24,6 +24,7 @@ from labserver.serve.app import create_app
 from labserver.serve.flask_app import create_flask_app
 from labserver.serve.limits import ServerLimits
 from labserver.serve.background import FlaskServer, UvicornServer
+from tests.waiting import seconds_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,13 +238,6 @@ async def storm(port: int, clients: int, max_leave: int, seed: int) -> list[int]
                                                  rng.uniform(0, 0.2)) for _ in range(clients)))
 
 
-def wait_for(condition, timeout_s: float) -> float:
-    start = time.perf_counter()
-    while not condition() and time.perf_counter() - start < timeout_s:
-        time.sleep(0.005)
-    return time.perf_counter() - start
-
-
 def check_storm(engine, clients: int, max_leave: int) -> None:
     # The storm needs every client admitted at once, so the concurrency limit is raised above the number
     # of clients; otherwise most would get a quick 429 and the test would not cover mid-stream leaving.
@@ -253,7 +247,7 @@ def check_storm(engine, clients: int, max_leave: int) -> None:
         read = asyncio.run(storm(server.port, clients, max_leave, seed=clients))
         left_s = time.perf_counter() - start
         backend, admission = app.state.backend, app.state.admission
-        idle_s = wait_for(lambda: engine.running == 0 and admission.active == 0, timeout_s=1.0)
+        idle_s = seconds_until(lambda: engine.running == 0 and admission.active == 0, timeout_s=1.0)
         report(f"disconnect storm ({type(engine).__name__}): {clients} clients left after "
                f"{min(read)}..{max(read)} tokens within {left_s:.2f} s; {idle_s * 1000:.0f} ms later "
                f"engine.running={engine.running}, admitted={admission.active}, engine thread alive={backend.alive}")
@@ -451,7 +445,7 @@ def test_beyond_max_concurrent_is_a_quick_429_not_a_pile_up():
                    for _ in range(2)]
         for t in holders:
             t.start()
-        assert wait_for(lambda: app.state.admission.active == 2, timeout_s=30) < 30
+        assert seconds_until(lambda: app.state.admission.active == 2, timeout_s=30) < 30
         refused = [httpx.post(url + "/generate", json={"prompt": "hi", "stream": True}, timeout=30),
                    httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=30),
                    httpx.post(url + "/v1/chat/completions", json=CHAT_OK, timeout=30)]
