@@ -21,19 +21,19 @@ time.sleep(60)
 """
 
 
-def child_holding(mb: int) -> subprocess.Popen:
+def peak_beside_a_child_holding(mb: int) -> float | None:
+    """The lab's peak while a child process holds ``mb`` MB."""
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(mb)], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "ready"
-    return child
-
-
-def test_a_running_child_counts(capsys):
-    child = child_holding(300)
     try:
-        _, peak = memory.peak_rss_mb()
+        assert child.stdout.readline().strip() == "ready"
+        return memory.peak_rss_mb()[1]
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_running_child_counts(capsys):
+    peak = peak_beside_a_child_holding(300)
     assert peak is not None and peak >= 300
     memory.report_peak_memory((100.0, peak))
     out = capsys.readouterr().out
@@ -45,13 +45,8 @@ def test_a_child_is_not_charged_with_its_parents_peak():
     # the same again): the lab's 2 GB budget would fail for memory nobody held twice.
     big = bytearray(1024 * 2**20)
     big[::4096] = b"x" * len(big[::4096])
-    child = child_holding(20)
-    try:
-        _, peak = memory.peak_rss_mb()
-    finally:
-        child.kill()
-        child.wait()
-        del big
+    peak = peak_beside_a_child_holding(20)
+    del big
     assert peak is not None and peak < 500
 
 
