@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from labserver import fake_engine
-from labserver.serve.api_health import api_state, read_status, write_status
+from labserver.serve.api_servers.status import api_state, read_status, write_status
 from labserver.serve.api_servers import API_SERVER_HEADER, ApiServers
 from labserver.serve.process.core_proc import EngineSpec
 from tests.waiting import wait_for

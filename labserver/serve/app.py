@@ -17,7 +17,7 @@ A client that leaves cancels its generation: mid-stream Starlette notices on the
 a non-streaming request listens for the disconnect while it waits (``pipeline``). ``/health`` reports the
 engine (``backend.health()``, ``health.EngineHealth``) and answers 503 with a ``reason`` when it is dead
 or wedged, or while the server stops (``drain``); generating requests get the same 503 then. With
-``--api-servers`` it also reports the API processes (``api_health``). Limits (``limits.ServerLimits``): body size (413),
+``--api-servers`` it also reports the API processes (``api_servers.status``). Limits (``limits.ServerLimits``): body size (413),
 JSON content type (415), concurrent generations (429), a client that reads nothing (dropped), a stream
 kept alive with SSE comments. Errors on ``/v1`` routes use OpenAI's body, elsewhere FastAPI's
 ``{"detail": ...}``. Left out: authentication, TLS, request queues.

@@ -4,7 +4,7 @@ It builds a ``Frontend`` (the tokenizer, no weights) for the engine process's ad
 FastAPI app on the socket the launcher bound and handed over; its engine client connects to the engine's
 ROUTER with an identity of its own, so the engine sends every output back to the process that asked.
 Every response carries ``X-Api-Server: <pid>`` (``_Tagged``). ``/health`` adds the launcher's view of
-all the API processes (``api_health``). SIGTERM drains its open streams (``drain.DrainingServer``);
+all the API processes (``status``). SIGTERM drains its open streams (``drain.DrainingServer``);
 Ctrl-C is ignored here, since the terminal sends it to every process of the group and the launcher
 answers it with a SIGTERM to each. A watch thread stops the server if the launcher dies.
 
@@ -18,8 +18,8 @@ import threading
 import time
 from functools import partial
 
-from .api_health import read_status
-from .process.core_proc import EngineSpec
+from .status import read_status
+from ..process.core_proc import EngineSpec
 
 API_SERVER_HEADER = "x-api-server"
 
@@ -46,10 +46,10 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
               status_path: str) -> None:
     """One API process's main: the app on the shared socket, its engine client at ``address``; SIGTERM
     drains its streams (``drain``), Ctrl-C is left to the launcher."""
-    from .app import create_app
-    from .connections import uvicorn_config
-    from .drain import DrainingServer
-    from .process.frontend import Frontend
+    from ..app import create_app
+    from ..connections import uvicorn_config
+    from ..drain import DrainingServer
+    from ..process.frontend import Frontend
 
     app = create_app(Frontend.for_engine_process(spec, info, address), "process", limits=limits)
     app.state.api_servers = partial(read_status, status_path)

@@ -22,7 +22,7 @@ connections drop, the other processes serve on on the same port and the engine p
 At most ``max_restarts`` replacements over the service's life (``api_restarts``, ``api_reason``); once
 they are used up a dead process stays dead and the others serve on. (vLLM's ``--api-server-count``
 shuts the whole server down when one API process dies.) Every API process's ``/health`` reports them
-all under ``"api_servers"`` (from a file the launcher rewrites: ``api_health``).
+all under ``"api_servers"`` (from a file the launcher rewrites: ``status``).
 
 When the whole service stops (``run_foreground``: SIGTERM or Ctrl-C to the launcher, or the engine process
 gone for good), each API process gets SIGTERM and drains its own streams (``drain``: new requests get a
@@ -44,14 +44,14 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from .api_health import api_state, write_status
-from .api_process import API_SERVER_HEADER, serve_api  # noqa: F401 (the header's name is used with ApiServers)
-from .background import BackgroundServer, bind_socket, start_server, stop
-from .drain import FINAL_WRITE_S
-from .limits import ServerLimits
-from .process.supervisor import MAX_RESTARTS
-from .process.core_proc import EngineSpec
-from .process.supervisor import EngineProcess
+from .status import api_state, write_status
+from .worker import API_SERVER_HEADER, serve_api  # noqa: F401 (the header's name is used with ApiServers)
+from ..background import BackgroundServer, bind_socket, start_server, stop
+from ..drain import FINAL_WRITE_S
+from ..limits import ServerLimits
+from ..process.supervisor import MAX_RESTARTS
+from ..process.core_proc import EngineSpec
+from ..process.supervisor import EngineProcess
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class ApiServers(BackgroundServer):
         return sum(w is not None and w.exitcode is None for w in self.workers)
 
     def _publish(self) -> None:
-        """Rewrite the status file the API processes' /health reads (``api_health``) when it changed."""
+        """Rewrite the status file the API processes' /health reads (``status``) when it changed."""
         serving = sum(w is not None and w.exitcode is None and e.is_set()
                       for w, e in zip(self.workers, self._started))
         replacing = any(w is not None and w.exitcode is None and not e.is_set()
