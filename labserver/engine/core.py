@@ -28,7 +28,7 @@ not come round while it has work (a forward that never ends).
 The thread starts in ``start()`` or on first use, never in the constructor, so an engine core that is
 never used leaves no thread behind.
 
-Left out: admission limits (``serve/limits.py``), priorities, text, restarting a dead engine (the process
+Left out: admission limits (``serve/limits/``), priorities, text, restarting a dead engine (the process
 backend's supervisor does).
 """
 

@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..model import kernels
 from . import generate_api, openai_api
-from .asgi_limits import BodyLimit, require_json
+from .limits.asgi import BodyLimit, require_json
 from .limits import Admission, ServerLimits, too_large_message
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openai_api import OpenAIError, OpenAIJob

@@ -11,7 +11,7 @@ flush, the stream interval). A sink may be called on any thread: it hands each i
 with ``loop.call_soon_threadsafe``, and the consumer tells the backend how far it has read (``took``),
 so a reader that stops reading stops costing decode steps.
 
-Left out: stop strings (the OpenAI wire format's), admission limits (``limits.py``), which backend to
+Left out: stop strings (the OpenAI wire format's), admission limits (``limits``), which backend to
 make (``backends.make_backend``).
 """
 

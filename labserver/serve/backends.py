@@ -15,7 +15,7 @@ Each is a ``backend.Backend`` (the doors they share: ``stream``, ``deliveries``,
   naive one, calling the engine inside ``async def``: tokens still trickle out, but the event loop is
   blocked during every step, so ``/health`` waits. Neither is meant for serving.
 
-Left out: stop strings (the OpenAI wire format's), admission limits (``limits.py``).
+Left out: stop strings (the OpenAI wire format's), admission limits (``limits``).
 """
 
 from __future__ import annotations

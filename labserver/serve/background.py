@@ -22,7 +22,7 @@ import time
 import uvicorn
 from werkzeug.serving import make_server
 
-from .wsgi_deadlines import guarded_handler
+from .limits.wsgi import guarded_handler
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -140,7 +140,7 @@ class UvicornServer(BackgroundServer):
         self._sock = bind_socket(self.host, self.requested_port)
         self.port = self._sock.getsockname()[1]
         # A fresh Server each time: a stopped one keeps should_exit=True. Open streams get 2 s to end.
-        from .connections import uvicorn_config
+        from .limits.connections import uvicorn_config
 
         config = uvicorn_config(self.app, self.limits, loop="asyncio", log_level=self.log_level,
                                 lifespan="on", timeout_graceful_shutdown=2)
@@ -164,7 +164,7 @@ class UvicornServer(BackgroundServer):
 
 class FlaskServer(BackgroundServer):
     """A WSGI app on werkzeug, one request at a time (``threaded=False``), as the Blog-1 baseline, with the
-    connection deadlines of ``limits`` (``wsgi_deadlines``; None: the defaults)."""
+    connection deadlines of ``limits`` (``limits.wsgi``; None: the defaults)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits=None):
         super().__init__(host, port)

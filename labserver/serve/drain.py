@@ -152,7 +152,7 @@ def serve_app(app, limits, sockets=None, **config) -> int:
     """Serve ``app`` (from ``create_app``) in the foreground until a signal or its engine's failure, drain
     it, and return the exit code (``python -m labserver serve``). ``sockets``: listening sockets bound
     already (else ``config``'s host and port); ``config``: ``uvicorn.Config``'s."""
-    from .connections import uvicorn_config
+    from .limits.connections import uvicorn_config
 
     server = DrainingServer(uvicorn_config(app, limits, **config), app, limits.drain_timeout_s,
                             stop_when=lambda: engine_failed(app))

@@ -8,7 +8,7 @@ request for request. The engine runs in the request's own thread; served by ``ba
 baseline, not a bug to fix here.
 
 Served by ``background.FlaskServer``, a connection has the FastAPI app's deadlines before its request
-reaches this app (``wsgi_deadlines``: idle, headers, body; a 408 or a closed connection), so a silent or
+reaches this app (``limits.wsgi``: idle, headers, body; a 408 or a closed connection), so a silent or
 slowloris client holds the one thread for seconds, not for good.
 
 Left out on purpose: streaming (``stream=true`` is a 400), the engine thread, the concurrency limit

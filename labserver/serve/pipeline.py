@@ -45,7 +45,7 @@ from ..engine.protocols import EngineDeadError
 from .drain import ServerStopping
 from .generate_api import InputError
 from .health import unavailable
-from .asgi_limits import engine_unavailable, too_many_requests
+from .limits.asgi import engine_unavailable, too_many_requests
 from .limits import ServerLimits, Slot
 from .metrics import RequestRecord
 from .sse import DONE_FRAME, SSE_HEADERS, ClosingStreamingResponse, sse_frame

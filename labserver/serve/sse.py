@@ -44,7 +44,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
-from .connections import SOCKET_KEY, unacknowledged
+from .limits.connections import SOCKET_KEY, unacknowledged
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def serve_api(spec: EngineSpec, info: dict, address: str, sock, limits, log_leve
     """One API process's main: the app on the shared socket, its engine client at ``address``; SIGTERM
     drains its streams (``drain``), Ctrl-C is left to the launcher."""
     from ..app import create_app
-    from ..connections import uvicorn_config
+    from ..limits.connections import uvicorn_config
     from ..drain import DrainingServer
     from ..process.frontend import Frontend
 

@@ -112,7 +112,7 @@ class GuardedH11Protocol(H11Protocol):
 def uvicorn_config(app, limits, **kwargs) -> uvicorn.Config:
     """A ``uvicorn.Config`` for ``app`` with the connection limits of ``limits`` (a ``ServerLimits``;
     None: the defaults)."""
-    from .limits import ServerLimits
+    from . import ServerLimits
 
     limits = limits or ServerLimits()
     protocol = type("GuardedH11", (GuardedH11Protocol,), {

@@ -1,5 +1,5 @@
 """Deadlines on a connection of the Flask baseline before its request reaches the app (werkzeug's twin of
-``connections``).
+``limits.connections``).
 
 werkzeug's development server, which serves the baseline one request at a time, reads a request with
 blocking socket reads and no timeout: one client that connects and sends nothing, or sends its headers a

@@ -3,14 +3,14 @@
 
 Kept apart from ``limits`` so that the Flask baseline, which enforces the same limits with werkzeug's own
 settings, imports no ASGI framework. Left out: the deadlines before a request reaches the app, which the
-HTTP server keeps (``connections``).
+HTTP server keeps (``limits.connections``).
 """
 
 from __future__ import annotations
 
 from fastapi import HTTPException, Request
 
-from .limits import ServerLimits, not_json_message
+from . import ServerLimits, not_json_message
 
 
 def too_many_requests(limits: ServerLimits) -> HTTPException:

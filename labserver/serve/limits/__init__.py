@@ -7,7 +7,7 @@ pile-up that slows everyone:
 
 - ``max_body_bytes``: a larger body is a 413, checked while the body is read and before any JSON
   parsing, from ``Content-Length`` or, for a chunked body, from the bytes received so far. FastAPI has
-  no such limit of its own: the ``BodyLimit`` middleware (``asgi_limits``) counts, and each route's format words
+  no such limit of its own: the ``BodyLimit`` middleware (``limits.asgi``) counts, and each route's format words
   the 413. The Flask baseline gets the same limit and message (werkzeug's ``MAX_CONTENT_LENGTH``).
 - A ``POST`` body must be sent as ``application/json``; anything else is a 415, in both apps. (A
   browser cannot send JSON to another origin without a CORS preflight, which this server never grants.)
@@ -20,7 +20,7 @@ pile-up that slows everyone:
   generation cancelled and its slot freed (``sse``).
 - ``idle_timeout_s``, ``header_timeout_s``, ``body_timeout_s``, ``max_connections``: deadlines before a
   request reaches the app (a fresh connection that sends nothing is closed; slow headers or body: 408)
-  and a cap on open connections (a request beyond it: 503), kept by the HTTP server (``connections``).
+  and a cap on open connections (a request beyond it: 503), kept by the HTTP server (``limits.connections``).
 - ``keepalive_s``: a stream that has sent nothing for this long (waiting for its first token behind
   other prompts) sends an SSE comment, ``: keep-alive``, so no proxy closes it as idle.
 - ``stream_interval``: tokens per write of a stream (vLLM's ``--stream-interval``): the first at once,
@@ -32,7 +32,7 @@ pile-up that slows everyone:
   work but has not come round for this long (``health.unavailable``).
 
 This module is the limits themselves and their words, with no web framework: the FastAPI app enforces
-them with ``asgi_limits``, the Flask baseline with werkzeug's own settings (``flask_app``).
+them with ``limits.asgi``, the Flask baseline with werkzeug's own settings (``flask_app``).
 
 Left out: per-client quotas, authentication, queueing with a wait limit, and limits on a request's
 total time.
