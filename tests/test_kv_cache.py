@@ -7,7 +7,7 @@ from dataclasses import astuple
 
 import pytest
 
-from labserver.engine import kv_cache
+from labserver.engine import kv_blocks, kv_cache
 from labserver.engine.kv_cache import BlockName, KVCacheManager, PrefixCacheStats
 
 
@@ -17,9 +17,9 @@ def snapshot(kv: KVCacheManager):
     return blocks, kv.free_block_ids(), astuple(kv.stats), {s: kv.table(s) for s in list(kv._seqs)}
 
 
-def committed(kv, seq_id, tokens):
+def committed(kv, seq_id, tokens, computed=None):
     assert kv.allocate(seq_id, tokens) is not None
-    kv.commit(seq_id, tokens, len(tokens))
+    kv.commit(seq_id, tokens, len(tokens) if computed is None else computed)
 
 
 # --- hand-computable cases (4 tokens a block) --------------------------------------------------------
@@ -68,7 +68,7 @@ def test_a_name_chains_the_whole_prefix():
 
 
 def test_names_are_exact_even_when_every_digest_collides(monkeypatch):
-    monkeypatch.setattr(kv_cache, "hash", lambda _: 7, raising=False)
+    monkeypatch.setattr(kv_blocks, "hash", lambda _: 7, raising=False)
     kv = KVCacheManager(num_blocks=16, block_size=2)
     committed(kv, "a", [1, 2, 3, 4, 0])
     assert kv.allocate("b", [1, 2, 3, 5, 0]) == 2 and kv.allocate("c", [2, 1, 3, 4, 0]) == 0
@@ -114,7 +114,7 @@ def test_a_block_computed_twice_keeps_the_first_copy_and_the_chain_goes_on():
 
 def test_free_keeps_names_and_a_lookup_takes_the_blocks_back():
     kv = KVCacheManager(num_blocks=4, block_size=4)
-    committed(kv, "a", list(range(9)))
+    committed(kv, "a", list(range(9)), 8)  # the last token's K/V not written: block 2 holds nothing
     kv.free("a")
     kv.free("a")  # idempotent
     assert kv.num_free_blocks == 4 and kv.usage == 0 and kv.free_block_ids() == [2, 3, 1, 0]
@@ -125,8 +125,8 @@ def test_free_keeps_names_and_a_lookup_takes_the_blocks_back():
 
 def test_eviction_takes_the_least_recently_used_tail_blocks_first():
     kv = KVCacheManager(num_blocks=6, block_size=2)
-    committed(kv, "old", [1, 1, 2, 2, 0])  # blocks 0, 1 named, 2 partial
-    committed(kv, "new", [3, 3, 4, 4, 0])  # blocks 3, 4 named, 5 partial
+    committed(kv, "old", [1, 1, 2, 2, 0], 4)  # blocks 0, 1 named, 2 taken but not written
+    committed(kv, "new", [3, 3, 4, 4, 0], 4)  # blocks 3, 4 named, 5 taken but not written
     kv.free("old")
     kv.free("new")
     assert kv.free_block_ids() == [5, 2, 1, 0, 4, 3]  # nameless first, then old's tail, old's head, ...
@@ -141,7 +141,7 @@ def test_eviction_takes_the_least_recently_used_tail_blocks_first():
 
 def test_exhaustion_changes_nothing():
     kv = KVCacheManager(num_blocks=5, block_size=2)
-    committed(kv, "a", [1, 2, 3, 4, 5])
+    committed(kv, "a", [1, 2, 3, 4, 5], 4)
     kv.free("a")
     committed(kv, "b", [7, 7])  # takes block 2, the nameless head
     before = snapshot(kv)
@@ -152,6 +152,21 @@ def test_exhaustion_changes_nothing():
     assert snapshot(kv) == before
     assert kv.can_allocate(8) and kv.allocate("c", list(range(1, 9))) == 4  # 2 hits + 2 new: exactly fits
     assert kv.num_free_blocks == 0 and kv.usage == 1.0 and kv.grow("c", 8) and not kv.grow("c", 9)
+
+
+def test_a_freed_sequences_partly_written_block_lends_its_rows_and_waits_at_the_tail():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    committed(kv, "a", [1, 2, 3, 4, 5, 6])  # block 0 named, block 1 holds 5 and 6
+    kv.free("a")
+    assert kv.free_block_ids() == [2, 3, 1, 0]  # kept like a named block, not reused first
+    copies = []
+    assert kv.allocate("b", [1, 2, 3, 4, 5, 6, 7], copy=lambda *c: copies.append(c)) == 6
+    assert copies == [(1, 2, 2)] and kv.table("b") == [0, 2] and kv.free_block_ids() == [3, 1]
+    assert kv.allocate("c", [1, 2, 3, 4, 5, 9, 9], copy=lambda *c: copies.append(c)) == 5  # agrees on 5
+    assert copies[-1] == (1, 3, 1) and kv.stats.evictions == 0
+    kv.free("c")
+    assert kv.allocate("d", list(range(20, 28))) == 0 and kv.table("d") == [3, 1]  # reused: it lends no more
+    assert kv.blocks[1].partial is None and kv.allocate("e", [1, 2, 3, 4, 5, 6], copy=copies.append) is None
 
 
 def test_prefix_caching_off_never_names_or_counts():
@@ -317,6 +332,13 @@ class Engine:
                 assert len(block.name.token_ids) == B, "names a partial block"
                 expected = [tuple(chain[:len(chain) - B + j + 1]) for j in range(B)]
                 assert self.memory[block.block_id] == expected, f"block {block.block_id} holds other K/V than named"
+            if block.partial is not None:  # a freed sequence's partly written block tells the truth too
+                chain, name = [], block.partial
+                while name is not None:
+                    chain[:0], name = name.token_ids, name.parent
+                k = len(block.partial.token_ids)
+                assert block.ref_count == 0 and 0 < k < B, "lends a block someone writes, or a full one"
+                assert self.memory[block.block_id][:k] == [tuple(chain[:len(chain) - k + j + 1]) for j in range(k)]
         names = [b.name for b in kv.blocks if b.name is not None]
         assert len(set(names)) == len(names), "two blocks share a name"
         assert kv.num_used_blocks + kv.num_free_blocks == kv.num_blocks and 0 <= kv.usage <= 1
@@ -353,7 +375,7 @@ def test_random_engine_without_prefix_caching():
 
 
 def test_random_engine_with_every_digest_colliding(monkeypatch):
-    monkeypatch.setattr(kv_cache, "hash", lambda _: 7, raising=False)
+    monkeypatch.setattr(kv_blocks, "hash", lambda _: 7, raising=False)
     assert run(seeds=range(10)).hits > 100
 
 

@@ -70,10 +70,12 @@ def test_health_and_metrics_report_the_kv_cache_and_the_prefix_hits():
             return usages, (await client.get("/health")).json(), (await client.get("/metrics")).text
 
     usages, health, metrics = asyncio.run(run())
-    # 10 prompt tokens in blocks of 4: the second request finds 8 (the last token is always computed).
-    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 8]
-    assert health["engine"]["kv"]["prefix_cache_hits"] == 8 and health["engine"]["kv"]["prefix_cache_queries"] == 20
-    assert 'labserver:prefix_cache_hits_total{model_name="fake"} 8.0' in metrics
+    # 10 prompt tokens in blocks of 4: the second request finds 9, two named blocks and a row of the first
+    # request's last block (written in part: prompt tokens 9 and 10, and its first answer token), not 10:
+    # the last prompt token is always computed.
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 9]
+    assert health["engine"]["kv"]["prefix_cache_hits"] == 9 and health["engine"]["kv"]["prefix_cache_queries"] == 20
+    assert 'labserver:prefix_cache_hits_total{model_name="fake"} 9.0' in metrics
     assert "labserver:kv_cache_usage_perc" in metrics
 
 

@@ -17,7 +17,8 @@ computed, its logits give the first output token. A block nobody holds joins the
 its name, so a later lookup still finds it (and takes it back out). New blocks come from the head of the
 queue, evicting the name they had. Freed named blocks join the tail, a sequence's last block first (the
 longest prefixes are the least likely to be shared again), so the queue is least-recently-used order;
-freed nameless blocks join the head, as they hold nothing worth keeping.
+so does a sequence's last block written in part (it may lend its rows, below); freed blocks that hold
+nothing worth keeping join the head.
 
 Worked example, 4 tokens a block, 5 blocks:
 
@@ -31,29 +32,29 @@ Worked example, 4 tokens a block, 5 blocks:
 >>> kv.blocks[0].ref_count, kv.num_free_blocks
 (2, 1)
 >>> kv.free("a"); kv.free("b")
->>> kv.free_block_ids()    # nameless 3 and 2 first, then the named ones, tail block 1 before block 0
-[3, 2, 4, 1, 0]
+>>> kv.free_block_ids()    # 3 (b wrote nothing in it) first; a's last block 2 (9, 10) before the named ones
+[3, 4, 2, 1, 0]
 >>> kv.allocate("c", [1, 2, 3, 4, 0, 0, 0, 0, 0]), kv.table("c")   # hit on block 0, new blocks from the head
-(4, [0, 3, 2])
+(4, [0, 3, 4])
 >>> kv.allocate("d", list(range(100, 112))) is None    # needs 3 blocks, 2 are free: nothing changes
 True
->>> kv.allocate("d", list(range(100, 108))), kv.table("d"), kv.stats   # takes 4, then evicts block 1
-(0, [4, 1], PrefixCacheStats(queries=36, hits=12, evictions=1))
+>>> kv.allocate("d", list(range(100, 108))), kv.table("d"), kv.stats   # takes 2, then evicts block 1
+(0, [2, 1], PrefixCacheStats(queries=36, hits=12, evictions=1))
 
-A prefix that ends inside a block is reused to the token when the engine can copy K/V (``copy``): the
-cached full block after the hits whose tokens agree longest with the prompt's next ones lends its first
-rows, copied into the sequence's own new block (a shared block is read-only, and this one the sequence
-goes on writing). llama.cpp and SGLang also match to the token; vLLM matches whole blocks only. A chat's
-questions after one system prompt then compute their own tokens only, not up to a block more.
+A prefix that ends inside a block is reused to the token when the engine can copy K/V (``copy``): of the
+cached blocks after the hits (full ones, and finished sequences' last blocks, written in part), the one
+whose tokens agree longest with the prompt's next ones lends its first rows, copied into the sequence's
+own new block (which it goes on writing; a shared block is read-only). As in llama.cpp and SGLang (vLLM
+stops at whole blocks), a question after a shared system prompt computes its own tokens only, and a
+chat's next turn starts where the last answer's K/V ended. Above, with ``copy``, "c" would have copied
+a's rows 9 and 10 from block 2 instead of computing them; block 0 shared, then 2 rows of block 1:
 
 >>> kv = KVCacheManager(num_blocks=5, block_size=4)
->>> copies = []
 >>> kv.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]); kv.commit("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 9)
 0
->>> kv.allocate("b", [1, 2, 3, 4, 5, 6, 0, 0], copy=lambda *c: copies.append(c)), kv.table("b"), copies
-(6, [0, 3], [(1, 3, 2)])
-
-Block 0 is shared; block 1 (tokens 5-8, a's) lends its first two rows to b's own block 3.
+>>> kv.allocate("b", [1, 2, 3, 4, 5, 6, 0, 0], copy=lambda *c: print("copy", c)), kv.table("b")
+copy (1, 3, 2)
+(6, [0, 3])
 
 Left out: a radix tree (SGLang's; here a block's cached children are scanned), sliding windows,
 several KV cache groups, and swapping blocks to host memory (a preempted sequence frees its blocks and is
@@ -66,56 +67,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from .kv_blocks import Block, BlockName, PrefixCacheStats
 
-class BlockName:
-    """A full block's name: its token ids chained to the previous block's name.
-
-    ``digest`` chains the parent's digest with the token ids (as nano-vllm's hash does) so hashing costs
-    one block, not the whole prefix; equality compares the whole chain, so names equal only for equal
-    prefixes. (A plain nested tuple ``(parent, token_ids)`` would be exact too, but hashing it walks the
-    whole prefix every time.)
-    """
-
-    __slots__ = ("parent", "token_ids", "digest")
-
-    def __init__(self, parent: BlockName | None, token_ids):
-        self.parent, self.token_ids = parent, tuple(token_ids)
-        self.digest = hash((parent.digest if parent else 0, self.token_ids))
-
-    def __hash__(self) -> int:
-        return self.digest
-
-    def __eq__(self, other) -> bool:
-        a, b = self, other
-        while a is not b:  # a loop, not recursion: prefixes can be thousands of blocks long
-            if not (isinstance(a, BlockName) and isinstance(b, BlockName)) or a.token_ids != b.token_ids:
-                return False
-            a, b = a.parent, b.parent
-        return True
-
-
-@dataclass
-class Block:
-    block_id: int
-    ref_count: int = 0  # how many block tables hold it
-    name: BlockName | None = None  # set when full and committed; kept while free, dropped when reused
-
-
-@dataclass
-class PrefixCacheStats:
-    queries: int = 0  # tokens looked up (the whole token_ids of each allocation)
-    hits: int = 0  # of them, found cached
-    evictions: int = 0  # named blocks taken from the free queue for something else
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
+__all__ = ["Block", "BlockName", "KVCacheManager", "PrefixCacheStats"]
 
 
 @dataclass
 class _Seq:
     table: list[int]
     names: list[BlockName] = field(default_factory=list)  # of its first len(names) blocks, full and written
+    tail: tuple = ()  # the tokens written into the block after those, so far
 
 
 class KVCacheManager:
@@ -195,10 +156,15 @@ class KVCacheManager:
                 block.name, self._cached[name] = name, block
                 self._children.setdefault(name.parent, {})[block.block_id] = block
             seq.names.append(name)
+        seq.tail = tuple(token_ids[len(seq.names) * self.block_size:num_computed])
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's table (again: nothing happens); named blocks stay cached until reused."""
         seq = self._seqs.pop(seq_id, None)
+        if seq and seq.tail:  # its last block, written in part and never shared, may still lend its rows
+            block = self.blocks[seq.table[len(seq.names)]]
+            block.partial = BlockName(seq.names[-1] if seq.names else None, seq.tail)
+            self._children.setdefault(block.partial.parent, {})[block.block_id] = block
         for block_id in reversed(seq.table if seq else []):  # tail first: evicted first
             self._drop(block_id)
 
@@ -207,7 +173,7 @@ class KVCacheManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self._free[block_id] = None
-            if block.name is None:
+            if block.name is None and block.partial is None:
                 self._free.move_to_end(block_id, last=False)
 
     def table(self, seq_id: Hashable) -> list[int]:
@@ -243,6 +209,8 @@ class KVCacheManager:
         """Forget every name (blocks in use stay where they are) and zero the statistics."""
         for block in self._cached.values():
             block.name = None
+        for block in self.blocks:
+            block.partial = None
         self._cached.clear()
         self._children.clear()
         self.stats = PrefixCacheStats()
@@ -267,7 +235,8 @@ class KVCacheManager:
         want = token_ids[start:min(start + self.block_size, len(token_ids) - 1)]
         best, rows = None, 0
         for block in self._children.get(hits[-1].name if hits else None, {}).values() if want else ():
-            agree = next((i for i, (a, b) in enumerate(zip(block.name.token_ids, want)) if a != b), len(want))
+            held = (block.name or block.partial).token_ids
+            agree = next((i for i, (a, b) in enumerate(zip(held, want)) if a != b), min(len(held), len(want)))
             if agree > rows:
                 best, rows = block, agree
         return best, rows
@@ -281,14 +250,17 @@ class KVCacheManager:
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
-        if block.name is not None:
-            del self._cached[block.name]
-            siblings = self._children[block.name.parent]
+        if block.name is not None or block.partial is not None:
+            held = block.name or block.partial
+            siblings = self._children[held.parent]
             del siblings[block_id]
             if not siblings:
-                del self._children[block.name.parent]
+                del self._children[held.parent]
+        if block.name is not None:
+            del self._cached[block.name]
             block.name = None
             self.stats.evictions += 1
+        block.partial = None
         block.ref_count = 1
         return block_id
 
