@@ -305,8 +305,9 @@ _ = checks.check_chunk_choice(next_forward)
 # 1's cell again: RSS grows again by about the request's K/V, although the first request's blocks are
 # free. Why? (Where do the next request's blocks come from, and what does that say about a server's RSS
 # after a day of different prompts?) (c) From section 2's table, compute each turn's cached tokens from
-# the turn before: why a multiple of 16 here, when the shared system prompt's later requests found a
-# number that is not, and why fewer than the previous turn's prompt plus its answer?
+# the turn before: how many came from the previous turn's answer, and why fewer than the previous turn's
+# prompt plus its answer? (Which token of an answer is sampled but never fed through the model, and what
+# does the chat template put after the answer's text?)
 # (d) From your setup's forward of 256 tokens, predict a stream's longest gap and the long prompt's TTFT
 # with a budget of 64; what stops you from making the budget very small?
 #
