@@ -56,6 +56,9 @@ def test_stream_and_body_carry_the_same_information(fake_engine):
                for ts in (tokens, body["tokens"])]  # two runs: the same tokens, their own measured times
     assert untimed[0] == untimed[1] and all("step_ms" in t for t in tokens + body["tokens"])
     assert "".join(t["token"] for t in tokens) == body["text"]
+    # The second run finds all but the last of the first's prompt tokens in the prefix cache.
+    cached = [u.pop("prompt_tokens_details")["cached_tokens"] for u in (finish["usage"], body["usage"])]
+    assert cached == [0, body["usage"]["prompt_tokens"] - 1]
     assert (finish["finish_reason"], finish["usage"]) == (body["finish_reason"], body["usage"])
     assert set(finish["timings"]) == set(body["timings"])
 

@@ -5,8 +5,12 @@ server's log belongs; in a notebook stderr is a red box that reads as an error. 
 those lines and prints them as what they are: the choice made for this CPU.
 
     engine = load_engine()          # SmolLM2-135M-Instruct with the route measured at a first start
+    engine = load_engine(prefix_caching=False)   # notebooks 1-7: every prompt is prefilled
 
-Left out: any other configuration than ``EngineConfig``'s defaults unless given.
+Notebooks 1 to 7 measure what a prefill costs, again and again with the same prompt: the prefix cache
+(notebook 8's subject) would answer a repeated prompt from memory, so they run without it.
+
+Left out: any other configuration than ``EngineConfig``'s defaults and the overrides given.
 """
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ from ..config import EngineConfig
 from ..engine.engine import Engine
 
 
-def load_engine(config: EngineConfig | None = None) -> Engine:
-    """``Engine.from_config``; its stderr report printed once to stdout (and shown as is on a failure)."""
+def load_engine(config: EngineConfig | None = None, **overrides) -> Engine:
+    """``Engine.from_config`` (``config``, or ``EngineConfig(**overrides)``); its stderr report printed once
+    to stdout (and shown as is on a failure)."""
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            engine = Engine.from_config(config or EngineConfig())
+            engine = Engine.from_config(config or EngineConfig(**overrides))
     except BaseException:
         print(said.getvalue(), end="")
         raise

@@ -26,7 +26,9 @@
 #
 # The engine is the model, its tokenizer and a generation loop, in this Python process. `measure_speed`
 # times one short generation; the demos below choose their length from it, so that a generation lasts
-# long enough to see on a fast CPU and not forever on a slow one.
+# long enough to see on a fast CPU and not forever on a slow one. Its prefix cache stays off until
+# notebook 8: these notebooks send the same prompt again and again to measure a prefill, and the cache
+# would answer a repeated prompt from memory.
 
 # %% tags=["nbval-ignore-output"]
 from labserver import SamplingParams
@@ -39,7 +41,7 @@ from labserver.measure.probes import HealthProbe
 from labserver.serve.background import start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 speed = lab.measure_speed(engine)
 MAX_TOKENS = lab.tokens_for(1000, speed.prefill_ms, speed.step_ms)  # about a second of generation here
 params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)  # greedy: the same text every run

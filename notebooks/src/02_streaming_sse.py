@@ -40,7 +40,7 @@ from labserver.measure.stats import summarize
 from labserver.serve.background import start_fastapi, start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 speed = lab.measure_speed(engine)
 PROMPT, MAX_TOKENS, RUNS = lab.PROMPT, lab.tokens_for(1000, speed.prefill_ms, speed.step_ms), 3
 fastapi, flask = start_fastapi(engine), start_flask(engine)  # the exercises use fastapi in any case

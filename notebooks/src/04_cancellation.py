@@ -33,7 +33,7 @@ from labserver.measure.client import blocking_generate, stream_generate
 from labserver.serve.background import start_fastapi, start_flask
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 PROMPT = lab.PROMPT
 fastapi, flask = start_fastapi(engine), start_flask(engine)
 stream_generate(fastapi.url, PROMPT, 2, temperature=0)  # warm-up on each server

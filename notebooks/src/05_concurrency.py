@@ -44,7 +44,7 @@ from labserver.lab.target import has_engine, target
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 prefill_ms, step_ms = lab.engine_timing(engine)
 PROMPT, NS = lab.PROMPT, (1, 2, 4, 8)
 MAX_TOKENS = max(24, min(64, math.ceil(prefill_ms / step_ms)))

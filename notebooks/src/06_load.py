@@ -42,7 +42,7 @@ from labserver.measure.arrivals import arrival_times
 from labserver.serve.background import start_fastapi
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 tokenizer = engine.tokenizer
 server = target(lambda: start_fastapi(engine, backend="batched", name="fastapi-load"))  # or LABSERVER_URL's
 print(server, "| prompt", lab.INPUT_TOKENS, "tokens, answer", lab.OUTPUT_TOKENS, "tokens")

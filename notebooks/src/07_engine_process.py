@@ -40,7 +40,7 @@ from labserver.measure.client import stream_generate
 from labserver.serve.background import start_fastapi, stop
 from labserver.lab.memory import stop_all  # stops the servers, then prints the peak memory
 
-engine = load_engine()  # SmolLM2-135M-Instruct on the CPU; prints the route it chose
+engine = load_engine(prefix_caching=False)  # SmolLM2-135M-Instruct on the CPU; prints its route
 thread = start_fastapi(engine, backend="batched", name="engine-thread")
 process = start_fastapi(engine, backend="process", name="engine-process")
 pids = {"this kernel": os.getpid(), "engine thread": lab.engine_pid(thread.url),
