@@ -109,14 +109,15 @@ lab.plot_knee(knee)
 
 # %% tags=["nbval-ignore-output"]
 below, past = lab.below_and_past(knee)
-ttfts, p99s = [s["median_ttft_ms"] for s in below] or [math.nan], [s["p99_ttft_ms"] for s in below] or [math.nan]
+ttfts = [s["median_ttft_ms"] for s in below] or [math.nan]
 claim(f"the sweep went past this server's capacity and saw it: it kept up at {len(below)} rates up to "
       f"{knee.knee} requests/s and fell behind at {knee.rates[-1]:.2f}", knee.saturated[-1] and len(below) >= 2)
 claim(f"latency stays low below the knee: TTFT p50 from {min(ttfts):.0f} to {max(ttfts):.0f} ms over those "
       f"rates, within the SLO's {slo['ttft']:.0f} ms though the rate grew "
       f"{ratio(below[-1]['request_rate'], below[0]['request_rate'])}", max(ttfts) <= slo["ttft"])
-claim(f"past the knee the queue shows: TTFT p99 {past['p99_ttft_ms']:.0f} ms, over twice that at the lowest "
-      f"rate ({p99s[0]:.0f} ms)", past["p99_ttft_ms"] > 2 * p99s[0])
+# The median, not the p99: a dozen requests at the lowest rate make their p99 the slowest one alone.
+claim(f"past the knee the queue shows: TTFT p50 {past['median_ttft_ms']:.0f} ms, over twice that at the lowest "
+      f"rate ({ttfts[0]:.0f} ms)", past["median_ttft_ms"] > 2 * ttfts[0])
 print(f"past the knee it completed {past['request_throughput']:.2f} requests/s of {knee.rates[-1]:.2f} offered "
       f"(the closed loop measured {knee.capacity:.2f})")
 best = knee.best_goodput_rate
