@@ -115,8 +115,8 @@ claim(f"the sweep went past this server's capacity and saw it: it kept up at {le
 claim(f"latency stays low below the knee: TTFT p50 from {min(ttfts):.0f} to {max(ttfts):.0f} ms over those "
       f"rates, within the SLO's {slo['ttft']:.0f} ms though the rate grew "
       f"{ratio(below[-1]['request_rate'], below[0]['request_rate'])}", max(ttfts) <= slo["ttft"])
-claim(f"past the knee the queue shows: TTFT p50 {past['median_ttft_ms']:.0f} ms, over twice that at the lowest "
-      f"rate ({ttfts[0]:.0f} ms)", past["median_ttft_ms"] > 2 * ttfts[0])
+claim(f"past the knee the queue shows: TTFT p50 {past['median_ttft_ms']:.0f} ms, above that of every rate that "
+      f"kept up ({min(ttfts):.0f} to {max(ttfts):.0f} ms)", past["median_ttft_ms"] > max(ttfts))
 print(f"past the knee it completed {past['request_throughput']:.2f} requests/s of {knee.rates[-1]:.2f} offered "
       f"(the closed loop measured {knee.capacity:.2f})")
 best = knee.best_goodput_rate
