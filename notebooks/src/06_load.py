@@ -135,8 +135,8 @@ print(f"goodput peaked at {best:.2f} requests/s, " + ("the knee" if best == knee
 # Past the knee, something has to give. The server can admit everything and let the queue grow, or it can
 # admit at most `max_concurrent` generations and refuse the next one at once with **429 Too Many Requests**
 # and a `Retry-After` header, so that the client (or a load balancer) can go elsewhere or come back later.
-# The same burst at twice the capacity measured above (far enough past the knee for a queue to build
-# within two dozen requests), against both:
+# The same burst, at double the capacity measured above so that a queue can build within two dozen
+# requests, against both:
 
 # %% tags=["nbval-ignore-output"]
 burst = None
