@@ -46,8 +46,8 @@ cached blocks after the hits (full ones, and finished sequences' last blocks, wr
 whose tokens agree longest with the prompt's next ones lends its first rows, copied into the sequence's
 own new block (which it goes on writing; a shared block is read-only). As in llama.cpp and SGLang (vLLM
 stops at whole blocks), a question after a shared system prompt computes its own tokens only, and a
-chat's next turn starts where the last answer's K/V ended. Above, with ``copy``, "c" would have copied
-a's rows 9 and 10 from block 2 instead of computing them; block 0 shared, then 2 rows of block 1:
+chat's next turn starts where the last answer's K/V ended. Here block 0 is shared, then 2 rows of block 1
+are copied:
 
 >>> kv = KVCacheManager(num_blocks=5, block_size=4)
 >>> kv.allocate("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]); kv.commit("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 9)

@@ -24,6 +24,8 @@ from ..engine.engine import Engine
 def load_engine(config: EngineConfig | None = None, **overrides) -> Engine:
     """``Engine.from_config`` (``config``, or ``EngineConfig(**overrides)``); its stderr report printed once
     to stdout (and shown as is on a failure)."""
+    if config is not None and overrides:
+        raise TypeError(f"give a config or overrides, not both: {sorted(overrides)}")
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):

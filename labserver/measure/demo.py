@@ -8,8 +8,9 @@ each generation, then a table compares TTFT, total time, tokens/s and /health la
 `out/demo.png` shows the same in pictures. Two more rows stream the same answer with `--stream-interval`
 4 and 16 (tokens sent in groups): what that knob does to the total against Flask's.
 
-Left out: sampling (greedy, so both servers print the same text), concurrency (see `bench`), and any
-other server configuration.
+The engine runs without its prefix cache: the same prompt goes to every server, and each one's TTFT must
+hold a whole prefill. Left out: sampling (greedy, so both servers print the same text), concurrency (see
+`bench`), and any other server configuration.
 """
 from __future__ import annotations
 
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     from ..engine.engine import Engine
 
     print("Loading the model (the first run converts it once; later runs take about a second) ...", flush=True)
-    engine = Engine.from_config(EngineConfig.from_env())
+    # No prefix cache: both servers get the same prompt, and the second would find it cached (its TTFT a
+    # one-token forward instead of the prefill the comparison is about).
+    engine = Engine.from_config(EngineConfig.from_env(prefix_caching=False))
     return run_demo(engine, args.prompt, args.max_tokens, args.out)
 
 
